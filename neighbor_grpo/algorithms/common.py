@@ -1,0 +1,80 @@
+"""Containers and helpers every algorithm shares (no class hierarchy: each algorithm is its own module)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # v(x, s, cond)
+
+
+class Rollout(NamedTuple):
+    prompts: list[str]        # P prompts
+    prompt_indices: list[int]  # P positions in the prompt set (keys for the random numbers)
+    cond: torch.Tensor        # (P, ...) conditioning, one per prompt
+    sigmas: torch.Tensor      # (N+1,) flow times s_0 = 1 > ... > s_N = 0
+    states: torch.Tensor      # (N+1, P, G, *latent) x_0 .. x_N of every candidate
+    velocities: torch.Tensor  # (N, P, G, *latent) old-policy velocity at each stored state
+    log_probs: torch.Tensor | None = None  # (N, P, G) SDE baselines: log-prob of each step under the old policy
+    sde_mask: torch.Tensor | None = None   # (N,) bool, SDE baselines: which steps were stochastic
+
+    @property
+    def final(self) -> torch.Tensor:
+        """(P, G, *latent) the samples."""
+        return self.states[-1]
+
+    @property
+    def group_size(self) -> int:
+        return self.states.shape[2]
+
+
+@dataclass
+class Minibatch:
+    """One optimizer step's share of the trained (prompt, candidate, step) units."""
+
+    steps: list[int]                     # trained step indices j
+    members: torch.Tensor                # (P, M) candidate indices per prompt (anchors for Neighbor GRPO)
+
+
+@dataclass
+class LossStats:
+    values: dict[str, float] = field(default_factory=dict)
+
+
+def repeat_cond(cond: torch.Tensor, times: int) -> torch.Tensor:
+    """(P, ...) -> (P * times, ...), each prompt's conditioning repeated for its candidates."""
+    return cond.repeat_interleave(times, dim=0)
+
+
+def batched_velocity(velocity: VelocityFn, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Evaluate v on (P, M, *latent) states with (P, ...) conditioning; returns the same shape as x."""
+    P, M = x.shape[:2]
+    flat = velocity(x.reshape(P * M, *x.shape[2:]), s, repeat_cond(cond, M))
+    return flat.reshape(x.shape)
+
+
+def pick_steps(num_steps: int, count: int, selection: str, generator: torch.Generator) -> list[int]:
+    """Which of the N steps to train on: a random subset, the first, the last, or all."""
+    count = max(1, min(count, num_steps))
+    if selection == "all" or count == num_steps:
+        return list(range(num_steps))
+    if selection == "random":
+        return sorted(torch.randperm(num_steps, generator=generator)[:count].tolist())
+    if selection == "first":
+        return list(range(count))
+    if selection == "last":
+        return list(range(num_steps - count, num_steps))
+    raise ValueError(f"step_selection must be one of random, first, last, all; got {selection!r}")
+
+
+def gather_members(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """x (P, G, *latent), members (P, M) -> (P, M, *latent)."""
+    index = members.view(*members.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index.to(x.device))
+
+
+def gather_groups(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """values (P, G), members (P, M) -> (P, M)."""
+    return torch.gather(values, 1, members.to(values.device))

@@ -1,0 +1,230 @@
+"""Neighbor GRPO (arXiv 2511.16955): GRPO for flow models without an SDE.
+
+Exploration lives in the initial noise (a neighbourhood of G correlated noises, Eq. 7); rollouts are
+deterministic ODE solves; the policy is the "leaping policy" (Eq. 8): one Euler step with the current
+parameters from an anchor's stored state, and a softmax over negative distances to all G candidates'
+next states. Trained with the clipped GRPO objective (Eq. 9) and quasi-norm advantages (Eq. 11).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from neighbor_grpo.advantages import clip_advantages, quasi_norm_advantages
+from neighbor_grpo.algorithms.common import (Minibatch, Rollout, VelocityFn, batched_velocity, gather_members,
+                                             pick_steps, repeat_cond)
+from neighbor_grpo.flow import sigma_grid
+from neighbor_grpo.noise import keyed_generator, neighbor_noises
+from neighbor_grpo.solvers import integrate
+
+ROLE_ANCHORS, ROLE_STEPS = 7_000_001, 7_000_002
+
+
+@dataclass
+class NeighborGRPOConfig:
+    group_size: int = 12
+    """G: candidates per prompt."""
+    neighbor_sigma: float = 0.3
+    """Perturbation strength of Eq. 7 in (0, 1] (not flow time); 1 gives independent noises."""
+    num_anchors: int = 4
+    """B: candidates per group that act as anchors and get forward/backward passes."""
+    rollout_solver: str = "dpm++2m"
+    """ODE solver for rollouts: euler, heun or dpm++2m."""
+    rollout_steps: int = 8
+    """N: solver steps per rollout."""
+    shift: float = 1.0
+    """SD3/FLUX sigma shift of the rollout grid (1 = none)."""
+    train_step_fraction: float = 0.5
+    """[D] K = round(fraction * N) trained steps per rollout batch (the paper's cost figure implies K = 4 of 8)."""
+    step_selection: str = "random"
+    """[D] which K steps: random (drawn once per rollout batch), first, last, or all."""
+    quasi_norm_p: float = 0.8
+    """p of Eq. 11's power mean; 2 is standard GRPO (population std)."""
+    adv_eps: float = 1e-4
+    """[D] added to the power mean; stops near-flat groups from getting O(1) advantages."""
+    adv_clip: float = 5.0
+    """[D] advantages clipped to [-adv_clip, adv_clip]; 0 disables."""
+    adv_recenter: bool = False
+    """[D] re-centre each group's advantages after clipping (clipping breaks sum_i A_i = 0)."""
+    tau_rel: float = 0.1
+    """[D] temperature relative to the median old distance per (anchor, step); ignored when `tau` is set."""
+    tau: float | None = None
+    """[D] a fixed temperature instead of the relative one."""
+    distance_reduction: str = "mean"
+    """[D] squared L2 distance reduced over latent dimensions by 'mean' or 'sum'."""
+    exclude_self: bool = False
+    """[D] leave the anchor's own candidate out of its policy."""
+    eps_clip: float = 0.2
+    """[D] PPO clip range of the ratio."""
+    old_policy: str = "rollout"
+    """[D] where pi_old comes from: 'rollout' (the rollout's stored velocities, free) or 'recompute' (an extra
+    no-grad pass over all anchors and steps before the first update, same batching, so rho = 1 bitwise)."""
+    ref_beta: float = 0.0
+    """[D] reference anchoring: beta * mean ||v_theta - v_ref||^2 at the anchor states (0 disables)."""
+
+    @property
+    def trained_steps(self) -> int:
+        return max(1, min(self.rollout_steps, round(self.train_step_fraction * self.rollout_steps)))
+
+
+# ---- Eq. 8: the leaping policy -------------------------------------------------------------------------------
+
+def leap(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
+    """One Euler step: xhat = x_j + (s_{j+1} - s_j) v."""
+    return x + (s_next - s) * v
+
+
+def squared_distances(candidates: torch.Tensor, predictions: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """dist(x_{j+1}^(i), xhat^(k)) for candidates (P, G, *latent), predictions (P, B, *latent) -> (P, B, G)."""
+    diff = candidates.unsqueeze(1) - predictions.unsqueeze(2)
+    squared = diff.pow(2).flatten(3)
+    if reduction == "mean":
+        return squared.mean(-1)
+    if reduction == "sum":
+        return squared.sum(-1)
+    raise ValueError(f"distance_reduction must be 'mean' or 'sum'; got {reduction!r}")
+
+
+def temperature(old_distances: torch.Tensor, tau_rel: float, tau: float | None) -> torch.Tensor:
+    """tau = tau_rel * median_i dist_old_i per (anchor, step), detached; or the fixed tau."""
+    if tau is not None:
+        return torch.full_like(old_distances[..., :1], float(tau))
+    return (tau_rel * old_distances.median(dim=-1, keepdim=True).values).detach().clamp_min(1e-12)
+
+
+def leaping_log_policy(distances: torch.Tensor, tau: torch.Tensor, self_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(i) = log_softmax_i(-dist_i / tau); masked candidates get -inf."""
+    logits = -distances / tau
+    if self_mask is not None:
+        logits = logits.masked_fill(self_mask, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+# ---- Eq. 9: the clipped GRPO objective ------------------------------------------------------------------------
+
+def clipped_grpo_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_clip: float,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """L = -mean over (anchor, step) of sum_i min(A_i rho_i, A_i clip(rho_i, 1 - eps, 1 + eps))."""
+    rho = log_ratio.exp()
+    surrogate = torch.minimum(advantages * rho, advantages * rho.clamp(1 - eps_clip, 1 + eps_clip))
+    if valid is not None:
+        surrogate = surrogate.masked_fill(~valid, 0.0)
+    return -surrogate.sum(-1).mean()
+
+
+class NeighborGRPO:
+    """rollout -> advantages -> minibatches -> loss, with the leaping policy."""
+
+    name = "neighbor_grpo"
+
+    def __init__(self, config: NeighborGRPOConfig = NeighborGRPOConfig(), seed: int = 0):
+        self.config = config
+        self.seed = seed
+
+    # -- 1, 2: noise neighbourhood and deterministic rollout --
+    @torch.no_grad()
+    def rollout(self, velocity: VelocityFn, cond: torch.Tensor, prompts: Sequence[str], prompt_indices: Sequence[int],
+                iteration: int, latent_shape: tuple[int, ...], device: str | torch.device = "cpu") -> Rollout:
+        c = self.config
+        noises = torch.stack([neighbor_noises(latent_shape, c.group_size, c.neighbor_sigma, self.seed, iteration, index, device)
+                              for index in prompt_indices])  # (P, G, *latent)
+        sigmas = sigma_grid(c.rollout_steps, shift=c.shift).to(device)
+        return ode_rollout(velocity, noises, cond, sigmas, c.rollout_solver, list(prompts), list(prompt_indices))
+
+    # -- 3: advantages --
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        return quasi_norm_advantages(rewards, self.config.quasi_norm_p, self.config.adv_eps)
+
+    def clip(self, advantages: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return clip_advantages(advantages, self.config.adv_clip, self.config.adv_recenter)
+
+    # -- 4: symmetric anchor sampling, K steps, one minibatch per trained step --
+    def minibatches(self, rollout: Rollout, iteration: int) -> list[Minibatch]:
+        c = self.config
+        G, N = rollout.group_size, rollout.states.shape[0] - 1
+        steps = pick_steps(N, c.trained_steps, c.step_selection, keyed_generator(self.seed, iteration, ROLE_STEPS))
+        anchors = torch.stack([torch.randperm(G, generator=keyed_generator(self.seed, iteration, index, ROLE_ANCHORS))[:c.num_anchors]
+                               for index in rollout.prompt_indices])  # (P, B)
+        return [Minibatch(steps=[j], members=anchors) for j in steps]
+
+    def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
+        """With old_policy='recompute', overwrite the stored velocities at the trained (anchor, step) pairs
+        with a no-grad pass batched exactly like the training pass (so rho = 1 bitwise before the update)."""
+        if self.config.old_policy == "rollout":
+            return rollout
+        if self.config.old_policy != "recompute":
+            raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {self.config.old_policy!r}")
+        velocities = rollout.velocities.clone()
+        with torch.no_grad():
+            for batch in batches:
+                for j in batch.steps:
+                    x = gather_members(rollout.states[j], batch.members)
+                    v = batched_velocity(velocity, x, rollout.sigmas[j], rollout.cond)
+                    index = batch.members.view(*batch.members.shape, *([1] * (x.dim() - 2))).expand_as(x)
+                    velocities[j].scatter_(1, index.to(x.device), v)
+        return rollout._replace(velocities=velocities)
+
+    # -- 5, 6: leaping policy and clipped loss --
+    def loss(self, velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,
+             reference_velocity: VelocityFn | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        anchors = batch.members  # (P, B)
+        total, stats = 0.0, []
+        for j in batch.steps:
+            s, s_next = float(rollout.sigmas[j]), float(rollout.sigmas[j + 1])
+            x = gather_members(rollout.states[j], anchors)  # (P, B, *latent)
+            v = batched_velocity(velocity, x, rollout.sigmas[j], rollout.cond)
+            v_old = gather_members(rollout.velocities[j], anchors)
+            candidates = rollout.states[j + 1]  # (P, G, *latent)
+            dist = squared_distances(candidates, leap(x, v, s, s_next), c.distance_reduction)
+            dist_old = squared_distances(candidates, leap(x, v_old, s, s_next), c.distance_reduction)
+            tau = temperature(dist_old, c.tau_rel, c.tau)
+            self_mask = None
+            if c.exclude_self:
+                self_mask = torch.zeros_like(dist, dtype=torch.bool).scatter_(2, anchors.unsqueeze(-1).to(dist.device), True)
+            log_pi = leaping_log_policy(dist, tau, self_mask)
+            log_pi_old = leaping_log_policy(dist_old, tau, self_mask)
+            valid = None if self_mask is None else ~self_mask
+            log_ratio = (log_pi - log_pi_old)
+            if valid is not None:
+                log_ratio = log_ratio.masked_fill(~valid, 0.0)
+            step_loss = clipped_grpo_loss(log_ratio, advantages.unsqueeze(1), c.eps_clip, valid)
+            if c.ref_beta > 0 and reference_velocity is not None:
+                with torch.no_grad():
+                    v_ref = batched_velocity(reference_velocity, x, rollout.sigmas[j], rollout.cond)
+                step_loss = step_loss + c.ref_beta * (v - v_ref).pow(2).mean()
+            total = total + step_loss
+            stats.append(policy_stats(log_ratio.detach(), log_pi_old, c.eps_clip, valid, tau))
+        merged = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+        return total / len(batch.steps), merged
+
+
+@torch.no_grad()
+def ode_rollout(velocity: VelocityFn, noises: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, solver: str,
+                prompts: list[str], prompt_indices: list[int]) -> Rollout:
+    """Integrate all P*G noises at once with an ODE solver, keeping every state and velocity."""
+    P, G = noises.shape[:2]
+    flat_cond = repeat_cond(cond, G)
+    trajectory = integrate(lambda x, s: velocity(x, s, flat_cond), noises.reshape(P * G, *noises.shape[2:]), sigmas, solver)
+    states = trajectory.states.reshape(len(sigmas), P, G, *noises.shape[2:])
+    velocities = trajectory.velocities.reshape(len(sigmas) - 1, P, G, *noises.shape[2:])
+    return Rollout(prompts, prompt_indices, cond, sigmas, states, velocities)
+
+
+def policy_stats(log_ratio: torch.Tensor, log_pi_old: torch.Tensor, eps_clip: float, valid: torch.Tensor | None,
+                 tau: torch.Tensor) -> dict[str, float]:
+    """Ratio mean, clip fraction and KL(pi_old || pi_theta) over the candidate distributions."""
+    rho = log_ratio.exp()
+    weights = torch.ones_like(rho) if valid is None else valid.float()
+    pi_old = log_pi_old.exp().nan_to_num(0.0)
+    kl = (pi_old * (-log_ratio)).nan_to_num(0.0).sum(-1).mean()
+    return {
+        "ratio_mean": float((rho * weights).sum() / weights.sum()),
+        "clip_fraction": float((((rho - 1).abs() > eps_clip).float() * weights).sum() / weights.sum()),
+        "approx_kl": float(kl),
+        "tau": float(tau.mean()),
+        "policy_max_prob": float(pi_old.max(-1).values.mean()),
+    }

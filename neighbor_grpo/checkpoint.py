@@ -1,0 +1,145 @@
+"""Resumable training checkpoints: safetensors for tensors, JSON for the rest, a manifest of checksums.
+
+A checkpoint is a folder `checkpoints/iter-000020/` written under a temporary name and renamed into place,
+so it either exists whole or not at all; a torn or corrupted one fails its checksums and is skipped.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neighbor_grpo.io import atomic_write_text, load_safetensors, save_safetensors, sha256_file
+
+MANIFEST = "manifest.json"
+PREFIX = "iter-"
+
+
+def optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split torch's optimizer state_dict into tensors (safetensors) and plain JSON."""
+    tensors, plain = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for index, slots in state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                plain["scalars"][f"{index}.{key}"] = value
+    return tensors, plain
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in list(tensors.items()) + list(plain["scalars"].items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG: python, numpy, torch CPU (and CUDA when present)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, value in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = value
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    plain = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def write_checkpoint(folder: Path, iteration: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
+                     fault_hook=None) -> Path:
+    """Write `tensors` (file stem -> tensors) and `state` (JSON) to checkpoints/iter-N atomically."""
+    final = folder / f"{PREFIX}{iteration:06d}"
+    tmp = folder / f".tmp-{PREFIX}{iteration:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    files = {}
+    for stem, group in tensors.items():
+        save_safetensors(group, tmp / f"{stem}.safetensors")
+        files[f"{stem}.safetensors"] = sha256_file(tmp / f"{stem}.safetensors")
+        if fault_hook:
+            fault_hook("checkpoint_file")
+    atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+    files["state.json"] = sha256_file(tmp / "state.json")
+    atomic_write_text(tmp / MANIFEST, json.dumps({"iteration": iteration, "files": files}, indent=1))
+    if final.exists():  # a leftover from a run that died after this point; the new one replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def verify_checkpoint(path: Path) -> bool:
+    """True when the manifest exists and every file's checksum matches."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / name).is_file() and sha256_file(path / name) == digest
+                   for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temporary ones are not listed)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_good_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint whose checksums verify; corrupt ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(folder)):
+        if verify_checkpoint(path):
+            return path
+        warnings.warn(f"checkpoint {path} is torn or corrupted (checksum mismatch); skipping it")
+    return None
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    manifest = json.loads((path / MANIFEST).read_text())
+    tensors = {name[: -len(".safetensors")]: load_safetensors(path / name)
+               for name in manifest["files"] if name.endswith(".safetensors")}
+    return tensors, json.loads((path / "state.json").read_text())
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` good checkpoints; never delete the only good one; drop stale temporaries."""
+    for stale in folder.glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    good = [p for p in list_checkpoints(folder) if verify_checkpoint(p)]
+    for path in good[:-max(1, keep)]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,313 @@
+"""Typed run configuration: dataclasses with one docstring per field, YAML in, `key=value` overrides,
+unknown keys refused, every value checked with a message that names the field."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from neighbor_grpo.algorithms.neighbor_grpo import NeighborGRPOConfig
+
+DIGITS = [str(d) for d in range(10)]
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:digits"
+    """A model checkpoint folder (model.json + weights), or 'builtin:digits' for the cached built-in base model
+    (pretrained on first use)."""
+
+
+@dataclass
+class RewardSpec:
+    name: str = "digit_prob"
+    """A registered reward (digit_prob, jpeg_compressibility, ...) or a dotted path 'package.module:factory'."""
+    weight: float = 1.0
+    """Weight of this reward in the combination."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for the reward's factory (e.g. path of its weights)."""
+    label: str | None = None
+    """Name used in logs (defaults to `name`); lets one reward appear twice with different kwargs."""
+
+
+@dataclass
+class PromptsConfig:
+    train: list[str] = field(default_factory=lambda: list(DIGITS))
+    """Training prompts (ignored when `file` is given)."""
+    eval: list[str] = field(default_factory=lambda: list(DIGITS))
+    """Held-out evaluation prompts."""
+    file: str | None = None
+    """Optional text file with one training prompt per line."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """AdamW learning rate (the paper uses 1e-5 for full FLUX; the small built-in model needs more)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    ema_decay: float = 0.0
+    """EMA of the trained weights for evaluation and export (0 disables)."""
+    finetune: Literal["full", "lora"] = "full"
+    """Train all weights, or a LoRA (peft) on the linear layers."""
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: ["fc1", "fc2"])
+    """Module names that get LoRA adapters (for the built-in model: fc1, fc2, modulation, inp, out)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10
+    """Held-out evaluation every this many iterations (0: only at the start and the end)."""
+    samples_per_prompt: int = 16
+    """Samples per eval prompt (independent noises from seeds never used in training)."""
+    seed: int = 1_000_003
+    """Seed of the held-out noises (training noises are keyed by `seed`, never this)."""
+    solver: str = "dpm++2m"
+    steps: int = 8
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "neighbor_grpo"
+    """Which algorithm trains: neighbor_grpo (the baselines join the same dict)."""
+    iterations: int = 60
+    """Rollout batches (each: rollout, reward, advantages, K optimizer steps)."""
+    prompts_per_iteration: int = 8
+    """Global number of prompts (groups) per iteration."""
+    seed: int = 0
+    """Keys every random number: (seed, iteration, prompt index, candidate index)."""
+    device: str = "cpu"
+    """torch device for the model and rewards."""
+    reward_normalization: Literal["each", "sum"] = "each"
+    """[D] several rewards: normalise each inside its group before the weighted sum, or only the sum."""
+    checkpoint_every: int = 20
+    """Write a resumable checkpoint every this many iterations (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep."""
+    max_nonfinite_in_row: int = 3
+    """Abort after this many consecutive skipped updates with NaN/inf in rewards, loss or gradients."""
+    wandb: bool = False
+    """Also log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""
+    wandb_project: str = "neighbor-grpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    neighbor_grpo: NeighborGRPOConfig = field(default_factory=NeighborGRPOConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not accepted; the message names the field."""
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the field."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                          f"valid keys{' under ' + where if where else ''}: {names}")
+    values = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=3e-4' -> (['optim', 'lr'], 3e-4); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads '3e-4' as a string
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) + overrides -> a validated TrainConfig."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping of config keys at the top level")
+    data = apply_overrides(data, overrides or [])
+    config = from_dict(TrainConfig, data)
+    validate(config)
+    return config
+
+
+# ---- checking ranges --------------------------------------------------------------------------------------------
+
+def _check(condition: bool, name: str, expected: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Ranges and cross-field rules; raises ConfigError naming the field."""
+    from neighbor_grpo.algorithms import ALGORITHMS
+    from neighbor_grpo.solvers import SOLVERS
+
+    n = config.neighbor_grpo
+    _check(config.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}", config.algorithm)
+    _check(0.0 < n.neighbor_sigma <= 1.0, "neighbor_grpo.neighbor_sigma", "a value in (0, 1]", n.neighbor_sigma)
+    _check(n.group_size >= 2, "neighbor_grpo.group_size", "G >= 2 (advantages are relative inside a group)", n.group_size)
+    _check(1 <= n.num_anchors <= n.group_size, "neighbor_grpo.num_anchors", f"1 <= B <= G = {n.group_size}", n.num_anchors)
+    _check(n.rollout_steps >= 1, "neighbor_grpo.rollout_steps", "an integer >= 1", n.rollout_steps)
+    _check(n.rollout_solver in SOLVERS, "neighbor_grpo.rollout_solver", f"one of {sorted(SOLVERS)}", n.rollout_solver)
+    _check(n.shift > 0, "neighbor_grpo.shift", "a value > 0", n.shift)
+    _check(0.0 < n.train_step_fraction <= 1.0, "neighbor_grpo.train_step_fraction", "a value in (0, 1]", n.train_step_fraction)
+    _check(n.step_selection in ("random", "first", "last", "all"), "neighbor_grpo.step_selection", "random, first, last or all", n.step_selection)
+    _check(n.quasi_norm_p > 0, "neighbor_grpo.quasi_norm_p", "p > 0", n.quasi_norm_p)
+    _check(n.adv_eps >= 0, "neighbor_grpo.adv_eps", "a value >= 0", n.adv_eps)
+    _check(n.adv_clip >= 0, "neighbor_grpo.adv_clip", "a value >= 0 (0 disables)", n.adv_clip)
+    _check(n.tau_rel > 0, "neighbor_grpo.tau_rel", "a value > 0", n.tau_rel)
+    _check(n.tau is None or n.tau > 0, "neighbor_grpo.tau", "null or a value > 0", n.tau)
+    _check(n.distance_reduction in ("mean", "sum"), "neighbor_grpo.distance_reduction", "mean or sum", n.distance_reduction)
+    _check(0 < n.eps_clip < 1, "neighbor_grpo.eps_clip", "a value in (0, 1)", n.eps_clip)
+    _check(n.old_policy in ("rollout", "recompute"), "neighbor_grpo.old_policy", "rollout or recompute", n.old_policy)
+    _check(n.ref_beta >= 0, "neighbor_grpo.ref_beta", "a value >= 0", n.ref_beta)
+    _check(not (n.exclude_self and n.group_size < 3), "neighbor_grpo.exclude_self", "G >= 3 when the anchor is excluded", n.exclude_self)
+    o = config.optim
+    _check(o.lr > 0, "optim.lr", "a learning rate > 0", o.lr)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "a value >= 0", o.weight_decay)
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
+    _check(o.max_grad_norm >= 0, "optim.max_grad_norm", "a value >= 0 (0 disables)", o.max_grad_norm)
+    _check(0 <= o.ema_decay < 1, "optim.ema_decay", "a value in [0, 1) (0 disables)", o.ema_decay)
+    _check(o.lora_rank >= 1, "optim.lora_rank", "an integer >= 1", o.lora_rank)
+    _check(config.iterations >= 1, "iterations", "an integer >= 1", config.iterations)
+    _check(config.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1", config.prompts_per_iteration)
+    _check(config.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1", config.checkpoint_every)
+    _check(config.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1 (the latest good one is always kept)", config.keep_checkpoints)
+    _check(config.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", "an integer >= 1", config.max_nonfinite_in_row)
+    _check(len(config.rewards) >= 1, "rewards", "at least one reward", config.rewards)
+    _check(config.eval.every >= 0, "eval.every", "an integer >= 0", config.eval.every)
+    _check(config.eval.samples_per_prompt >= 2, "eval.samples_per_prompt", "an integer >= 2 (diversity needs pairs)", config.eval.samples_per_prompt)
+    _check(config.eval.steps >= 1, "eval.steps", "an integer >= 1", config.eval.steps)
+    _check(config.eval.solver in SOLVERS, "eval.solver", f"one of {sorted(SOLVERS)}", config.eval.solver)
+    _check(config.eval.seed != config.seed, "eval.seed", "a seed different from the training seed", config.eval.seed)
+    _check(len(config.prompts.train) >= 1 or config.prompts.file is not None, "prompts.train", "at least one prompt", config.prompts.train)
+    _check(len(config.prompts.eval) >= 1, "prompts.eval", "at least one prompt", config.prompts.eval)
+
+
+# ---- documentation ---------------------------------------------------------------------------------------------
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def config_reference(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every field, nested sections flattened with dots."""
+    rows = []
+    hints, docs, default = typing.get_type_hints(cls), field_docs(cls), cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(config_reference(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+                value = [dataclasses.asdict(v) for v in value]
+            rows.append((prefix + f.name, _type_name(hints[f.name]), value, docs.get(f.name, "")))
+    return rows

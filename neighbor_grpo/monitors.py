@@ -1,0 +1,68 @@
+"""Held-out evaluation: rewards on seeds never trained on, and reward-hacking monitors."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from neighbor_grpo.flow import sigma_grid
+from neighbor_grpo.noise import independent_noises
+from neighbor_grpo.solvers import integrate
+
+
+def out_of_range_share(images: torch.Tensor, margin: float = 0.1) -> float:
+    """Share of pixels further than `margin` outside the data range [0, 1], before clamping."""
+    return float(((images < -margin) | (images > 1 + margin)).float().mean())
+
+
+def within_prompt_diversity(images: torch.Tensor) -> float:
+    """Mean pairwise RMS pixel distance between samples of one prompt; images (P, S, C, H, W)."""
+    flat = images.clamp(0, 1).flatten(2)
+    dist = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5  # (P, S, S)
+    S = flat.shape[1]
+    return float(dist.sum(dim=(1, 2)).mean() / (S * (S - 1)))
+
+
+def nearest_real_distance(images: torch.Tensor, real_images: torch.Tensor) -> float:
+    """Realism: mean RMS pixel distance from each sample to its nearest real image (lower is more realistic)."""
+    flat = images.clamp(0, 1).flatten(1)
+    real = real_images.to(flat).flatten(1)
+    return float((torch.cdist(flat, real).min(dim=1).values / flat.shape[-1] ** 0.5).mean())
+
+
+@torch.no_grad()
+def generate(adapter, prompts: Sequence[str], samples_per_prompt: int, seed: int, solver: str = "dpm++2m",
+             steps: int = 8, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples from independent noises keyed by (seed, 0, prompt position, sample): latents and raw images,
+    each shaped (P, S, ...)."""
+    device = adapter.device
+    shape = adapter.latent_shape()
+    noises = torch.stack([independent_noises(shape, samples_per_prompt, seed, 0, k, device) for k in range(len(prompts))])
+    cond = adapter.encode_prompts(list(prompts)).repeat_interleave(samples_per_prompt, dim=0)
+    sigmas = sigma_grid(steps, shift=shift).to(device)
+    trajectory = integrate(lambda x, s: adapter.velocity(x, s, cond), noises.flatten(0, 1), sigmas, solver)
+    latents = trajectory.states[-1]
+    images = adapter.decode(latents)
+    P = len(prompts)
+    return latents.reshape(P, samples_per_prompt, *latents.shape[1:]), images.reshape(P, samples_per_prompt, *images.shape[1:])
+
+
+@torch.no_grad()
+def evaluate(adapter, rewards, prompts: Sequence[str], samples_per_prompt: int, seed: int, solver: str = "dpm++2m",
+             steps: int = 8, shift: float = 1.0) -> tuple[dict[str, float], torch.Tensor]:
+    """Held-out metrics (each reward's mean, their weighted total, hacking monitors) and the raw images."""
+    _, images = generate(adapter, prompts, samples_per_prompt, seed, solver, steps, shift)
+    flat = images.flatten(0, 1)
+    flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    scores = rewards.score(flat, flat_prompts)
+    metrics = {f"reward_{name}": float(value.mean()) for name, value in scores.items()}
+    metrics["reward"] = float(rewards.total(scores).mean())
+    for reward in rewards.rewards.values():
+        if hasattr(reward, "extra_metrics"):
+            metrics.update(reward.extra_metrics(flat.clamp(0, 1), flat_prompts))
+    metrics["out_of_range"] = out_of_range_share(flat)
+    metrics["diversity"] = within_prompt_diversity(images)
+    if hasattr(adapter, "reference_images"):
+        metrics["realism_nn_dist"] = nearest_real_distance(flat, adapter.reference_images())
+    return metrics, images
