@@ -13,20 +13,21 @@ from neighbor_grpo.io import atomic_write_bytes, atomic_write_text
 
 
 class MetricsLog:
-    """Append-only CSV + TensorBoard; on resume, rows from `start_iteration` on are dropped and TB purged."""
+    """Append-only CSV + TensorBoard. Rows are keyed by iterations done; on resume from a checkpoint taken after
+    `start_iteration` iterations, later rows are dropped and TensorBoard events after it purged."""
 
     def __init__(self, folder: Path, start_iteration: int = 0, tensorboard: bool = True, wandb_run=None):
         self.path = folder / "metrics.csv"
         self.rows: list[dict] = []
         if self.path.exists():
             with open(self.path, newline="") as handle:
-                self.rows = [row for row in csv.DictReader(handle) if int(float(row["iteration"])) < start_iteration]
+                self.rows = [row for row in csv.DictReader(handle) if int(float(row["iteration"])) <= start_iteration]
             self._rewrite()
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=start_iteration if start_iteration else None)
+            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=start_iteration + 1 if start_iteration else None)
         self.wandb_run = wandb_run
 
     def _rewrite(self) -> None:

@@ -345,7 +345,7 @@ def _train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer
         optimizer.step()
         if ema is not None:
             ema.update(adapter.net)
-        stats.append({**batch_stats, "loss": float(loss), "grad_norm": float(grad_norm)})
+        stats.append({**batch_stats, "loss": float(loss.detach()), "grad_norm": float(grad_norm)})
         hook("after_optimizer_step")
     if stats:
         values.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})

@@ -1,0 +1,107 @@
+"""DanceGRPO (Xue et al. 2025; reference code XueZeyue/DanceGRPO, fastvideo/train_grpo_flux.py).
+
+SDE rollouts with flux_step (Euler mean plus a score correction, std = eta sqrt(ds)), one initial noise shared by
+the whole group, advantages (r - mean) / (unbiased std + 1e-8), and the per-sample PPO-clipped loss on a random
+`timestep_fraction` of the steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from neighbor_grpo.advantages import clip_advantages, std_advantages
+from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn
+from neighbor_grpo.algorithms.sde import (ROLE_TRAIN_STEPS, dance_grpo_mean_std, dance_grpo_sde_step, recompute_old_policy,
+                                          rollout_noises, sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
+from neighbor_grpo.flow import sigma_grid
+from neighbor_grpo.noise import keyed_generator
+
+
+@dataclass
+class DanceGRPOConfig:
+    group_size: int = 12
+    """G: samples per prompt (the reference's num_generations)."""
+    eta: float = 0.3
+    """Noise scale of the SDE: std = eta * sqrt(s - s_next)."""
+    rollout_steps: int = 25
+    """N: SDE sampling steps per rollout (the Neighbor GRPO paper's comparison; the FLUX script uses 16)."""
+    shift: float = 1.0
+    """SD3/FLUX sigma shift of the rollout grid (1 = none, the reference's default; its FLUX recipe uses 3)."""
+    train_step_fraction: float = 0.6
+    """The reference's timestep_fraction: int(fraction * (N - 1)) random steps of the N - 1 trainable ones
+    (the last step is never trained), drawn once per rollout batch."""
+    same_initial_noise: bool = True
+    """One initial noise for the whole group (the reference's init_same_noise, on in its recipes)."""
+    adv_eps: float = 1e-8
+    """Added to the group's unbiased std (torch.std) of the rewards."""
+    adv_clip: float = 5.0
+    """Advantages clipped to [-adv_clip, adv_clip] (the reference's adv_clip_max); 0 disables."""
+    eps_clip: float = 1e-4
+    """PPO clip range of the per-sample ratio (the reference's clip_range)."""
+    num_minibatches: int = 3
+    """Optimizer steps per rollout batch when minibatch_by='samples' (the FLUX recipe: 12 samples per GPU,
+    gradient_accumulation_steps 4, so 3 updates per rollout)."""
+    minibatch_by: str = "samples"
+    """'samples': the candidates are split into num_minibatches slices, each trained on all trained steps (as the
+    reference accumulates gradients over timesteps); 'steps': one optimizer step per trained step, all candidates."""
+    old_policy: str = "rollout"
+    """Where the old log-probs come from: 'rollout' (recorded while sampling, free) or 'recompute' (a no-grad
+    pass batched like the training pass before the first update, so the ratio is exactly 1)."""
+
+
+class DanceGRPO:
+    """DanceGRPO: flux_step SDE rollouts with a shared initial noise, PPO-clipped GRPO on random steps."""
+
+    name = "dance_grpo"
+
+    def __init__(self, config: DanceGRPOConfig = DanceGRPOConfig(), seed: int = 0):
+        self.config = config
+        self.seed = seed
+
+    def _mean_std(self, x: torch.Tensor, v: torch.Tensor, j: int, rollout: Rollout) -> tuple[torch.Tensor, float]:
+        return dance_grpo_mean_std(x, v, float(rollout.sigmas[j]), float(rollout.sigmas[j + 1]), self.config.eta)
+
+    @torch.no_grad()
+    def rollout(self, velocity: VelocityFn, cond: torch.Tensor, prompts, prompt_indices, iteration: int,
+                latent_shape: tuple[int, ...], device: str | torch.device = "cpu") -> Rollout:
+        c = self.config
+        noises, z = rollout_noises(latent_shape, c.group_size, c.rollout_steps, c.same_initial_noise, self.seed, iteration,
+                                   prompt_indices, device)
+        sigmas = sigma_grid(c.rollout_steps, shift=c.shift).to(device)
+        # The reference decodes the last step's x0 prediction and never trains that step, so its noise is never
+        # seen: the last step here is the deterministic Euler step into s = 0, which lands exactly on x0hat.
+        mask = torch.ones(c.rollout_steps, dtype=torch.bool, device=device)
+        mask[-1] = False
+        step = lambda x, v, s, s_next, noise: dance_grpo_sde_step(x, v, s, s_next, noise, eta=c.eta)
+        return sde_rollout(velocity, noises, cond, sigmas, mask, step, z, prompts, prompt_indices)
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(r - mean) / (torch.std(r) + 1e-8) per group: the unbiased std, as the reference."""
+        return std_advantages(rewards, self.config.adv_eps, unbiased=True)
+
+    def clip(self, advantages: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return clip_advantages(advantages, self.config.adv_clip)
+
+    def minibatches(self, rollout: Rollout, iteration: int) -> list[Minibatch]:
+        """int(fraction * (N - 1)) random steps (the reference draws one permutation per sample; here one per
+        rollout batch, shared by all samples, so that a minibatch is a set of steps for all its members)."""
+        c = self.config
+        stochastic = sde_steps(rollout)
+        count = max(1, int(c.train_step_fraction * len(stochastic)))
+        order = torch.randperm(len(stochastic), generator=keyed_generator(self.seed, iteration, ROLE_TRAIN_STEPS))
+        steps = sorted(stochastic[int(k)] for k in order[:count])
+        return sde_minibatches(steps, rollout, c.num_minibatches, c.minibatch_by, self.seed, iteration)
+
+    def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
+        if self.config.old_policy == "rollout":
+            return rollout
+        if self.config.old_policy != "recompute":
+            raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {self.config.old_policy!r}")
+        return recompute_old_policy(velocity, rollout, batches, self._mean_std)
+
+    def loss(self, velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,
+             reference_velocity: VelocityFn | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The reference has no KL term: reference_velocity is ignored."""
+        return sde_policy_loss(velocity, rollout, advantages, batch, self._mean_std, self.config.eps_clip)

@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Built models go to a fresh cache for the test session (the tests build what they need themselves)."""
+    cache = tmp_path_factory.mktemp("ngrpo-cache")
+    previous = os.environ.get("NGRPO_CACHE")
+    os.environ["NGRPO_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("NGRPO_CACHE", None)
+    else:
+        os.environ["NGRPO_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def builtin_models(isolated_cache):
+    """The built-in base model and reward classifier, built once per session with the default settings."""
+    from neighbor_grpo.pretrain import ensure_base_model, ensure_classifier
+
+    classifier_dir, accuracy = ensure_classifier(progress=False)
+    base_dir = ensure_base_model(progress=False)
+    return {"base": base_dir, "classifier": classifier_dir, "classifier_accuracy": accuracy}
+
+
+@pytest.fixture(autouse=True)
+def deterministic_torch():
+    torch.manual_seed(0)
+    yield
