@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from neighbor_grpo.algorithms.neighbor_grpo import NeighborGRPOConfig
+from neighbor_grpo.algorithms import DanceGRPOConfig, FlowGRPOConfig, MixGRPOConfig, NeighborGRPOConfig
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -84,7 +84,8 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     algorithm: str = "neighbor_grpo"
-    """Which algorithm trains: neighbor_grpo (the baselines join the same dict)."""
+    """Which algorithm trains: neighbor_grpo, or a baseline: flow_grpo, dance_grpo, mix_grpo (set
+    mix_grpo.flash for MixGRPO-Flash). Its settings are the section of the same name."""
     iterations: int = 60
     """Rollout batches (each: rollout, reward, advantages, K optimizer steps)."""
     prompts_per_iteration: int = 8
@@ -110,6 +111,14 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     neighbor_grpo: NeighborGRPOConfig = field(default_factory=NeighborGRPOConfig)
+    flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
+    dance_grpo: DanceGRPOConfig = field(default_factory=DanceGRPOConfig)
+    mix_grpo: MixGRPOConfig = field(default_factory=MixGRPOConfig)
+
+    @property
+    def algorithm_config(self):
+        """The settings of the selected algorithm (the section named like it)."""
+        return getattr(self, self.algorithm)
 
 
 class ConfigError(ValueError):
@@ -263,6 +272,7 @@ def validate(config: TrainConfig) -> None:
     _check(n.old_policy in ("rollout", "recompute"), "neighbor_grpo.old_policy", "rollout or recompute", n.old_policy)
     _check(n.ref_beta >= 0, "neighbor_grpo.ref_beta", "a value >= 0", n.ref_beta)
     _check(not (n.exclude_self and n.group_size < 3), "neighbor_grpo.exclude_self", "G >= 3 when the anchor is excluded", n.exclude_self)
+    _validate_sde_baselines(config)
     o = config.optim
     _check(o.lr > 0, "optim.lr", "a learning rate > 0", o.lr)
     _check(o.weight_decay >= 0, "optim.weight_decay", "a value >= 0", o.weight_decay)
@@ -283,6 +293,41 @@ def validate(config: TrainConfig) -> None:
     _check(config.eval.seed != config.seed, "eval.seed", "a seed different from the training seed", config.eval.seed)
     _check(len(config.prompts.train) >= 1 or config.prompts.file is not None, "prompts.train", "at least one prompt", config.prompts.train)
     _check(len(config.prompts.eval) >= 1, "prompts.eval", "at least one prompt", config.prompts.eval)
+
+
+def _validate_sde_baselines(config: TrainConfig) -> None:
+    for name in ("flow_grpo", "dance_grpo", "mix_grpo"):
+        c = getattr(config, name)
+        _check(c.group_size >= 2, f"{name}.group_size", "G >= 2 (advantages are relative inside a group)", c.group_size)
+        _check(c.shift > 0, f"{name}.shift", "a value > 0", c.shift)
+        _check(c.adv_eps >= 0, f"{name}.adv_eps", "a value >= 0", c.adv_eps)
+        _check(c.adv_clip >= 0, f"{name}.adv_clip", "a value >= 0 (0 disables)", c.adv_clip)
+        _check(0 < c.eps_clip < 1, f"{name}.eps_clip", "a value in (0, 1)", c.eps_clip)
+        _check(1 <= c.num_minibatches <= c.group_size, f"{name}.num_minibatches", "1 <= n <= G", c.num_minibatches)
+        _check(c.minibatch_by in ("samples", "steps"), f"{name}.minibatch_by", "samples or steps", c.minibatch_by)
+        _check(c.old_policy in ("rollout", "recompute"), f"{name}.old_policy", "rollout or recompute", c.old_policy)
+    f = config.flow_grpo
+    _check(f.noise_level > 0, "flow_grpo.noise_level", "a value > 0", f.noise_level)
+    _check(f.rollout_steps >= 2, "flow_grpo.rollout_steps", "an integer >= 2 (the last step is deterministic)", f.rollout_steps)
+    _check(0 < f.train_step_fraction <= 1, "flow_grpo.train_step_fraction", "a value in (0, 1]", f.train_step_fraction)
+    _check(f.kl_beta >= 0, "flow_grpo.kl_beta", "a value >= 0", f.kl_beta)
+    _check(f.fast_window_size >= 0, "flow_grpo.fast_window_size", "an integer >= 0 (0 disables)", f.fast_window_size)
+    if f.fast_window_size > 0:
+        end = f.rollout_steps // 2 if f.fast_window_end is None else f.fast_window_end
+        _check(f.fast_window_size <= end <= f.rollout_steps - 1, "flow_grpo.fast_window_end",
+               "null or an integer in [fast_window_size, rollout_steps - 1]", f.fast_window_end)
+    d = config.dance_grpo
+    _check(d.eta > 0, "dance_grpo.eta", "a value > 0", d.eta)
+    _check(d.rollout_steps >= 2, "dance_grpo.rollout_steps", "an integer >= 2", d.rollout_steps)
+    _check(0 < d.train_step_fraction <= 1, "dance_grpo.train_step_fraction", "a value in (0, 1]", d.train_step_fraction)
+    m = config.mix_grpo
+    _check(m.sde in ("flow_grpo", "dance_grpo"), "mix_grpo.sde", "flow_grpo or dance_grpo", m.sde)
+    _check(m.noise_level > 0, "mix_grpo.noise_level", "a value > 0", m.noise_level)
+    _check(m.rollout_steps >= 3, "mix_grpo.rollout_steps", "an integer >= 3 (the window ends before step N - 2)", m.rollout_steps)
+    _check(1 <= m.window_size <= m.rollout_steps - 2, "mix_grpo.window_size", "1 <= size <= rollout_steps - 2", m.window_size)
+    _check(m.window_stride >= 1, "mix_grpo.window_stride", "an integer >= 1", m.window_stride)
+    _check(m.window_interval >= 1, "mix_grpo.window_interval", "an integer >= 1", m.window_interval)
+    _check(0 < m.flash_compress_ratio <= 1, "mix_grpo.flash_compress_ratio", "a value in (0, 1]", m.flash_compress_ratio)
 
 
 # ---- documentation ---------------------------------------------------------------------------------------------

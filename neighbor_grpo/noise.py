@@ -15,7 +15,9 @@ ROLE_BASE = 1_000_003  # candidate-index slot for the shared base noise e*, dist
 
 def keyed_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator whose seed is a hash of the integer keys (numpy's SeedSequence mixes them well)."""
-    words = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint32)
+    # the key count goes in first so (a, b) and (a, b, 0) differ; keys wrap to 64 bits, never truncate to 32
+    entropy = [len(keys)] + [int(k) % (1 << 64) for k in keys]
+    words = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     seed = int.from_bytes(words.tobytes(), "little") & 0x7FFF_FFFF_FFFF_FFFF
     return torch.Generator(device=device).manual_seed(seed)
 

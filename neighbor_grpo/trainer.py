@@ -163,14 +163,14 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         frozen = None
         if config.optim.finetune == "lora":
             adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha, config.optim.lora_targets)
-        elif config.neighbor_grpo.ref_beta > 0:
+        elif getattr(config.algorithm_config, "ref_beta", 0) > 0 or getattr(config.algorithm_config, "kl_beta", 0) > 0:
             frozen = copy.deepcopy(adapter.net).requires_grad_(False)
         reference_velocity = make_reference_velocity(adapter, frozen)
         params = [p for p in adapter.net.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                       weight_decay=config.optim.weight_decay)
         ema = EMA(adapter.net, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-        algorithm = ALGORITHMS[config.algorithm](getattr(config, config.algorithm), seed=config.seed)
+        algorithm = ALGORITHMS[config.algorithm](config.algorithm_config, seed=config.seed)
 
         start, counters = 0, {"nonfinite_in_row": 0, "nonfinite_total": 0, "best_heldout": -math.inf, "model_evals": 0}
         checkpoints = run / "checkpoints"
@@ -210,7 +210,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             context = ema.applied(adapter.net) if ema is not None else _nullcontext()
             with context:
                 metrics, images = evaluate(adapter, rewards, config.prompts.eval, config.eval.samples_per_prompt,
-                                           config.eval.seed, config.eval.solver, config.eval.steps, config.neighbor_grpo.shift)
+                                           config.eval.seed, config.eval.solver, config.eval.steps, config.algorithm_config.shift)
             save_grid(images[:, :8], run / "samples" / f"iter-{iteration:06d}.png", row_labels=list(config.prompts.eval))
             return metrics
 

@@ -92,7 +92,8 @@ def temperature(old_distances: torch.Tensor, tau_rel: float, tau: float | None) 
     """tau = tau_rel * median_i dist_old_i per (anchor, step), detached; or the fixed tau."""
     if tau is not None:
         return torch.full_like(old_distances[..., :1], float(tau))
-    return (tau_rel * old_distances.median(dim=-1, keepdim=True).values).detach().clamp_min(1e-12)
+    median = torch.quantile(old_distances, 0.5, dim=-1, keepdim=True)  # the midpoint for even G
+    return (tau_rel * median).detach().clamp_min(1e-12)
 
 
 def leaping_log_policy(distances: torch.Tensor, tau: torch.Tensor, self_mask: torch.Tensor | None = None) -> torch.Tensor:
