@@ -117,6 +117,16 @@ def _cmd_eval(args) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def _cmd_compare(args) -> None:
+    from neighbor_grpo.compare import compare
+
+    results = compare(args.out, budget_s=args.budget_s, lrs=tuple(args.lrs), methods=args.methods, target=args.target,
+                      equal_steps=args.equal_steps or None, ablation=args.ablation, evals_per_run=args.evals_per_run,
+                      eval_samples=args.eval_samples, seed=args.seed, device=args.device, progress=not args.no_progress)
+    print(open(Path(args.out).with_suffix(".md")).read())
+    print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
+
+
 def _cmd_config(args) -> None:
     from neighbor_grpo.config import config_reference
 
@@ -175,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--samples-per-prompt", type=int, default=16)
             cmd.add_argument("--reward", action="append", default=None, help="reward name (repeatable); default digit_prob")
         cmd.set_defaults(func=func)
+
+    cmp = sub.add_parser("compare", help="Neighbor GRPO vs the SDE baselines at equal training wall-clock")
+    cmp.add_argument("--out", required=True, help="results JSON (markdown table and plots are written beside it)")
+    cmp.add_argument("--budget-s", type=float, default=25.0, help="training seconds per method and learning rate")
+    cmp.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4], help="learning-rate sweep for every method")
+    cmp.add_argument("--methods", nargs="+", help="subset of neighbor_grpo flow_grpo dance_grpo mix_grpo mix_grpo_flash")
+    cmp.add_argument("--target", type=float, help="target held-out reward (default: best final one among SDE baselines)")
+    cmp.add_argument("--equal-steps", type=int, default=8, help="second table: every method with this many steps (0: skip)")
+    cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta"],
+                     help="instead: sweep one Neighbor GRPO knob")
+    cmp.add_argument("--evals-per-run", type=int, default=8, help="held-out evaluations per run (fixed time interval)")
+    cmp.add_argument("--eval-samples", type=int, default=8, help="held-out samples per prompt")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--device", help="default: cuda when available, else cpu")
+    cmp.add_argument("--no-progress", action="store_true")
+    cmp.set_defaults(func=_cmd_compare)
 
     cfg = sub.add_parser("config", help="print the reference of every config key (markdown)")
     cfg.set_defaults(func=_cmd_config)

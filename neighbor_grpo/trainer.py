@@ -126,6 +126,30 @@ def run_metadata(config: TrainConfig) -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+@dataclass
+class TrainingParts:
+    params: list
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    algorithm: object
+    reference_velocity: Callable
+
+
+def build_training_parts(config: TrainConfig, adapter) -> TrainingParts:
+    """LoRA (if asked), the reference velocity, AdamW over the trainable parameters, EMA and the algorithm."""
+    frozen = None
+    if config.optim.finetune == "lora":
+        adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha, config.optim.lora_targets)
+    elif getattr(config.algorithm_config, "ref_beta", 0) > 0 or getattr(config.algorithm_config, "kl_beta", 0) > 0:
+        frozen = copy.deepcopy(adapter.net).requires_grad_(False)
+    params = [p for p in adapter.net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
+                                  weight_decay=config.optim.weight_decay)
+    ema = EMA(adapter.net, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+    algorithm = ALGORITHMS[config.algorithm](config.algorithm_config, seed=config.seed)
+    return TrainingParts(params, optimizer, ema, algorithm, make_reference_velocity(adapter, frozen))
+
+
 def _is_finite(*values: torch.Tensor | float) -> bool:
     return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
 
@@ -160,17 +184,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         rewards = rewards or build_rewards([to_dict(r) for r in config.rewards], device=device)
         train_prompts = read_prompts(config)
 
-        frozen = None
-        if config.optim.finetune == "lora":
-            adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha, config.optim.lora_targets)
-        elif getattr(config.algorithm_config, "ref_beta", 0) > 0 or getattr(config.algorithm_config, "kl_beta", 0) > 0:
-            frozen = copy.deepcopy(adapter.net).requires_grad_(False)
-        reference_velocity = make_reference_velocity(adapter, frozen)
-        params = [p for p in adapter.net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
-                                      weight_decay=config.optim.weight_decay)
-        ema = EMA(adapter.net, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-        algorithm = ALGORITHMS[config.algorithm](config.algorithm_config, seed=config.seed)
+        parts = build_training_parts(config, adapter)
+        params, optimizer, ema, algorithm, reference_velocity = (parts.params, parts.optimizer, parts.ema,
+                                                                  parts.algorithm, parts.reference_velocity)
 
         start, counters = 0, {"nonfinite_in_row": 0, "nonfinite_total": 0, "best_heldout": -math.inf, "model_evals": 0}
         checkpoints = run / "checkpoints"
@@ -248,7 +264,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             for iteration in bar:
                 tick = time.perf_counter()
                 hook("iteration_start")
-                values, skipped = _train_iteration(config, adapter, rewards, algorithm, optimizer, params, ema,
+                values, skipped = train_iteration(config, adapter, rewards, algorithm, optimizer, params, ema,
                                                    reference_velocity, train_prompts, iteration, hook)
                 rollout_evals, train_evals = calls.reset()
                 counters["model_evals"] += rollout_evals + 3 * train_evals
@@ -305,7 +321,7 @@ class _nullcontext:
         return False
 
 
-def _train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer, params, ema, reference_velocity,
+def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer, params, ema, reference_velocity,
                      train_prompts: list[str], iteration: int, hook) -> tuple[dict[str, float], str]:
     """One rollout batch and its optimizer steps. Returns logged values and why the update was skipped ('' if not)."""
     prompts, indices = prompt_batch(train_prompts, config.seed, iteration, config.prompts_per_iteration)

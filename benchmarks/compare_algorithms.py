@@ -1,0 +1,12 @@
+"""Neighbor GRPO vs Flow-GRPO, DanceGRPO, MixGRPO(-Flash) under an equal training wall-clock budget.
+
+    python benchmarks/compare_algorithms.py --out benchmarks/results/compare.json
+    (the same as: ngrpo compare --out benchmarks/results/compare.json)
+"""
+
+import sys
+
+from neighbor_grpo.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["compare", *sys.argv[1:]]))
