@@ -1,0 +1,48 @@
+"""A short version of the side-by-side benchmark (the full one: benchmarks/compare_algorithms.py)."""
+
+import json
+
+from neighbor_grpo.compare import ABLATIONS, PAPER_SETTINGS, equal_steps_overrides, time_to_target
+from neighbor_grpo.config import load_config
+
+
+def test_short_comparison_writes_results_in_the_documented_structure(builtin_models, tmp_path):
+    from neighbor_grpo.compare import compare
+
+    out = tmp_path / "results.json"
+    results = compare(out, budget_s=1.0, lrs=(3e-4,), methods=["neighbor_grpo", "dance_grpo"], evals_per_run=2,
+                      eval_samples=2, equal_steps=4, progress=False)
+    saved = json.loads(out.read_text())
+    assert saved["methods"].keys() == {"neighbor_grpo", "dance_grpo"}
+    for table in (saved, saved["equal_steps"]):
+        assert isinstance(table["target_reward"], float)
+        for metrics in table["methods"].values():
+            for key in ("s_per_iter", "model_evals_per_iter", "final_reward", "heldout_reward", "time_to_target_s",
+                        "diversity", "out_of_range", "realism", "best_lr"):
+                assert key in metrics
+    # the default target is the best final held-out reward among the SDE baselines run
+    assert saved["target_reward"] == saved["methods"]["dance_grpo"]["heldout_reward"]
+    # forward-pass equivalents per iteration: N*P*G rollout + 3 * trained (backward = 2 forwards)
+    neighbor = load_config(None, [])
+    P, G, N, B = 8, neighbor.neighbor_grpo.group_size, 8, neighbor.neighbor_grpo.num_anchors
+    K = neighbor.neighbor_grpo.trained_steps
+    assert saved["methods"]["neighbor_grpo"]["model_evals_per_iter"] == N * P * G + 3 * K * P * B
+    assert saved["methods"]["dance_grpo"]["model_evals_per_iter"] > 5 * saved["methods"]["neighbor_grpo"]["model_evals_per_iter"]
+    for name in ("reward_vs_time.png", "reward_vs_evals.png", "results.md"):
+        assert (tmp_path / name).is_file()
+    assert results["speedup"]["evals_per_iter_dance_over_neighbor"] > 5
+
+
+def test_every_method_and_ablation_builds_a_valid_config():
+    for name in PAPER_SETTINGS:
+        load_config(None, PAPER_SETTINGS[name])
+        load_config(None, equal_steps_overrides(name, 8))
+    for variants in ABLATIONS.values():
+        for overrides in variants.values():
+            load_config(None, overrides)
+
+
+def test_time_to_target_is_the_first_crossing():
+    run = {"curve": {"train_s": [0.0, 1.0, 2.0, 3.0], "heldout": [{"reward": r} for r in (0.5, 0.7, 0.6, 0.9)]}}
+    assert time_to_target(run, 0.65) == 1.0
+    assert time_to_target(run, 0.95) is None
