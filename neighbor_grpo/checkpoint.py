@@ -85,11 +85,19 @@ def write_checkpoint(folder: Path, iteration: int, tensors: dict[str, dict[str, 
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     files["state.json"] = sha256_file(tmp / "state.json")
     atomic_write_text(tmp / MANIFEST, json.dumps({"iteration": iteration, "files": files}, indent=1))
-    if final.exists():  # a leftover from a run that died after this point; the new one replaces it
-        shutil.rmtree(final)
+    _fsync_dir(tmp)
+    if final.exists():  # a torn or stale one from a run that died; set aside first, so no torn folder is visible
+        _discard(final)
     os.replace(tmp, final)
     _fsync_dir(folder)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Rename to a hidden temporary name, then delete: a kill half-way never leaves a torn `iter-*` folder."""
+    aside = path.with_name(f".tmp-old-{path.name}-{os.getpid()}")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -137,9 +145,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Keep the newest `keep` good checkpoints; never delete the only good one; drop stale temporaries."""
-    for stale in folder.glob(f".tmp-{PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Keep the newest `keep` good checkpoints; never delete the only good one; drop stale temporaries
+    (half-written checkpoints and half-deleted ones of a process that was killed; the run folder's lock
+    guarantees no other process is writing here)."""
+    for stale in folder.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     good = [p for p in list_checkpoints(folder) if verify_checkpoint(p)]
     for path in good[:-max(1, keep)]:
-        shutil.rmtree(path, ignore_errors=True)
+        _discard(path)

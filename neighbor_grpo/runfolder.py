@@ -28,8 +28,15 @@ class RunFolder:
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip()
             self._handle.close()
-            raise RunFolderError(f"run folder {str(self.path)!r} is in use by another running process") from None
+            raise RunFolderError(f"run folder {str(self.path)!r} is in use by another running process"
+                                 f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish or stop it "
+                                 "(a killed process releases the lock by itself)") from None
+        self._handle.truncate(0)  # who holds it, for the message above (the lock itself is the flock)
+        self._handle.write(str(os.getpid()))
+        self._handle.flush()
         existing = [p for p in self.path.iterdir() if p.name != ".lock"]
         if existing and not resume:
             if not overwrite:
