@@ -47,6 +47,8 @@ def _cmd_train(args) -> None:
         config = load_config(run / "config.yaml")
         out = run
     else:
+        if args.config and "=" in args.config and not Path(args.config).is_file():
+            args.overrides, args.config = [args.config, *args.overrides], None  # overrides without a YAML file
         if not args.out:
             raise ValueError("--out RUN_FOLDER is required (or --resume RUN_FOLDER)")
         config = load_config(args.config, args.overrides)
@@ -98,6 +100,8 @@ def _cmd_eval(args) -> None:
     from neighbor_grpo.monitors import evaluate
     from neighbor_grpo.rewards import build_rewards
 
+    if args.samples_per_prompt < 2:
+        raise ValueError(f"--samples-per-prompt: expected at least 2 (diversity needs pairs), got {args.samples_per_prompt}")
     adapter = _load_for_sampling(args)
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()] if args.prompts else None
     if args.prompts_file:
@@ -130,9 +134,12 @@ def _cmd_compare(args) -> None:
 def _cmd_config(args) -> None:
     from neighbor_grpo.config import config_reference
 
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
     print("| key | type | default | meaning |\n|---|---|---|---|")
     for key, type_name, default, doc in config_reference():
-        print(f"| `{key}` | {type_name} | `{json.dumps(default)}` | {doc} |")
+        print(f"| `{key}` | {cell(type_name)} | `{json.dumps(default)}` | {cell(doc)} |")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import inspect
 import textwrap
 import types
@@ -56,7 +57,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.999
+    """AdamW beta2."""
     max_grad_norm: float = 1.0
     """Gradient-norm clipping (0 disables)."""
     ema_decay: float = 0.0
@@ -64,7 +67,9 @@ class OptimConfig:
     finetune: Literal["full", "lora"] = "full"
     """Train all weights, or a LoRA (peft) on the linear layers."""
     lora_rank: int = 8
+    """LoRA rank r."""
     lora_alpha: float = 8.0
+    """LoRA alpha (the update is scaled by alpha / r)."""
     lora_targets: list[str] = field(default_factory=lambda: ["fc1", "fc2"])
     """Module names that get LoRA adapters (for the built-in model: fc1, fc2, modulation, inp, out)."""
 
@@ -78,7 +83,9 @@ class EvalConfig:
     seed: int = 1_000_003
     """Seed of the held-out noises (training noises are keyed by `seed`, never this)."""
     solver: str = "dpm++2m"
+    """ODE solver of the held-out samples (euler, heun, dpm++2m); every algorithm is evaluated with the ODE."""
     steps: int = 8
+    """Solver steps of the held-out samples."""
 
 
 @dataclass
@@ -105,8 +112,10 @@ class TrainConfig:
     wandb: bool = False
     """Also log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""
     wandb_project: str = "neighbor-grpo"
+    """Weights & Biases project name."""
     model: ModelConfig = field(default_factory=ModelConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    """Rewards and their weights: a list of {name, weight, kwargs, label}."""
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -128,6 +137,8 @@ class ConfigError(ValueError):
 # ---- reading ----------------------------------------------------------------------------------------------------
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -168,8 +179,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -201,11 +219,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
     key, _, raw = text.partition("=")
     value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads '3e-4' as a string
-            value = float(value)
-        except ValueError:
-            pass
     return key.strip().split("."), value
 
 

@@ -150,7 +150,9 @@ def build_training_parts(config: TrainConfig, adapter) -> TrainingParts:
     """LoRA (if asked), the reference velocity, AdamW over the trainable parameters, EMA and the algorithm."""
     frozen = None
     if config.optim.finetune == "lora":
-        adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha, config.optim.lora_targets)
+        with torch.random.fork_rng(devices=[]):  # LoRA's random init keyed by the seed, not by the global RNG's state
+            torch.manual_seed(config.seed)
+            adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha, config.optim.lora_targets)
     elif getattr(config.algorithm_config, "ref_beta", 0) > 0 or getattr(config.algorithm_config, "kl_beta", 0) > 0:
         frozen = copy.deepcopy(adapter.net).requires_grad_(False)
     params = [p for p in adapter.net.parameters() if p.requires_grad]
@@ -197,6 +199,17 @@ def _with_retries(rewards):
         wrapped = {n: r if isinstance(r, _RetryOnce) else _RetryOnce(n, r) for n, r in rewards.rewards.items()}
         return dataclasses.replace(rewards, rewards=wrapped)
     return rewards
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}, so a config difference is named by its dotted key."""
+    flat = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _json_safe(value):
@@ -333,7 +346,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         if resume:
             saved = yaml.safe_load((run / "config.yaml").read_text())
             if saved != to_dict(config):
-                changed = sorted(k for k in set(saved) | set(to_dict(config)) if saved.get(k) != to_dict(config).get(k))
+                old, new = _flatten(saved), _flatten(to_dict(config))
+                changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
                 raise ValueError(f"--resume {str(run)!r}: the config differs from the run's config.yaml in {changed}; "
                                  "resume with the same config (or start a new run)")
             if not (run / "run.json").is_file():

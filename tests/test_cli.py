@@ -150,10 +150,6 @@ def test_eval_without_prompts_exits_2(builtin_models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("count", [0, 1])
-@pytest.mark.xfail(strict=True, reason="package bug: neighbor_grpo/cli.py _cmd_eval does not check "
-                   "--samples-per-prompt: with 1 it exits 0 and writes '\"diversity\": NaN' (monitors."
-                   "within_prompt_diversity divides by S*(S-1) = 0), which is not valid JSON; with 0 it exits 2 with "
-                   "torch's 'stack expects a non-empty TensorList' instead of naming the option")
 def test_eval_with_fewer_than_two_samples_per_prompt(builtin_models, tmp_path, capsys, count):
     out = tmp_path / "scores.json"
     code, _, err = run_cli(capsys, "eval", "--checkpoint", builtin_models["base"], "--out", out, "--prompts", "0,1",
@@ -225,10 +221,6 @@ def test_train_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert code == 2 and "config.yaml" in err
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: in neighbor_grpo/cli.py build_parser(), `train` has a "
-                   "positional `config` (nargs='?') before `overrides` (nargs='*'), so without a YAML file the first "
-                   "key=value is taken as the config path: `ngrpo train iterations=2 --out RUN` exits 2 with "
-                   "\"config file 'iterations=2' not found\"")
 def test_train_with_overrides_only(builtin_models, tmp_path, capsys):
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "iterations=1", *TINY, "--out", run, "--no-progress")

@@ -56,10 +56,6 @@ def test_doc_holds_the_exact_ngrpo_config_output(doc, capsys):
     assert output.strip() in doc, REGENERATE
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: neighbor_grpo/cli.py _cmd_config (lines 130-135) prints types and "
-                   "docstrings into markdown cells without escaping '|': optional fields render as 'str | None' "
-                   "(config._type_name) and docstrings such as neighbor_grpo.ref_beta's '||v_theta - v_ref||^2' "
-                   "contain pipes, so those rows split into extra columns in docs/config.md")
 def test_every_row_of_the_reference_table_has_four_cells(capsys):
     assert main(["config"]) == 0
     output, _ = capsys.readouterr()
