@@ -30,7 +30,7 @@ def test_alignment_raises_heldout_reward_clearly(builtin_models, tmp_path):
     config = load_config(None, ["iterations=60", "eval.every=30", "checkpoint_every=30"])
     result = train(config, tmp_path / "run", progress=False)
     before, after = result.eval_before["reward"], result.eval_after["reward"]
-    # measured: 0.58 -> 0.97 at these settings; demand a clear margin
+    # measured: 0.57 -> 0.95 at these settings (ref_beta 1); demand a clear margin
     assert after > before + 0.2, f"held-out reward only went from {before:.3f} to {after:.3f}"
     assert result.eval_after["accuracy"] > result.eval_before["accuracy"] + 0.2
     run = tmp_path / "run"
