@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -91,10 +90,14 @@ HELPER = textwrap.dedent(r'''
             return "killed" if os.WTERMSIG(status) == signal.SIGKILL else f"signal {os.WTERMSIG(status)}"
         return f"exit {os.WEXITSTATUS(status)}"
 
-    def strict_json(text):
+    def standard_json(path):
         def refuse(token):
             raise ValueError(f"non-standard JSON token {token}")
-        return json.loads(text, parse_constant=refuse)
+        try:
+            json.loads(path.read_text(), parse_constant=refuse)
+            return True
+        except ValueError:
+            return False
 
     report = []
     for index, (point, k) in enumerate(plan + [[None, 0]]):
@@ -104,10 +107,12 @@ HELPER = textwrap.dedent(r'''
         if (run / "metrics.csv").is_file():
             with open(run / "metrics.csv", newline="") as handle:
                 iterations = [row["iteration"] for row in csv.DictReader(handle)]
-        states_ok = all(strict_json((c / "state.json").read_text()) is not None for c in checkpoints)
+        states_ok = all(standard_json(c / "state.json") for c in checkpoints)
         report.append({"point": point, "k": k, "outcome": outcome, "checkpoints": [c.name for c in checkpoints],
                        "verified": [verify_checkpoint(c) for c in checkpoints], "metrics_iterations": iterations,
-                       "standard_json": states_ok})
+                       "standard_json": states_ok,
+                       "temporaries": sorted(p.name for p in (run / "checkpoints").glob(".tmp*"))
+                       if (run / "checkpoints").is_dir() else []})
     print("REPORT " + json.dumps(report))
 ''')
 
@@ -147,12 +152,16 @@ def assert_same_final_state(run: Path, reference: Path) -> None:
 class ScriptedReward:
     """Wraps a real reward; on chosen training calls (counted from 1) returns NaN scores or raises."""
 
-    def __init__(self, inner, nan_on=(), raise_on=(), raise_from=None):
+    def __init__(self, inner, nan_on=(), raise_on=(), raise_from=None, rising_heldout=False):
         self.inner, self.nan_on, self.raise_on, self.raise_from = inner, set(nan_on), set(raise_on), raise_from
+        self.rising_heldout, self.heldout_calls = rising_heldout, 0
         self.training_calls = 0
         self.raised = 0
 
     def __call__(self, images, prompts):
+        if len(prompts) != TRAIN_BATCH and self.rising_heldout:  # every held-out evaluation is a new best
+            self.heldout_calls += 1
+            return torch.full((len(prompts),), 0.1 * self.heldout_calls)
         if len(prompts) == TRAIN_BATCH:
             self.training_calls += 1
             call = self.training_calls
@@ -210,6 +219,9 @@ def test_sigkill_at_any_moment_resumes_exactly(reference, tmp_path):
     assert [r["checkpoints"][-1] if r["checkpoints"] else None for r in report] == \
         [None, None, None, "iter-000002", "iter-000002", "iter-000002", "iter-000002", "iter-000004",
          "iter-000004", "iter-000004", "iter-000004", "iter-000006", "iter-000006"]
+
+    # the kills mid-write did leave half-written checkpoints behind (never listed, cleaned up on resume)
+    assert [bool(r["temporaries"]) for r in report] == [i in (2, 6, 10) for i in range(len(report))]
 
     assert_same_final_state(run, reference)
     assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["iter-000004", "iter-000006"]  # keep 2
@@ -338,6 +350,64 @@ def test_interrupts_save_a_consistent_checkpoint_and_resume_exactly(reference, t
     assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["iter-000003", "iter-000004"]
     train(small_config(), run, resume=True, progress=False)
     assert_same_final_state(run, reference)
+
+
+def test_lora_run_resumes_exactly(builtin_models, tmp_path):
+    """LoRA: only the adapters are checkpointed; their random init is keyed by the seed (not by whatever state the
+    global RNG is in), so a fresh run, and a run stopped mid-update and resumed, both match."""
+    config = small_config("iterations=4", "optim.finetune=lora", "optim.lr=1e-3")
+    train(config, tmp_path / "straight", progress=False)
+    torch.rand(3)  # move the global RNG on: it must not matter
+
+    def stop_mid_update(point, steps=[0]):
+        if point == "after_optimizer_step":
+            steps[0] += 1
+            if steps[0] == 6:  # iteration 3, first of its 2 steps
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", progress=False, fault_hook=stop_mid_update)
+    train(config, tmp_path / "resumed", resume=True, progress=False)
+    for name in ("model.safetensors", "lora.safetensors"):
+        assert_same_tensors(load_safetensors(tmp_path / "resumed" / "aligned" / name),
+                            load_safetensors(tmp_path / "straight" / "aligned" / name), name)
+    ours, _ = read_checkpoint(latest_good_checkpoint(tmp_path / "resumed" / "checkpoints"))
+    theirs, _ = read_checkpoint(latest_good_checkpoint(tmp_path / "straight" / "checkpoints"))
+    assert all("lora_" in key for key in ours["model"])
+    for group in ("model", "optimizer", "ema"):
+        assert_same_tensors(ours[group], theirs[group], group)
+
+
+def test_best_export_always_matches_the_checkpoint_resumed_from(builtin_models, tmp_path):
+    """best/ is written as soon as an evaluation beats the best so far, before the checkpoint that commits it; the
+    committed one waits in .best-previous. Resuming from the checkpoint puts the committed best/ back."""
+    rewards, _ = scripted_rewards(rising_heldout=True)
+    config = small_config("iterations=5", "eval.every=1")
+    run = tmp_path / "run"
+
+    def stop_in_iteration_4(point, steps=[0]):
+        if point == "after_optimizer_step":
+            steps[0] += 1
+            if steps[0] == 7:
+                raise KeyboardInterrupt
+
+    def stop_at_once(point):
+        if point == "iteration_start":
+            raise KeyboardInterrupt
+
+    def best_iteration(folder):
+        return json.loads((folder / "model.json").read_text())["iteration"]
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run, progress=False, rewards=rewards, fault_hook=stop_in_iteration_4)
+    assert latest_good_checkpoint(run / "checkpoints").name == "iter-000002"
+    assert best_iteration(run / "best") == 3 and best_iteration(run / ".best-previous") == 2
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run, resume=True, progress=False, rewards=rewards, fault_hook=stop_at_once)
+    assert best_iteration(run / "best") == 2 and not (run / ".best-previous").exists()
+    assert read_checkpoint(run / "checkpoints" / "iter-000002")[1]["counters"]["best_iteration"] == 2
+    train(config, run, resume=True, progress=False, rewards=rewards)
+    assert best_iteration(run / "best") == 5 and not (run / ".best-previous").exists()
 
 
 HOLDER = textwrap.dedent('''

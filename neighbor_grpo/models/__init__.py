@@ -7,7 +7,7 @@ conditioning, latents into images, and how to save/load itself to a checkpoint f
 
 from __future__ import annotations
 
-import importlib
+from neighbor_grpo.plugins import resolve_plugin
 import json
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -44,17 +44,8 @@ def register_model_adapter(name: str) -> Callable[[type], type]:
 
 
 def resolve_adapter_class(name: str) -> type:
-    """A registered adapter by name, or a user's class by dotted path `package.module:Class`."""
-    if name in MODEL_ADAPTERS:
-        return MODEL_ADAPTERS[name]
-    if ":" in name or "." in name:
-        module_name, _, attr = name.replace(":", ".").rpartition(".")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"model adapter {name!r}: cannot import it ({error})") from error
-    raise ValueError(f"model adapter {name!r} is unknown; registered: {sorted(MODEL_ADAPTERS)} "
-                     "(or give a dotted path 'package.module:Class')")
+    """A registered entry by name, or a user's object by dotted path."""
+    return resolve_plugin(name, MODEL_ADAPTERS, "model adapter", "package.module:Class")
 
 
 def load_adapter(folder: str | Path, device: str | torch.device = "cpu") -> FlowAdapter:

@@ -6,7 +6,7 @@ factory by dotted path (`package.module:make_reward`) in the config. Several rew
 
 from __future__ import annotations
 
-import importlib
+from neighbor_grpo.plugins import resolve_plugin
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -31,16 +31,8 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
 
 
 def resolve_reward_factory(name: str) -> Callable[..., Reward]:
-    if name in REWARDS:
-        return REWARDS[name]
-    if ":" in name or "." in name:
-        module_name, _, attr = name.replace(":", ".").rpartition(".")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"reward {name!r}: cannot import it ({error})") from error
-    raise ValueError(f"reward {name!r} is unknown; registered: {sorted(REWARDS)} "
-                     "(or give a dotted path 'package.module:factory')")
+    """A registered entry by name, or a user's object by dotted path."""
+    return resolve_plugin(name, REWARDS, "reward", "package.module:factory")
 
 
 def check_scores(scores: object, count: int, name: str) -> torch.Tensor:
