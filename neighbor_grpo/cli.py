@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--methods", nargs="+", help="subset of neighbor_grpo flow_grpo dance_grpo mix_grpo mix_grpo_flash")
     cmp.add_argument("--target", type=float, help="target held-out reward (default: best final one among SDE baselines)")
     cmp.add_argument("--equal-steps", type=int, default=8, help="second table: every method with this many steps (0: skip)")
-    cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta"],
+    cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps"],
                      help="instead: sweep one Neighbor GRPO knob")
     cmp.add_argument("--evals-per-run", type=int, default=8, help="held-out evaluations per run (fixed time interval)")
     cmp.add_argument("--eval-samples", type=int, default=8, help="held-out samples per prompt")

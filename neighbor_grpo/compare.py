@@ -41,6 +41,14 @@ ABLATIONS: dict[str, dict[str, list[str]]] = {
                "euler x28": ["neighbor_grpo.rollout_solver=euler", "neighbor_grpo.rollout_steps=28"]},
     "tau": {f"tau_rel={t}": [f"neighbor_grpo.tau_rel={t}"] for t in (0.03, 0.1, 0.3)},
     "ref_beta": {f"ref_beta={b}": [f"neighbor_grpo.ref_beta={b}"] for b in (0.0, 1.0, 10.0)},
+    "distance": {"relative tau (mean)": [],
+                 # the relative tau is ~0.006 on this model (logged as `tau`); 0.384 = 0.006 x 64 latent dims
+                 "fixed tau=0.006, mean": ["neighbor_grpo.tau=0.006", "neighbor_grpo.distance_reduction=mean"],
+                 "fixed tau=0.384, sum": ["neighbor_grpo.tau=0.384", "neighbor_grpo.distance_reduction=sum"],
+                 "fixed tau=0.006, sum": ["neighbor_grpo.tau=0.006", "neighbor_grpo.distance_reduction=sum"]},
+    "clip": {f"eps_clip={e}": [f"neighbor_grpo.eps_clip={e}"] for e in (0.05, 0.2, 0.5)},
+    "steps": {"random K=4": [], "first K=4": ["neighbor_grpo.step_selection=first"],
+              "last K=4": ["neighbor_grpo.step_selection=last"], "all K=8": ["neighbor_grpo.step_selection=all"]},
 }
 
 
