@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("interrupted; the latest checkpoint is saved (resume with `ngrpo train --resume RUN`)", file=sys.stderr)
+        print("interrupted (a run resumes from its latest checkpoint with `ngrpo train --resume RUN`)", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError) as error:
         print(f"ngrpo {args.command}: error: {error}", file=sys.stderr)

@@ -166,5 +166,7 @@ class DigitsAdapter:
         try:
             net.load_state_dict(state)
         except RuntimeError as error:
-            raise ValueError(f"{folder / 'model.safetensors'}: incompatible with the model in model.json: {error}") from error
+            first = [line.strip() for line in str(error).splitlines() if "size mismatch" in line][:3]
+            raise ValueError(f"{folder / 'model.safetensors'}: incompatible with the model in model.json "
+                             f"(e.g. {'; '.join(first) or error})") from error
         return cls(net.to(device))
