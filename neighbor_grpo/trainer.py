@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -433,7 +434,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         (run / "samples").mkdir(exist_ok=True)
 
         def held_out(iteration: int) -> dict:
-            context = ema.applied(adapter.net) if ema is not None else _nullcontext()
+            context = ema.applied(adapter.net) if ema is not None else contextlib.nullcontext()
             try:
                 with context:
                     metrics, images = evaluate(adapter, rewards, config.prompts.eval, config.eval.samples_per_prompt,
@@ -446,7 +447,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             return metrics
 
         def export(folder_name: str, extra: dict) -> None:
-            context = ema.applied(adapter.net) if ema is not None else _nullcontext()
+            context = ema.applied(adapter.net) if ema is not None else contextlib.nullcontext()
             with context:
                 merged = merged_copy(adapter.net)
                 lora = lora_state_dict(adapter.net) if is_lora(adapter.net) else None
@@ -550,14 +551,6 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                     "iteration", "reward", f"{config.algorithm}: reward")
         log.close()
         return TrainResult(run, config.iterations, eval_before, eval_after, time.perf_counter() - started)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer, params, ema, reference_velocity,
