@@ -8,14 +8,7 @@ from neighbor_grpo.advantages import (center_in_group, clip_advantages, combine_
                                       quasi_norm_advantages, std_advantages)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning made the
-    same test take 1.5 s or 17 s; one thread keeps the timing stable. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_rewards(prompts=5, G=12, seed=0, dtype=torch.float64):

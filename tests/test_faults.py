@@ -182,13 +182,7 @@ def scripted_rewards(**script) -> tuple[WeightedRewards, ScriptedReward]:
     return WeightedRewards({"digit_prob": reward}, dict(real.weights)), reward
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread, as in the helper subprocess, so results are bitwise comparable (and stable on 2 cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

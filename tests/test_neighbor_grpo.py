@@ -20,14 +20,7 @@ D = math.prod(LATENT)
 CLASSES = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning made the
-    same test take 1.5 s or 17 s; one thread keeps the timing stable. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class TinyVelocity(nn.Module):

@@ -15,14 +15,7 @@ PROMPTS = 12
 G = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning made the
-    same test take 1.5 s or 17 s; one thread keeps the timing stable. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def draw(sigma: float) -> torch.Tensor:

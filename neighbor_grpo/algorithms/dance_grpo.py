@@ -13,7 +13,7 @@ import torch
 
 from neighbor_grpo.advantages import clip_advantages, std_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn
-from neighbor_grpo.algorithms.sde import (ROLE_TRAIN_STEPS, dance_grpo_mean_std, dance_grpo_sde_step, recompute_old_policy,
+from neighbor_grpo.algorithms.sde import (ROLE_TRAIN_STEPS, dance_grpo_mean_std, dance_grpo_sde_step, sde_old_policy,
                                           rollout_noises, sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.noise import keyed_generator
@@ -95,11 +95,7 @@ class DanceGRPO:
         return sde_minibatches(steps, rollout, c.num_minibatches, c.minibatch_by, self.seed, iteration)
 
     def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
-        if self.config.old_policy == "rollout":
-            return rollout
-        if self.config.old_policy != "recompute":
-            raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {self.config.old_policy!r}")
-        return recompute_old_policy(velocity, rollout, batches, self._mean_std)
+        return sde_old_policy(self.config.old_policy, velocity, rollout, batches, self._mean_std)
 
     def loss(self, velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,
              reference_velocity: VelocityFn | None = None) -> tuple[torch.Tensor, dict[str, float]]:

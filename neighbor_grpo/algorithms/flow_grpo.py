@@ -14,7 +14,7 @@ import torch
 from neighbor_grpo.advantages import center_in_group, clip_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, batched_velocity
 from neighbor_grpo.algorithms.sde import (ROLE_WINDOW, flow_grpo_mean_std, flow_grpo_noise_scale, flow_grpo_sde_step,
-                                          recompute_old_policy, rollout_noises, sde_minibatches, sde_policy_loss,
+                                          sde_old_policy, rollout_noises, sde_minibatches, sde_policy_loss,
                                           sde_rollout, sde_steps)
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.noise import keyed_generator
@@ -116,11 +116,7 @@ class FlowGRPO:
         return sde_minibatches(stochastic[:count], rollout, c.num_minibatches, c.minibatch_by, self.seed, iteration)
 
     def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
-        if self.config.old_policy == "rollout":
-            return rollout
-        if self.config.old_policy != "recompute":
-            raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {self.config.old_policy!r}")
-        return recompute_old_policy(velocity, rollout, batches, self._mean_std)
+        return sde_old_policy(self.config.old_policy, velocity, rollout, batches, self._mean_std)
 
     def loss(self, velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,
              reference_velocity: VelocityFn | None = None) -> tuple[torch.Tensor, dict[str, float]]:

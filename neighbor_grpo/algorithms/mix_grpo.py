@@ -16,7 +16,7 @@ import torch
 from neighbor_grpo.advantages import clip_advantages, std_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn
 from neighbor_grpo.algorithms.sde import (dance_grpo_mean_std, dance_grpo_sde_step, euler_ode_step, flow_grpo_mean_std,
-                                          flow_grpo_sde_step, recompute_old_policy, rollout_noises, sde_minibatches,
+                                          flow_grpo_sde_step, sde_old_policy, rollout_noises, sde_minibatches,
                                           sde_policy_loss, sde_rollout, sde_steps)
 from neighbor_grpo.flow import predict_x0, sigma_grid
 
@@ -182,11 +182,7 @@ class MixGRPO:
         return sde_minibatches(sde_steps(rollout), rollout, c.num_minibatches, c.minibatch_by, self.seed, iteration)
 
     def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
-        if self.config.old_policy == "rollout":
-            return rollout
-        if self.config.old_policy != "recompute":
-            raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {self.config.old_policy!r}")
-        return recompute_old_policy(velocity, rollout, batches, self._mean_std)
+        return sde_old_policy(self.config.old_policy, velocity, rollout, batches, self._mean_std)
 
     def loss(self, velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,
              reference_velocity: VelocityFn | None = None) -> tuple[torch.Tensor, dict[str, float]]:

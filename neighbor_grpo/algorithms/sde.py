@@ -207,6 +207,15 @@ def transition_log_prob(velocity: VelocityFn, rollout: Rollout, j: int, members:
 
 
 @torch.no_grad()
+def sde_old_policy(mode: str, velocity, rollout, batches, mean_std):
+    """The rollout's own log-probs ('rollout'), or a no-grad recompute batched like training ('recompute')."""
+    if mode == "rollout":
+        return rollout
+    if mode != "recompute":
+        raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {mode!r}")
+    return recompute_old_policy(velocity, rollout, batches, mean_std)
+
+
 def recompute_old_policy(velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch], mean_std: MeanStdFn) -> Rollout:
     """Old log-probs (and velocities) at the trained units from a no-grad pass batched exactly like the training
     pass, so the ratio is exactly 1 before the first update."""
