@@ -76,7 +76,7 @@ def run_method(overrides: list[str], lr: float, budget_s: float, eval_every_s: f
     parts = build_training_parts(config, adapter)
     counter = ModelCallCounter(adapter.net)
     prompts = read_prompts(config)
-    shift = config.algorithm_config.shift
+    shift = parts.shift
     curve, train_s, evals, iteration, rewards_seen = RunCurve(), 0.0, 0.0, 0, []
 
     def held_out() -> None:

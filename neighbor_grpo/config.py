@@ -272,7 +272,7 @@ def validate(config: TrainConfig) -> None:
     _check(1 <= n.num_anchors <= n.group_size, "neighbor_grpo.num_anchors", f"1 <= B <= G = {n.group_size}", n.num_anchors)
     _check(n.rollout_steps >= 1, "neighbor_grpo.rollout_steps", "an integer >= 1", n.rollout_steps)
     _check(n.rollout_solver in SOLVERS, "neighbor_grpo.rollout_solver", f"one of {sorted(SOLVERS)}", n.rollout_solver)
-    _check(n.shift > 0, "neighbor_grpo.shift", "a value > 0", n.shift)
+    _check(n.shift is None or n.shift > 0, "neighbor_grpo.shift", "a value > 0 or null", n.shift)
     _check(0.0 < n.train_step_fraction <= 1.0, "neighbor_grpo.train_step_fraction", "a value in (0, 1]", n.train_step_fraction)
     _check(n.step_selection in ("random", "first", "last", "all"), "neighbor_grpo.step_selection", "random, first, last or all", n.step_selection)
     _check(n.quasi_norm_p > 0, "neighbor_grpo.quasi_norm_p", "p > 0", n.quasi_norm_p)
@@ -312,7 +312,7 @@ def _validate_sde_baselines(config: TrainConfig) -> None:
     for name in ("flow_grpo", "dance_grpo", "mix_grpo"):
         c = getattr(config, name)
         _check(c.group_size >= 2, f"{name}.group_size", "G >= 2 (advantages are relative inside a group)", c.group_size)
-        _check(c.shift > 0, f"{name}.shift", "a value > 0", c.shift)
+        _check(c.shift is None or c.shift > 0, f"{name}.shift", "a value > 0 or null", c.shift)
         _check(c.adv_eps >= 0, f"{name}.adv_eps", "a value >= 0", c.adv_eps)
         _check(c.adv_clip >= 0, f"{name}.adv_clip", "a value >= 0 (0 disables)", c.adv_clip)
         _check(0 < c.eps_clip < 1, f"{name}.eps_clip", "a value in (0, 1)", c.eps_clip)

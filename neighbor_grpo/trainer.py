@@ -29,9 +29,9 @@ from neighbor_grpo.algorithms import ALGORITHMS
 from neighbor_grpo.checkpoint import (capture_rng, latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                                       prune_checkpoints, read_checkpoint, restore_rng, write_checkpoint)
 from neighbor_grpo.config import TrainConfig, to_dict
-from neighbor_grpo.io import atomic_write_text, save_safetensors
+from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
-from neighbor_grpo.lora import EMA, apply_lora, is_lora, lora_state_dict, make_reference_velocity, merged_copy
+from neighbor_grpo.lora import EMA, apply_lora, make_reference_velocity
 from neighbor_grpo.models import load_adapter
 from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.noise import keyed_generator
@@ -59,13 +59,14 @@ class TrainResult:
     seconds: float
 
 
-def load_model(path: str, device: str, progress: bool = True):
-    """A model adapter from a checkpoint folder, or the built-in base model (built and cached on first use)."""
+def load_model(path: str, device: str, progress: bool = True, options=None):
+    """A model adapter from a checkpoint folder (ours, or a diffusers folder), or the built-in base model (built and
+    cached on first use). `options` (the config's `model` section) reaches adapters that take options."""
     if path == "builtin:digits":
         from neighbor_grpo.pretrain import ensure_base_model
 
         path = str(ensure_base_model(progress=progress))
-    return load_adapter(path, device=device)
+    return load_adapter(path, device=device, options=options)
 
 
 def read_prompts(config: TrainConfig) -> list[str]:
@@ -145,6 +146,16 @@ class TrainingParts:
     ema: EMA | None
     algorithm: object
     reference_velocity: Callable
+    shift: float
+    """The sigma shift actually used (the config's, or the model's own when the config leaves it null)."""
+
+
+def model_shift(config: TrainConfig, adapter) -> float:
+    """The rollout/evaluation grid's shift: the config's value, else the adapter's default (1 if it has none)."""
+    if config.algorithm_config.shift is not None:
+        return float(config.algorithm_config.shift)
+    default = getattr(adapter, "default_shift", None)
+    return float(default()) if callable(default) else 1.0
 
 
 def build_training_parts(config: TrainConfig, adapter) -> TrainingParts:
@@ -160,8 +171,9 @@ def build_training_parts(config: TrainConfig, adapter) -> TrainingParts:
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   weight_decay=config.optim.weight_decay)
     ema = EMA(adapter.net, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-    algorithm = ALGORITHMS[config.algorithm](config.algorithm_config, seed=config.seed)
-    return TrainingParts(params, optimizer, ema, algorithm, make_reference_velocity(adapter, frozen))
+    shift = model_shift(config, adapter)
+    algorithm = ALGORITHMS[config.algorithm](dataclasses.replace(config.algorithm_config, shift=shift), seed=config.seed)
+    return TrainingParts(params, optimizer, ema, algorithm, make_reference_velocity(adapter, frozen), shift)
 
 
 def _is_finite(*values: torch.Tensor | float) -> bool:
@@ -357,7 +369,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
             atomic_write_text(run / "run.json", json.dumps(run_metadata(config), indent=2))
 
-        adapter = adapter or load_model(config.model.path, config.device, progress)
+        adapter = adapter or load_model(config.model.path, config.device, progress, options=config.model)
         adapter.net.to(device)
         if not (run / "base" / "model.json").is_file():
             shutil.rmtree(run / ".tmp-base", ignore_errors=True)
@@ -438,8 +450,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             try:
                 with context:
                     metrics, images = evaluate(adapter, rewards, config.prompts.eval, config.eval.samples_per_prompt,
-                                               config.eval.seed, config.eval.solver, config.eval.steps,
-                                               config.algorithm_config.shift)
+                                               config.eval.seed, config.eval.solver, config.eval.steps, parts.shift)
             except FloatingPointError as error:  # a NaN/inf held-out score: no held-out metrics this time
                 warnings.warn(f"held-out evaluation after iteration {iteration} skipped: {error}")
                 return {}
@@ -448,15 +459,10 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
 
         def export(folder_name: str, extra: dict) -> None:
             context = ema.applied(adapter.net) if ema is not None else contextlib.nullcontext()
-            with context:
-                merged = merged_copy(adapter.net)
-                lora = lora_state_dict(adapter.net) if is_lora(adapter.net) else None
-            exported = type(adapter)(merged)
             tmp = run / f".tmp-{folder_name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            exported.save(tmp, extra=extra)
-            if lora is not None:
-                save_safetensors(lora, tmp / "lora.safetensors")
+            with context:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
+                adapter.save(tmp, extra=extra)
             target, previous = run / folder_name, run / PREVIOUS_BEST
             committed = _export_iteration(target)
             if (folder_name == "best" and target.is_dir() and not previous.exists() and committed is not None

@@ -27,8 +27,9 @@ class DanceGRPOConfig:
     """Noise scale of the SDE: std = eta * sqrt(s - s_next)."""
     rollout_steps: int = 25
     """N: SDE sampling steps per rollout (the Neighbor GRPO paper's comparison; the FLUX script uses 16)."""
-    shift: float = 1.0
-    """SD3/FLUX sigma shift of the rollout grid (1 = none, the reference's default; its FLUX recipe uses 3)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
+    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
     train_step_fraction: float = 0.6
     """The reference's timestep_fraction: int(fraction * (N - 1)) random steps of the N - 1 trainable ones
     (the last step is never trained), drawn once per rollout batch."""
@@ -69,7 +70,7 @@ class DanceGRPO:
         c = self.config
         noises, z = rollout_noises(latent_shape, c.group_size, c.rollout_steps, c.same_initial_noise, self.seed, iteration,
                                    prompt_indices, device)
-        sigmas = sigma_grid(c.rollout_steps, shift=c.shift).to(device)
+        sigmas = sigma_grid(c.rollout_steps, shift=c.shift or 1.0).to(device)
         # The reference decodes the last step's x0 prediction and never trains that step, so its noise is never
         # seen: the last step here is the deterministic Euler step into s = 0, which lands exactly on x0hat.
         mask = torch.ones(c.rollout_steps, dtype=torch.bool, device=device)

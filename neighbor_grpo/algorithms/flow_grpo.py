@@ -28,8 +28,9 @@ class FlowGRPOConfig:
     """a in sigma_t = a * sqrt(s / (1 - s)): the SDE's noise level."""
     rollout_steps: int = 10
     """N: SDE sampling steps per rollout (the reference trains with 10, evaluates with 40 ODE steps)."""
-    shift: float = 1.0
-    """SD3/FLUX sigma shift of the rollout grid (1 = none; SD3.5's scheduler uses 3)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
+    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
     train_step_fraction: float = 1.0
     """Fraction of the SDE steps trained, the first ones as the reference's range(num_train_timesteps)."""
     fast_window_size: int = 0
@@ -96,7 +97,7 @@ class FlowGRPO:
         c = self.config
         noises, z = rollout_noises(latent_shape, c.group_size, c.rollout_steps, c.same_initial_noise, self.seed, iteration,
                                    prompt_indices, device)
-        sigmas = sigma_grid(c.rollout_steps, shift=c.shift).to(device)
+        sigmas = sigma_grid(c.rollout_steps, shift=c.shift or 1.0).to(device)
         s_1 = float(sigmas[1])
         step = lambda x, v, s, s_next, noise: flow_grpo_sde_step(x, v, s, s_next, noise, noise_level=c.noise_level, s_1=s_1)
         return sde_rollout(velocity, noises, cond, sigmas, self.sde_mask(iteration).to(device), step, z, prompts, prompt_indices)

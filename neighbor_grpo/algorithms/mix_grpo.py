@@ -32,8 +32,9 @@ class MixGRPOConfig:
     """The reference's eta: Flow-GRPO's noise level (sde='flow_grpo') or DanceGRPO's eta (sde='dance_grpo')."""
     rollout_steps: int = 25
     """N: sampling steps per rollout on the full grid (Flash replaces the steps after the window by fewer)."""
-    shift: float = 1.0
-    """SD3/FLUX sigma shift of the rollout grid (1 = none; the reference's FLUX recipes use 3)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
+    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
     window_size: int = 4
     """SDE steps in the sliding window (the reference's group_size)."""
     window_stride: int = 1
@@ -152,10 +153,10 @@ class MixGRPO:
             raise ValueError(f"sde must be 'flow_grpo' or 'dance_grpo'; got {c.sde!r}")
         window = self.window(iteration)
         if c.flash:
-            sigmas = flash_grid(c.rollout_steps, c.shift, window[-1], c.flash_compress_ratio)
+            sigmas = flash_grid(c.rollout_steps, c.shift or 1.0, window[-1], c.flash_compress_ratio)
             ode_step = flash_ode_step(window[-1])
         else:
-            sigmas, ode_step = sigma_grid(c.rollout_steps, shift=c.shift), euler_ode_step
+            sigmas, ode_step = sigma_grid(c.rollout_steps, shift=c.shift or 1.0), euler_ode_step
         sigmas = sigmas.to(device)
         num_steps = len(sigmas) - 1
         mask = torch.zeros(num_steps, dtype=torch.bool, device=device)

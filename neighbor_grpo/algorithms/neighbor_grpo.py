@@ -35,8 +35,9 @@ class NeighborGRPOConfig:
     """ODE solver for rollouts: euler, heun or dpm++2m."""
     rollout_steps: int = 8
     """N: solver steps per rollout."""
-    shift: float = 1.0
-    """SD3/FLUX sigma shift of the rollout grid (1 = none)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
+    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
     train_step_fraction: float = 0.5
     """[D] K = round(fraction * N) trained steps per rollout batch (the paper's cost figure implies K = 4 of 8)."""
     step_selection: str = "random"
@@ -134,7 +135,7 @@ class NeighborGRPO:
         c = self.config
         noises = torch.stack([neighbor_noises(latent_shape, c.group_size, c.neighbor_sigma, self.seed, iteration, index, device)
                               for index in prompt_indices])  # (P, G, *latent)
-        sigmas = sigma_grid(c.rollout_steps, shift=c.shift).to(device)
+        sigmas = sigma_grid(c.rollout_steps, shift=c.shift or 1.0).to(device)
         return ode_rollout(velocity, noises, cond, sigmas, c.rollout_solver, list(prompts), list(prompt_indices))
 
     # -- 3: advantages --

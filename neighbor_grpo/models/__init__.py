@@ -8,6 +8,7 @@ conditioning, latents into images, and how to save/load itself to a checkpoint f
 from __future__ import annotations
 
 from neighbor_grpo.plugins import resolve_plugin
+import inspect
 import json
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -48,8 +49,9 @@ def resolve_adapter_class(name: str) -> type:
     return resolve_plugin(name, MODEL_ADAPTERS, "model adapter", "package.module:Class")
 
 
-def load_adapter(folder: str | Path, device: str | torch.device = "cpu") -> FlowAdapter:
-    """Load any checkpoint folder written by an adapter's `save` (it names its adapter in model.json)."""
+def load_adapter(folder: str | Path, device: str | torch.device = "cpu", options=None) -> FlowAdapter:
+    """Load any checkpoint folder written by an adapter's `save` (it names its adapter in model.json).
+    `options` (the config's `model` section) is passed to adapters whose `load` accepts it."""
     folder = Path(folder)
     meta_path = folder / "model.json"
     if not folder.is_dir():
@@ -63,7 +65,10 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu") -> Flow
         raise ValueError(f"{meta_path}: not valid JSON ({error})") from error
     if "adapter" not in meta:
         raise ValueError(f"{meta_path}: missing the field 'adapter' (which model adapter wrote this folder)")
-    return resolve_adapter_class(meta["adapter"]).load(folder, device=device)
+    cls = resolve_adapter_class(meta["adapter"])
+    if options is not None and "options" in inspect.signature(cls.load).parameters:
+        return cls.load(folder, device=device, options=options)
+    return cls.load(folder, device=device)
 
 
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsFlowNet, DigitsNetConfig  # noqa: E402,F401

@@ -142,10 +142,16 @@ class DigitsAdapter:
         return net.config
 
     def save(self, folder: str | Path, extra: dict | None = None) -> None:
+        """The current weights as a standalone model; a LoRA is merged in and also saved alone (lora.safetensors)."""
+        from neighbor_grpo.lora import is_lora, lora_state_dict, merged_copy
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        net = merged_copy(self.net) if is_lora(self.net) else self.net
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_safetensors(state, folder / "model.safetensors")
+        if is_lora(self.net):
+            save_safetensors(lora_state_dict(self.net), folder / "lora.safetensors")
         meta = {"adapter": "digits", "config": asdict(self.net_config), **(extra or {})}
         atomic_write_text(folder / "model.json", json.dumps(meta, indent=2))
 
