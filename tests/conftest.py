@@ -6,8 +6,10 @@ import torch
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    """Built models go to a fresh cache for the test session (the tests build what they need themselves)."""
-    cache = tmp_path_factory.mktemp("ngrpo-cache")
+    """Built models go to a fresh cache for the test session (the tests build what they need themselves).
+    Developers iterating locally may set NGRPO_TEST_CACHE to a folder kept between sessions (CI never does)."""
+    kept = os.environ.get("NGRPO_TEST_CACHE")
+    cache = tmp_path_factory.mktemp("ngrpo-cache") if not kept else os.path.abspath(kept)
     previous = os.environ.get("NGRPO_CACHE")
     os.environ["NGRPO_CACHE"] = str(cache)
     yield cache
