@@ -61,22 +61,38 @@ class MetricsLog:
             self.writer.close()
 
 
-def save_grid(images: torch.Tensor, path: Path, row_labels: list[str] | None = None, scale: int = 4) -> None:
-    """A PNG grid of raw images (P, S, C, H, W) in [0, 1] (clamped), one row per prompt."""
+def save_grid(images: torch.Tensor, path: Path, row_labels: list[str] | None = None, scale: int = 4,
+              max_tile: int = 256) -> None:
+    """A PNG grid of raw images (P, S, C, H, W) in [0, 1] (clamped), one row per prompt. Small images are enlarged
+    `scale` times (nearest), large ones shrunk to `max_tile` pixels; short labels go left of their row, long ones
+    (text prompts) above it, cut to the row's width."""
     from PIL import Image, ImageDraw
 
     P, S, C, H, W = images.shape
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    pad, label_w = 2, (14 if row_labels else 0)
-    canvas = Image.new("L" if C == 1 else "RGB", (label_w + S * (W * scale + pad) + pad, P * (H * scale + pad) + pad), 255)
+    factor = min(float(scale), max_tile / max(H, W))
+    tile_h, tile_w = max(1, round(H * factor)), max(1, round(W * factor))
+    resample = Image.NEAREST if factor >= 1 else Image.LANCZOS
+    short = row_labels is not None and all(len(label) <= 2 for label in row_labels)
+    pad, label_w = 2, (14 if short else 0)
+    caption_h = 12 if row_labels is not None and not short else 0
+    row_h = caption_h + tile_h + pad
+    canvas = Image.new("L" if C == 1 else "RGB", (label_w + S * (tile_w + pad) + pad, P * row_h + pad),
+                       255 if C == 1 else (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     for p in range(P):
+        top = pad + p * row_h
         for s in range(S):
             tile = pixels[p, s]
             array = tile[0].numpy() if C == 1 else tile.permute(1, 2, 0).numpy()
-            image = Image.fromarray(array).resize((W * scale, H * scale), Image.NEAREST)
-            canvas.paste(image, (label_w + pad + s * (W * scale + pad), pad + p * (H * scale + pad)))
-        if row_labels:
-            ImageDraw.Draw(canvas).text((2, pad + p * (H * scale + pad) + H * scale // 2 - 5), row_labels[p][:2], fill=0)
+            image = Image.fromarray(array).resize((tile_w, tile_h), resample)
+            canvas.paste(image, (label_w + pad + s * (tile_w + pad), top + caption_h))
+        if short:
+            draw.text((2, top + tile_h // 2 - 5), row_labels[p], fill=0)
+        elif row_labels is not None:
+            characters = max(4, (canvas.width - 2 * pad) // 6)  # PIL's default bitmap font is about 6 px per character
+            label = row_labels[p] if len(row_labels[p]) <= characters else row_labels[p][: characters - 3] + "..."
+            draw.text((pad, top), label, fill=0)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())

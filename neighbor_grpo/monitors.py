@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -48,16 +49,27 @@ def generate(adapter, prompts: Sequence[str], samples_per_prompt: int, seed: int
     return latents.reshape(P, samples_per_prompt, *latents.shape[1:]), images.reshape(P, samples_per_prompt, *images.shape[1:])
 
 
+def _summary(values: torch.Tensor) -> dict[str, float]:
+    """Mean, population std and a normal-approximation 95% half-width of the mean."""
+    values = values.double().flatten()
+    std = float(values.std(correction=0)) if values.numel() > 1 else 0.0
+    return {"mean": float(values.mean()), "std": std, "ci95": 1.96 * std / math.sqrt(values.numel())}
+
+
 @torch.no_grad()
-def evaluate(adapter, rewards, prompts: Sequence[str], samples_per_prompt: int, seed: int, solver: str = "dpm++2m",
-             steps: int = 8, shift: float = 1.0) -> tuple[dict[str, float], torch.Tensor]:
-    """Held-out metrics (each reward's mean, their weighted total, hacking monitors) and the raw images."""
+def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: int, seed: int, solver: str = "dpm++2m",
+                steps: int = 8, shift: float = 1.0) -> tuple[dict, torch.Tensor]:
+    """Each reward on `samples_per_prompt` samples of every prompt, from noises keyed by (seed, prompt position,
+    sample) - the same images for every checkpoint of the same model, so checkpoints compare sample by sample.
+    Returns {metrics (as a run's held-out metrics), summaries (mean, std, 95% half-width), per_prompt, weights}
+    and the raw images (P, S, C, H, W)."""
     _, images = generate(adapter, prompts, samples_per_prompt, seed, solver, steps, shift)
     flat = images.flatten(0, 1)
     flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    scores = rewards.score(flat, flat_prompts)
-    metrics = {f"reward_{name}": float(value.mean()) for name, value in scores.items()}
-    metrics["reward"] = float(rewards.total(scores).mean())
+    scores = {f"reward_{name}": value for name, value in rewards.score(flat, flat_prompts).items()}
+    scores["reward"] = rewards.total({name[len("reward_"):]: value for name, value in scores.items()})
+    # the same flat keys as a run's held-out metrics (eval_before.json / eval_after.json), so they compare directly
+    metrics = {name: float(value.mean()) for name, value in scores.items()}
     for reward in rewards.rewards.values():
         if hasattr(reward, "extra_metrics"):
             metrics.update(reward.extra_metrics(flat.clamp(0, 1), flat_prompts))
@@ -65,4 +77,20 @@ def evaluate(adapter, rewards, prompts: Sequence[str], samples_per_prompt: int, 
     metrics["diversity"] = within_prompt_diversity(images)
     if hasattr(adapter, "reference_images"):
         metrics["realism_nn_dist"] = nearest_real_distance(flat, adapter.reference_images())
-    return metrics, images
+    P = len(prompts)
+    result = {
+        "metrics": metrics,
+        "summaries": {name: _summary(value) for name, value in scores.items()},
+        "per_prompt": [{"prompt": prompt, **{name: float(value.view(P, -1)[k].mean()) for name, value in scores.items()}}
+                       for k, prompt in enumerate(prompts)],
+        "weights": dict(rewards.weights),
+    }
+    return result, images
+
+
+@torch.no_grad()
+def evaluate(adapter, rewards, prompts: Sequence[str], samples_per_prompt: int, seed: int, solver: str = "dpm++2m",
+             steps: int = 8, shift: float = 1.0) -> tuple[dict[str, float], torch.Tensor]:
+    """Held-out metrics (each reward's mean, their weighted total, hacking monitors) and the raw images."""
+    result, images = score_model(adapter, rewards, prompts, samples_per_prompt, seed, solver, steps, shift)
+    return result["metrics"], images

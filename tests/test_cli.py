@@ -143,6 +143,64 @@ def test_eval_writes_json_and_grid(builtin_models, tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "again.json").read_text())["metrics"] == metrics
 
 
+def test_eval_scores_several_weighted_rewards_on_a_prompt_file(builtin_models, tmp_path, capsys):
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text("\n".join(json.dumps({"caption": d}) for d in "3861"), encoding="utf-8")
+    out = tmp_path / "scores.json"
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", builtin_models["base"], "--out", out,
+                           "--prompts-file", prompts, "--prompt-field", "caption", "--limit", "3",
+                           "--reward", "digit_prob", "--reward", "jpeg_compressibility:weight=0.5,quality=50",
+                           "--samples-per-prompt", "4")
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["prompts"] == ["3", "8", "6"] and result["samples_per_prompt"] == 4
+    metrics, summaries = result["metrics"], result["summaries"]
+    assert metrics["reward"] == pytest.approx(metrics["reward_digit_prob"] + 0.5 * metrics["reward_jpeg_compressibility"], rel=1e-6)
+    assert result["rewards_config"][1] == {"name": "jpeg_compressibility", "weight": 0.5, "kwargs": {"quality": 50}}
+    for name in ("reward", "reward_digit_prob", "reward_jpeg_compressibility"):
+        assert summaries[name]["mean"] == pytest.approx(metrics[name]) and summaries[name]["std"] >= 0
+    per_prompt = result["per_prompt"]
+    assert [row["prompt"] for row in per_prompt] == ["3", "8", "6"]
+    assert np.mean([row["reward_digit_prob"] for row in per_prompt]) == pytest.approx(metrics["reward_digit_prob"], rel=1e-6)
+
+
+def test_eval_takes_rewards_prompts_and_seeds_from_a_run_config(builtin_models, tmp_path, capsys):
+    prompts = tmp_path / "digits.txt"
+    prompts.write_text("\n".join(str(d) for d in range(10)), encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"prompts": {"file": str(prompts), "eval_fraction": 0.3},
+                                      "eval": {"samples_per_prompt": 3, "seed": 77},
+                                      "rewards": [{"name": "digit_prob", "weight": 2.0}]}), encoding="utf-8")
+    out = tmp_path / "scores.json"
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", builtin_models["base"], "--out", out, "--config", config)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    from neighbor_grpo.config import load_config
+    from neighbor_grpo.prompts import resolve_prompt_sets
+
+    assert result["prompts"] == resolve_prompt_sets(load_config(config).prompts)[1] and len(result["prompts"]) == 3
+    assert result["seed"] == 77 and result["samples_per_prompt"] == 3
+    assert result["metrics"]["reward"] == pytest.approx(2.0 * result["metrics"]["reward_digit_prob"], rel=1e-6)
+    # a flag overrides the config's value
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", builtin_models["base"], "--out", tmp_path / "b.json",
+                           "--config", config, "--seed", "5", "--prompts", "1,2")
+    assert code == 0, err
+    again = json.loads((tmp_path / "b.json").read_text())
+    assert again["seed"] == 5 and again["prompts"] == ["1", "2"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    (":path=/x", "expected NAME or NAME:key=value"),
+    ("digit_prob:oops", "'oops' is not key=value"),
+    ("digit_prob:weight=heavy", "weight must be a number"),
+    ("no_such_reward", "no_such_reward"),
+])
+def test_eval_refuses_bad_reward_flags(builtin_models, tmp_path, capsys, flag, message):
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", builtin_models["base"], "--out", tmp_path / "s.json",
+                           "--prompts", "1,2", "--reward", flag)
+    assert code == 2 and message in err
+
+
 def test_eval_without_prompts_exits_2(builtin_models, tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", "--checkpoint", builtin_models["base"], "--out", tmp_path / "s.json",
                            "--prompts", " , ")
