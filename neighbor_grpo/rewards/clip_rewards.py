@@ -1,0 +1,119 @@
+"""CLIP-family rewards: `clip_score` (cosine of image and prompt embeddings) and `pickscore` (PickScore_v1,
+logit_scale * cosine). Both load a transformers CLIPModel and tokenizer from local folders; nothing downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from neighbor_grpo.rewards import register_reward
+from neighbor_grpo.rewards.model_loading import (frozen, import_transformers, parse_dtype, read_image_processor_config,
+                                                  require_path, resize_center_crop_normalize, score_in_chunks)
+
+
+def clip_image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Projected CLS embedding of the vision tower, L2-normalised (works on transformers 4.x and 5.x outputs)."""
+    pooled = model.vision_model(pixel_values=pixels).pooler_output
+    return F.normalize(model.visual_projection(pooled).float(), dim=-1)
+
+
+def clip_text_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Projected end-of-text embedding of the text tower, L2-normalised."""
+    pooled = model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+    return F.normalize(model.text_projection(pooled).float(), dim=-1)
+
+
+def paired_cosine(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """cos(image_i, text_i) of unit vectors: the diagonal of image @ text.T, without the off-diagonal work."""
+    return (image_embeddings * text_embeddings).sum(-1)
+
+
+class ClipSimilarity:
+    """scale * cos(image embedding, prompt embedding), one score per (image, prompt) pair.
+
+    Images (batch, C, H, W) in [0, 1] are resized (shortest side, bicubic, antialiased), centre-cropped and
+    normalised as the model's preprocessor_config.json says (224 and CLIP's mean/std for every model here)."""
+
+    def __init__(self, model, tokenizer, image_size: int, crop_size: int, mean: Sequence[float],
+                 std: Sequence[float], scale: float = 1.0, batch_size: int = 16):
+        self.model, self.tokenizer = model, tokenizer
+        self.image_size, self.crop_size, self.mean, self.std = image_size, crop_size, tuple(mean), tuple(std)
+        self.scale, self.batch_size = float(scale), int(batch_size)
+        self.device, self.dtype = model.text_projection.weight.device, model.text_projection.weight.dtype
+        self.max_length = model.config.text_config.max_position_embeddings
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, torch.float32)
+        return resize_center_crop_normalize(images, self.image_size, self.crop_size, self.mean, self.std).to(self.dtype)
+
+    def tokens(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Long prompts are cut to the text tower's context (77 tokens for CLIP), keeping the end-of-text token.
+        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def score_chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        image_embeddings = clip_image_embeddings(self.model, self.pixels(images))
+        text_embeddings = clip_text_embeddings(self.model, *self.tokens(prompts))
+        return self.scale * paired_cosine(image_embeddings, text_embeddings)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return score_in_chunks(self.score_chunk, images, prompts, self.batch_size)
+
+
+def load_clip_model(folder: Path, device, dtype: torch.dtype):
+    transformers = import_transformers()
+    model = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True)
+    return frozen(model, device, dtype)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(folder: Path, how_to_get: str):
+    """The tokenizer saved in `folder`; a folder without one (PickScore_v1 ships none) is refused by name."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}). "
+                                f"To get them: {how_to_get}")
+    transformers = import_transformers()
+    return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+CLIP_HOW_TO = "huggingface-cli download openai/clip-vit-large-patch14 --local-dir models/clip-vit-large-patch14"
+PICKSCORE_HOW_TO = "huggingface-cli download yuvalkirstain/PickScore_v1 --local-dir models/PickScore_v1"
+CLIP_H_HOW_TO = ("huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K --local-dir "
+                 "models/CLIP-ViT-H-14 --include '*.json' '*.txt'")
+
+
+@register_reward("clip_score")
+def make_clip_score(path: str, processor_path: str | None = None, scale: float = 1.0, batch_size: int = 16,
+                    device: str | torch.device = "cpu", dtype: str = "float32") -> ClipSimilarity:
+    """Raw cosine similarity (scale=1.0, in [-1, 1]) of CLIP image and prompt embeddings. torchmetrics'
+    CLIPScore is 100 * max(cos, 0): pass scale=100 for its scale (without the clamp at 0)."""
+    folder = require_path(path, "CLIP model", CLIP_HOW_TO, folder=True)
+    processor_folder = require_path(processor_path or folder, "CLIP processor", CLIP_HOW_TO, folder=True)
+    tokenizer = load_tokenizer(processor_folder, CLIP_HOW_TO)  # before the large model, so a gap fails fast
+    model = load_clip_model(folder, device, parse_dtype(dtype))
+    return ClipSimilarity(model, tokenizer,
+                          *read_image_processor_config(processor_folder, model.config.vision_config.image_size),
+                          scale=scale, batch_size=batch_size)
+
+
+@register_reward("pickscore")
+def make_pickscore(path: str, processor_path: str | None = None, batch_size: int = 16,
+                   device: str | torch.device = "cpu", dtype: str = "float32") -> ClipSimilarity:
+    """PickScore_v1: logit_scale.exp() * cos(image, prompt), as PickScore's reference code (logit_scale.exp() is
+    about 100, so scores are about 100 * cos). `path`: the PickScore_v1 folder; `processor_path`: the folder of
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K's tokenizer and preprocessor files (PickScore_v1 ships none)."""
+    folder = require_path(path, "PickScore model", PICKSCORE_HOW_TO, folder=True)
+    processor_folder = require_path(processor_path or folder, "PickScore processor (CLIP-H tokenizer)",
+                                    CLIP_H_HOW_TO, folder=True)
+    tokenizer = load_tokenizer(processor_folder, CLIP_H_HOW_TO)
+    model = load_clip_model(folder, device, parse_dtype(dtype))
+    scale = float(model.logit_scale.detach().float().exp())
+    return ClipSimilarity(model, tokenizer,
+                          *read_image_processor_config(processor_folder, model.config.vision_config.image_size),
+                          scale=scale, batch_size=batch_size)
