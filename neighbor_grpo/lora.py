@@ -14,10 +14,12 @@ def apply_lora(net: nn.Module, rank: int, alpha: float, targets: list[str]) -> n
     """Wrap `net` with peft LoRA adapters on the named linear layers; only the adapters stay trainable."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, module in net.named_modules() if isinstance(module, nn.Linear)}
-    missing = [t for t in targets if t not in present]
+    names = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    # a target is a name suffix, as peft matches it: 'fc1', or dotted like diffusers' 'to_out.0'
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ValueError(f"optim.lora_targets: no linear layer named {missing} in the model; linear layers: {sorted(present)}")
+        present = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"optim.lora_targets: no linear layer named {missing} in the model; linear layers: {present}")
     return get_peft_model(net, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
 
 

@@ -2,7 +2,8 @@
 
 An adapter wraps a velocity network `net` (the module that is trained) and knows how to turn prompts into
 conditioning, latents into images, and how to save/load itself to a checkpoint folder holding
-`model.json` (which adapter, its architecture) next to `model.safetensors`.
+`model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5)
+load directly: `load_adapter` dispatches on model_index.json's `_class_name`.
 """
 
 from __future__ import annotations
@@ -49,16 +50,24 @@ def resolve_adapter_class(name: str) -> type:
     return resolve_plugin(name, MODEL_ADAPTERS, "model adapter", "package.module:Class")
 
 
+DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+"""diffusers pipeline class (model_index.json's _class_name) -> the adapter that loads such a folder."""
+
+
 def load_adapter(folder: str | Path, device: str | torch.device = "cpu", options=None) -> FlowAdapter:
-    """Load any checkpoint folder written by an adapter's `save` (it names its adapter in model.json).
+    """Load a checkpoint folder written by an adapter's `save` (it names its adapter in model.json), or a diffusers
+    pipeline folder (model_index.json naming FluxPipeline or StableDiffusion3Pipeline; nothing is downloaded).
     `options` (the config's `model` section) is passed to adapters whose `load` accepts it."""
     folder = Path(folder)
     meta_path = folder / "model.json"
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint {str(folder)!r}: no such folder")
     if not meta_path.is_file():
+        if (folder / "model_index.json").is_file():
+            return _load_diffusers_folder(folder, device, options)
         raise FileNotFoundError(f"checkpoint {str(folder)!r}: expected a model folder holding model.json and "
-                                "model.safetensors (as written by `ngrpo pretrain` or a run's base/ or aligned/)")
+                                "model.safetensors (as written by `ngrpo pretrain` or a run's base/ or aligned/), "
+                                "or a diffusers FluxPipeline/StableDiffusion3Pipeline folder holding model_index.json")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as error:
@@ -71,4 +80,16 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu", options
     return cls.load(folder, device=device)
 
 
+def _load_diffusers_folder(folder: Path, device, options) -> FlowAdapter:
+    from neighbor_grpo.models.diffusers_common import read_model_index
+
+    pipeline = read_model_index(folder)
+    if pipeline not in DIFFUSERS_PIPELINES:
+        raise ValueError(f"{folder / 'model_index.json'}: _class_name is {pipeline!r}; expected one of "
+                         f"{sorted(DIFFUSERS_PIPELINES)} (the diffusers pipelines with a model adapter)")
+    return MODEL_ADAPTERS[DIFFUSERS_PIPELINES[pipeline]].load(folder, device=device, options=options)
+
+
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsFlowNet, DigitsNetConfig  # noqa: E402,F401
+from neighbor_grpo.models.flux import FluxAdapter  # noqa: E402,F401  (registers 'flux')
+from neighbor_grpo.models.sd3 import SD3Adapter  # noqa: E402,F401  (registers 'sd3')
