@@ -53,14 +53,36 @@ def _cmd_train(args) -> None:
             raise ValueError("--out RUN_FOLDER is required (or --resume RUN_FOLDER)")
         config = load_config(args.config, args.overrides)
         out = Path(args.out)
+    from neighbor_grpo.distributed import is_main_process
+
     result = train(config, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps({"run": str(result.run_dir), "before": result.eval_before, "after": result.eval_after}, indent=2))
+    if is_main_process():  # launched on several processes, one summary
+        print(json.dumps({"run": str(result.run_dir), "before": result.eval_before, "after": result.eval_after}, indent=2))
 
 
-def _load_for_sampling(args):
+def _load_for_sampling(args, config=None):
     from neighbor_grpo.models import load_adapter
 
-    return load_adapter(args.checkpoint, device=args.device)
+    return load_adapter(args.checkpoint, device=args.device, options=config.model if config is not None else None)
+
+
+def _load_sample_model(args):
+    """The checkpoint (ours or a diffusers folder) with the sampling flags as model options, plus --lora files."""
+    from neighbor_grpo.models import load_adapter
+
+    if args.resolution is not None and (args.height is not None or args.width is not None):
+        raise ValueError("--resolution sets both sides; give it or --height/--width, not both")
+    flags = {"height": args.height or args.resolution, "width": args.width or args.resolution,
+             "guidance": args.guidance, "cfg_scale": args.cfg_scale, "negative_prompt": args.negative_prompt,
+             "dtype": args.dtype, "max_sequence_length": args.max_sequence_length}
+    options = {k: v for k, v in flags.items() if v is not None}
+    adapter = load_adapter(args.checkpoint, device=args.device, options=options or None)
+    for lora in args.lora or []:
+        if not hasattr(adapter, "load_lora"):
+            raise ValueError(f"--lora {lora!r}: the checkpoint's model ({type(adapter).__name__}) takes no LoRA files; "
+                             "--lora is for diffusers models (FLUX.1, SD3/SD3.5)")
+        adapter.load_lora(lora)
+    return adapter
 
 
 def _cmd_sample(args) -> None:
@@ -76,8 +98,11 @@ def _cmd_sample(args) -> None:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out {str(out)!r}: expected a file ending in .png (grid) or .npz (arrays)")
-    adapter = _load_for_sampling(args)
-    _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, args.shift)
+    adapter = _load_sample_model(args)
+    shift = args.shift
+    if shift is None:  # the model's own grid shift (FLUX: exp(mu) for the resolution; SD3: the scheduler's)
+        shift = float(adapter.default_shift()) if hasattr(adapter, "default_shift") else 1.0
+    _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
     images = images.clamp(0, 1)
     if out.suffix == ".png":
         columns = min(args.num, 8)
@@ -94,31 +119,95 @@ def _cmd_sample(args) -> None:
     print(f"wrote {args.num} sample(s) of {args.prompt!r} to {out}")
 
 
+def _parse_reward_flag(text: str) -> dict:
+    """'pickscore' or 'pickscore:path=/w/PickScore,weight=0.5' -> a reward spec {name, weight, kwargs}.
+    Values are read as YAML scalars (numbers, true/false, strings)."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    if not name.strip():
+        raise ValueError(f"--reward {text!r}: expected NAME or NAME:key=value,... (e.g. pickscore:path=/weights/PickScore)")
+    spec: dict = {"name": name.strip(), "weight": 1.0, "kwargs": {}}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--reward {text!r}: {item!r} is not key=value")
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        if key.strip() == "weight":
+            if isinstance(parsed, bool) or not isinstance(parsed, (int, float)):
+                raise ValueError(f"--reward {text!r}: weight must be a number, got {value!r}")
+            spec["weight"] = float(parsed)
+        elif key.strip() == "label":
+            spec["label"] = str(parsed)
+        else:
+            spec["kwargs"][key.strip()] = parsed
+    return spec
+
+
+def _eval_settings(args):
+    """Rewards, prompts and sampling settings: a run config (--config) gives the defaults, flags override them."""
+    from neighbor_grpo.config import load_config
+    from neighbor_grpo.prompts import read_prompt_file, resolve_prompt_sets
+
+    config = load_config(args.config) if args.config else None
+    if args.reward:
+        specs = [_parse_reward_flag(text) for text in args.reward]
+    elif config is not None:
+        specs = [{"name": r.name, "weight": r.weight, "kwargs": dict(r.kwargs), "label": r.label} for r in config.rewards]
+    else:
+        specs = [{"name": "digit_prob"}]
+    if args.prompts_file:
+        prompts = read_prompt_file(args.prompts_file, args.prompt_field, "--prompts-file")
+    elif args.prompts is not None:
+        prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
+    elif config is not None:
+        prompts = resolve_prompt_sets(config.prompts)[1]
+    else:
+        prompts = [str(d) for d in range(10)]
+    if args.limit is not None:
+        prompts = prompts[: args.limit]
+    if not prompts:
+        raise ValueError("no prompts: give --prompts '0,1,2', a non-empty --prompts-file, or --config with eval prompts")
+    sampling = {"samples_per_prompt": 16, "seed": 1_000_003, "solver": "dpm++2m", "steps": 8}
+    if config is not None:
+        sampling = {"samples_per_prompt": config.eval.samples_per_prompt, "seed": config.eval.seed,
+                    "solver": config.eval.solver, "steps": config.eval.steps}
+    for key in sampling:
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+    return config, specs, prompts, sampling
+
+
 def _cmd_eval(args) -> None:
     from neighbor_grpo.io import atomic_write_text
     from neighbor_grpo.logs import save_grid
-    from neighbor_grpo.monitors import evaluate
+    from neighbor_grpo.monitors import score_model
     from neighbor_grpo.rewards import build_rewards
 
-    if args.samples_per_prompt < 2:
-        raise ValueError(f"--samples-per-prompt: expected at least 2 (diversity needs pairs), got {args.samples_per_prompt}")
-    adapter = _load_for_sampling(args)
-    prompts = [p.strip() for p in args.prompts.split(",") if p.strip()] if args.prompts else None
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file {str(path)!r}: no such file")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError("no prompts: give --prompts '0,1,2' or a non-empty --prompts-file")
-    rewards = build_rewards([{"name": name} for name in args.reward], device=args.device)
-    metrics, images = evaluate(adapter, rewards, prompts, args.samples_per_prompt, args.seed, args.solver, args.steps, args.shift)
-    result = {"checkpoint": str(args.checkpoint), "prompts": prompts, "samples_per_prompt": args.samples_per_prompt,
-              "seed": args.seed, "solver": args.solver, "steps": args.steps, "metrics": metrics}
+    config, specs, prompts, sampling = _eval_settings(args)
+    if sampling["samples_per_prompt"] < 2:
+        raise ValueError(f"--samples-per-prompt: expected at least 2 (diversity needs pairs), got {sampling['samples_per_prompt']}")
     out = Path(args.out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(out)!r}: expected a .json file (the grid is written beside it as .png)")
+    adapter = _load_for_sampling(args, config)
+    shift = args.shift if args.shift is not None else _model_shift(adapter, config)
+    rewards = build_rewards(specs, device=args.device)
+    result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
+                                 sampling["solver"], sampling["steps"], shift)
+    result = {"checkpoint": str(args.checkpoint), "prompts": prompts, **sampling, "shift": shift,
+              "rewards_config": specs, **result}
     atomic_write_text(out, json.dumps(result, indent=2))
-    save_grid(images[:, :8], out.with_suffix(".png"), row_labels=prompts)
-    print(json.dumps(metrics, indent=2))
+    save_grid(images[:16, :8], out.with_suffix(".png"), row_labels=prompts[:16])
+    print(json.dumps(result["metrics"], indent=2))
+
+
+def _model_shift(adapter, config) -> float:
+    """The config's shift if it sets one, else the model's own (as training uses)."""
+    if config is not None and config.algorithm_config.shift is not None:
+        return float(config.algorithm_config.shift)
+    default = getattr(adapter, "default_shift", None)
+    return float(default()) if callable(default) else 1.0
 
 
 def _cmd_compare(args) -> None:
@@ -173,25 +262,51 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)
 
-    for name, helptext, func in (("sample", "write samples of one prompt as a PNG grid or an .npz", _cmd_sample),
-                                 ("eval", "score a checkpoint on prompts with fixed seeds; writes JSON and a grid", _cmd_eval)):
-        cmd = sub.add_parser(name, help=helptext)
-        cmd.add_argument("--checkpoint", required=True, help="model folder (a run's base/, aligned/ or best/)")
-        cmd.add_argument("--seed", type=int, default=0 if name == "sample" else 1_000_003)
-        cmd.add_argument("--solver", default="dpm++2m", choices=sorted(SOLVERS))
-        cmd.add_argument("--steps", type=int, default=8)
-        cmd.add_argument("--shift", type=float, default=1.0)
-        cmd.add_argument("--device", default="cpu")
-        cmd.add_argument("--out", required=True, help=".png or .npz" if name == "sample" else "JSON file (a grid PNG is written beside it)")
-        if name == "sample":
-            cmd.add_argument("--prompt", required=True)
-            cmd.add_argument("--num", type=int, default=8)
-        else:
-            cmd.add_argument("--prompts", default=",".join(str(d) for d in range(10)), help="comma-separated prompts")
-            cmd.add_argument("--prompts-file", help="text file, one prompt per line (overrides --prompts)")
-            cmd.add_argument("--samples-per-prompt", type=int, default=16)
-            cmd.add_argument("--reward", action="append", default=None, help="reward name (repeatable); default digit_prob")
-        cmd.set_defaults(func=func)
+    smp = sub.add_parser("sample", help="write samples of one prompt as a PNG grid or an .npz")
+    smp.add_argument("--checkpoint", required=True,
+                     help="model folder (a run's base/, aligned/ or best/, or a diffusers FLUX.1/SD3 folder)")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--solver", default="dpm++2m", choices=sorted(SOLVERS))
+    smp.add_argument("--steps", type=int, default=8)
+    smp.add_argument("--shift", type=float, help="grid shift (default: the model's own; 1 for the built-in model)")
+    smp.add_argument("--device", default="cpu")
+    smp.add_argument("--out", required=True, help=".png or .npz")
+    smp.add_argument("--prompt", required=True)
+    smp.add_argument("--num", type=int, default=8)
+    smp.add_argument("--lora", action="append", metavar="PATH",
+                     help="diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, or the file) merged "
+                          "into a FLUX.1/SD3 checkpoint; repeatable")
+    smp.add_argument("--height", type=int, help="diffusers models: image height in pixels (a multiple of 16)")
+    smp.add_argument("--width", type=int, help="diffusers models: image width in pixels (a multiple of 16)")
+    smp.add_argument("--resolution", type=int, help="diffusers models: height and width at once")
+    smp.add_argument("--guidance", type=float, help="FLUX.1: guidance-embedding value (default 3.5)")
+    smp.add_argument("--cfg-scale", type=float, help="SD3: classifier-free guidance scale (default 4.5; 1 disables)")
+    smp.add_argument("--negative-prompt", help="SD3: negative prompt of classifier-free guidance (default '')")
+    smp.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="diffusers models (default auto: bfloat16 on CUDA, float32 on CPU)")
+    smp.add_argument("--max-sequence-length", type=int, help="diffusers models: T5 prompt tokens (512 FLUX, 256 SD3)")
+    smp.set_defaults(func=_cmd_sample)
+
+    ev = sub.add_parser("eval", help="score a checkpoint with several rewards on held-out prompts and fixed seeds; "
+                                     "writes JSON and a grid")
+    ev.add_argument("--checkpoint", required=True, help="model folder (a run's base/, aligned/ or best/, or a diffusers folder)")
+    ev.add_argument("--config", help="a run config (e.g. RUN/config.yaml): its rewards, held-out prompts, eval settings "
+                                     "and model options are the defaults of the flags below")
+    ev.add_argument("--reward", action="append", default=None, metavar="NAME[:key=value,...]",
+                    help="reward to score with (repeatable), e.g. pickscore:path=/weights/PickScore,weight=0.5; "
+                         "default: the config's rewards, else digit_prob")
+    ev.add_argument("--prompts", help="comma-separated prompts (default: the config's held-out prompts, else '0'..'9')")
+    ev.add_argument("--prompts-file", help="prompt file (.txt, .jsonl, .csv, .tsv; overrides --prompts)")
+    ev.add_argument("--prompt-field", default="prompt", help="JSONL key or CSV column of --prompts-file")
+    ev.add_argument("--limit", type=int, help="score only the first N prompts")
+    ev.add_argument("--samples-per-prompt", type=int, help="default: the config's eval.samples_per_prompt, else 16")
+    ev.add_argument("--seed", type=int, help="held-out noise seed (default: the config's eval.seed, else 1000003)")
+    ev.add_argument("--solver", choices=sorted(SOLVERS), help="default: the config's eval.solver, else dpm++2m")
+    ev.add_argument("--steps", type=int, help="default: the config's eval.steps, else 8")
+    ev.add_argument("--shift", type=float, help="default: the config's shift, else the model's own")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", required=True, help="JSON file (a grid PNG is written beside it)")
+    ev.set_defaults(func=_cmd_eval)
 
     cmp = sub.add_parser("compare", help="Neighbor GRPO vs the SDE baselines at equal training wall-clock")
     cmp.add_argument("--out", required=True, help="results JSON (markdown table and plots are written beside it)")
@@ -216,8 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "reward", "unset") is None:
-        args.reward = ["digit_prob"]
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -74,7 +74,7 @@ def run_method(overrides: list[str], lr: float, budget_s: float, eval_every_s: f
     config = load_config(None, common + overrides + [f"optim.lr={lr}", f"seed={seed}"])
     adapter = load_model(base_path, device, progress=False)
     parts = build_training_parts(config, adapter)
-    counter = ModelCallCounter(adapter.net)
+    counter = ModelCallCounter(adapter.net, parts.reference_net)
     prompts = read_prompts(config)
     shift = parts.shift
     curve, train_s, evals, iteration, rewards_seen = RunCurve(), 0.0, 0.0, 0, []

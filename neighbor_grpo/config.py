@@ -24,8 +24,40 @@ DIGITS = [str(d) for d in range(10)]
 @dataclass
 class ModelConfig:
     path: str = "builtin:digits"
-    """A model checkpoint folder (model.json + weights), or 'builtin:digits' for the cached built-in base model
-    (pretrained on first use)."""
+    """A model checkpoint folder (model.json + weights), a local diffusers folder (model_index.json naming
+    FluxPipeline or StableDiffusion3Pipeline; nothing is downloaded), or 'builtin:digits' for the cached built-in
+    base model (pretrained on first use)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Diffusers models: weight/compute dtype of transformer, text encoders and VAE ('auto': bfloat16 on CUDA,
+    float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft."""
+    height: int | None = None
+    """Diffusers models: image height in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
+    width: int | None = None
+    """Diffusers models: image width in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
+    guidance: float = 3.5
+    """FLUX.1: the guidance-embedding value (FLUX.1-dev's distilled guidance; no extra cost). Used in rollouts, the
+    training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell) and by SD3."""
+    cfg_scale: float = 4.5
+    """SD3/SD3.5: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every model call; 1
+    disables it). Used in rollouts, the training step and evaluation alike. Ignored by FLUX."""
+    negative_prompt: str = ""
+    """SD3/SD3.5: the negative prompt of classifier-free guidance."""
+    max_sequence_length: int | None = None
+    """Diffusers models: T5 prompt tokens (null: 512 for FLUX, 256 for SD3)."""
+    offload_text_encoders: bool = False
+    """Diffusers models: keep the text encoders on the CPU and move them to the device only while new prompts are
+    encoded (prompt embeddings are cached, so this is rare once the prompts have been seen)."""
+    prompt_cache_on_cpu: bool = False
+    """Diffusers models: keep the cached prompt embeddings in CPU memory (FLUX: about 4 MB per prompt in bf16) and
+    move only the rows a call needs to the device."""
+    forward_batch_size: int = 0
+    """Diffusers models: run the transformer on at most this many samples at a time (0: the whole batch)."""
+    decode_batch_size: int = 4
+    """Diffusers models: VAE-decode this many latents at a time."""
+    export_pipeline: bool = False
+    """Diffusers models: exports (best/, aligned/) are complete diffusers pipeline folders (a LoRA merged in)
+    instead of a LoRA file (pytorch_lora_weights.safetensors) or a transformer/ folder next to a reference to the
+    base folder."""
 
 
 @dataclass
@@ -47,7 +79,18 @@ class PromptsConfig:
     eval: list[str] = field(default_factory=lambda: list(DIGITS))
     """Held-out evaluation prompts."""
     file: str | None = None
-    """Optional text file with one training prompt per line."""
+    """Optional prompt file replacing `train`: .txt (one per line), .jsonl (strings or objects with `field`) or
+    .csv/.tsv (the `field` column)."""
+    field: str = "prompt"
+    """The JSONL key or CSV column that holds the prompt."""
+    eval_fraction: float = 0.0
+    """Share of the distinct prompts of `file` held out for evaluation (replacing `eval`); 0 keeps all for training."""
+    split_seed: int = 0
+    """Seed of the fixed train/eval split of `file`."""
+    eval_file: str | None = None
+    """Optional prompt file (same formats) replacing `eval`."""
+    eval_limit: int | None = None
+    """Evaluate on at most this many held-out prompts (the first ones); null: all."""
 
 
 @dataclass
@@ -89,6 +132,29 @@ class EvalConfig:
 
 
 @dataclass
+class SpeedConfig:
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast the velocity net's passes (rollouts, training, held-out samples) to bf16 or fp16; weights, optimizer
+    state and the loss stay fp32 (fp32 master weights). fp16 adds a gradient scaler, bf16 needs none."""
+    tf32: bool = True
+    """Allow TF32 matmuls and convolutions on CUDA (Ampere or newer); no effect on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations during the backward pass to save memory (through the adapter's
+    enable_gradient_checkpointing(); an adapter without it trains without, with a warning)."""
+    compile: bool = False
+    """torch.compile the velocity net in place (the first iterations are slow while it compiles)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (needs the bitsandbytes package and CUDA)."""
+    micro_batch: int | None = None
+    """Prompts (groups) per forward/backward pass of one process; gradients are accumulated over the passes, so
+    results do not depend on it (null: all of the process's prompts in one pass). Lowers peak memory."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """With several processes (accelerate launch, torchrun): 'ddp' replicates the net and averages gradients,
+    'fsdp' shards parameters, gradients and optimizer state (FSDP2, for full fine-tunes of large models); 'auto'
+    is fsdp when accelerate's config has distributed_type FSDP, else ddp. Ignored in one process."""
+
+
+@dataclass
 class TrainConfig:
     algorithm: str = "neighbor_grpo"
     """Which algorithm trains: neighbor_grpo, or a baseline: flow_grpo, dance_grpo, mix_grpo (set
@@ -119,6 +185,7 @@ class TrainConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     neighbor_grpo: NeighborGRPOConfig = field(default_factory=NeighborGRPOConfig)
     flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
     dance_grpo: DanceGRPOConfig = field(default_factory=DanceGRPOConfig)
@@ -286,6 +353,7 @@ def validate(config: TrainConfig) -> None:
     _check(n.ref_beta >= 0, "neighbor_grpo.ref_beta", "a value >= 0", n.ref_beta)
     _check(not (n.exclude_self and n.group_size < 3), "neighbor_grpo.exclude_self", "G >= 3 when the anchor is excluded", n.exclude_self)
     _validate_sde_baselines(config)
+    _validate_model(config.model)
     o = config.optim
     _check(o.lr > 0, "optim.lr", "a learning rate > 0", o.lr)
     _check(o.weight_decay >= 0, "optim.weight_decay", "a value >= 0", o.weight_decay)
@@ -306,6 +374,33 @@ def validate(config: TrainConfig) -> None:
     _check(config.eval.seed != config.seed, "eval.seed", "a seed different from the training seed", config.eval.seed)
     _check(len(config.prompts.train) >= 1 or config.prompts.file is not None, "prompts.train", "at least one prompt", config.prompts.train)
     _check(len(config.prompts.eval) >= 1, "prompts.eval", "at least one prompt", config.prompts.eval)
+    _validate_speed(config.speed)
+    _check(0.0 <= config.prompts.eval_fraction < 1.0, "prompts.eval_fraction", "a value in [0, 1)", config.prompts.eval_fraction)
+    _check(config.prompts.eval_fraction == 0 or config.prompts.file is not None, "prompts.eval_fraction",
+           "0 unless prompts.file is set (it splits that file)", config.prompts.eval_fraction)
+    _check(config.prompts.eval_limit is None or config.prompts.eval_limit >= 1, "prompts.eval_limit", "null or an integer >= 1",
+           config.prompts.eval_limit)
+
+
+def _validate_speed(speed: SpeedConfig) -> None:
+    for name, allowed in (("mixed_precision", ("no", "bf16", "fp16")), ("optimizer", ("adamw", "adamw8bit")),
+                          ("parallel", ("auto", "ddp", "fsdp"))):
+        _check(getattr(speed, name) in allowed, f"speed.{name}", f"one of {list(allowed)}", getattr(speed, name))
+    _check(speed.micro_batch is None or speed.micro_batch >= 1, "speed.micro_batch", "null or an integer >= 1",
+           speed.micro_batch)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _check(bool(m.path), "model.path", "a checkpoint folder, a diffusers folder or 'builtin:digits'", m.path)
+    for name in ("height", "width"):
+        value = getattr(m, name)
+        _check(value is None or (value >= 16 and value % 16 == 0), f"model.{name}", "null or a multiple of 16", value)
+    _check(m.guidance >= 0, "model.guidance", "a value >= 0", m.guidance)
+    _check(m.cfg_scale >= 0, "model.cfg_scale", "a value >= 0 (<= 1 disables classifier-free guidance)", m.cfg_scale)
+    _check(m.max_sequence_length is None or 1 <= m.max_sequence_length <= 512, "model.max_sequence_length",
+           "null or an integer in [1, 512]", m.max_sequence_length)
+    _check(m.forward_batch_size >= 0, "model.forward_batch_size", "an integer >= 0 (0: whole batch)", m.forward_batch_size)
+    _check(m.decode_batch_size >= 1, "model.decode_batch_size", "an integer >= 1", m.decode_batch_size)
 
 
 def _validate_sde_baselines(config: TrainConfig) -> None:

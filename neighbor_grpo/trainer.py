@@ -28,15 +28,22 @@ from neighbor_grpo.advantages import combine_reward_advantages
 from neighbor_grpo.algorithms import ALGORITHMS
 from neighbor_grpo.checkpoint import (capture_rng, latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                                       prune_checkpoints, read_checkpoint, restore_rng, write_checkpoint)
-from neighbor_grpo.config import TrainConfig, to_dict
+from neighbor_grpo.config import ConfigError, TrainConfig, from_dict, to_dict
+from neighbor_grpo.distributed import (SINGLE_PROCESS, Processes, all_true, any_process, barrier, broadcast_object,
+                                       check_batch_fits, full_tensor, gather_rows, global_means, gradient_sync,
+                                       init_processes, main_process_first, parallel_net, prompt_share, shard_in_place,
+                                       shard_like, slot_range, sum_over_processes, velocity_through)
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.lora import EMA, apply_lora, make_reference_velocity
 from neighbor_grpo.models import load_adapter
 from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.noise import keyed_generator
+from neighbor_grpo.prompts import resolve_prompt_sets
 from neighbor_grpo.rewards import WeightedRewards, build_rewards
 from neighbor_grpo.runfolder import RunFolder, RunFolderError
+from neighbor_grpo.speed import (allow_tf32, autocast_velocity, compile_in_place, enable_gradient_checkpointing,
+                                 make_grad_scaler, make_optimizer)
 
 ROLE_PROMPTS = 9_000_001
 PREVIOUS_BEST = ".best-previous"  # the committed best/ export, kept until the next checkpoint commits a newer one
@@ -70,18 +77,13 @@ def load_model(path: str, device: str, progress: bool = True, options=None):
 
 
 def read_prompts(config: TrainConfig) -> list[str]:
-    if config.prompts.file is None:
-        return list(config.prompts.train)
-    path = Path(config.prompts.file)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts.file {str(path)!r}: no such file")
-    try:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as error:
-        raise ValueError(f"prompts.file {str(path)!r}: not UTF-8 text ({error})") from error
-    if not prompts:
-        raise ValueError(f"prompts.file {str(path)!r}: holds no prompts (expected one prompt per line)")
-    return prompts
+    """The training prompts: `prompts.train`, or `prompts.file` without its held-out split."""
+    return resolve_prompt_sets(config.prompts)[0]
+
+
+def eval_prompts(config: TrainConfig) -> list[str]:
+    """The held-out prompts: `prompts.eval`, the split of `prompts.file`, or `prompts.eval_file` (cut to eval_limit)."""
+    return resolve_prompt_sets(config.prompts)[1]
 
 
 def prompt_batch(prompts: list[str], seed: int, iteration: int, count: int) -> tuple[list[str], list[int]]:
@@ -97,12 +99,13 @@ def prompt_batch(prompts: list[str], seed: int, iteration: int, count: int) -> t
 
 
 class ModelCallCounter:
-    """Counts per-sample forward passes of the velocity net, split into with-grad (training) and no-grad."""
+    """Counts per-sample forward passes of the velocity net, split into with-grad (training) and no-grad. Extra
+    nets (a full fine-tune's frozen reference copy) count too: their passes cost the same."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, *extra: torch.nn.Module | None):
         self.train = 0
         self.no_grad = 0
-        self._handle = net.register_forward_hook(self._count)
+        self._handles = [module.register_forward_hook(self._count) for module in (net, *extra) if module is not None]
 
     def _count(self, module, inputs, output) -> None:
         if torch.is_grad_enabled():
@@ -116,7 +119,8 @@ class ModelCallCounter:
         return counts
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def run_metadata(config: TrainConfig) -> dict:
@@ -148,6 +152,19 @@ class TrainingParts:
     reference_velocity: Callable
     shift: float
     """The sigma shift actually used (the config's, or the model's own when the config leaves it null)."""
+    velocity: Callable | None = None
+    """v(x, s, cond) for no-grad passes (rollouts, old policy, held-out samples): adapter.velocity under autocast."""
+    train_velocity: Callable | None = None
+    """v(x, s, cond) for training passes: through DDP (or the FSDP-sharded net) and autocast."""
+    train_module: torch.nn.Module | None = None
+    """The module whose gradients are synchronised over processes (the DDP wrapper, or the sharded net)."""
+    processes: Processes = SINGLE_PROCESS
+    scaler: object | None = None
+    """torch.amp.GradScaler for speed.mixed_precision=fp16, else None."""
+    export_net: torch.nn.Module | None = None
+    """FSDP, main process: an unsharded CPU copy of the net that exports and checkpoints load the gathered weights into."""
+    reference_net: torch.nn.Module | None = None
+    """The frozen copy behind reference_velocity in full fine-tunes (None with LoRA: the net with adapters off)."""
 
 
 def model_shift(config: TrainConfig, adapter) -> float:
@@ -158,22 +175,52 @@ def model_shift(config: TrainConfig, adapter) -> float:
     return float(default()) if callable(default) else 1.0
 
 
-def build_training_parts(config: TrainConfig, adapter) -> TrainingParts:
-    """LoRA (if asked), the reference velocity, AdamW over the trainable parameters, EMA and the algorithm."""
+def lora_targets(config: TrainConfig, adapter) -> list[str]:
+    """optim.lora_targets, or the adapter's own default targets when the config leaves the built-in model's."""
+    from neighbor_grpo.config import OptimConfig
+
+    default = getattr(adapter, "default_lora_targets", None)
+    if config.optim.lora_targets == OptimConfig().lora_targets and callable(default):
+        return list(default())
+    return list(config.optim.lora_targets)
+
+
+def build_training_parts(config: TrainConfig, adapter, processes: Processes = SINGLE_PROCESS) -> TrainingParts:
+    """LoRA (if asked), the reference velocity, speed settings, DDP/FSDP over `processes`, the optimizer over the
+    trainable parameters, EMA and the algorithm."""
+    speed = config.speed
     frozen = None
     if config.optim.finetune == "lora":
         with torch.random.fork_rng(devices=[]):  # LoRA's random init keyed by the seed, not by the global RNG's state
             torch.manual_seed(config.seed)
-            adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha, config.optim.lora_targets)
+            adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha, lora_targets(config, adapter))
     elif getattr(config.algorithm_config, "ref_beta", 0) > 0 or getattr(config.algorithm_config, "kl_beta", 0) > 0:
         frozen = copy.deepcopy(adapter.net).requires_grad_(False)
+    allow_tf32(speed.tf32)
+    if speed.gradient_checkpointing:
+        enable_gradient_checkpointing(adapter)
+    export_net = None
+    if processes.sharded:
+        export_net = copy.deepcopy(adapter.net).cpu() if processes.is_main else None
+        if frozen is not None:
+            shard_in_place(frozen)
+    if speed.compile:
+        compile_in_place(adapter.net)
+    train_module = parallel_net(adapter.net, processes)
     params = [p for p in adapter.net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
-                                  weight_decay=config.optim.weight_decay)
+    optimizer = make_optimizer(params, config.optim.lr, (config.optim.beta1, config.optim.beta2),
+                               config.optim.weight_decay, speed.optimizer)
     ema = EMA(adapter.net, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
     shift = model_shift(config, adapter)
     algorithm = ALGORITHMS[config.algorithm](dataclasses.replace(config.algorithm_config, shift=shift), seed=config.seed)
-    return TrainingParts(params, optimizer, ema, algorithm, make_reference_velocity(adapter, frozen), shift)
+    device = next(adapter.net.parameters()).device
+    precision = speed.mixed_precision
+    return TrainingParts(params, optimizer, ema, algorithm,
+                         autocast_velocity(make_reference_velocity(adapter, frozen), precision, device), shift,
+                         velocity=autocast_velocity(adapter.velocity, precision, device),
+                         train_velocity=autocast_velocity(velocity_through(adapter, train_module), precision, device),
+                         train_module=train_module, processes=processes,
+                         scaler=make_grad_scaler(precision, device), export_net=export_net, reference_net=frozen)
 
 
 def _is_finite(*values: torch.Tensor | float) -> bool:
@@ -276,7 +323,7 @@ def _load_trainable(net: torch.nn.Module, saved: dict[str, torch.Tensor], path: 
                          "mode changed since the run started?")
     with torch.no_grad():
         for name, param in current.items():
-            param.copy_(saved[name])
+            param.copy_(shard_like(saved[name], param))  # FSDP: this process's shard of the saved full tensor
 
 
 def _tidy_for_resume(run: Path, start: int, counters: dict) -> None:
@@ -336,6 +383,104 @@ class _DeferredInterrupt:
         return False
 
 
+class _NoLog:
+    """What the other processes log: nothing (metrics, TensorBoard and wandb belong to the main process)."""
+
+    def log(self, iteration: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _SharedFolder:
+    """The run folder as the other processes see it: the main process holds the lock and prepares it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> "_SharedFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _prepare_run_folder(run: Path, config: TrainConfig, resume: bool, processes: Processes) -> bool:
+    """Write (or, resuming, check) config.yaml and run.json. Returns whether this is a resume after all."""
+    if resume and not (run / "config.yaml").is_file():
+        leftovers = sorted(p.name for p in run.iterdir() if p.name != ".lock")
+        if leftovers:
+            raise RunFolderError(f"--resume {str(run)!r}: not a run folder (no config.yaml; it holds "
+                                 f"{leftovers[:5]})")
+        resume = False  # killed before it wrote anything: this is a fresh start
+    if resume:
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        try:  # keys a newer version added are absent from an older run's config.yaml: they take their defaults
+            saved = to_dict(from_dict(TrainConfig, saved))
+        except (ConfigError, TypeError):
+            pass  # not a config this version reads: the comparison below names the differences
+        if saved != to_dict(config):
+            old, new = _flatten(saved), _flatten(to_dict(config))
+            changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+            raise ValueError(f"--resume {str(run)!r}: the config differs from the run's config.yaml in {changed}; "
+                             "resume with the same config (or start a new run)")
+        if not (run / "run.json").is_file():
+            atomic_write_text(run / "run.json", json.dumps(run_metadata(config), indent=2))
+    else:
+        metadata = {**run_metadata(config), "processes": processes.world_size, "parallel": processes.strategy}
+        atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        atomic_write_text(run / "run.json", json.dumps(metadata, indent=2))
+    return resume
+
+
+class _VelocityAdapter:
+    """The adapter with another velocity function (autocast) for held-out sampling; everything else its own."""
+
+    def __init__(self, adapter, velocity: Callable):
+        self._adapter, self.velocity = adapter, velocity
+
+    def __getattr__(self, name: str):
+        return getattr(self._adapter, name)
+
+
+def _full_optimizer_state(optimizer: torch.optim.Optimizer, processes: Processes) -> dict:
+    """The optimizer state with sharded (FSDP) moments gathered whole: checkpoints look the same on 1 or N processes."""
+    state = optimizer.state_dict()
+    if processes.sharded:
+        state["state"] = {i: {k: full_tensor(v) for k, v in slots.items()} for i, slots in state["state"].items()}
+    return state
+
+
+def _optimizer_state_like(state: dict, params: list) -> dict:
+    """A checkpoint's full optimizer moments cut into this process's shards (FSDP); unchanged otherwise."""
+    for index, slots in state["state"].items():
+        param = params[int(index)]
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(param.shape) and value.dim() > 0:
+                slots[key] = shard_like(value, param)
+    return state
+
+
+@contextlib.contextmanager
+def _plain_net(adapter, parts: TrainingParts):
+    """adapter.net as a plain, whole module for adapter.save: under FSDP every process gathers the sharded weights
+    (a collective) and the main process saves them from its unsharded copy; otherwise the net itself."""
+    if not parts.processes.sharded:
+        yield
+        return
+    weights = {name: full_tensor(value) for name, value in adapter.net.state_dict().items()}
+    if parts.export_net is None:  # not the main process: it only took part in the gathering
+        yield
+        return
+    parts.export_net.load_state_dict({name: value.cpu() for name, value in weights.items()})
+    original, adapter.net = adapter.net, parts.export_net
+    try:
+        yield
+    finally:
+        adapter.net = original
+
+
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, fault_hook: Callable[[str], None] | None = None,
           adapter=None, rewards=None) -> TrainResult:
@@ -344,42 +489,34 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
     `adapter` and `rewards` may be passed in code (Python API); otherwise they are built from the config.
     `fault_hook(point)` is called at named points (tests use it to kill the process there).
     See docs/robustness.md for what survives a kill, an interrupt, a failing reward or NaNs.
+    Launched on several processes (accelerate launch, torchrun; docs/distributed.md), each process rolls out
+    its share of the prompt slots; only the main process evaluates, logs, exports and writes checkpoints.
     """
     hook = fault_hook or (lambda point: None)
     started = time.perf_counter()
-    with RunFolder(run_dir, resume=resume, overwrite=overwrite) as folder:
+    processes, device = init_processes(config.device, config.speed.parallel)
+    check_batch_fits(config.prompts_per_iteration, processes)
+    main = processes.is_main
+    progress = progress and main
+    folder_context = RunFolder(run_dir, resume=resume, overwrite=overwrite) if main else _SharedFolder(run_dir)
+    with folder_context as folder:
         run = folder.path
-        device = torch.device(config.device)
-        if resume and not (run / "config.yaml").is_file():
-            leftovers = sorted(p.name for p in run.iterdir() if p.name != ".lock")
-            if leftovers:
-                raise RunFolderError(f"--resume {str(run)!r}: not a run folder (no config.yaml; it holds "
-                                     f"{leftovers[:5]})")
-            resume = False  # killed before it wrote anything: this is a fresh start
-        if resume:
-            saved = yaml.safe_load((run / "config.yaml").read_text())
-            if saved != to_dict(config):
-                old, new = _flatten(saved), _flatten(to_dict(config))
-                changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-                raise ValueError(f"--resume {str(run)!r}: the config differs from the run's config.yaml in {changed}; "
-                                 "resume with the same config (or start a new run)")
-            if not (run / "run.json").is_file():
-                atomic_write_text(run / "run.json", json.dumps(run_metadata(config), indent=2))
-        else:
-            atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-            atomic_write_text(run / "run.json", json.dumps(run_metadata(config), indent=2))
+        if main:
+            resume = _prepare_run_folder(run, config, resume, processes)
+        resume = broadcast_object(resume, processes)  # the others wait here until the folder is ready
 
-        adapter = adapter or load_model(config.model.path, config.device, progress, options=config.model)
+        with main_process_first(processes):  # the main process builds and caches the built-in models first
+            adapter = adapter or load_model(config.model.path, str(device), progress, options=config.model)
+            rewards = _with_retries(rewards or build_rewards([to_dict(r) for r in config.rewards], device=device))
         adapter.net.to(device)
-        if not (run / "base" / "model.json").is_file():
+        if main and not (run / "base" / "model.json").is_file():
             shutil.rmtree(run / ".tmp-base", ignore_errors=True)
             adapter.save(run / ".tmp-base")
             _remove_tree(run / "base")
             os.replace(run / ".tmp-base", run / "base")
-        rewards = _with_retries(rewards or build_rewards([to_dict(r) for r in config.rewards], device=device))
-        train_prompts = read_prompts(config)
+        train_prompts, heldout_prompts = read_prompts(config), eval_prompts(config)
 
-        parts = build_training_parts(config, adapter)
+        parts = build_training_parts(config, adapter, processes)
         params, optimizer, ema, algorithm, reference_velocity = (parts.params, parts.optimizer, parts.ema,
                                                                   parts.algorithm, parts.reference_velocity)
 
@@ -387,29 +524,33 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         checkpoints = run / "checkpoints"
         last_saved: int | None = None  # iteration of the newest checkpoint this run can resume from
         if resume:
-            latest = latest_good_checkpoint(checkpoints)
-            if latest is not None:
+            latest = broadcast_object(latest_good_checkpoint(checkpoints) if main else None, processes)
+            if latest is not None:  # every process reads the same checkpoint (a folder all of them can see)
                 tensors, state = read_checkpoint(latest)
                 _load_trainable(adapter.net, tensors["model"], latest)
                 try:
-                    optimizer.load_state_dict(optimizer_from_tensors(tensors["optimizer"], state["optimizer"]))
+                    optimizer.load_state_dict(_optimizer_state_like(
+                        optimizer_from_tensors(tensors["optimizer"], state["optimizer"]), params))
                 except (ValueError, KeyError, RuntimeError) as error:
                     raise ValueError(f"checkpoint {str(latest)!r}: its optimizer state does not fit this model "
                                      f"({error})") from error
                 if ema is not None:
                     if "ema" not in tensors:
                         raise ValueError(f"checkpoint {str(latest)!r} holds no EMA weights but optim.ema_decay > 0")
-                    ema.shadow = {k: v.to(device) for k, v in tensors["ema"].items()}
+                    ema.shadow = {k: shard_like(v, ema.shadow[k]) for k, v in tensors["ema"].items()}
                 restore_rng(tensors["rng"], state["rng"])
                 start, counters = state["iteration"], _counters_from_json(state["counters"])
                 heldout_metrics = state.get("heldout") or {}
                 last_saved = start
-            _tidy_for_resume(run, start, counters)
-            if checkpoints.is_dir():
-                prune_checkpoints(checkpoints, config.keep_checkpoints)  # also drops half-written temporaries
-            metadata = json.loads((run / "run.json").read_text())
-            metadata.setdefault("resumes", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_iteration": start})
-            atomic_write_text(run / "run.json", json.dumps(metadata, indent=2))
+            if main:
+                _tidy_for_resume(run, start, counters)
+                if checkpoints.is_dir():
+                    prune_checkpoints(checkpoints, config.keep_checkpoints)  # also drops half-written temporaries
+                metadata = json.loads((run / "run.json").read_text())
+                metadata.setdefault("resumes", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_iteration": start,
+                                                           "processes": processes.world_size})
+                atomic_write_text(run / "run.json", json.dumps(metadata, indent=2))
+            counters = broadcast_object(counters, processes)  # tidying may have reset the best-so-far
 
         # The state at an iteration boundary (`iteration` done): what a checkpoint must hold. Parameters, optimizer
         # and EMA are the live ones, so the boundary is only "clean" until the next optimizer step.
@@ -421,64 +562,83 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                             heldout=dict(heldout_metrics))
             stepped[0] = False
 
-        def save_checkpoint() -> None:
+        def save_checkpoint(wait: bool = True) -> None:
+            """Every process calls it (FSDP gathers the shards); the main process writes."""
             nonlocal last_saved
-            trainable = {n: p for n, p in adapter.net.named_parameters() if p.requires_grad}
-            opt_tensors, opt_plain = optimizer_to_tensors(optimizer.state_dict())
-            rng_tensors, rng_plain = boundary["rng"]
-            tensors = {"model": trainable, "optimizer": opt_tensors, "rng": rng_tensors}
-            if ema is not None:
-                tensors["ema"] = ema.shadow
-            state = {"iteration": boundary["iteration"], "counters": _json_safe(boundary["counters"]),
-                     "heldout": _json_safe(boundary["heldout"]), "optimizer": opt_plain, "rng": rng_plain}
-            write_checkpoint(checkpoints, boundary["iteration"], tensors, state, fault_hook=hook)
+            if main or processes.sharded:
+                trainable = {n: full_tensor(p) for n, p in adapter.net.named_parameters() if p.requires_grad}
+                opt_tensors, opt_plain = optimizer_to_tensors(_full_optimizer_state(optimizer, processes))
+                ema_shadow = {k: full_tensor(v) for k, v in ema.shadow.items()} if ema is not None else None
+            if main:
+                rng_tensors, rng_plain = boundary["rng"]
+                tensors = {"model": trainable, "optimizer": opt_tensors, "rng": rng_tensors}
+                if ema_shadow is not None:
+                    tensors["ema"] = ema_shadow
+                state = {"iteration": boundary["iteration"], "counters": _json_safe(boundary["counters"]),
+                         "heldout": _json_safe(boundary["heldout"]), "optimizer": opt_plain, "rng": rng_plain}
+                write_checkpoint(checkpoints, boundary["iteration"], tensors, state, fault_hook=hook)
             last_saved = boundary["iteration"]
-            shutil.rmtree(run / PREVIOUS_BEST, ignore_errors=True)  # best/ is committed by this checkpoint
-            hook("after_checkpoint")
-            prune_checkpoints(checkpoints, config.keep_checkpoints)
+            if main:
+                shutil.rmtree(run / PREVIOUS_BEST, ignore_errors=True)  # best/ is committed by this checkpoint
+                hook("after_checkpoint")
+                prune_checkpoints(checkpoints, config.keep_checkpoints)
+            if wait:
+                barrier(processes)
 
         wandb_run = None
-        if config.wandb:
+        if config.wandb and main:
             import wandb
 
             wandb_run = wandb.init(project=config.wandb_project, config=to_dict(config), dir=str(run), resume="allow")
-        log = MetricsLog(run, start_iteration=start, wandb_run=wandb_run)
-        (run / "samples").mkdir(exist_ok=True)
+        log = MetricsLog(run, start_iteration=start, wandb_run=wandb_run) if main else _NoLog()
+        if main:
+            (run / "samples").mkdir(exist_ok=True)
+        sampler = _VelocityAdapter(adapter, parts.velocity)
 
         def held_out(iteration: int) -> dict:
-            context = ema.applied(adapter.net) if ema is not None else contextlib.nullcontext()
-            try:
-                with context:
-                    metrics, images = evaluate(adapter, rewards, config.prompts.eval, config.eval.samples_per_prompt,
-                                               config.eval.seed, config.eval.solver, config.eval.steps, parts.shift)
-            except FloatingPointError as error:  # a NaN/inf held-out score: no held-out metrics this time
-                warnings.warn(f"held-out evaluation after iteration {iteration} skipped: {error}")
-                return {}
-            save_grid(images[:, :8], run / "samples" / f"iter-{iteration:06d}.png", row_labels=list(config.prompts.eval))
-            return metrics
+            """The main process evaluates (under FSDP all take part in the forward passes); all get the metrics."""
+            metrics = {}
+            if main or processes.sharded:
+                context = ema.applied(adapter.net) if ema is not None else contextlib.nullcontext()
+                try:
+                    with context:
+                        metrics, images = evaluate(sampler, rewards, heldout_prompts, config.eval.samples_per_prompt,
+                                                   config.eval.seed, config.eval.solver, config.eval.steps, parts.shift)
+                    if main:
+                        save_grid(images[:16, :8], run / "samples" / f"iter-{iteration:06d}.png",
+                                  row_labels=list(heldout_prompts[:16]))
+                except FloatingPointError as error:  # a NaN/inf held-out score: no held-out metrics this time
+                    warnings.warn(f"held-out evaluation after iteration {iteration} skipped: {error}")
+                    metrics = {}
+            return broadcast_object(metrics, processes)
 
         def export(folder_name: str, extra: dict) -> None:
+            extra = {**extra, "run_config": to_dict(config)}
             context = ema.applied(adapter.net) if ema is not None else contextlib.nullcontext()
             tmp = run / f".tmp-{folder_name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            with context:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
-                adapter.save(tmp, extra=extra)
-            target, previous = run / folder_name, run / PREVIOUS_BEST
-            committed = _export_iteration(target)
-            if (folder_name == "best" and target.is_dir() and not previous.exists() and committed is not None
-                    and last_saved is not None and committed <= last_saved):
-                os.replace(target, previous)  # keep the committed best until a checkpoint commits this one
-            else:
-                _remove_tree(target)
-            os.replace(tmp, target)
+            with context, _plain_net(adapter, parts):
+                if main:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    adapter.save(tmp, extra=extra)
+            if main:
+                target, previous = run / folder_name, run / PREVIOUS_BEST
+                committed = _export_iteration(target)
+                if (folder_name == "best" and target.is_dir() and not previous.exists() and committed is not None
+                        and last_saved is not None and committed <= last_saved):
+                    os.replace(target, previous)  # keep the committed best until a checkpoint commits this one
+                else:
+                    _remove_tree(target)
+                os.replace(tmp, target)
+            barrier(processes)
 
-        calls = ModelCallCounter(adapter.net)
+        calls = ModelCallCounter(adapter.net, parts.reference_net)
         step_hook = optimizer.register_step_pre_hook(lambda *args: stepped.__setitem__(0, True))
         eval_before = {}
         if start == 0:
             eval_before = held_out(0)
             calls.reset()
-            atomic_write_text(run / "eval_before.json", json.dumps(eval_before, indent=2))
+            if main:
+                atomic_write_text(run / "eval_before.json", json.dumps(eval_before, indent=2))
             log.log(0, {f"heldout/{k}": v for k, v in eval_before.items()})
         elif (run / "eval_before.json").is_file():
             eval_before = json.loads((run / "eval_before.json").read_text())
@@ -492,8 +652,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                     tick = time.perf_counter()
                     hook("iteration_start")
                     values, skipped = train_iteration(config, adapter, rewards, algorithm, optimizer, params, ema,
-                                                      reference_velocity, train_prompts, iteration, hook)
-                    rollout_evals, train_evals = calls.reset()
+                                                      reference_velocity, train_prompts, iteration, hook, parts=parts)
+                    rollout_evals, train_evals = (int(n) for n in sum_over_processes(list(calls.reset()), processes))
                     counters["model_evals"] += rollout_evals + 3 * train_evals
                     values.update({"model_evals_rollout": float(rollout_evals),
                                    "model_evals_train": float(3 * train_evals),
@@ -503,8 +663,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                     if skipped:
                         counters["nonfinite_in_row"] += 1
                         counters["nonfinite_total"] += 1
-                        warnings.warn(f"iteration {iteration + 1}: update skipped, non-finite {skipped} "
-                                      f"({counters['nonfinite_in_row']} in a row, {counters['nonfinite_total']} in all)")
+                        if main:
+                            warnings.warn(f"iteration {iteration + 1}: update skipped, non-finite {skipped} "
+                                          f"({counters['nonfinite_in_row']} in a row, {counters['nonfinite_total']} in all)")
                         abort = counters["nonfinite_in_row"] >= config.max_nonfinite_in_row
                     else:
                         counters["nonfinite_in_row"] = 0
@@ -523,26 +684,30 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                     reward_mean = values.get("reward_mean", math.nan)
                     bar.set_postfix(reward=f"{reward_mean:.3f}",
                                     heldout=f"{counters['best_heldout']:.3f}" if counters["best_heldout"] > -math.inf else "-")
-                    if done % config.checkpoint_every == 0 or done == config.iterations or abort or interrupt.requested:
+                    stop = any_process(interrupt.requested, processes)  # Ctrl-C reaches the processes at different moments
+                    if done % config.checkpoint_every == 0 or done == config.iterations or abort or stop:
                         save_checkpoint()
                     if abort:
                         raise TrainingAborted(
                             f"{counters['nonfinite_in_row']} updates in a row had NaN/inf ({skipped}); stopping "
                             f"(max_nonfinite_in_row={config.max_nonfinite_in_row}). Lower optim.lr or check the reward; "
                             f"the state after iteration {done} is saved in {str(checkpoints / f'iter-{done:06d}')!r}.")
-                    if interrupt.requested:
+                    if stop:
                         raise KeyboardInterrupt
         except BaseException as error:
-            if not stepped[0] and boundary["iteration"] > 0 and boundary["iteration"] != last_saved:
+            # an emergency save needs no other process (with FSDP it would: the shards are gathered)
+            if (not stepped[0] and boundary["iteration"] > 0 and boundary["iteration"] != last_saved
+                    and not processes.sharded):
                 try:  # nothing was updated since the boundary: its state is exact, keep it
-                    save_checkpoint()
+                    save_checkpoint(wait=False)
                 except Exception as save_error:
                     warnings.warn(f"could not save a checkpoint after {type(error).__name__}: {save_error}")
-            where = (f"resume continues from the checkpoint after iteration {last_saved} "
-                     f"({str(checkpoints / f'iter-{last_saved:06d}')!r})" if last_saved is not None
-                     else "no checkpoint yet, so resume starts over")
-            print(f"ngrpo: the run stopped ({type(error).__name__}) with {boundary['iteration']} iterations complete; "
-                  f"{where}. Continue with `ngrpo train --resume {run}`.", file=sys.stderr, flush=True)
+            if main:
+                where = (f"resume continues from the checkpoint after iteration {last_saved} "
+                         f"({str(checkpoints / f'iter-{last_saved:06d}')!r})" if last_saved is not None
+                         else "no checkpoint yet, so resume starts over")
+                print(f"ngrpo: the run stopped ({type(error).__name__}) with {boundary['iteration']} iterations complete; "
+                      f"{where}. Continue with `ngrpo train --resume {run}`.", file=sys.stderr, flush=True)
             log.close()
             raise
         finally:
@@ -550,60 +715,178 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             step_hook.remove()
         eval_after = heldout_metrics or (json.loads((run / "eval_after.json").read_text()) if (run / "eval_after.json").is_file() else {})
         export("aligned", {"iterations": config.iterations, "heldout": eval_after, "algorithm": config.algorithm})
-        atomic_write_text(run / "eval_after.json", json.dumps(eval_after, indent=2))
-        xs, ys = log.series("reward_mean")
-        hx, hy = log.series("heldout/reward")
-        plot_curves({"training reward (rollouts)": (xs, ys), "held-out reward": (hx, hy)}, run / "reward_curve.png",
-                    "iteration", "reward", f"{config.algorithm}: reward")
+        if main:
+            atomic_write_text(run / "eval_after.json", json.dumps(eval_after, indent=2))
+            xs, ys = log.series("reward_mean")
+            hx, hy = log.series("heldout/reward")
+            plot_curves({"training reward (rollouts)": (xs, ys), "held-out reward": (hx, hy)}, run / "reward_curve.png",
+                        "iteration", "reward", f"{config.algorithm}: reward")
         log.close()
+        barrier(processes)  # no process returns before the main one has written everything
         return TrainResult(run, config.iterations, eval_before, eval_after, time.perf_counter() - started)
 
 
+# Stats that are maxima, or that every process already agrees on (the gradient norm is taken after averaging).
+MAX_OR_SHARED_STATS = ("ratio_max_dev", "grad_norm")
+
+
 def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer, params, ema, reference_velocity,
-                     train_prompts: list[str], iteration: int, hook) -> tuple[dict[str, float], str]:
-    """One rollout batch and its optimizer steps. Returns logged values and why the update was skipped ('' if not)."""
-    prompts, indices = prompt_batch(train_prompts, config.seed, iteration, config.prompts_per_iteration)
+                     train_prompts: list[str], iteration: int, hook,
+                     parts: TrainingParts | None = None) -> tuple[dict[str, float], str]:
+    """One rollout batch and its optimizer steps. Returns logged values (of the whole global batch) and why the
+    update was skipped ('' if not). `parts` (from build_training_parts) brings the split over processes,
+    DDP/FSDP, mixed precision and the fp16 gradient scaler; without it, one process."""
+    processes = parts.processes if parts is not None else SINGLE_PROCESS
+    velocity = parts.velocity if parts is not None else adapter.velocity
+    train_velocity = parts.train_velocity if parts is not None else adapter.velocity
+    scaler = parts.scaler if parts is not None else None
+    all_prompts, all_indices = prompt_batch(train_prompts, config.seed, iteration, config.prompts_per_iteration)
+    count = len(all_prompts)
+    slots = slot_range(count, processes.rank, processes.world_size)  # this process's groups; the indices key the noises
+    prompts, indices = all_prompts[slots.start:slots.stop], all_indices[slots.start:slots.stop]
+    share = prompt_share(slots, count)
     cond = adapter.encode_prompts(prompts)
-    rollout = algorithm.rollout(adapter.velocity, cond, prompts, indices, iteration, adapter.latent_shape(), adapter.device)
+    # all of this process's groups in one batch, without autograd bookkeeping; FSDP's gathered-weight buffers are
+    # reused by the training passes, so they must not become inference tensors: no_grad there
+    with torch.no_grad() if processes.sharded else torch.inference_mode():
+        rollout = algorithm.rollout(velocity, cond, prompts, indices, iteration, adapter.latent_shape(), adapter.device)
     P, G = rollout.final.shape[:2]
-    images = adapter.decode(rollout.final.flatten(0, 1))
-    try:
-        scores = {k: v.view(P, G) for k, v in rewards.score(images, [p for p in prompts for _ in range(G)]).items()}
-    except FloatingPointError as error:  # NaN/inf scores: a numerical fault, the update is skipped (and counted)
-        return {}, f"reward scores: {error}"
+    with torch.no_grad():
+        images = adapter.decode(rollout.final.flatten(0, 1))
+        fault = ""
+        try:
+            local_scores = {k: v.view(P, G) for k, v in rewards.score(images, [p for p in prompts for _ in range(G)]).items()}
+        except FloatingPointError as error:  # NaN/inf scores: a numerical fault, the update is skipped (and counted)
+            fault = str(error)
+    if any_process(bool(fault), processes):  # every process skips together
+        return {}, f"reward scores: {fault or 'non-finite on another process'}"
+    # the whole batch's rewards on every process: advantages (per group, or batch-wide) and metrics as in one process
+    scores = {k: gather_rows(v, slots, count, processes) for k, v in local_scores.items()}
     total = rewards.total(scores)
     values = {"reward_mean": float(total.mean()), "reward_std": float(total.std(dim=-1, correction=0).mean()),
               "zero_variance_groups": float((total.std(dim=-1) < 1e-6).float().mean())}
     values.update({f"reward_{k}": float(v.mean()) for k, v in scores.items()})
-    values["out_of_range_train"] = float(((images < -0.1) | (images > 1.1)).float().mean())
+    values.update(global_means({"out_of_range_train": ((images < -0.1) | (images > 1.1)).float().mean()}, share, processes))
     advantages = combine_reward_advantages(scores, rewards.weights, config.reward_normalization, algorithm.advantages)
     advantages, clipped_share = algorithm.clip(advantages)
     values["adv_clipped_share"] = clipped_share
     if not _is_finite(total, advantages):
         return values, "rewards or advantages"
+    advantages = advantages[slots.start:slots.stop]
     hook("after_rollout")
     batches = algorithm.minibatches(rollout, iteration)
-    rollout = algorithm.prepare_old_policy(adapter.velocity, rollout, batches)
-    stats: list[dict] = []
-    skipped = ""
+    rollout = algorithm.prepare_old_policy(velocity, rollout, batches)
+    records: list[dict] = []
+    skipped, fp16_overflows = "", 0
     max_norm = config.optim.max_grad_norm or float("inf")
+    # DDP/FSDP average gradients over processes: weighting each process's mean loss by world_size * its share of
+    # the prompts makes that average the gradient of the mean over the whole batch, however the slots are split
+    weight = processes.world_size * share
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss, batch_stats = algorithm.loss(adapter.velocity, rollout, advantages, batch, reference_velocity)
-        if not _is_finite(loss):
-            skipped = "loss"
-            break
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not _is_finite(grad_norm):
+        loss, batch_stats = accumulate_gradients(algorithm, train_velocity, rollout, advantages, batch,
+                                                 reference_velocity, weight, config.speed.micro_batch,
+                                                 parts.train_module if parts is not None else None, scaler,
+                                                 passes_per_step(count, config.speed.micro_batch, processes))
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.as_tensor(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)), device=loss.device)
+        # one host sync per optimizer step, needed to decide whether to take it; the same decision on every process
+        finite_loss, finite_grads = all_true(torch.stack([torch.isfinite(loss).all(), torch.isfinite(grad_norm).all()]),
+                                             processes)
+        if scaler is not None and finite_loss and not finite_grads and scaler.get_scale() > 1.0:
             optimizer.zero_grad(set_to_none=True)
-            skipped = "gradients"
+            scaler.update()  # the usual fp16 overflow: this step is left out and the loss scale halved, not a fault
+            fp16_overflows += 1
+            continue
+        if not (finite_loss and finite_grads):
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
+            skipped = "loss" if not finite_loss else "gradients"
             break
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         if ema is not None:
             ema.update(adapter.net)
-        stats.append({**batch_stats, "loss": float(loss.detach()), "grad_norm": float(grad_norm)})
+        records.append({**batch_stats, "loss": loss.detach(), "grad_norm": grad_norm.detach()})
         hook("after_optimizer_step")
-    if stats:
-        values.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+    if scaler is not None:
+        values["fp16_overflow_steps"] = float(fp16_overflows)
+    if records:  # read to the host once, after the optimizer loop
+        values.update(global_means(_mean_over_steps(records), share, processes, same_everywhere=MAX_OR_SHARED_STATS))
     return values, skipped
+
+
+def _mean_over_steps(records: list[dict]) -> dict[str, torch.Tensor]:
+    """Each logged value's mean over the optimizer steps; tensors stay on their device (no sync here)."""
+    means = {}
+    for key in records[0]:
+        column = [record[key] for record in records]
+        if isinstance(column[0], torch.Tensor):
+            means[key] = torch.stack(column).double().mean()
+        else:
+            means[key] = torch.tensor(sum(column) / len(column), dtype=torch.float64)
+    return means
+
+
+def accumulate_gradients(algorithm, velocity, rollout, advantages: torch.Tensor, batch, reference_velocity,
+                         weight: float, micro_batch: int | None, module: torch.nn.Module | None,
+                         scaler=None, passes: int = 1) -> tuple[torch.Tensor, dict]:
+    """The minibatch's loss over this process's groups, backpropagated in passes of `micro_batch` prompts
+    (gradients accumulate; only the last pass synchronises them over processes). Every pass's loss is a mean over
+    its prompts, so weighting it by its prompt share gives exactly the one-pass gradient. At least `passes` passes:
+    a process with fewer prompts repeats its last one with weight 0, because FSDP gathers the weights in every
+    forward and all processes must take part. Returns the loss and the algorithm's stats, as means over this
+    process's groups."""
+    P = len(rollout.prompts)
+    size = P if not micro_batch else min(micro_batch, P)
+    chunks = [range(start, min(start + size, P)) for start in range(0, P, size)]
+    chunks += [chunks[-1]] * (passes - len(chunks))  # the repeats carry weight 0 (below)
+    total, stats = 0.0, {}
+    for number, rows in enumerate(chunks):
+        part = len(rows) / P if number * size < P else 0.0
+        pieces = (rollout, advantages, batch) if len(chunks) == 1 else select_prompts(rollout, advantages, batch, rows)
+        with gradient_sync(module, enabled=number == len(chunks) - 1) if module is not None else contextlib.nullcontext():
+            loss, pass_stats = algorithm.loss(velocity, *pieces, reference_velocity)
+            scaled = loss * (weight * part)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if part == 0.0:
+            continue
+        total = total + loss.detach() * part
+        for key, value in pass_stats.items():
+            stats[key] = max(stats.get(key, value), value) if key in MAX_OR_SHARED_STATS else stats.get(key, 0.0) + value * part
+    return total, stats
+
+
+def passes_per_step(count: int, micro_batch: int | None, processes: Processes) -> int:
+    """The fewest forward/backward passes per optimizer step. FSDP: the same on every process (the one with the
+    most prompts sets it); DDP only synchronises in the last pass, so each process makes just the passes it needs."""
+    if not (micro_batch and processes.sharded):
+        return 1
+    most = -(-count // processes.world_size)
+    return -(-most // micro_batch)
+
+
+def _rows(value, rows: slice):
+    """Rows of per-prompt conditioning: a tensor, or a tuple/list/dict of them."""
+    if isinstance(value, torch.Tensor):
+        return value[rows]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rows(v, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, rows) for k, v in value.items()}
+    return value
+
+
+def select_prompts(rollout, advantages: torch.Tensor, batch, rows: range):
+    """The rollout, advantages and minibatch restricted to the prompts in `rows` (one micro-batch)."""
+    part = slice(rows.start, rows.stop)
+    piece = rollout._replace(prompts=rollout.prompts[part], prompt_indices=rollout.prompt_indices[part],
+                             cond=_rows(rollout.cond, part), states=rollout.states[:, part],
+                             velocities=rollout.velocities[:, part],
+                             log_probs=None if rollout.log_probs is None else rollout.log_probs[:, part])
+    return piece, advantages[part], dataclasses.replace(batch, members=batch.members[part])

@@ -22,11 +22,13 @@ def test_short_comparison_writes_results_in_the_documented_structure(builtin_mod
                 assert key in metrics
     # the default target is the best final held-out reward among the SDE baselines run
     assert saved["target_reward"] == saved["methods"]["dance_grpo"]["heldout_reward"]
-    # forward-pass equivalents per iteration: N*P*G rollout + 3 * trained (backward = 2 forwards)
+    # forward-pass equivalents per iteration: N*P*G rollout + 3 * trained (backward = 2 forwards) + the frozen
+    # reference copy's no-grad pass at each trained anchor state (reference anchoring, on by default)
     neighbor = load_config(None, [])
     P, G, N, B = 8, neighbor.neighbor_grpo.group_size, 8, neighbor.neighbor_grpo.num_anchors
     K = neighbor.neighbor_grpo.trained_steps
-    assert saved["methods"]["neighbor_grpo"]["model_evals_per_iter"] == N * P * G + 3 * K * P * B
+    assert neighbor.neighbor_grpo.ref_beta > 0
+    assert saved["methods"]["neighbor_grpo"]["model_evals_per_iter"] == N * P * G + 3 * K * P * B + K * P * B
     assert saved["methods"]["dance_grpo"]["model_evals_per_iter"] > 5 * saved["methods"]["neighbor_grpo"]["model_evals_per_iter"]
     for name in ("reward_vs_time.png", "reward_vs_evals.png", "results.md"):
         assert (tmp_path / name).is_file()

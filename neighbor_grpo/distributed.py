@@ -1,0 +1,276 @@
+"""Data-parallel training over several processes (launched by `accelerate launch` or `torchrun`): who does what,
+and the few collectives the training loop needs. In one process every helper here is a no-op.
+
+The iteration's global batch of prompt slots is split by whole groups: process r takes a contiguous block of
+slots (`slot_range`), and the slot numbers keep keying the noises, anchors and members, so every process draws
+exactly the numbers a single process would. Rewards are gathered (a few floats per candidate) so advantages and
+logged metrics are computed on the whole batch; each process's loss is weighted by its share of the prompts, so
+the averaged gradient is the gradient of the global mean however the slots are split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the job (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "none"
+    """'none' (one process), 'ddp' (replicated net, gradients averaged) or 'fsdp' (sharded net, FSDP2)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+
+SINGLE_PROCESS = Processes()
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (torchrun and accelerate set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the job, or the only process (before or after train() joined the process group)."""
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
+
+
+def wanted_strategy(parallel: str) -> str:
+    """speed.parallel -> 'ddp' or 'fsdp'; 'auto' follows an accelerate config with distributed_type FSDP."""
+    if parallel != "auto":
+        return parallel
+    return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") else "ddp"
+
+
+def init_processes(device: str, parallel: str = "auto") -> tuple[Processes, torch.device]:
+    """Join the launcher's process group (NCCL on CUDA, gloo on CPU) and pick this process's device:
+    `cuda` becomes `cuda:LOCAL_RANK`. One process: nothing to join, the device as configured."""
+    world = launched_world_size()
+    if world <= 1 and not dist.is_initialized():
+        return SINGLE_PROCESS, torch.device(device)
+    cuda = torch.device(device).type == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # rank 0 alone runs held-out evaluation, exports and checkpoint writes while the others wait at a barrier
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    processes = Processes(dist.get_rank(), dist.get_world_size(), local_rank, wanted_strategy(parallel))
+    return processes, torch.device(device)
+
+
+def check_batch_fits(prompts_per_iteration: int, processes: Processes) -> None:
+    if prompts_per_iteration < processes.world_size:
+        raise ValueError(f"prompts_per_iteration: {prompts_per_iteration} prompts (groups) cannot be split over "
+                         f"{processes.world_size} processes (each needs at least one); raise prompts_per_iteration "
+                         "or launch fewer processes")
+
+
+def slot_range(count: int, rank: int, world_size: int) -> range:
+    """Process `rank`'s contiguous block of the `count` prompt slots; block sizes differ by at most one."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def prompt_share(slots: range, count: int) -> float:
+    """This process's share of the global batch: its loss is weighted by it (see module docstring)."""
+    return len(slots) / count
+
+
+# ---- collectives (identity in one process) ---------------------------------------------------------------------
+
+def _collective_device(processes: Processes) -> torch.device:
+    return torch.device("cuda", processes.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier(processes: Processes) -> None:
+    """Every process waits here until all have arrived (the main process's writes are then visible)."""
+    if processes.distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(processes: Processes) -> Iterator[None]:
+    """The main process runs the block first (e.g. builds and caches the built-in models), then the others."""
+    if not processes.is_main:
+        barrier(processes)
+    yield
+    if processes.is_main:
+        barrier(processes)
+
+
+def any_process(flag: bool, processes: Processes) -> bool:
+    """True on every process when `flag` is true on at least one (e.g. an interrupt, a failed reward)."""
+    if not processes.distributed:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device(processes))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_true(flags: torch.Tensor, processes: Processes) -> list[bool]:
+    """Element-wise AND of a bool vector over processes, read to the host once (the loop's only sync)."""
+    if processes.distributed:
+        flags = flags.float().to(_collective_device(processes))
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [bool(v) for v in flags.tolist()]
+
+
+def gather_rows(local: torch.Tensor, slots: range, count: int, processes: Processes) -> torch.Tensor:
+    """(len(slots), ...) rows of this process -> the (count, ...) whole batch on every process (zeros elsewhere,
+    summed: exact, and NaN anywhere reaches everyone)."""
+    if not processes.distributed:
+        return local
+    full = torch.zeros((count, *local.shape[1:]), dtype=local.dtype, device=_collective_device(processes))
+    full[slots.start:slots.stop] = local.to(full.device)
+    dist.all_reduce(full, op=dist.ReduceOp.SUM)
+    return full.to(local.device)
+
+
+def sum_over_processes(values: list[float], processes: Processes) -> list[float]:
+    if not processes.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device(processes))
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def global_means(values: dict[str, torch.Tensor], share: float, processes: Processes,
+                 same_everywhere: tuple[str, ...] = ()) -> dict[str, float]:
+    """Per-process means -> means over the whole batch (weighted by each process's share of the prompts), one
+    collective for all keys. Keys in `same_everywhere` are maxima, or values every process already agrees on."""
+    if not values:
+        return {}
+    names = list(values)
+    device = _collective_device(processes) if processes.distributed else torch.device("cpu")
+    local = torch.stack([torch.as_tensor(values[n]).detach().to(device, torch.float64).reshape(()) for n in names])
+    if processes.distributed:
+        maxed = torch.tensor([n in same_everywhere for n in names], device=local.device)
+        weighted = torch.where(maxed.to(local.device), torch.zeros_like(local), local * share)
+        highest = torch.where(maxed.to(local.device), local, torch.full_like(local, -torch.inf))
+        dist.all_reduce(weighted, op=dist.ReduceOp.SUM)
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        local = torch.where(maxed.to(local.device), highest, weighted)
+    return dict(zip(names, local.tolist()))
+
+
+def broadcast_object(value, processes: Processes):
+    """The main process's `value` on every process (small picklable things: metrics, a path, a flag)."""
+    if not processes.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_collective_device(processes))
+    return box[0]
+
+
+# ---- replicating or sharding the trained net -------------------------------------------------------------------
+
+class ReplicatedNet(nn.parallel.DistributedDataParallel):
+    """DDP that still answers attribute look-ups of the wrapped net (adapters may read e.g. `net.config`)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def shard_in_place(net: nn.Module) -> nn.Module:
+    """FSDP2 full shard: every block of every ModuleList (transformer blocks) is its own unit, then the root.
+    Parameters become DTensors sharded over the processes; the module object stays the same."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(net.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block)
+    # the root too gives its gathered weights back after each forward: a no-grad forward (held-out samples, the
+    # rollout) otherwise leaves plain tensors in place of the shards until the next backward
+    fully_shard(net, reshard_after_forward=True)
+    return net
+
+
+def parallel_net(net: nn.Module, processes: Processes) -> nn.Module:
+    """The module training passes go through: DDP around `net`, or `net` itself sharded in place (FSDP)."""
+    if not processes.distributed:
+        return net
+    if processes.sharded:
+        return shard_in_place(net)
+    device_ids = [processes.local_rank] if next(net.parameters()).is_cuda else None
+    # buffers are loaded identically everywhere and never trained; broadcasting them in every forward would also
+    # need the same number of forwards on every process, which micro-batches of an uneven split do not have
+    return ReplicatedNet(net, device_ids=device_ids, broadcast_buffers=False)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Accumulate gradients locally (no all-reduce) while `enabled` is false: micro-batches before the last."""
+    if enabled:
+        yield
+    elif isinstance(module, nn.parallel.DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def velocity_through(adapter, module: nn.Module) -> Callable:
+    """adapter.velocity evaluated through `module` (the DDP wrapper) instead of adapter.net; adapter.net itself
+    stays the plain net, so saving, EMA, LoRA and the reference velocity see the usual parameter names."""
+    if module is adapter.net:
+        return adapter.velocity
+
+    def velocity(x, s, cond):
+        original, adapter.net = adapter.net, module
+        try:
+            return adapter.velocity(x, s, cond)
+        finally:
+            adapter.net = original
+
+    return velocity
+
+
+# ---- full tensors of sharded parameters (FSDP checkpoints and exports) ---------------------------------------
+
+def full_tensor(value):
+    """A sharded DTensor gathered whole (a collective: every process must call it); other values unchanged."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def shard_like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A full tensor cut like `reference` (this process's shard of a DTensor), or moved to its device."""
+    if hasattr(reference, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(reference.dtype), reference.device_mesh, reference.placements)
+    return full.to(device=reference.device, dtype=reference.dtype)

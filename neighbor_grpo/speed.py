@@ -1,0 +1,71 @@
+"""One-GPU speed settings (the config's `speed` section): mixed precision, TF32, gradient checkpointing,
+torch.compile and the optimizer. Each is a small function the trainer calls once while it builds its parts."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_velocity(velocity: Callable, mixed_precision: str, device: torch.device) -> Callable:
+    """v(x, s, cond) run under autocast (bf16/fp16 matmuls, fp32 weights), returned in x's dtype, so rollout
+    states, stored velocities and distances stay fp32."""
+    if mixed_precision == "no":
+        return velocity
+    dtype = PRECISIONS[mixed_precision]
+
+    def run(x, s, cond):
+        with torch.autocast(device.type, dtype=dtype):
+            out = velocity(x, s, cond)
+        return out.to(x.dtype)
+
+    return run
+
+
+def allow_tf32(enabled: bool) -> None:
+    """TF32 matmuls and convolutions on CUDA (a process-wide setting; no effect on CPU)."""
+    if enabled and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def enable_gradient_checkpointing(adapter) -> None:
+    """Through the adapter's own method, if it has one (large adapters know their blocks); else warn."""
+    enable = getattr(adapter, "enable_gradient_checkpointing", None)
+    if callable(enable):
+        enable()
+    else:
+        warnings.warn(f"speed.gradient_checkpointing: the {type(adapter).__name__} adapter has no "
+                      "enable_gradient_checkpointing(); training without it")
+
+
+def compile_in_place(net: torch.nn.Module) -> None:
+    """torch.compile the net's forward in place (Module.compile), so parameter names, hooks, saving and the
+    optimizer see the same module as without it."""
+    net.compile()
+
+
+def make_optimizer(params: list, lr: float, betas: tuple[float, float], weight_decay: float,
+                   name: str) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' 8-bit AdamW (its moments in 8 bits: a quarter of the memory)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise ImportError("speed.optimizer='adamw8bit' needs the bitsandbytes package, which is not installed "
+                              "(pip install bitsandbytes; it runs on CUDA); or set speed.optimizer=adamw") from error
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"speed.optimizer: expected 'adamw' or 'adamw8bit', got {name!r}")
+
+
+def make_grad_scaler(mixed_precision: str, device: torch.device):
+    """fp16 needs loss scaling (its small range underflows gradients); bf16 and fp32 do not."""
+    if mixed_precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)

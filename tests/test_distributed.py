@@ -1,0 +1,209 @@
+"""Training on several processes (neighbor_grpo/distributed.py): 2 CPU processes (gloo) started the way torchrun and
+`accelerate launch` start them (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment) must end with the
+parameters of a 1-process run of the same global batch and seeds, to float tolerance, also when the prompts do not
+split evenly (3 over 2) and with micro-batches; a 2-process run stopped and resumed ends like an uninterrupted one.
+
+A tiny digits model (seconds to train) and a pixel reward that needs no classifier keep this fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from neighbor_grpo.config import load_config
+from neighbor_grpo.distributed import slot_range
+from neighbor_grpo.io import load_safetensors
+from neighbor_grpo.trainer import train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# 3 iterations of 3 prompts (uneven over 2 processes) x 4 candidates, 2 optimizer steps each, EMA on
+BASE = ["iterations=3", "prompts_per_iteration=3", "prompts.train=['0','1','2','3','4']", "neighbor_grpo.group_size=4",
+        "neighbor_grpo.num_anchors=2", "neighbor_grpo.rollout_steps=4", "eval.every=2", "eval.samples_per_prompt=2",
+        "eval.steps=2", "prompts.eval=['0','1']", "checkpoint_every=1", "keep_checkpoints=5", "optim.lr=1e-3",
+        "optim.ema_decay=0.5"]
+# Flow-GRPO divides by the std of the whole batch (global_std): advantages need every process's rewards
+FLOW_GRPO = ["algorithm=flow_grpo", "flow_grpo.group_size=4", "flow_grpo.rollout_steps=4", "flow_grpo.num_minibatches=2"]
+
+WORKER = textwrap.dedent(r'''
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    from test_distributed import pixel_rewards
+    from neighbor_grpo.config import load_config
+    from neighbor_grpo.trainer import train
+
+    run, overrides, stop_at, resume = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    starts = []
+
+    def stop(point):
+        if point == "iteration_start":
+            starts.append(1)
+            if len(starts) == stop_at:
+                raise KeyboardInterrupt
+
+    try:
+        train(load_config(None, overrides), run, resume=resume, progress=False, rewards=pixel_rewards(),
+              fault_hook=stop if stop_at else None)
+        print("DONE")
+    except KeyboardInterrupt:
+        print("STOPPED")
+''')
+
+
+def pixel_rewards():
+    """A prompt-dependent pixel reward (no model to build): brightness of the rows the digit's value selects."""
+    from neighbor_grpo.rewards import WeightedRewards
+
+    def score(images, prompts):
+        rows = torch.tensor([int(p) % images.shape[-2] for p in prompts], device=images.device)
+        picked = images[torch.arange(len(prompts)), :, rows]  # (n, C, W)
+        return picked.mean(dim=(1, 2)) - 0.5 * images.mean(dim=(1, 2, 3))
+
+    return WeightedRewards({"pixels": score}, {"pixels": 1.0})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from neighbor_grpo.models.digits import DigitsAdapter, DigitsNetConfig
+
+    adapter = DigitsAdapter.create(DigitsNetConfig(hidden=32, depth=1, cond_dim=16), seed=0)
+    with torch.no_grad():  # the output layer starts at zero; a little weight there lets every layer learn at once
+        torch.nn.init.normal_(adapter.net.out.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    adapter.save(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(tmp_path: Path, run: Path, overrides: list[str], processes: int = 2, stop_at: int = 0,
+           resume: bool = False) -> list[str]:
+    """Start `processes` workers with the environment torchrun / accelerate launch give them; their last lines."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = free_port()
+    workers = []
+    for rank in range(processes):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+               "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        workers.append(subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent), str(run),
+                                         json.dumps(overrides), str(stop_at), "1" if resume else "0"],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for worker in workers:
+            out, err = worker.communicate(timeout=120)
+            outputs.append((worker.returncode, out, err))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    for code, out, err in outputs:
+        assert code == 0, f"a worker failed:\n{out[-2000:]}\n{err[-5000:]}"
+    return [out.strip().splitlines()[-1] for _, out, _ in outputs]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_safetensors(run / "aligned" / "model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def metrics(run: Path, key: str) -> list[float]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as handle:
+        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
+
+
+def test_slots_split_whole_groups_evenly():
+    for count in range(1, 12):
+        for world in range(1, count + 1):
+            blocks = [slot_range(count, rank, world) for rank in range(world)]
+            assert [i for block in blocks for i in block] == list(range(count))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    """Per algorithm, lazily: a 1-process run and a 2-process DDP run of it (3 prompts: 2 + 1)."""
+    made = {}
+
+    def get(algorithm: str) -> tuple[Path, Path, list[str]]:
+        if algorithm not in made:
+            folder = tmp_path_factory.mktemp(algorithm)
+            overrides = BASE + [f"model.path={tiny_model}"]
+            # Neighbor GRPO one prompt per forward/backward pass (gradient accumulation), Flow-GRPO all in one
+            overrides += FLOW_GRPO if algorithm == "flow_grpo" else ["speed.micro_batch=1"]
+            train(load_config(None, overrides), folder / "single", progress=False, rewards=pixel_rewards())
+            assert launch(folder, folder / "ddp", overrides) == ["DONE", "DONE"]
+            made[algorithm] = (folder / "single", folder / "ddp", overrides)
+        return made[algorithm]
+
+    return get
+
+
+@pytest.mark.parametrize("algorithm", ["neighbor_grpo", "flow_grpo"])
+def test_two_processes_match_one_process(tiny_model, runs, algorithm):
+    single, ddp, _ = runs(algorithm)
+    assert max_difference(weights(single), load_safetensors(tiny_model / "model.safetensors")) > 1e-3  # it trained
+    assert json.loads((ddp / "run.json").read_text())["parallel"] == "ddp"
+    difference = max_difference(weights(ddp), weights(single))
+    print(f"{algorithm}: max |2-process DDP - 1-process| parameter difference {difference:.2e}")
+    assert difference < 1e-5
+    for key in ("reward_mean", "loss", "heldout/reward"):
+        assert metrics(ddp, key) == pytest.approx(metrics(single, key), rel=1e-4, abs=1e-6), key
+    assert metrics(ddp, "model_evals_per_iter") == metrics(single, "model_evals_per_iter")
+
+
+def test_two_processes_resume_exactly(runs, tmp_path):
+    _, straight, overrides = runs("flow_grpo")
+    resumed = tmp_path / "resumed"
+    assert launch(tmp_path, resumed, overrides, stop_at=3) == ["STOPPED", "STOPPED"]  # iteration 3 never ran
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["iter-000001", "iter-000002"]
+    assert launch(tmp_path, resumed, overrides, resume=True) == ["DONE", "DONE"]
+    assert_same_checkpoint(resumed, straight, 3)
+    assert metrics(resumed, "reward_mean") == metrics(straight, "reward_mean")
+
+
+def test_fsdp_saves_and_resumes(runs, tmp_path):
+    """FSDP2 (fully_shard) on CPU with gloo: checkpoints hold the whole tensors (the same files as 1 process);
+    stopped after 2 iterations and resumed, the run ends with the 1-process run's parameters."""
+    single, _, overrides = runs("neighbor_grpo")
+    overrides = overrides + ["speed.parallel=fsdp"]
+    run = tmp_path / "fsdp"
+    assert launch(tmp_path, run, overrides, stop_at=3) == ["STOPPED", "STOPPED"]
+    assert launch(tmp_path, run, overrides, resume=True) == ["DONE", "DONE"]
+    assert json.loads((run / "run.json").read_text())["parallel"] == "fsdp"
+    ours = load_safetensors(run / "checkpoints" / "iter-000003" / "model.safetensors")
+    theirs = load_safetensors(single / "checkpoints" / "iter-000003" / "model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    difference = max_difference(weights(run), weights(single))
+    print(f"FSDP stopped and resumed: max |2-process - 1-process| parameter difference {difference:.2e}")
+    assert difference < 1e-5
+    assert metrics(run, "reward_mean") == pytest.approx(metrics(single, "reward_mean"), rel=1e-4, abs=1e-6)
+
+
+def assert_same_checkpoint(run: Path, reference: Path, iteration: int) -> None:
+    for name in ("model", "optimizer", "ema"):
+        ours = load_safetensors(run / "checkpoints" / f"iter-{iteration:06d}" / f"{name}.safetensors")
+        theirs = load_safetensors(reference / "checkpoints" / f"iter-{iteration:06d}" / f"{name}.safetensors")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
