@@ -114,7 +114,9 @@ class OptimConfig:
     lora_alpha: float = 8.0
     """LoRA alpha (the update is scaled by alpha / r)."""
     lora_targets: list[str] = field(default_factory=lambda: ["fc1", "fc2"])
-    """Module names that get LoRA adapters (for the built-in model: fc1, fc2, modulation, inp, out)."""
+    """Module names (or dotted name suffixes like to_out.0) that get LoRA adapters. For the built-in model: fc1, fc2,
+    modulation, inp, out. Left at this default, FLUX/SD3 adapters use their attention projections instead (to_q,
+    to_k, to_v, to_out.0 and the add_* context projections)."""
 
 
 @dataclass

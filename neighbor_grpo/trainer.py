@@ -858,7 +858,10 @@ def accumulate_gradients(algorithm, velocity, rollout, advantages: torch.Tensor,
             continue
         total = total + loss.detach() * part
         for key, value in pass_stats.items():
-            stats[key] = max(stats.get(key, value), value) if key in MAX_OR_SHARED_STATS else stats.get(key, 0.0) + value * part
+            if key in MAX_OR_SHARED_STATS:
+                stats[key] = torch.maximum(torch.as_tensor(stats.get(key, value)), torch.as_tensor(value))
+            else:
+                stats[key] = stats.get(key, 0.0) + value * part
     return total, stats
 
 

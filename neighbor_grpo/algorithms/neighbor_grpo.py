@@ -219,16 +219,18 @@ def ode_rollout(velocity: VelocityFn, noises: torch.Tensor, cond: torch.Tensor, 
 
 
 def policy_stats(log_ratio: torch.Tensor, log_pi_old: torch.Tensor, eps_clip: float, valid: torch.Tensor | None,
-                 tau: torch.Tensor) -> dict[str, float]:
-    """Ratio mean, clip fraction and KL(pi_old || pi_theta) over the candidate distributions."""
+                 tau: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Ratio mean, clip fraction and KL(pi_old || pi_theta) over the candidate distributions, as detached 0-dim
+    tensors on the device (read to the host once per iteration by the trainer, not once per step)."""
     rho = log_ratio.exp()
     weights = torch.ones_like(rho) if valid is None else valid.float()
     pi_old = log_pi_old.exp().nan_to_num(0.0)
     kl = (pi_old * (-log_ratio)).nan_to_num(0.0).sum(-1).mean()
-    return {
-        "ratio_mean": float((rho * weights).sum() / weights.sum()),
-        "clip_fraction": float((((rho - 1).abs() > eps_clip).float() * weights).sum() / weights.sum()),
-        "approx_kl": float(kl),
-        "tau": float(tau.mean()),
-        "policy_max_prob": float(pi_old.max(-1).values.mean()),
+    stats = {
+        "ratio_mean": (rho * weights).sum() / weights.sum(),
+        "clip_fraction": (((rho - 1).abs() > eps_clip).float() * weights).sum() / weights.sum(),
+        "approx_kl": kl,
+        "tau": tau.mean(),
+        "policy_max_prob": pi_old.max(-1).values.mean(),
     }
+    return {key: value.detach().float() for key, value in stats.items()}

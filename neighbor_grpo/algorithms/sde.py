@@ -254,10 +254,11 @@ def sde_policy_loss(velocity: VelocityFn, rollout: Rollout, advantages: torch.Te
         extra = penalty(gather_members(rollout.states[j], batch.members), mean, j) if penalty is not None else torch.zeros(())
         total = total + policy + extra
         detached = ratio.detach()
-        stats.append({"ratio_mean": float(detached.mean()), "ratio_max_dev": float((detached - 1).abs().max()),
-                      "clip_fraction": float(((detached - 1).abs() > eps_clip).float().mean()),
-                      "approx_kl": float(0.5 * log_ratio.detach().pow(2).mean()),
-                      "policy_loss": float(policy.detach()), "kl_loss": float(extra.detach())})
+        # detached 0-dim tensors: the trainer reads them to the host once per iteration, not once per step
+        stats.append({"ratio_mean": detached.mean(), "ratio_max_dev": (detached - 1).abs().max(),
+                      "clip_fraction": ((detached - 1).abs() > eps_clip).float().mean(),
+                      "approx_kl": 0.5 * log_ratio.detach().pow(2).mean(),
+                      "policy_loss": policy.detach(), "kl_loss": extra.detach().to(policy.device)})
     merged = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
-    merged["ratio_max_dev"] = max(s["ratio_max_dev"] for s in stats)
+    merged["ratio_max_dev"] = torch.stack([s["ratio_max_dev"] for s in stats]).max()
     return total / len(batch.steps), merged

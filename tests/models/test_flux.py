@@ -177,10 +177,11 @@ def test_pipeline_parity_with_exported_lora(flux_folder, pipeline_class, tmp_pat
 
 
 def test_neighbor_grpo_lora_run_exports_a_diffusers_lora(flux_folder, pipeline_class, tmp_path):
-    config = tiny_run_config(flux_folder, "optim.finetune=lora",
-                             "optim.lora_targets=[to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out]")
+    config = tiny_run_config(flux_folder, "optim.finetune=lora")  # lora_targets left at the built-in model's default
     adapter = load_adapter(config.model.path, options=config.model)  # what load_model does with model.path
     result = train(config, tmp_path / "run", progress=False, adapter=adapter, rewards=REWARDS)
+    # ... so the adapter's own attention projections got the LoRA
+    assert set(adapter.net.peft_config["default"].target_modules) == set(adapter.default_lora_targets())
     run = result.run_dir
     import csv
 
@@ -191,7 +192,8 @@ def test_neighbor_grpo_lora_run_exports_a_diffusers_lora(flux_folder, pipeline_c
     # only LoRA weights were trained: the exported file holds them, in diffusers' format
     assert (run / "aligned" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((run / "base" / "model.json").read_text())["kind"] == "reference"
-    assert "Held-out results" in (run / "aligned" / "README.md").read_text()
+    card = (run / "aligned" / "README.md").read_text()
+    assert "Held-out results" in card and "## Config" in card and "neighbor_grpo" in card
     pipe = quiet(pipeline_class.from_pretrained(flux_folder))
     pipe.load_lora_weights(run / "aligned")
     # the reloaded model (base + merged LoRA) has the trained adapter's velocities
