@@ -54,6 +54,11 @@ class ModelConfig:
     """Diffusers models: run the transformer on at most this many samples at a time (0: the whole batch)."""
     decode_batch_size: int = 4
     """Diffusers models: VAE-decode this many latents at a time."""
+    vae_tiling: bool = False
+    """Diffusers models: decode each image in overlapping tiles (diffusers' enable_tiling), for large images on small
+    cards; the seams are blended, so images differ very slightly from untiled decoding."""
+    offload_vae: bool = False
+    """Diffusers models: keep the VAE on the CPU and move it to the device only while it decodes."""
     export_pipeline: bool = False
     """Diffusers models: exports (best/, aligned/) are complete diffusers pipeline folders (a LoRA merged in)
     instead of a LoRA file (pytorch_lora_weights.safetensors) or a transformer/ folder next to a reference to the

@@ -138,7 +138,9 @@ class DiffusersAdapter:
         self.net = transformer
         # component by component, so offloaded text encoders never visit the accelerator at load time
         transformer.to(device)
-        pipeline.vae.to(device)
+        pipeline.vae.to(torch.device("cpu") if options["offload_vae"] else device)
+        if options["vae_tiling"]:
+            pipeline.vae.enable_tiling()
         encoder_home = torch.device("cpu") if options["offload_text_encoders"] else device
         for name in self.text_encoder_names():
             getattr(pipeline, name).to(encoder_home)
@@ -174,8 +176,9 @@ class DiffusersAdapter:
         return [t for t in ATTENTION_LORA_TARGETS if any(n.endswith("." + t) for n in names)]
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Row indices into the embedding cache (a LongTensor on the model's device)."""
-        return self.cache.lookup(list(prompts), self._encode_with_encoders_on_device).to(self.device)
+        """Row indices into the embedding cache, a CPU LongTensor: `velocity` turns them into a list to gather the
+        rows, which would be a device-to-host sync in every model call if they lived on the GPU."""
+        return self.cache.lookup(list(prompts), self._encode_with_encoders_on_device)
 
     def cache_prompts(self, prompts: Sequence[str]) -> None:
         """Encode prompts up front in batches of 64 (e.g. the evaluation prompts, or a small training set), so offloaded
@@ -213,12 +216,19 @@ class DiffusersAdapter:
         """Unscaled latents (batch, C, H, W) -> images in [0, 1], NOT clamped, float32, in chunks."""
         vae = self.pipeline.vae
         chunk = max(1, int(self.options["decode_batch_size"]))
+        offload = self.options["offload_vae"] and self.device.type != "cpu"
         images = []
-        with torch.no_grad():
-            for start in range(0, latents.shape[0], chunk):
-                z = latents[start:start + chunk].to(device=self.device, dtype=vae.dtype)
-                z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-                images.append((vae.decode(z, return_dict=False)[0].float() + 1.0) / 2.0)
+        if offload:  # the VAE visits the accelerator only while it decodes
+            vae.to(self.device)
+        try:
+            with torch.no_grad():
+                for start in range(0, latents.shape[0], chunk):
+                    z = latents[start:start + chunk].to(device=self.device, dtype=vae.dtype)
+                    z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+                    images.append((vae.decode(z, return_dict=False)[0].float() + 1.0) / 2.0)
+        finally:
+            if offload:
+                vae.to("cpu")
         return torch.cat(images)
 
     def resolution(self) -> tuple[int, int]:
