@@ -60,14 +60,11 @@ def _cmd_train(args) -> None:
         print(json.dumps({"run": str(result.run_dir), "before": result.eval_before, "after": result.eval_after}, indent=2))
 
 
-def _load_for_sampling(args, config=None):
-    from neighbor_grpo.models import load_adapter
+def _load_model_for(args, config=None):
+    """The checkpoint (ours or a diffusers folder) with model options: a run config's `model` section (eval
+    --config), overridden by the flags (--resolution, --guidance, ...), then the --lora files merged in order."""
+    import dataclasses
 
-    return load_adapter(args.checkpoint, device=args.device, options=config.model if config is not None else None)
-
-
-def _load_sample_model(args):
-    """The checkpoint (ours or a diffusers folder) with the sampling flags as model options, plus --lora files."""
     from neighbor_grpo.models import load_adapter
 
     if args.resolution is not None and (args.height is not None or args.width is not None):
@@ -75,7 +72,8 @@ def _load_sample_model(args):
     flags = {"height": args.height or args.resolution, "width": args.width or args.resolution,
              "guidance": args.guidance, "cfg_scale": args.cfg_scale, "negative_prompt": args.negative_prompt,
              "dtype": args.dtype, "max_sequence_length": args.max_sequence_length}
-    options = {k: v for k, v in flags.items() if v is not None}
+    options = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "path"} if config is not None else {}
+    options.update({k: v for k, v in flags.items() if v is not None})
     adapter = load_adapter(args.checkpoint, device=args.device, options=options or None)
     for lora in args.lora or []:
         if not hasattr(adapter, "load_lora"):
@@ -98,7 +96,7 @@ def _cmd_sample(args) -> None:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out {str(out)!r}: expected a file ending in .png (grid) or .npz (arrays)")
-    adapter = _load_sample_model(args)
+    adapter = _load_model_for(args)
     shift = args.shift
     if shift is None:  # the model's own grid shift (FLUX: exp(mu) for the resolution; SD3: the scheduler's)
         shift = float(adapter.default_shift()) if hasattr(adapter, "default_shift") else 1.0
@@ -190,7 +188,7 @@ def _cmd_eval(args) -> None:
     out = Path(args.out)
     if out.suffix != ".json":
         raise ValueError(f"--out {str(out)!r}: expected a .json file (the grid is written beside it as .png)")
-    adapter = _load_for_sampling(args, config)
+    adapter = _load_model_for(args, config)
     shift = args.shift if args.shift is not None else _model_shift(adapter, config)
     rewards = build_rewards(specs, device=args.device)
     result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
@@ -229,6 +227,22 @@ def _cmd_config(args) -> None:
     print("| key | type | default | meaning |\n|---|---|---|---|")
     for key, type_name, default, doc in config_reference():
         print(f"| `{key}` | {cell(type_name)} | `{json.dumps(default)}` | {cell(doc)} |")
+
+
+def _add_model_flags(cmd) -> None:
+    """Model options for sample and eval (diffusers models; the built-in model ignores them)."""
+    cmd.add_argument("--lora", action="append", metavar="PATH",
+                     help="diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, or the file) merged "
+                          "into a FLUX.1/SD3 checkpoint; repeatable")
+    cmd.add_argument("--height", type=int, help="diffusers models: image height in pixels (a multiple of 16)")
+    cmd.add_argument("--width", type=int, help="diffusers models: image width in pixels (a multiple of 16)")
+    cmd.add_argument("--resolution", type=int, help="diffusers models: height and width at once")
+    cmd.add_argument("--guidance", type=float, help="FLUX.1: guidance-embedding value (default 3.5)")
+    cmd.add_argument("--cfg-scale", type=float, help="SD3: classifier-free guidance scale (default 4.5; 1 disables)")
+    cmd.add_argument("--negative-prompt", help="SD3: negative prompt of classifier-free guidance (default '')")
+    cmd.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="diffusers models (default auto: bfloat16 on CUDA, float32 on CPU)")
+    cmd.add_argument("--max-sequence-length", type=int, help="diffusers models: T5 prompt tokens (512 FLUX, 256 SD3)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,18 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", required=True, help=".png or .npz")
     smp.add_argument("--prompt", required=True)
     smp.add_argument("--num", type=int, default=8)
-    smp.add_argument("--lora", action="append", metavar="PATH",
-                     help="diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, or the file) merged "
-                          "into a FLUX.1/SD3 checkpoint; repeatable")
-    smp.add_argument("--height", type=int, help="diffusers models: image height in pixels (a multiple of 16)")
-    smp.add_argument("--width", type=int, help="diffusers models: image width in pixels (a multiple of 16)")
-    smp.add_argument("--resolution", type=int, help="diffusers models: height and width at once")
-    smp.add_argument("--guidance", type=float, help="FLUX.1: guidance-embedding value (default 3.5)")
-    smp.add_argument("--cfg-scale", type=float, help="SD3: classifier-free guidance scale (default 4.5; 1 disables)")
-    smp.add_argument("--negative-prompt", help="SD3: negative prompt of classifier-free guidance (default '')")
-    smp.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="diffusers models (default auto: bfloat16 on CUDA, float32 on CPU)")
-    smp.add_argument("--max-sequence-length", type=int, help="diffusers models: T5 prompt tokens (512 FLUX, 256 SD3)")
+    _add_model_flags(smp)
     smp.set_defaults(func=_cmd_sample)
 
     ev = sub.add_parser("eval", help="score a checkpoint with several rewards on held-out prompts and fixed seeds; "
@@ -306,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shift", type=float, help="default: the config's shift, else the model's own")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", required=True, help="JSON file (a grid PNG is written beside it)")
+    _add_model_flags(ev)
     ev.set_defaults(func=_cmd_eval)
 
     cmp = sub.add_parser("compare", help="Neighbor GRPO vs the SDE baselines at equal training wall-clock")

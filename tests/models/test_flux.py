@@ -327,3 +327,35 @@ def test_example_configs_validate(path):
     config = load_config(path)
     assert config.model.path != "builtin:digits"
     assert config.optim.finetune == "lora" and config.optim.lora_targets != ["fc1", "fc2"]
+
+
+def test_eval_cli_scores_a_lora_export_with_the_run_config(flux_folder, tmp_path):
+    """`ngrpo eval --config`: the run's model options, held-out prompts and seeds; --lora on a base folder gives
+    the same scores as the export folder itself."""
+    import yaml
+
+    from neighbor_grpo.cli import main
+
+    adapter = randomized_lora(load_adapter(flux_folder, options=SIZE), seed=5)
+    adapter.save(tmp_path / "lora")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(flux_folder), "height": 16, "width": 16, "max_sequence_length": 8, "guidance": 2.0},
+        "prompts": {"eval": ["a red cat", "a blue dog"]}, "eval": {"samples_per_prompt": 2, "steps": 2, "seed": 11},
+        "rewards": [{"name": "tiny_diffusers:make_cheap_reward", "weight": 2.0}]}))
+    outputs = {}
+    for name, extra in (("export", ["--checkpoint", str(tmp_path / "lora")]),
+                        ("base_plus_lora", ["--checkpoint", str(flux_folder), "--lora", str(tmp_path / "lora")])):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", *extra, "--config", str(config), "--out", str(out)]) == 0
+        outputs[name] = json.loads(out.read_text())
+    result = outputs["export"]
+    assert result["prompts"] == ["a red cat", "a blue dog"] and result["seed"] == 11 and result["steps"] == 2
+    assert result["shift"] == pytest.approx(adapter.default_shift())
+    metrics = result["metrics"]
+    assert metrics["reward"] == pytest.approx(2.0 * metrics["reward_tiny_diffusers:make_cheap_reward"], rel=1e-6)
+    assert metrics["reward"] == pytest.approx(outputs["base_plus_lora"]["metrics"]["reward"], abs=1e-6)
+    from PIL import Image
+
+    with Image.open(tmp_path / "export.png") as grid:
+        assert grid.mode == "RGB"
