@@ -1,11 +1,14 @@
 """Data-parallel training over several processes (launched by `accelerate launch` or `torchrun`): who does what,
 and the few collectives the training loop needs. In one process every helper here is a no-op.
 
-The iteration's global batch of prompt slots is split by whole groups: process r takes a contiguous block of
-slots (`slot_range`), and the slot numbers keep keying the noises, anchors and members, so every process draws
-exactly the numbers a single process would. Rewards are gathered (a few floats per candidate) so advantages and
-logged metrics are computed on the whole batch; each process's loss is weighted by its share of the prompts, so
-the averaged gradient is the gradient of the global mean however the slots are split.
+The iteration's global batch of prompt slots is split by whole groups where possible: process r takes a contiguous
+block of slots (`slot_range`). With fewer prompts than processes a group spans processes (`batch_part`): each
+prompt gets a contiguous block of processes, each of them a contiguous block of its G candidates, and the blocks
+of the rollout are gathered so every process of the prompt holds the whole group. Slot and candidate numbers keep
+keying the noises, anchors and members, so every process draws exactly the numbers a single process would.
+Rewards are gathered (a few floats per candidate) so advantages and logged metrics are computed on the whole
+batch; each process's loss is weighted by its share of the trained units (prompts, or a prompt's anchors/members),
+so the averaged gradient is the gradient of the global mean however the batch is split.
 """
 
 from __future__ import annotations
@@ -82,11 +85,22 @@ def init_processes(device: str, parallel: str = "auto") -> tuple[Processes, torc
     return processes, torch.device(device)
 
 
-def check_batch_fits(prompts_per_iteration: int, processes: Processes) -> None:
-    if prompts_per_iteration < processes.world_size:
+def check_batch_fits(prompts_per_iteration: int, processes: Processes, group_size: int | None = None,
+                     group_field: str = "group_size") -> None:
+    """With fewer prompts than processes a group spans processes; each of them needs at least one candidate.
+    Without `group_size` (a caller that cannot split groups), at least one whole group per process."""
+    if prompts_per_iteration >= processes.world_size:
+        return
+    if group_size is None:
         raise ValueError(f"prompts_per_iteration: {prompts_per_iteration} prompts (groups) cannot be split over "
                          f"{processes.world_size} processes (each needs at least one); raise prompts_per_iteration "
                          "or launch fewer processes")
+    most = -(-processes.world_size // prompts_per_iteration)  # processes of the prompt with the most
+    if most > group_size:
+        raise ValueError(f"prompts_per_iteration: {prompts_per_iteration} prompts x {group_field}={group_size} "
+                         f"candidates cannot be split over {processes.world_size} processes (a prompt would get "
+                         f"{most} processes, more than its {group_size} candidates); raise prompts_per_iteration or "
+                         f"{group_field}, or launch fewer processes")
 
 
 def slot_range(count: int, rank: int, world_size: int) -> range:
@@ -96,9 +110,55 @@ def slot_range(count: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def prompt_share(slots: range, count: int) -> float:
-    """This process's share of the global batch: its loss is weighted by it (see module docstring)."""
-    return len(slots) / count
+@dataclass(frozen=True)
+class BatchPart:
+    """What one process rolls out and trains of the iteration's P prompts x G candidates."""
+
+    prompts: range
+    """Its prompt slots (one when a group spans processes)."""
+    candidates: range | None
+    """Its contiguous block of each of those prompts' candidates; None: all G (whole groups)."""
+    peers: range
+    """The ranks that share its prompt, this one included (just itself with whole groups)."""
+    rank: int
+
+    @property
+    def position(self) -> int:
+        """Its place among the peers: which block of candidates, and of the trained members, is its own."""
+        return self.rank - self.peers.start
+
+    def candidate_share(self, count: int, group_size: int) -> float:
+        """Its share of the batch's P x G candidates (images): weights its per-candidate means."""
+        mine = len(self.candidates) if self.candidates is not None else group_size
+        return len(self.prompts) * mine / (count * group_size)
+
+
+def prompt_processes(prompt: int, count: int, world_size: int) -> range:
+    """The ranks sharing prompt slot `prompt` when count < world_size: r with floor(r * count / world_size) ==
+    prompt, a contiguous block of at least one."""
+    return range(-(-prompt * world_size // count), -(-(prompt + 1) * world_size // count))
+
+
+def batch_part(count: int, group_size: int, rank: int, world_size: int) -> BatchPart:
+    """Process `rank`'s part of `count` prompts x `group_size` candidates: whole groups (`slot_range`) when there
+    are at least as many prompts as processes, else one prompt and a contiguous block of its candidates (block
+    sizes differ by at most one). Every (prompt, candidate) belongs to exactly one process."""
+    if count >= world_size:
+        return BatchPart(slot_range(count, rank, world_size), None, range(rank, rank + 1), rank)
+    prompt = rank * count // world_size
+    peers = prompt_processes(prompt, count, world_size)
+    if len(peers) > group_size:
+        raise ValueError(f"prompts_per_iteration: {count} prompts x group_size {group_size} cannot be split over "
+                         f"{world_size} processes (prompt {prompt} would get {len(peers)} processes, more than its "
+                         "candidates)")
+    candidates = slot_range(group_size, rank - peers.start, len(peers))
+    return BatchPart(range(prompt, prompt + 1), candidates, peers, rank)
+
+
+def member_block(members: int, part: BatchPart) -> range:
+    """The part of a prompt's `members` trained units (anchors, SDE members) this process trains: all with whole
+    groups, else a contiguous block among the prompt's processes (possibly empty)."""
+    return slot_range(members, part.position, len(part.peers))
 
 
 # ---- collectives (identity in one process) ---------------------------------------------------------------------
@@ -140,15 +200,53 @@ def all_true(flags: torch.Tensor, processes: Processes) -> list[bool]:
     return [bool(v) for v in flags.tolist()]
 
 
-def gather_rows(local: torch.Tensor, slots: range, count: int, processes: Processes) -> torch.Tensor:
-    """(len(slots), ...) rows of this process -> the (count, ...) whole batch on every process (zeros elsewhere,
-    summed: exact, and NaN anywhere reaches everyone)."""
+def gather_block(local: torch.Tensor, part: BatchPart, count: int, group_size: int,
+                 processes: Processes) -> torch.Tensor:
+    """(len(prompts), len(candidates)) values of this process -> the (count, group_size) whole batch on every
+    process (zeros elsewhere, summed: exact, and NaN anywhere reaches everyone)."""
     if not processes.distributed:
         return local
-    full = torch.zeros((count, *local.shape[1:]), dtype=local.dtype, device=_collective_device(processes))
-    full[slots.start:slots.stop] = local.to(full.device)
+    full = torch.zeros((count, group_size, *local.shape[2:]), dtype=local.dtype, device=_collective_device(processes))
+    candidates = part.candidates if part.candidates is not None else range(group_size)
+    full[part.prompts.start:part.prompts.stop, candidates.start:candidates.stop] = local.to(full.device)
     dist.all_reduce(full, op=dist.ReduceOp.SUM)
     return full.to(local.device)
+
+
+_PEER_GROUPS: dict[tuple[int, int, int], dict[int, object]] = {}
+
+
+def _peer_group(part: BatchPart, count: int, world_size: int):
+    """The process group of this process's prompt (None: it has the prompt alone). Every process creates every
+    prompt's group, in the same order (dist.new_group is a collective of the whole job), once per job and count."""
+    key = (id(dist.group.WORLD), count, world_size)
+    if key not in _PEER_GROUPS:
+        groups = {}
+        for prompt in range(count):
+            ranks = prompt_processes(prompt, count, world_size)
+            if len(ranks) > 1:
+                groups[ranks.start] = dist.new_group(list(ranks))
+        _PEER_GROUPS[key] = groups
+    return _PEER_GROUPS[key].get(part.peers.start)
+
+
+def gather_candidates(local: torch.Tensor, part: BatchPart, count: int, group_size: int,
+                      processes: Processes) -> torch.Tensor:
+    """(S, 1, g, ...) with this process's block of its prompt's candidates on dim 2 -> (S, 1, G, ...), the whole
+    group in candidate order, from the processes that share the prompt (only they communicate). Blocks are padded
+    to the largest for all_gather; every process of the job must call this (the groups are made on first use)."""
+    group = _peer_group(part, count, world_size=processes.world_size)
+    if group is None:  # the prompt has this process alone
+        return local
+    size = len(part.peers)
+    largest = -(-group_size // size)
+    device = _collective_device(processes)
+    padded = torch.zeros((*local.shape[:2], largest, *local.shape[3:]), dtype=local.dtype, device=device)
+    padded[:, :, :local.shape[2]] = local.to(device)
+    blocks = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(blocks, padded, group=group)
+    pieces = [block[:, :, :len(slot_range(group_size, position, size))] for position, block in enumerate(blocks)]
+    return torch.cat(pieces, dim=2).to(local.device)
 
 
 def sum_over_processes(values: list[float], processes: Processes) -> list[float]:

@@ -29,10 +29,11 @@ from neighbor_grpo.algorithms import ALGORITHMS
 from neighbor_grpo.checkpoint import (capture_rng, latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                                       prune_checkpoints, read_checkpoint, restore_rng, write_checkpoint)
 from neighbor_grpo.config import ConfigError, TrainConfig, from_dict, to_dict
-from neighbor_grpo.distributed import (SINGLE_PROCESS, Processes, all_true, any_process, barrier, broadcast_object,
-                                       check_batch_fits, full_tensor, gather_rows, global_means, gradient_sync,
-                                       init_processes, main_process_first, parallel_net, prompt_share, shard_in_place,
-                                       shard_like, slot_range, sum_over_processes, velocity_through)
+from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all_true, any_process, barrier,
+                                       batch_part, broadcast_object, check_batch_fits, full_tensor, gather_block,
+                                       gather_candidates, global_means, gradient_sync, init_processes,
+                                       main_process_first, member_block, parallel_net, shard_in_place, shard_like,
+                                       sum_over_processes, velocity_through)
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.lora import EMA, apply_lora, make_reference_velocity
@@ -495,7 +496,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
     hook = fault_hook or (lambda point: None)
     started = time.perf_counter()
     processes, device = init_processes(config.device, config.speed.parallel)
-    check_batch_fits(config.prompts_per_iteration, processes)
+    check_batch_fits(config.prompts_per_iteration, processes, config.algorithm_config.group_size,
+                     f"{config.algorithm}.group_size")
     main = processes.is_main
     progress = progress and main
     folder_context = RunFolder(run_dir, resume=resume, overwrite=overwrite) if main else _SharedFolder(run_dir)
@@ -741,32 +743,40 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
     train_velocity = parts.train_velocity if parts is not None else adapter.velocity
     scaler = parts.scaler if parts is not None else None
     all_prompts, all_indices = prompt_batch(train_prompts, config.seed, iteration, config.prompts_per_iteration)
-    count = len(all_prompts)
-    slots = slot_range(count, processes.rank, processes.world_size)  # this process's groups; the indices key the noises
+    count, group_size = len(all_prompts), algorithm.config.group_size
+    # this process's groups, or its block of one group when there are fewer prompts than processes; the slot and
+    # candidate numbers key the noises, so the blocks together roll out what one process would
+    part = batch_part(count, group_size, processes.rank, processes.world_size)
+    slots = part.prompts
     prompts, indices = all_prompts[slots.start:slots.stop], all_indices[slots.start:slots.stop]
-    share = prompt_share(slots, count)
     cond = adapter.encode_prompts(prompts)
-    # all of this process's groups in one batch, without autograd bookkeeping; FSDP's gathered-weight buffers are
-    # reused by the training passes, so they must not become inference tensors: no_grad there
+    # all of this process's candidates in one batch, without autograd bookkeeping; FSDP's gathered-weight buffers
+    # are reused by the training passes, so they must not become inference tensors: no_grad there
+    block = {} if part.candidates is None else {"candidates": slice(part.candidates.start, part.candidates.stop)}
     with torch.no_grad() if processes.sharded else torch.inference_mode():
-        rollout = algorithm.rollout(velocity, cond, prompts, indices, iteration, adapter.latent_shape(), adapter.device)
-    P, G = rollout.final.shape[:2]
+        rollout = algorithm.rollout(velocity, cond, prompts, indices, iteration, adapter.latent_shape(), adapter.device,
+                                    **block)
+    P, g = rollout.final.shape[:2]  # g = G unless the group spans processes
     with torch.no_grad():
         images = adapter.decode(rollout.final.flatten(0, 1))
         fault = ""
         try:
-            local_scores = {k: v.view(P, G) for k, v in rewards.score(images, [p for p in prompts for _ in range(G)]).items()}
+            local_scores = {k: v.view(P, g) for k, v in rewards.score(images, [p for p in prompts for _ in range(g)]).items()}
         except FloatingPointError as error:  # NaN/inf scores: a numerical fault, the update is skipped (and counted)
             fault = str(error)
     if any_process(bool(fault), processes):  # every process skips together
         return {}, f"reward scores: {fault or 'non-finite on another process'}"
     # the whole batch's rewards on every process: advantages (per group, or batch-wide) and metrics as in one process
-    scores = {k: gather_rows(v, slots, count, processes) for k, v in local_scores.items()}
+    scores = {k: gather_block(v, part, count, group_size, processes) for k, v in local_scores.items()}
     total = rewards.total(scores)
     values = {"reward_mean": float(total.mean()), "reward_std": float(total.std(dim=-1, correction=0).mean()),
               "zero_variance_groups": float((total.std(dim=-1) < 1e-6).float().mean())}
     values.update({f"reward_{k}": float(v.mean()) for k, v in scores.items()})
-    values.update(global_means({"out_of_range_train": ((images < -0.1) | (images > 1.1)).float().mean()}, share, processes))
+    values.update(global_means({"out_of_range_train": ((images < -0.1) | (images > 1.1)).float().mean()},
+                               part.candidate_share(count, group_size), processes))
+    if count < processes.world_size:
+        # a group split over processes: the leaping policy needs all G next states, the SDE losses their members'
+        rollout = whole_group(rollout, part, count, group_size, processes)
     advantages = combine_reward_advantages(scores, rewards.weights, config.reward_normalization, algorithm.advantages)
     advantages, clipped_share = algorithm.clip(advantages)
     values["adv_clipped_share"] = clipped_share
@@ -774,18 +784,20 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
         return values, "rewards or advantages"
     advantages = advantages[slots.start:slots.stop]
     hook("after_rollout")
-    batches = algorithm.minibatches(rollout, iteration)
-    rollout = algorithm.prepare_old_policy(velocity, rollout, batches)
+    # the same minibatches as one process; of a shared prompt, each process trains its block of the members
+    batches = [own_members(batch, part, count) for batch in algorithm.minibatches(rollout, iteration)]
+    rollout = algorithm.prepare_old_policy(velocity, rollout, [batch for batch, _ in batches])
     records: list[dict] = []
+    shares: list[float] = []
     skipped, fp16_overflows = "", 0
     max_norm = config.optim.max_grad_norm or float("inf")
-    # DDP/FSDP average gradients over processes: weighting each process's mean loss by world_size * its share of
-    # the prompts makes that average the gradient of the mean over the whole batch, however the slots are split
-    weight = processes.world_size * share
-    for batch in batches:
+    for batch, share in batches:
         optimizer.zero_grad(set_to_none=True)
+        # DDP/FSDP average gradients over processes: weighting each process's mean loss by world_size * its share
+        # of the trained units makes that average the gradient of the mean over the whole batch, however split
         loss, batch_stats = accumulate_gradients(algorithm, train_velocity, rollout, advantages, batch,
-                                                 reference_velocity, weight, config.speed.micro_batch,
+                                                 reference_velocity, processes.world_size * share,
+                                                 config.speed.micro_batch,
                                                  parts.train_module if parts is not None else None, scaler,
                                                  passes_per_step(count, config.speed.micro_batch, processes))
         if scaler is not None:
@@ -813,12 +825,45 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
         if ema is not None:
             ema.update(adapter.net)
         records.append({**batch_stats, "loss": loss.detach(), "grad_norm": grad_norm.detach()})
+        shares.append(share)
         hook("after_optimizer_step")
     if scaler is not None:
         values["fp16_overflow_steps"] = float(fp16_overflows)
     if records:  # read to the host once, after the optimizer loop
-        values.update(global_means(_mean_over_steps(records), share, processes, same_everywhere=MAX_OR_SHARED_STATS))
+        values.update(global_step_means(records, shares, processes))
     return values, skipped
+
+
+def whole_group(rollout, part: BatchPart, count: int, group_size: int, processes: Processes):
+    """This process's block of its prompt's rollout -> the whole group's (states of every step, velocities,
+    log-probs), gathered from the processes sharing the prompt; every process must call it."""
+    gather = lambda value: gather_candidates(value, part, count, group_size, processes)
+    return rollout._replace(states=gather(rollout.states), velocities=gather(rollout.velocities),
+                            log_probs=None if rollout.log_probs is None else gather(rollout.log_probs))
+
+
+def own_members(batch, part: BatchPart, count: int):
+    """(the minibatch this process trains, its share of the minibatch's trained units). Whole groups: all members
+    of its prompts. A shared prompt: its block of the prompt's members; a process left without any trains the
+    first one with share 0 (weight 0), so it makes the same forward/backward passes as the others (DDP/FSDP)."""
+    members = batch.members.shape[1]
+    if part.candidates is None:
+        return batch, len(part.prompts) * members / (count * members)
+    block = member_block(members, part)
+    if not len(block):
+        return dataclasses.replace(batch, members=batch.members[:, :1]), 0.0
+    return dataclasses.replace(batch, members=batch.members[:, block.start:block.stop]), len(block) / (count * members)
+
+
+def global_step_means(records: list[dict], shares: list[float], processes: Processes) -> dict[str, float]:
+    """The logged per-step values as means over the steps of the whole batch's values. Each record holds means
+    over this process's units, weighted by its share of the step's units (constant with whole groups; with shared
+    prompts the member blocks, and so the shares, can differ between minibatches)."""
+    if len(set(shares)) == 1:
+        return global_means(_mean_over_steps(records), shares[0], processes, same_everywhere=MAX_OR_SHARED_STATS)
+    weighted = [{key: value if key in MAX_OR_SHARED_STATS else value * share for key, value in record.items()}
+                for record, share in zip(records, shares)]
+    return global_means(_mean_over_steps(weighted), 1.0, processes, same_everywhere=MAX_OR_SHARED_STATS)
 
 
 def _mean_over_steps(records: list[dict]) -> dict[str, torch.Tensor]:

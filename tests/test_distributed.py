@@ -1,7 +1,8 @@
 """Training on several processes (neighbor_grpo/distributed.py): 2 CPU processes (gloo) started the way torchrun and
 `accelerate launch` start them (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment) must end with the
 parameters of a 1-process run of the same global batch and seeds, to float tolerance, also when the prompts do not
-split evenly (3 over 2) and with micro-batches; a 2-process run stopped and resumed ends like an uninterrupted one.
+split evenly (3 over 2), with micro-batches, and when one group spans both processes (1 prompt); a 2-process run
+stopped and resumed ends like an uninterrupted one.
 
 A tiny digits model (seconds to train) and a pixel reward that needs no classifier keep this fast."""
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from neighbor_grpo.config import load_config
-from neighbor_grpo.distributed import slot_range
+from neighbor_grpo.distributed import Processes, batch_part, check_batch_fits, member_block, slot_range
 from neighbor_grpo.io import load_safetensors
 from neighbor_grpo.trainer import train
 
@@ -32,6 +33,18 @@ BASE = ["iterations=3", "prompts_per_iteration=3", "prompts.train=['0','1','2','
         "optim.ema_decay=0.5"]
 # Flow-GRPO divides by the std of the whole batch (global_std): advantages need every process's rewards
 FLOW_GRPO = ["algorithm=flow_grpo", "flow_grpo.group_size=4", "flow_grpo.rollout_steps=4", "flow_grpo.num_minibatches=2"]
+# One prompt per iteration: its group spans both processes (fewer prompts than processes)
+SPANNING = ["iterations=2", "prompts_per_iteration=1", "prompts.train=['0','1','2','3','4']", "eval.every=2",
+            "eval.samples_per_prompt=2", "eval.steps=2", "prompts.eval=['0']", "checkpoint_every=2", "optim.lr=1e-3",
+            "optim.ema_decay=0.5"]
+SPANNING_ALGORITHMS = {
+    # 4 candidates 2 + 2, 3 anchors 2 + 1 (unequal loss weights)
+    "neighbor_grpo": ["neighbor_grpo.group_size=4", "neighbor_grpo.num_anchors=3", "neighbor_grpo.rollout_steps=4"],
+    # 5 candidates 3 + 2 (padded gather); minibatches of 2, 2, 1 members: the last leaves process 1 without any
+    # (a weight-0 pass), so the shares differ between minibatches
+    "dance_grpo": ["algorithm=dance_grpo", "dance_grpo.group_size=5", "dance_grpo.rollout_steps=4",
+                   "dance_grpo.num_minibatches=3"],
+}
 
 WORKER = textwrap.dedent(r'''
     import json, sys
@@ -142,6 +155,37 @@ def test_slots_split_whole_groups_evenly():
             assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
+def test_spanning_groups_cover_every_candidate_once():
+    for count, group_size, world in [(1, 4, 2), (1, 12, 5), (2, 3, 5), (3, 2, 4), (8, 12, 32), (3, 5, 8), (5, 3, 5),
+                                     (7, 2, 3)]:
+        parts = [batch_part(count, group_size, rank, world) for rank in range(world)]
+        owned = [(p, c) for part in parts for p in part.prompts
+                 for c in (part.candidates if part.candidates is not None else range(group_size))]
+        assert sorted(owned) == [(p, c) for p in range(count) for c in range(group_size)], (count, group_size, world)
+        for part in parts:
+            assert part.rank in part.peers and all(parts[r].prompts == part.prompts for r in part.peers)
+            if count >= world:  # whole groups, as before
+                assert part.candidates is None and part.prompts == slot_range(count, part.rank, world)
+            else:  # one prompt each; the ranks of a prompt are contiguous, their blocks in rank order
+                assert len(part.prompts) == 1 and part.candidates == slot_range(group_size, part.position, len(part.peers))
+        if count < world:
+            sizes = [len(part.peers) for part in parts if part.position == 0]
+            assert len(sizes) == count and max(sizes) - min(sizes) <= 1
+    # the members (anchors) of a shared prompt are split the same way; a process may get none
+    assert [member_block(3, batch_part(1, 4, rank, 2)) for rank in range(2)] == [range(0, 2), range(2, 3)]
+    assert len(member_block(1, batch_part(1, 4, 1, 2))) == 0
+
+
+def test_more_processes_than_candidates_is_refused():
+    check_batch_fits(1, Processes(0, 4), 4, "neighbor_grpo.group_size")  # one prompt, 4 processes, 1 candidate each
+    check_batch_fits(3, Processes(0, 2), 2, "neighbor_grpo.group_size")
+    with pytest.raises(ValueError, match=r"prompts_per_iteration: 2 prompts x neighbor_grpo.group_size=3 candidates "
+                                         r"cannot be split over 8 processes \(a prompt would get 4 processes"):
+        check_batch_fits(2, Processes(0, 8), 3, "neighbor_grpo.group_size")
+    with pytest.raises(ValueError, match=r"prompts_per_iteration: 1 prompts x group_size 2 .* 3 processes"):
+        batch_part(1, 2, 0, 3)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     """Per algorithm, lazily: a 1-process run and a 2-process DDP run of it (3 prompts: 2 + 1)."""
@@ -172,6 +216,22 @@ def test_two_processes_match_one_process(tiny_model, runs, algorithm):
     for key in ("reward_mean", "loss", "heldout/reward"):
         assert metrics(ddp, key) == pytest.approx(metrics(single, key), rel=1e-4, abs=1e-6), key
     assert metrics(ddp, "model_evals_per_iter") == metrics(single, "model_evals_per_iter")
+
+
+@pytest.mark.parametrize("algorithm", list(SPANNING_ALGORITHMS))
+def test_one_group_spans_two_processes(tiny_model, tmp_path, algorithm):
+    """1 prompt on 2 processes: each rolls out its block of the group, the blocks are gathered, each trains its
+    block of the anchors/members; the parameters end as in one process."""
+    overrides = SPANNING + SPANNING_ALGORITHMS[algorithm] + [f"model.path={tiny_model}"]
+    train(load_config(None, overrides), tmp_path / "single", progress=False, rewards=pixel_rewards())
+    assert launch(tmp_path, tmp_path / "ddp", overrides) == ["DONE", "DONE"]
+    single, ddp = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert max_difference(single, load_safetensors(tiny_model / "model.safetensors")) > 1e-4  # it trained
+    difference = max_difference(ddp, single)
+    print(f"{algorithm}, one group over 2 processes: max |2-process DDP - 1-process| parameter difference {difference:.2e}")
+    assert difference < 1e-5
+    for key in ("reward_mean", "reward_std", "loss", "ratio_mean", "clip_fraction", "heldout/reward"):
+        assert metrics(tmp_path / "ddp", key) == pytest.approx(metrics(tmp_path / "single", key), rel=1e-4, abs=1e-6), key
 
 
 def test_two_processes_resume_exactly(runs, tmp_path):

@@ -145,3 +145,8 @@ def test_prompts_must_cover_the_processes():
     check_batch_fits(4, Processes(0, 4))
     with pytest.raises(ValueError, match=r"prompts_per_iteration: 3 prompts \(groups\) cannot be split over 4 processes"):
         check_batch_fits(3, Processes(0, 4))
+    # given the group size, a group may span processes: 3 prompts over 4 processes need 2 per prompt at most
+    check_batch_fits(3, Processes(0, 4), group_size=2)
+    check_batch_fits(1, Processes(0, 8), group_size=8)
+    with pytest.raises(ValueError, match=r"prompts_per_iteration: 1 prompts x neighbor_grpo.group_size=4 .*5 processes"):
+        check_batch_fits(1, Processes(0, 5), group_size=4, group_field="neighbor_grpo.group_size")

@@ -66,10 +66,12 @@ class DanceGRPO:
 
     @torch.no_grad()
     def rollout(self, velocity: VelocityFn, cond: torch.Tensor, prompts, prompt_indices, iteration: int,
-                latent_shape: tuple[int, ...], device: str | torch.device = "cpu") -> Rollout:
+                latent_shape: tuple[int, ...], device: str | torch.device = "cpu",
+                candidates: slice | None = None) -> Rollout:
+        """`candidates`: only that block of each group (a group split over processes), with its own noises."""
         c = self.config
         noises, z = rollout_noises(latent_shape, c.group_size, c.rollout_steps, c.same_initial_noise, self.seed, iteration,
-                                   prompt_indices, device)
+                                   prompt_indices, device, candidates)
         sigmas = sigma_grid(c.rollout_steps, shift=c.shift or 1.0).to(device)
         # The reference decodes the last step's x0 prediction and never trains that step, so its noise is never
         # seen: the last step here is the deterministic Euler step into s = 0, which lands exactly on x0hat.

@@ -93,10 +93,12 @@ class FlowGRPO:
 
     @torch.no_grad()
     def rollout(self, velocity: VelocityFn, cond: torch.Tensor, prompts, prompt_indices, iteration: int,
-                latent_shape: tuple[int, ...], device: str | torch.device = "cpu") -> Rollout:
+                latent_shape: tuple[int, ...], device: str | torch.device = "cpu",
+                candidates: slice | None = None) -> Rollout:
+        """`candidates`: only that block of each group (a group split over processes), with its own noises."""
         c = self.config
         noises, z = rollout_noises(latent_shape, c.group_size, c.rollout_steps, c.same_initial_noise, self.seed, iteration,
-                                   prompt_indices, device)
+                                   prompt_indices, device, candidates)
         sigmas = sigma_grid(c.rollout_steps, shift=c.shift or 1.0).to(device)
         s_1 = float(sigmas[1])
         step = lambda x, v, s, s_next, noise: flow_grpo_sde_step(x, v, s, s_next, noise, noise_level=c.noise_level, s_1=s_1)

@@ -147,7 +147,9 @@ class MixGRPO:
 
     @torch.no_grad()
     def rollout(self, velocity: VelocityFn, cond: torch.Tensor, prompts, prompt_indices, iteration: int,
-                latent_shape: tuple[int, ...], device: str | torch.device = "cpu") -> Rollout:
+                latent_shape: tuple[int, ...], device: str | torch.device = "cpu",
+                candidates: slice | None = None) -> Rollout:
+        """`candidates`: only that block of each group (a group split over processes), with its own noises."""
         c = self.config
         if c.sde not in ("flow_grpo", "dance_grpo"):
             raise ValueError(f"sde must be 'flow_grpo' or 'dance_grpo'; got {c.sde!r}")
@@ -162,7 +164,7 @@ class MixGRPO:
         mask = torch.zeros(num_steps, dtype=torch.bool, device=device)
         mask[window] = True
         noises, z = rollout_noises(latent_shape, c.group_size, num_steps, c.same_initial_noise, self.seed, iteration,
-                                   prompt_indices, device)
+                                   prompt_indices, device, candidates)
         s_1 = float(sigmas[1])
         if c.sde == "dance_grpo":
             step = lambda x, v, s, s_next, noise: dance_grpo_sde_step(x, v, s, s_next, noise, eta=c.noise_level)

@@ -131,10 +131,15 @@ class NeighborGRPO:
     # -- 1, 2: noise neighbourhood and deterministic rollout --
     @torch.no_grad()
     def rollout(self, velocity: VelocityFn, cond: torch.Tensor, prompts: Sequence[str], prompt_indices: Sequence[int],
-                iteration: int, latent_shape: tuple[int, ...], device: str | torch.device = "cpu") -> Rollout:
+                iteration: int, latent_shape: tuple[int, ...], device: str | torch.device = "cpu",
+                candidates: slice | None = None) -> Rollout:
+        """`candidates`: only that block of each group (a group split over processes); its noises are the ones
+        the whole group's rollout gives those candidates, so the blocks together are the whole group's rollout."""
         c = self.config
         noises = torch.stack([neighbor_noises(latent_shape, c.group_size, c.neighbor_sigma, self.seed, iteration, index, device)
                               for index in prompt_indices])  # (P, G, *latent)
+        if candidates is not None:
+            noises = noises[:, candidates]
         sigmas = sigma_grid(c.rollout_steps, shift=c.shift or 1.0).to(device)
         return ode_rollout(velocity, noises, cond, sigmas, c.rollout_solver, list(prompts), list(prompt_indices))
 

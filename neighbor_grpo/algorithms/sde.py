@@ -117,9 +117,11 @@ def euler_ode_step(j: int, states: list, velocities: list, grid: list) -> torch.
 
 
 def step_noises(shape: tuple[int, ...], num_steps: int, group_size: int, seed: int, iteration: int,
-                prompt_index: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """(G, N, *shape) SDE noises of one prompt, one keyed stream per candidate (so batching never changes them)."""
-    streams = (keyed_generator(seed, iteration, prompt_index, i, ROLE_SDE_NOISE) for i in range(group_size))
+                prompt_index: int, device: str | torch.device = "cpu", candidates: slice | None = None) -> torch.Tensor:
+    """(G, N, *shape) SDE noises of one prompt, one keyed stream per candidate (so batching never changes them);
+    with `candidates`, only that block's streams."""
+    block = range(group_size)[candidates] if candidates is not None else range(group_size)
+    streams = (keyed_generator(seed, iteration, prompt_index, i, ROLE_SDE_NOISE) for i in block)
     return torch.stack([torch.randn((num_steps, *shape), generator=generator) for generator in streams]).to(device)
 
 
@@ -131,12 +133,16 @@ def shared_noises(shape: tuple[int, ...], group_size: int, seed: int, iteration:
 
 
 def rollout_noises(shape: tuple[int, ...], group_size: int, num_steps: int, same_initial_noise: bool, seed: int,
-                   iteration: int, prompt_indices: Sequence[int], device: str | torch.device = "cpu"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, G, *shape) initial noises (shared by the group, or independent) and (P, G, N, *shape) step noises."""
+                   iteration: int, prompt_indices: Sequence[int], device: str | torch.device = "cpu",
+                   candidates: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, G, *shape) initial noises (shared by the group, or independent) and (P, G, N, *shape) step noises;
+    with `candidates`, only that block of each group (g instead of G), the same numbers the whole group gets."""
     draw = shared_noises if same_initial_noise else independent_noises
     initial = torch.stack([draw(shape, group_size, seed, iteration, index, device=device) for index in prompt_indices])
-    steps = torch.stack([step_noises(shape, num_steps, group_size, seed, iteration, index, device) for index in prompt_indices])
+    if candidates is not None:
+        initial = initial[:, candidates]
+    steps = torch.stack([step_noises(shape, num_steps, group_size, seed, iteration, index, device, candidates)
+                         for index in prompt_indices])
     return initial, steps
 
 
