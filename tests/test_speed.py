@@ -3,6 +3,8 @@ gradient scaler, torch.compile, micro-batches (gradient accumulation), the optim
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -150,3 +152,22 @@ def test_prompts_must_cover_the_processes():
     check_batch_fits(1, Processes(0, 8), group_size=8)
     with pytest.raises(ValueError, match=r"prompts_per_iteration: 1 prompts x neighbor_grpo.group_size=4 .*5 processes"):
         check_batch_fits(1, Processes(0, 5), group_size=4, group_field="neighbor_grpo.group_size")
+
+
+def test_adamw_uses_the_fused_kernel_and_matches_the_loop():
+    from neighbor_grpo.speed import make_optimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin = copy.deepcopy(net)
+    fused = make_optimizer(list(net.parameters()), 1e-2, (0.9, 0.999), 0.01, "adamw")
+    loop = torch.optim.AdamW(twin.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, foreach=False)
+    assert fused.param_groups[0]["fused"] is True
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for model, optimizer in ((net, fused), (twin, loop)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -110,9 +110,12 @@ class PromptCache:
         return torch.stack([self.tensors[name][i] for i in rows.tolist()]).to(device=device, dtype=dtype)
 
 
-def _parameters_version(module: torch.nn.Module) -> int:
-    """Sum of the in-place version counters: an optimizer step (or any copy_) changes it."""
-    return sum(p._version for p in module.parameters())
+@torch.no_grad()
+def _parameters_fingerprint(module: torch.nn.Module) -> torch.Tensor:
+    """Each parameter's sum and sum of squares in float64, on the CPU: any training step changes it. (In-place
+    version counters do not: the fused AdamW kernel updates the weights without bumping them.)"""
+    sums = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in module.parameters()]
+    return torch.stack(sums).cpu() if sums else torch.zeros(0, 2, dtype=torch.float64)
 
 
 class DiffusersAdapter:
@@ -146,7 +149,7 @@ class DiffusersAdapter:
             getattr(pipeline, name).to(encoder_home)
         cache_device = torch.device("cpu") if options["prompt_cache_on_cpu"] else device
         self.cache = PromptCache(cache_device)
-        self._pristine_version = _parameters_version(transformer)
+        self._pristine = _parameters_fingerprint(transformer)
         self.resolution()  # a bad height/width fails at load time, naming the field
 
     # ---- subclass hooks ------------------------------------------------------------------------------------------
@@ -283,7 +286,7 @@ class DiffusersAdapter:
         self.pipeline.fuse_lora(components=["transformer"])
         self.pipeline.unload_lora_weights()
         self.loras.append(str((folder / weight_name).resolve()))
-        self._pristine_version = _parameters_version(self.pipeline.transformer)
+        self._pristine = _parameters_fingerprint(self.pipeline.transformer)
 
     # ---- export ----------------------------------------------------------------------------------------------------
     def _transformer(self) -> torch.nn.Module:
@@ -308,7 +311,7 @@ class DiffusersAdapter:
                     "transformer": self.transformer_folder,
                     "options": {k: v for k, v in self.options.items() if k != "path"}}
             lora = is_lora(self.net)
-            changed = lora or _parameters_version(self._transformer()) != self._pristine_version
+            changed = lora or not torch.equal(_parameters_fingerprint(self._transformer()), self._pristine)
             if changed and self.options["export_pipeline"]:
                 self._save_pipeline(tmp)
                 meta.update(base=".", transformer=None, loras=[], kind="pipeline")
