@@ -517,6 +517,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             _remove_tree(run / "base")
             os.replace(run / ".tmp-base", run / "base")
         train_prompts, heldout_prompts = read_prompts(config), eval_prompts(config)
+        if callable(getattr(adapter, "cache_prompts", None)):  # encoded once now: offloaded text encoders stay off
+            adapter.cache_prompts(heldout_prompts)
 
         parts = build_training_parts(config, adapter, processes)
         params, optimizer, ema, algorithm, reference_velocity = (parts.params, parts.optimizer, parts.ema,
