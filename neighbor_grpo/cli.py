@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (a run resumes from its latest checkpoint with `ngrpo train --resume RUN`)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError, ImportError) as error:
         print(f"ngrpo {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

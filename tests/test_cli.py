@@ -373,3 +373,20 @@ def test_ngrpo_console_script(capsys):
     main(["config"])
     in_process, _ = capsys.readouterr()
     assert result.stdout == in_process
+
+
+def test_a_missing_optional_package_is_named_with_its_extra(builtin_models, tmp_path, capsys, monkeypatch):
+    """Installed without extras: the OCR reward and FLUX/SD3 folders say which extra to install (exit 2, no
+    traceback). A None entry in sys.modules makes the import fail as if the package were absent."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", builtin_models["base"], "--out", tmp_path / "s.json",
+                           "--prompts", "1,2", "--reward", "ocr")
+    assert code == 2 and 'pip install "neighbor-grpo[ocr]"' in err
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", folder, "--prompt", "a cat", "--out", tmp_path / "x.png")
+    assert code == 2 and 'pip install "neighbor-grpo[diffusers]"' in err

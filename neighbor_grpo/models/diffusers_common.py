@@ -53,6 +53,16 @@ def model_options(options, saved: dict | None = None) -> dict:
     return values
 
 
+def import_diffusers():
+    """diffusers, or an error naming the extra that installs it (the built-in model does not need it)."""
+    try:
+        import diffusers
+    except ImportError as error:
+        raise ImportError('FLUX.1 and SD3 models need diffusers and transformers: '
+                          'pip install "neighbor-grpo[diffusers]"') from error
+    return diffusers
+
+
 def read_model_index(folder: Path) -> str:
     """The pipeline class a diffusers folder names in model_index.json."""
     path = folder / "model_index.json"
@@ -366,7 +376,7 @@ class DiffusersAdapter:
     @classmethod
     def from_folder(cls, folder: Path, device, options=None) -> "DiffusersAdapter":
         """A diffusers pipeline folder (model_index.json) or one of our exports (model.json naming this adapter)."""
-        import diffusers
+        diffusers = import_diffusers()
 
         folder = Path(folder)
         device = torch.device(device)
