@@ -151,7 +151,8 @@ class SpeedConfig:
     compile: bool = False
     """torch.compile the velocity net in place (the first iterations are slow while it compiles)."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """torch's AdamW, or bitsandbytes' 8-bit AdamW (needs the bitsandbytes package and CUDA)."""
+    """torch's AdamW (its fused kernel where the parameters allow), or bitsandbytes' 8-bit AdamW (needs the
+    bitsandbytes package and CUDA)."""
     micro_batch: int | None = None
     """Prompts (groups) per forward/backward pass of one process; gradients are accumulated over the passes, so
     results do not depend on it (null: all of the process's prompts in one pass). Lowers peak memory."""
