@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from neighbor_grpo.models import net_swapped
+
 
 @dataclass(frozen=True)
 class Processes:
@@ -349,11 +351,8 @@ def velocity_through(adapter, module: nn.Module) -> Callable:
         return adapter.velocity
 
     def velocity(x, s, cond):
-        original, adapter.net = adapter.net, module
-        try:
+        with net_swapped(adapter, module):
             return adapter.velocity(x, s, cond)
-        finally:
-            adapter.net = original
 
     return velocity
 

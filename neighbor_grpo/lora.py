@@ -9,6 +9,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from neighbor_grpo.models import net_swapped
+
 
 def apply_lora(net: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:
     """Wrap `net` with peft LoRA adapters on the named linear layers; only the adapters stay trainable."""
@@ -53,12 +55,8 @@ def make_reference_velocity(adapter, frozen_copy: nn.Module | None) -> Callable:
     """v_ref(x, s, cond): the adapter's velocity evaluated with the reference weights, no gradients."""
 
     def velocity(x, s, cond):
-        with torch.no_grad(), reference_mode(adapter.net, frozen_copy) as net:
-            original, adapter.net = adapter.net, net
-            try:
-                return adapter.velocity(x, s, cond)
-            finally:
-                adapter.net = original
+        with torch.no_grad(), reference_mode(adapter.net, frozen_copy) as net, net_swapped(adapter, net):
+            return adapter.velocity(x, s, cond)
 
     return velocity
 

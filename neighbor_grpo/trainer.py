@@ -37,7 +37,7 @@ from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.lora import EMA, apply_lora, make_reference_velocity
-from neighbor_grpo.models import load_adapter
+from neighbor_grpo.models import load_adapter, net_swapped
 from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.noise import keyed_generator
 from neighbor_grpo.prompts import resolve_prompt_sets
@@ -475,11 +475,8 @@ def _plain_net(adapter, parts: TrainingParts):
         yield
         return
     parts.export_net.load_state_dict({name: value.cpu() for name, value in weights.items()})
-    original, adapter.net = adapter.net, parts.export_net
-    try:
+    with net_swapped(adapter, parts.export_net):
         yield
-    finally:
-        adapter.net = original
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
