@@ -19,13 +19,7 @@ from neighbor_grpo.monitors import generate
 from neighbor_grpo.rewards.digit_classifier import make_digit_probability_reward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """The tiny models here run fastest on one thread; torch's default pool spins on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 TINY = ["prompts_per_iteration=2", "neighbor_grpo.group_size=4", "neighbor_grpo.num_anchors=2",

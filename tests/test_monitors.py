@@ -9,13 +9,7 @@ from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
 from neighbor_grpo.monitors import generate, nearest_real_distance, out_of_range_share, within_prompt_diversity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """The tiny models here run fastest on one thread; torch's default pool spins on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 # ---- out_of_range_share -----------------------------------------------------------------------------------------

@@ -13,13 +13,7 @@ from neighbor_grpo.rewards.compressibility import make_jpeg_compressibility
 from neighbor_grpo.rewards.digit_classifier import make_digit_probability_reward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """The tiny models here run fastest on one thread; torch's default pool spins on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 @pytest.fixture

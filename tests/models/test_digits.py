@@ -12,13 +12,7 @@ from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.rewards import build_rewards
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """The tiny models here run fastest on one thread; torch's default pool spins on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 SMALL = DigitsNetConfig(hidden=64, depth=2, cond_dim=32)

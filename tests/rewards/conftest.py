@@ -6,15 +6,6 @@ import torch
 from tiny_clip import save_processor_files, tiny_clip_config, tiny_clip_tokenizer, transformers
 
 
-@pytest.fixture(autouse=True, scope="package")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine the thread pool only spins."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A random tiny CLIPModel + tokenizer + image processor config in one folder, like openai/clip-vit-*."""

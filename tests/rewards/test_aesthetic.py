@@ -11,6 +11,8 @@ from neighbor_grpo.rewards.aesthetic import make_aesthetic
 from neighbor_grpo.rewards.convert import main as convert_main
 from neighbor_grpo.rewards.model_loading import CLIP_MEAN, CLIP_STD, resize_center_crop_normalize
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
+
 transformers = pytest.importorskip("transformers")
 
 WIDTHS = (16, 32, 8, 8, 4, 1)  # the released head is 768-1024-128-64-16-1; 16 is the tiny CLIP's embedding size

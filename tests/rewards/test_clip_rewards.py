@@ -7,6 +7,8 @@ from neighbor_grpo.rewards import build_rewards, check_scores
 from neighbor_grpo.rewards.clip_rewards import make_clip_score, make_pickscore
 from neighbor_grpo.rewards.model_loading import resize_center_crop_normalize
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
+
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["a red square", "a photo of a cat", "hello world", "two dogs", "an empty room"]

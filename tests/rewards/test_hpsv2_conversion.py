@@ -12,6 +12,8 @@ from neighbor_grpo.rewards.openclip_convert import openclip_to_transformers_clip
 
 from tiny_clip import TINY_IMAGE, save_processor_files, tiny_clip_config, tiny_clip_tokenizer
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
+
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["a watercolor fox", "a city at night", "a bowl of soup"]

@@ -14,6 +14,8 @@ from neighbor_grpo.rewards.image_reward import (REWARD_MEAN, REWARD_STD, ImageRe
                                                 make_image_reward)
 from neighbor_grpo.rewards.model_loading import CLIP_MEAN, CLIP_STD, resize_center_crop_normalize
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
+
 transformers = pytest.importorskip("transformers")
 
 V_WIDTH, V_LAYERS, V_HEADS, PATCH, IMAGE = 48, 2, 4, 8, 32

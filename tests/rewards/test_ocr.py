@@ -6,6 +6,8 @@ import torch
 from neighbor_grpo.rewards import build_rewards
 from neighbor_grpo.rewards.ocr import edit_distance, target_text, text_accuracy, QUOTED_TEXT
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
+
 pytest.importorskip("rapidocr_onnxruntime")
 
 
