@@ -82,11 +82,6 @@ def read_prompts(config: TrainConfig) -> list[str]:
     return resolve_prompt_sets(config.prompts)[0]
 
 
-def eval_prompts(config: TrainConfig) -> list[str]:
-    """The held-out prompts: `prompts.eval`, the split of `prompts.file`, or `prompts.eval_file` (cut to eval_limit)."""
-    return resolve_prompt_sets(config.prompts)[1]
-
-
 def prompt_batch(prompts: list[str], seed: int, iteration: int, count: int) -> tuple[list[str], list[int]]:
     """The iteration's prompts: consecutive slots of per-epoch permutations keyed by (seed, epoch); the slot
     number inside the global batch is the 'prompt index' that keys the noises."""
@@ -513,7 +508,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             adapter.save(run / ".tmp-base")
             _remove_tree(run / "base")
             os.replace(run / ".tmp-base", run / "base")
-        train_prompts, heldout_prompts = read_prompts(config), eval_prompts(config)
+        train_prompts, heldout_prompts = resolve_prompt_sets(config.prompts)  # the prompt file is read once
         if callable(getattr(adapter, "cache_prompts", None)):  # encoded once now: offloaded text encoders stay off
             adapter.cache_prompts(heldout_prompts)
 
