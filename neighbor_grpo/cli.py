@@ -89,6 +89,7 @@ def _cmd_sample(args) -> None:
 
     from neighbor_grpo.io import atomic_write_bytes
     from neighbor_grpo.logs import save_grid
+    from neighbor_grpo.models import model_default_shift
     from neighbor_grpo.monitors import generate
 
     if args.num < 1:
@@ -97,9 +98,7 @@ def _cmd_sample(args) -> None:
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out {str(out)!r}: expected a file ending in .png (grid) or .npz (arrays)")
     adapter = _load_model_for(args)
-    shift = args.shift
-    if shift is None:  # the model's own grid shift (FLUX: exp(mu) for the resolution; SD3: the scheduler's)
-        shift = float(adapter.default_shift()) if hasattr(adapter, "default_shift") else 1.0
+    shift = args.shift if args.shift is not None else model_default_shift(adapter)
     _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
     images = images.clamp(0, 1)
     if out.suffix == ".png":
@@ -179,6 +178,7 @@ def _eval_settings(args):
 def _cmd_eval(args) -> None:
     from neighbor_grpo.io import atomic_write_text
     from neighbor_grpo.logs import save_grid
+    from neighbor_grpo.models import model_default_shift
     from neighbor_grpo.monitors import score_model
     from neighbor_grpo.rewards import build_rewards
 
@@ -189,7 +189,12 @@ def _cmd_eval(args) -> None:
     if out.suffix != ".json":
         raise ValueError(f"--out {str(out)!r}: expected a .json file (the grid is written beside it as .png)")
     adapter = _load_model_for(args, config)
-    shift = args.shift if args.shift is not None else _model_shift(adapter, config)
+    if args.shift is not None:
+        shift = args.shift
+    else:  # as training uses: the config's shift, else the model's own
+        from neighbor_grpo.trainer import model_shift
+
+        shift = model_shift(config, adapter) if config is not None else model_default_shift(adapter)
     rewards = build_rewards(specs, device=args.device)
     result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
                                  sampling["solver"], sampling["steps"], shift)
@@ -198,14 +203,6 @@ def _cmd_eval(args) -> None:
     atomic_write_text(out, json.dumps(result, indent=2))
     save_grid(images[:16, :8], out.with_suffix(".png"), row_labels=prompts[:16])
     print(json.dumps(result["metrics"], indent=2))
-
-
-def _model_shift(adapter, config) -> float:
-    """The config's shift if it sets one, else the model's own (as training uses)."""
-    if config is not None and config.algorithm_config.shift is not None:
-        return float(config.algorithm_config.shift)
-    default = getattr(adapter, "default_shift", None)
-    return float(default()) if callable(default) else 1.0
 
 
 def _cmd_compare(args) -> None:

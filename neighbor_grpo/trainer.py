@@ -37,7 +37,7 @@ from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.lora import EMA, apply_lora, make_reference_velocity
-from neighbor_grpo.models import load_adapter, net_swapped
+from neighbor_grpo.models import load_adapter, model_default_shift, net_swapped
 from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.noise import keyed_generator
 from neighbor_grpo.prompts import resolve_prompt_sets
@@ -167,8 +167,7 @@ def model_shift(config: TrainConfig, adapter) -> float:
     """The rollout/evaluation grid's shift: the config's value, else the adapter's default (1 if it has none)."""
     if config.algorithm_config.shift is not None:
         return float(config.algorithm_config.shift)
-    default = getattr(adapter, "default_shift", None)
-    return float(default()) if callable(default) else 1.0
+    return model_default_shift(adapter)
 
 
 def lora_targets(config: TrainConfig, adapter) -> list[str]:

@@ -47,6 +47,13 @@ def net_swapped(adapter, net: nn.Module) -> Iterator[None]:
         adapter.net = original
 
 
+def model_default_shift(adapter) -> float:
+    """The sigma shift of the model's own sampling grid (FLUX: exp(mu) for its resolution; SD3: its scheduler's);
+    1 for adapters that define none, like the built-in model."""
+    default = getattr(adapter, "default_shift", None)
+    return float(default()) if callable(default) else 1.0
+
+
 def register_model_adapter(name: str) -> Callable[[type], type]:
     """Class decorator: make an adapter loadable by `name` (the value stored in a checkpoint's model.json)."""
 
