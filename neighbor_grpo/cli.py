@@ -192,7 +192,7 @@ def _cmd_eval(args) -> None:
     if args.shift is not None:
         shift = args.shift
     else:  # as training uses: the config's shift, else the model's own
-        from neighbor_grpo.trainer import model_shift
+        from neighbor_grpo.parts import model_shift
 
         shift = model_shift(config, adapter) if config is not None else model_default_shift(adapter)
     rewards = build_rewards(specs, device=args.device)

@@ -20,7 +20,8 @@ from neighbor_grpo.config import load_config
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import plot_curves
 from neighbor_grpo.monitors import evaluate
-from neighbor_grpo.trainer import ModelCallCounter, build_training_parts, load_model, read_prompts, train_iteration
+from neighbor_grpo.iteration import ModelCallCounter, train_iteration
+from neighbor_grpo.parts import build_training_parts, load_model, read_prompts
 
 # Each method at its own paper's settings (the main table).
 PAPER_SETTINGS: dict[str, list[str]] = {

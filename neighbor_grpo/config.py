@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-from neighbor_grpo.algorithms import DanceGRPOConfig, FlowGRPOConfig, MixGRPOConfig, NeighborGRPOConfig
+from neighbor_grpo.algorithm_settings import (ALGORITHM_SETTINGS, SOLVER_NAMES, DanceGRPOConfig, FlowGRPOConfig,
+                                              MixGRPOConfig, NeighborGRPOConfig)
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -156,6 +157,9 @@ class SpeedConfig:
     micro_batch: int | None = None
     """Prompts (groups) per forward/backward pass of one process; gradients are accumulated over the passes, so
     results do not depend on it (null: all of the process's prompts in one pass). Lowers peak memory."""
+    rollout_chunk: int | None = None
+    """Prompts (whole groups) rolled out and scored together; an iteration runs its rollouts chunk by chunk (null:
+    all of the process's prompts at once). Lowers rollout memory; results equal to float rounding."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """With several processes (accelerate launch, torchrun): 'ddp' replicates the net and averages gradients,
     'fsdp' shards parameters, gradients and optimizer state (FSDP2, for full fine-tunes of large models); 'auto'
@@ -337,16 +341,13 @@ def _check(condition: bool, name: str, expected: str, value: Any) -> None:
 
 def validate(config: TrainConfig) -> None:
     """Ranges and cross-field rules; raises ConfigError naming the field."""
-    from neighbor_grpo.algorithms import ALGORITHMS
-    from neighbor_grpo.solvers import SOLVERS
-
     n = config.neighbor_grpo
-    _check(config.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}", config.algorithm)
+    _check(config.algorithm in ALGORITHM_SETTINGS, "algorithm", f"one of {sorted(ALGORITHM_SETTINGS)}", config.algorithm)
     _check(0.0 < n.neighbor_sigma <= 1.0, "neighbor_grpo.neighbor_sigma", "a value in (0, 1]", n.neighbor_sigma)
     _check(n.group_size >= 2, "neighbor_grpo.group_size", "G >= 2 (advantages are relative inside a group)", n.group_size)
     _check(1 <= n.num_anchors <= n.group_size, "neighbor_grpo.num_anchors", f"1 <= B <= G = {n.group_size}", n.num_anchors)
     _check(n.rollout_steps >= 1, "neighbor_grpo.rollout_steps", "an integer >= 1", n.rollout_steps)
-    _check(n.rollout_solver in SOLVERS, "neighbor_grpo.rollout_solver", f"one of {sorted(SOLVERS)}", n.rollout_solver)
+    _check(n.rollout_solver in SOLVER_NAMES, "neighbor_grpo.rollout_solver", f"one of {sorted(SOLVER_NAMES)}", n.rollout_solver)
     _check(n.shift is None or n.shift > 0, "neighbor_grpo.shift", "a value > 0 or null", n.shift)
     _check(0.0 < n.train_step_fraction <= 1.0, "neighbor_grpo.train_step_fraction", "a value in (0, 1]", n.train_step_fraction)
     _check(n.step_selection in ("random", "first", "last", "all"), "neighbor_grpo.step_selection", "random, first, last or all", n.step_selection)
@@ -378,7 +379,7 @@ def validate(config: TrainConfig) -> None:
     _check(config.eval.every >= 0, "eval.every", "an integer >= 0", config.eval.every)
     _check(config.eval.samples_per_prompt >= 2, "eval.samples_per_prompt", "an integer >= 2 (diversity needs pairs)", config.eval.samples_per_prompt)
     _check(config.eval.steps >= 1, "eval.steps", "an integer >= 1", config.eval.steps)
-    _check(config.eval.solver in SOLVERS, "eval.solver", f"one of {sorted(SOLVERS)}", config.eval.solver)
+    _check(config.eval.solver in SOLVER_NAMES, "eval.solver", f"one of {sorted(SOLVER_NAMES)}", config.eval.solver)
     _check(config.eval.seed != config.seed, "eval.seed", "a seed different from the training seed", config.eval.seed)
     _check(len(config.prompts.train) >= 1 or config.prompts.file is not None, "prompts.train", "at least one prompt", config.prompts.train)
     _check(len(config.prompts.eval) >= 1, "prompts.eval", "at least one prompt", config.prompts.eval)
@@ -396,6 +397,8 @@ def _validate_speed(speed: SpeedConfig) -> None:
         _check(getattr(speed, name) in allowed, f"speed.{name}", f"one of {list(allowed)}", getattr(speed, name))
     _check(speed.micro_batch is None or speed.micro_batch >= 1, "speed.micro_batch", "null or an integer >= 1",
            speed.micro_batch)
+    _check(speed.rollout_chunk is None or speed.rollout_chunk >= 1, "speed.rollout_chunk", "null or an integer >= 1",
+           speed.rollout_chunk)
 
 
 def _validate_model(m: ModelConfig) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from neighbor_grpo.models import net_swapped
+from neighbor_grpo.lora import net_swapped
 
 
 @dataclass(frozen=True)

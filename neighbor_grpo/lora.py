@@ -9,7 +9,16 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from neighbor_grpo.models import net_swapped
+
+@contextlib.contextmanager
+def net_swapped(adapter, net: nn.Module) -> Iterator[None]:
+    """The adapter computes with `net` in place of `adapter.net` for the block (a frozen reference, a DDP wrapper,
+    an unsharded export copy): adapters read `self.net` in `velocity` and `save`, so this is the one seam."""
+    original, adapter.net = adapter.net, net
+    try:
+        yield
+    finally:
+        adapter.net = original
 
 
 def apply_lora(net: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:
@@ -49,6 +58,16 @@ def reference_mode(net: nn.Module, frozen_copy: nn.Module | None) -> Iterator[nn
             yield net
     else:
         yield frozen_copy
+
+
+def make_net_velocity(adapter, net: nn.Module) -> Callable:
+    """v(x, s, cond) of the adapter computed with another network `net` (an algorithm's own copy), no gradients."""
+
+    def velocity(x, s, cond):
+        with torch.no_grad(), net_swapped(adapter, net):
+            return adapter.velocity(x, s, cond)
+
+    return velocity
 
 
 def make_reference_velocity(adapter, frozen_copy: nn.Module | None) -> Callable:

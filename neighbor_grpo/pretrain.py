@@ -6,7 +6,6 @@ The base model is pretrained with a share of labels replaced at random, so it fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,24 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from neighbor_grpo.cache import cache_root, settings_key
 from neighbor_grpo.data import load_digits_images, train_test_split
 from neighbor_grpo.flow import interpolate
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsNetConfig
-from neighbor_grpo.rewards.digit_classifier import DigitClassifier
-
-
-def cache_root() -> Path:
-    """Where built models are kept and reused: $NGRPO_CACHE, else ~/.cache/neighbor_grpo."""
-    return Path(os.environ.get("NGRPO_CACHE", Path.home() / ".cache" / "neighbor_grpo"))
-
-
-@dataclass
-class ClassifierSettings:
-    image_size: int = 16
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 2e-3
-    seed: int = 0
+from neighbor_grpo.rewards.digit_classifier import ClassifierSettings, DigitClassifier, default_classifier_dir  # noqa: F401
 
 
 @dataclass
@@ -48,16 +34,8 @@ class BaseModelSettings:
     seed: int = 0
 
 
-def _settings_key(settings) -> str:
-    return hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def default_classifier_dir(settings: ClassifierSettings = ClassifierSettings()) -> Path:
-    return cache_root() / f"digit-classifier-{_settings_key(settings)}"
-
-
 def default_base_dir(settings: BaseModelSettings = BaseModelSettings()) -> Path:
-    return cache_root() / f"digits-base-{_settings_key(settings)}"
+    return cache_root() / f"digits-base-{settings_key(settings)}"
 
 
 def _random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:

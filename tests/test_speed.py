@@ -1,4 +1,4 @@
-"""The `speed` section (neighbor_grpo/speed.py, trainer.py): bf16 autocast with fp32 master weights, fp16 with a
+"""The `speed` section (neighbor_grpo/speed.py, iteration.py): bf16 autocast with fp32 master weights, fp16 with a
 gradient scaler, torch.compile, micro-batches (gradient accumulation), the optimizer choice, clear errors."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 from neighbor_grpo.config import ConfigError, load_config
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsNetConfig
 from neighbor_grpo.rewards import WeightedRewards
-from neighbor_grpo.trainer import build_training_parts, train_iteration
+from neighbor_grpo.iteration import train_iteration
+from neighbor_grpo.parts import build_training_parts
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -81,23 +81,3 @@ def test_forward_ratio_matches_the_analytic_count(result):
         assert ratio["measured"] == ratio["analytic"] == dance / ours
         wall = result["ratios"][f"dance_over_{label}_wall_clock"]
         assert wall["ratio_of_medians"] > 0 and wall["paired_min"] <= wall["median_of_paired"] <= wall["paired_max"]
-
-
-def test_lora_backward_counts_as_one_forward(throughput):
-    """The accounting rule itself: a LoRA backward is one forward (input gradients), a full one two."""
-    record = throughput.IterationRecord(seconds=1, rollout_s=0.5, train_s=0.5, reward_s=0, rollout_forwards=10,
-                                        train_forwards=3, reference_forwards=2, other_forwards=1, images=4,
-                                        peak_mem_bytes=None, skipped="")
-    assert throughput.forward_equivalents(record, "full") == 10 + 2 + 1 + 3 * 3
-    assert throughput.forward_equivalents(record, "lora") == 10 + 2 + 1 + 2 * 3
-
-
-def test_peak_table_picks_the_specific_card(throughput, monkeypatch):
-    monkeypatch.setattr(throughput.torch.cuda, "is_available", lambda: True)
-    for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA GeForce RTX 4090", 165.2)]:
-        monkeypatch.setattr(throughput.torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        assert throughput.bf16_peak_tflops("cuda", None)[0] == peak
-    monkeypatch.setattr(throughput.torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    assert throughput.bf16_peak_tflops("cuda", None)[0] is None
-    assert throughput.bf16_peak_tflops("cpu", None)[0] is None

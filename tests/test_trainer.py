@@ -11,7 +11,8 @@ from neighbor_grpo.checkpoint import latest_good_checkpoint, list_checkpoints
 from neighbor_grpo.config import load_config
 from neighbor_grpo.io import load_safetensors
 from neighbor_grpo.models import load_adapter
-from neighbor_grpo.trainer import prompt_batch, train
+from neighbor_grpo.iteration import prompt_batch
+from neighbor_grpo.trainer import train
 
 
 def small_config(*overrides):

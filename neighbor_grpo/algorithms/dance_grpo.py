@@ -7,49 +7,16 @@ the whole group, advantages (r - mean) / (unbiased std + 1e-8), and the per-samp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
+from neighbor_grpo.algorithm_settings import DanceGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages, std_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn
 from neighbor_grpo.algorithms.sde import (ROLE_TRAIN_STEPS, dance_grpo_mean_std, dance_grpo_sde_step, sde_old_policy,
                                           rollout_noises, sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.noise import keyed_generator
-
-
-@dataclass
-class DanceGRPOConfig:
-    group_size: int = 12
-    """G: samples per prompt (the reference's num_generations)."""
-    eta: float = 0.3
-    """Noise scale of the SDE: std = eta * sqrt(s - s_next)."""
-    rollout_steps: int = 25
-    """N: SDE sampling steps per rollout (the Neighbor GRPO paper's comparison; the FLUX script uses 16)."""
-    shift: float | None = None
-    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
-    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
-    train_step_fraction: float = 0.6
-    """The reference's timestep_fraction: int(fraction * (N - 1)) random steps of the N - 1 trainable ones
-    (the last step is never trained), drawn once per rollout batch."""
-    same_initial_noise: bool = True
-    """One initial noise for the whole group (the reference's init_same_noise, on in its recipes)."""
-    adv_eps: float = 1e-8
-    """Added to the group's unbiased std (torch.std) of the rewards."""
-    adv_clip: float = 5.0
-    """Advantages clipped to [-adv_clip, adv_clip] (the reference's adv_clip_max); 0 disables."""
-    eps_clip: float = 1e-4
-    """PPO clip range of the per-sample ratio (the reference's clip_range)."""
-    num_minibatches: int = 3
-    """Optimizer steps per rollout batch when minibatch_by='samples' (the FLUX recipe: 12 samples per GPU,
-    gradient_accumulation_steps 4, so 3 updates per rollout)."""
-    minibatch_by: str = "samples"
-    """'samples': the candidates are split into num_minibatches slices, each trained on all trained steps (as the
-    reference accumulates gradients over timesteps); 'steps': one optimizer step per trained step, all candidates."""
-    old_policy: str = "rollout"
-    """Where the old log-probs come from: 'rollout' (recorded while sampling, free) or 'recompute' (a no-grad
-    pass batched like the training pass before the first update, so the ratio is exactly 1)."""
 
 
 class DanceGRPO:

@@ -7,10 +7,10 @@ optional KL to the reference model on the step means. Flow-GRPO-Fast: SDE only i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
+from neighbor_grpo.algorithm_settings import FlowGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import center_in_group, clip_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, batched_velocity
 from neighbor_grpo.algorithms.sde import (ROLE_WINDOW, flow_grpo_mean_std, flow_grpo_noise_scale, flow_grpo_sde_step,
@@ -18,50 +18,6 @@ from neighbor_grpo.algorithms.sde import (ROLE_WINDOW, flow_grpo_mean_std, flow_
                                           sde_rollout, sde_steps)
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.noise import keyed_generator
-
-
-@dataclass
-class FlowGRPOConfig:
-    group_size: int = 12
-    """G: samples per prompt (the reference uses 24 on SD3.5; 12 here, as Neighbor GRPO)."""
-    noise_level: float = 0.7
-    """a in sigma_t = a * sqrt(s / (1 - s)): the SDE's noise level."""
-    rollout_steps: int = 10
-    """N: SDE sampling steps per rollout (the reference trains with 10, evaluates with 40 ODE steps)."""
-    shift: float | None = None
-    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
-    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
-    train_step_fraction: float = 1.0
-    """Fraction of the SDE steps trained, the first ones as the reference's range(num_train_timesteps)."""
-    fast_window_size: int = 0
-    """Flow-GRPO-Fast: SDE (and training) only inside a window of this many steps, ODE elsewhere (0 = off: every
-    step but the last is SDE, as the reference)."""
-    fast_window_end: int | None = None
-    """Flow-GRPO-Fast: the window starts at a keyed random step in [0, end - size] each iteration; None = N // 2
-    (the reference's sde_window_range = (0, num_steps // 2))."""
-    same_initial_noise: bool = False
-    """One initial noise for the whole group (the reference's same_latent, default off: independent noises)."""
-    global_std: bool = True
-    """Divide by the std of all rewards in the batch instead of each prompt's (the reference's sample.global_std,
-    True in its base and SD3 configs); the mean is always per prompt."""
-    adv_eps: float = 1e-4
-    """Added to the (population) std of the advantages."""
-    adv_clip: float = 5.0
-    """Advantages clipped to [-adv_clip, adv_clip] (the reference's adv_clip_max); 0 disables."""
-    eps_clip: float = 1e-4
-    """PPO clip range of the per-sample ratio (the reference's clip_range)."""
-    kl_beta: float = 0.0
-    """Weight of the KL to the reference model, ||mean_theta - mean_ref||^2 / (2 sigma_t^2) averaged (the
-    reference's train.beta: 0 in its base config, 0.04 on GenEval/OCR, 0.01 on PickScore)."""
-    num_minibatches: int = 2
-    """Optimizer steps per rollout batch when minibatch_by='samples' (the reference updates twice per epoch:
-    gradient_accumulation_steps = num_batches_per_epoch // 2)."""
-    minibatch_by: str = "samples"
-    """'samples': the candidates are split into num_minibatches slices, each trained on all trained steps (as the
-    reference accumulates gradients over timesteps); 'steps': one optimizer step per trained step, all candidates."""
-    old_policy: str = "rollout"
-    """Where the old log-probs come from: 'rollout' (recorded while sampling, free) or 'recompute' (a no-grad
-    pass batched like the training pass before the first update, so the ratio is exactly 1)."""
 
 
 class FlowGRPO:

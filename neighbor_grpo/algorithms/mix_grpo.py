@@ -9,10 +9,10 @@ MixGRPO-Flash samples the ODE part after the window with DPM-Solver++(2M) on a c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from neighbor_grpo.algorithm_settings import MixGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages, std_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn
 from neighbor_grpo.algorithms.sde import (dance_grpo_mean_std, dance_grpo_sde_step, euler_ode_step, flow_grpo_mean_std,
@@ -20,53 +20,6 @@ from neighbor_grpo.algorithms.sde import (dance_grpo_mean_std, dance_grpo_sde_st
                                           sde_policy_loss, sde_rollout, sde_steps)
 from neighbor_grpo.flow import predict_x0, sigma_grid
 
-
-@dataclass
-class MixGRPOConfig:
-    group_size: int = 12
-    """G: samples per prompt (the reference's num_generations)."""
-    sde: str = "flow_grpo"
-    """SDE inside the window: 'flow_grpo' (the reference's --flow_grpo_sampling, used in its recipes) or
-    'dance_grpo'."""
-    noise_level: float = 0.7
-    """The reference's eta: Flow-GRPO's noise level (sde='flow_grpo') or DanceGRPO's eta (sde='dance_grpo')."""
-    rollout_steps: int = 25
-    """N: sampling steps per rollout on the full grid (Flash replaces the steps after the window by fewer)."""
-    shift: float | None = None
-    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
-    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
-    window_size: int = 4
-    """SDE steps in the sliding window (the reference's group_size)."""
-    window_stride: int = 1
-    """Steps the window moves each time (the reference's prog_overlap_step, with prog_overlap on)."""
-    window_interval: int = 25
-    """Iterations before the window moves (the reference's iters_per_group: 25, 20 in the Flash recipe)."""
-    window_roll_back: bool = True
-    """Restart the window at step 0 after it passed the last trainable step (the reference's roll_back)."""
-    flash: bool = False
-    """MixGRPO-Flash: after the window, DPM-Solver++(2M) on a grid compressed by flash_compress_ratio."""
-    flash_compress_ratio: float = 0.4
-    """Flash: the steps after the window are cut to int(ratio * steps left) (the reference's dpm_post_compress_ratio)."""
-    same_initial_noise: bool = True
-    """One initial noise for the whole group (the reference's init_same_noise, on in its recipes)."""
-    adv_eps: float = 1e-8
-    """Added to the group's unbiased std (torch.std) of the rewards."""
-    adv_clip: float = 5.0
-    """Advantages clipped to [-adv_clip, adv_clip] (the reference's adv_clip_max); 0 disables."""
-    eps_clip: float = 1e-4
-    """PPO clip range of the per-sample ratio (the reference's clip_range)."""
-    num_minibatches: int = 4
-    """Optimizer steps per rollout batch when minibatch_by='samples' (the recipe: 12 samples per GPU,
-    gradient_accumulation_steps 3, so 4 updates per rollout)."""
-    minibatch_by: str = "samples"
-    """'samples': the candidates are split into num_minibatches slices, each trained on all window steps (as the
-    reference accumulates gradients over timesteps); 'steps': one optimizer step per window step, all candidates."""
-    old_policy: str = "rollout"
-    """Where the old log-probs come from: 'rollout' (recorded while sampling, free) or 'recompute' (a no-grad
-    pass batched like the training pass before the first update, so the ratio is exactly 1)."""
-
-
-# ---- the sliding window (grpo_states.py, sample_strategy 'progressive') ---------------------------------------
 
 def window_steps(iteration: int, num_steps: int, size: int, stride: int = 1, interval: int = 25,
                  roll_back: bool = True) -> list[int]:

@@ -8,11 +8,11 @@ next states. Trained with the clipped GRPO objective (Eq. 9) and quasi-norm adva
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
+from neighbor_grpo.algorithm_settings import NeighborGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages, quasi_norm_advantages
 from neighbor_grpo.algorithms.common import (Minibatch, Rollout, VelocityFn, batched_velocity, gather_members,
                                              pick_steps, repeat_cond)
@@ -22,58 +22,6 @@ from neighbor_grpo.solvers import integrate
 
 ROLE_ANCHORS, ROLE_STEPS = 7_000_001, 7_000_002
 
-
-@dataclass
-class NeighborGRPOConfig:
-    group_size: int = 12
-    """G: candidates per prompt."""
-    neighbor_sigma: float = 0.3
-    """Perturbation strength of Eq. 7 in (0, 1] (not flow time); 1 gives independent noises."""
-    num_anchors: int = 4
-    """B: candidates per group that act as anchors and get forward/backward passes."""
-    rollout_solver: str = "dpm++2m"
-    """ODE solver for rollouts: euler, heun or dpm++2m."""
-    rollout_steps: int = 8
-    """N: solver steps per rollout."""
-    shift: float | None = None
-    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
-    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
-    train_step_fraction: float = 0.5
-    """[D] K = round(fraction * N) trained steps per rollout batch (the paper's cost figure implies K = 4 of 8)."""
-    step_selection: str = "random"
-    """[D] which K steps: random (drawn once per rollout batch), first, last, or all."""
-    quasi_norm_p: float = 0.8
-    """p of Eq. 11's power mean; 2 is standard GRPO (population std)."""
-    adv_eps: float = 1e-4
-    """[D] added to the power mean; stops near-flat groups from getting O(1) advantages."""
-    adv_clip: float = 5.0
-    """[D] advantages clipped to [-adv_clip, adv_clip]; 0 disables."""
-    adv_recenter: bool = False
-    """[D] re-centre each group's advantages after clipping (clipping breaks sum_i A_i = 0)."""
-    tau_rel: float = 0.1
-    """[D] temperature relative to the median old distance per (anchor, step); ignored when `tau` is set."""
-    tau: float | None = None
-    """[D] a fixed temperature instead of the relative one."""
-    distance_reduction: str = "mean"
-    """[D] squared L2 distance reduced over latent dimensions by 'mean' or 'sum'."""
-    exclude_self: bool = False
-    """[D] leave the anchor's own candidate out of its policy."""
-    eps_clip: float = 0.2
-    """[D] PPO clip range of the ratio."""
-    old_policy: str = "rollout"
-    """[D] where pi_old comes from: 'rollout' (the rollout's stored velocities, free) or 'recompute' (an extra
-    no-grad pass over all anchors and steps before the first update, same batching, so rho = 1 bitwise)."""
-    ref_beta: float = 1.0
-    """[D] reference anchoring: beta * mean ||v_theta - v_ref||^2 at the anchor states (0 disables). Default 1
-    from `ngrpo compare --ablation ref_beta` (docs/design.md): far fewer out-of-range pixels, better realism and
-    diversity, same time to target as 0."""
-
-    @property
-    def trained_steps(self) -> int:
-        return max(1, min(self.rollout_steps, round(self.train_step_fraction * self.rollout_steps)))
-
-
-# ---- Eq. 8: the leaping policy -------------------------------------------------------------------------------
 
 def leap(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
     """One Euler step: xhat = x_j + (s_{j+1} - s_j) v."""

@@ -8,12 +8,12 @@ load directly: `load_adapter` dispatches on model_index.json's `_class_name`.
 
 from __future__ import annotations
 
+from neighbor_grpo.lora import net_swapped  # noqa: F401  (re-exported: the adapters' one seam)
 from neighbor_grpo.plugins import resolve_plugin
-import contextlib
 import inspect
 import json
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -34,17 +34,6 @@ class FlowAdapter(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
     def save(self, folder: str | Path) -> None: ...
-
-
-@contextlib.contextmanager
-def net_swapped(adapter, net: nn.Module) -> Iterator[None]:
-    """The adapter computes with `net` in place of `adapter.net` for the block (a frozen reference, a DDP wrapper,
-    an unsharded export copy): adapters read `self.net` in `velocity` and `save`, so this is the one seam."""
-    original, adapter.net = adapter.net, net
-    try:
-        yield
-    finally:
-        adapter.net = original
 
 
 def model_default_shift(adapter) -> float:

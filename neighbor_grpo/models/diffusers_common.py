@@ -20,9 +20,10 @@ from typing import Sequence
 import torch
 
 from neighbor_grpo.io import atomic_write_text
+from neighbor_grpo.models.model_card import LORA_FILE, model_card
+from neighbor_grpo.models.prompt_cache import PromptCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name for save/load_lora_weights
 # Attention projections of FLUX's and SD3's joint (MM-DiT) blocks; peft matches them as name suffixes.
 ATTENTION_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -93,31 +94,6 @@ def quiet_loading():
             diffusers_logging.enable_progress_bar()
         if transformers_on:
             transformers_logging.enable_progress_bar()
-
-
-class PromptCache:
-    """Prompt embeddings computed once: each prompt gets a row; `encode_prompts` hands out row indices (a LongTensor
-    the algorithms index and repeat along dim 0 like any conditioning) and `velocity` gathers the rows. Rows are
-    kept as a list (appending never copies the cache, which reaches gigabytes with FLUX's T5 embeddings)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.rows: dict[str, int] = {}
-        self.tensors: dict[str, list[torch.Tensor]] = {}
-
-    def lookup(self, prompts: Sequence[str], encode) -> torch.Tensor:
-        """Row indices of `prompts`; new ones go through `encode(list) -> {name: (n, ...) tensor}` in one batch."""
-        new = list(dict.fromkeys(p for p in prompts if p not in self.rows))
-        if new:
-            encoded = {k: v.detach().to(self.device) for k, v in encode(new).items()}
-            for name, value in encoded.items():
-                self.tensors.setdefault(name, []).extend(value.unbind(0))
-            for prompt in new:
-                self.rows[prompt] = len(self.rows)
-        return torch.tensor([self.rows[p] for p in prompts], dtype=torch.long)
-
-    def gather(self, name: str, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return torch.stack([self.tensors[name][i] for i in rows.tolist()]).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -413,48 +389,3 @@ class DiffusersAdapter:
             with quiet_loading():
                 adapter.load_lora(lora_path)
         return adapter
-
-
-def model_card(meta: dict, pipeline_class: str) -> str:
-    """README.md for an export: base model, how to load it, rewards, config and held-out results when known."""
-    kind = meta.get("kind")
-    lines = ["---", "library_name: diffusers", "tags: [neighbor-grpo, text-to-image, flow-matching"
-             + (", lora" if kind == "lora" else "") + "]", "---", "",
-             f"# {pipeline_class} aligned with Neighbor GRPO", "",
-             f"- base model: `{meta.get('base')}`" + (" (this folder)" if meta.get("base") == "." else ""),
-             f"- export: {kind}"]
-    if meta.get("loras"):
-        lines.append(f"- LoRA files applied in order: {', '.join(f'`{x}`' for x in meta['loras'])}")
-    for key in ("algorithm", "iteration", "iterations"):
-        if key in meta:
-            lines.append(f"- {key}: {meta[key]}")
-    lines += ["", "## Loading", "", "```python", "import torch", f"from diffusers import {pipeline_class}", ""]
-    if kind == "pipeline":
-        lines.append(f"pipe = {pipeline_class}.from_pretrained('THIS_FOLDER', dtype=torch.bfloat16)")
-    else:
-        lines.append(f"pipe = {pipeline_class}.from_pretrained({meta.get('base')!r}, dtype=torch.bfloat16)")
-        transformer = meta.get("transformer")
-        if transformer:
-            where = "THIS_FOLDER/transformer" if transformer == "transformer" else transformer
-            lines.append(f"pipe.transformer = type(pipe.transformer).from_pretrained({where!r}, dtype=torch.bfloat16)")
-        for lora in meta.get("loras") or []:
-            where = "THIS_FOLDER" if lora == LORA_FILE else lora
-            lines.append(f"pipe.load_lora_weights({where!r})" + ("  # reads " + LORA_FILE if lora == LORA_FILE else ""))
-        if len(meta.get("loras") or []) > 1:
-            lines.append("# (several LoRAs: load each with its own adapter_name, or fuse_lora() after each)")
-    lines += ["```", "", "or `ngrpo sample --checkpoint THIS_FOLDER --prompt '...' --out grid.png`.", ""]
-    options = meta.get("options") or {}
-    lines += ["## Sampling settings used in training", "",
-              "\n".join(f"- {k}: {v}" for k, v in options.items() if k in
-                        ("guidance", "cfg_scale", "negative_prompt", "height", "width", "dtype")), ""]
-    config = meta.get("run_config")
-    if isinstance(config, dict):
-        rewards = config.get("rewards") or []
-        lines += ["## Rewards", "", *[f"- {r.get('label') or r.get('name')} (weight {r.get('weight', 1.0)})"
-                                       for r in rewards], ""]
-        lines += ["## Config", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
-    heldout = meta.get("heldout")
-    if heldout:
-        lines += ["## Held-out results", "", "| metric | value |", "|---|---|",
-                  *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in heldout.items()], ""]
-    return "\n".join(lines)

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from neighbor_grpo.cache import cache_root, settings_key
 from neighbor_grpo.data import prompt_to_label
 from neighbor_grpo.io import atomic_write_text, load_safetensors, save_safetensors
 from neighbor_grpo.rewards import register_reward
+
+
+@dataclass
+class ClassifierSettings:
+    image_size: int = 16
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+
+
+def default_classifier_dir(settings: ClassifierSettings = ClassifierSettings()) -> Path:
+    """The cached classifier that `ngrpo pretrain` builds with these settings."""
+    return cache_root() / f"digit-classifier-{settings_key(settings)}"
 
 
 class DigitClassifier(nn.Module):
@@ -75,7 +91,5 @@ class DigitProbabilityReward:
 @register_reward("digit_prob")
 def make_digit_probability_reward(path: str | None = None, device: str | torch.device = "cpu") -> DigitProbabilityReward:
     """The built-in reward; `path` defaults to the classifier that `ngrpo pretrain` caches."""
-    from neighbor_grpo.pretrain import default_classifier_dir
-
     folder = Path(path) if path else default_classifier_dir()
     return DigitProbabilityReward(DigitClassifier.load(folder, device=device))

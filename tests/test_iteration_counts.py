@@ -1,4 +1,4 @@
-"""ModelCallCounter (trainer.py): per-sample forward passes of the velocity net, split by grad mode."""
+"""ModelCallCounter (iteration.py): per-sample forward passes of the velocity net, split by grad mode."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from neighbor_grpo.algorithms.neighbor_grpo import NeighborGRPO, NeighborGRPOConfig
-from neighbor_grpo.trainer import ModelCallCounter
+from neighbor_grpo.iteration import ModelCallCounter
 
 LATENT = (1, 4, 4)
 D = math.prod(LATENT)

@@ -1,0 +1,193 @@
+"""The settings of each algorithm (the config sections `neighbor_grpo`, `flow_grpo`, `dance_grpo`, `mix_grpo`), one
+dataclass each with a docstring per field. They sit in the config layer, below the algorithms that read them;
+each algorithm module re-exports its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SOLVER_NAMES = ("euler", "heun", "dpm++2m")
+"""The ODE solvers a config may name (the keys of `solvers.SOLVERS`, which a test keeps equal)."""
+
+
+@dataclass
+class NeighborGRPOConfig:
+    group_size: int = 12
+    """G: candidates per prompt."""
+    neighbor_sigma: float = 0.3
+    """Perturbation strength of Eq. 7 in (0, 1] (not flow time); 1 gives independent noises."""
+    num_anchors: int = 4
+    """B: candidates per group that act as anchors and get forward/backward passes."""
+    rollout_solver: str = "dpm++2m"
+    """ODE solver for rollouts: euler, heun or dpm++2m."""
+    rollout_steps: int = 8
+    """N: solver steps per rollout."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
+    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
+    train_step_fraction: float = 0.5
+    """[D] K = round(fraction * N) trained steps per rollout batch (the paper's cost figure implies K = 4 of 8)."""
+    step_selection: str = "random"
+    """[D] which K steps: random (drawn once per rollout batch), first, last, or all."""
+    quasi_norm_p: float = 0.8
+    """p of Eq. 11's power mean; 2 is standard GRPO (population std)."""
+    adv_eps: float = 1e-4
+    """[D] added to the power mean; stops near-flat groups from getting O(1) advantages."""
+    adv_clip: float = 5.0
+    """[D] advantages clipped to [-adv_clip, adv_clip]; 0 disables."""
+    adv_recenter: bool = False
+    """[D] re-centre each group's advantages after clipping (clipping breaks sum_i A_i = 0)."""
+    tau_rel: float = 0.1
+    """[D] temperature relative to the median old distance per (anchor, step); ignored when `tau` is set."""
+    tau: float | None = None
+    """[D] a fixed temperature instead of the relative one."""
+    distance_reduction: str = "mean"
+    """[D] squared L2 distance reduced over latent dimensions by 'mean' or 'sum'."""
+    exclude_self: bool = False
+    """[D] leave the anchor's own candidate out of its policy."""
+    eps_clip: float = 0.2
+    """[D] PPO clip range of the ratio."""
+    old_policy: str = "rollout"
+    """[D] where pi_old comes from: 'rollout' (the rollout's stored velocities, free) or 'recompute' (an extra
+    no-grad pass over all anchors and steps before the first update, same batching, so rho = 1 bitwise)."""
+    ref_beta: float = 1.0
+    """[D] reference anchoring: beta * mean ||v_theta - v_ref||^2 at the anchor states (0 disables). Default 1
+    from `ngrpo compare --ablation ref_beta` (docs/design.md): far fewer out-of-range pixels, better realism and
+    diversity, same time to target as 0."""
+
+    @property
+    def trained_steps(self) -> int:
+        return max(1, min(self.rollout_steps, round(self.train_step_fraction * self.rollout_steps)))
+
+
+# ---- Eq. 8: the leaping policy -------------------------------------------------------------------------------
+
+
+@dataclass
+class FlowGRPOConfig:
+    group_size: int = 12
+    """G: samples per prompt (the reference uses 24 on SD3.5; 12 here, as Neighbor GRPO)."""
+    noise_level: float = 0.7
+    """a in sigma_t = a * sqrt(s / (1 - s)): the SDE's noise level."""
+    rollout_steps: int = 10
+    """N: SDE sampling steps per rollout (the reference trains with 10, evaluates with 40 ODE steps)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
+    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
+    train_step_fraction: float = 1.0
+    """Fraction of the SDE steps trained, the first ones as the reference's range(num_train_timesteps)."""
+    fast_window_size: int = 0
+    """Flow-GRPO-Fast: SDE (and training) only inside a window of this many steps, ODE elsewhere (0 = off: every
+    step but the last is SDE, as the reference)."""
+    fast_window_end: int | None = None
+    """Flow-GRPO-Fast: the window starts at a keyed random step in [0, end - size] each iteration; None = N // 2
+    (the reference's sde_window_range = (0, num_steps // 2))."""
+    same_initial_noise: bool = False
+    """One initial noise for the whole group (the reference's same_latent, default off: independent noises)."""
+    global_std: bool = True
+    """Divide by the std of all rewards in the batch instead of each prompt's (the reference's sample.global_std,
+    True in its base and SD3 configs); the mean is always per prompt."""
+    adv_eps: float = 1e-4
+    """Added to the (population) std of the advantages."""
+    adv_clip: float = 5.0
+    """Advantages clipped to [-adv_clip, adv_clip] (the reference's adv_clip_max); 0 disables."""
+    eps_clip: float = 1e-4
+    """PPO clip range of the per-sample ratio (the reference's clip_range)."""
+    kl_beta: float = 0.0
+    """Weight of the KL to the reference model, ||mean_theta - mean_ref||^2 / (2 sigma_t^2) averaged (the
+    reference's train.beta: 0 in its base config, 0.04 on GenEval/OCR, 0.01 on PickScore)."""
+    num_minibatches: int = 2
+    """Optimizer steps per rollout batch when minibatch_by='samples' (the reference updates twice per epoch:
+    gradient_accumulation_steps = num_batches_per_epoch // 2)."""
+    minibatch_by: str = "samples"
+    """'samples': the candidates are split into num_minibatches slices, each trained on all trained steps (as the
+    reference accumulates gradients over timesteps); 'steps': one optimizer step per trained step, all candidates."""
+    old_policy: str = "rollout"
+    """Where the old log-probs come from: 'rollout' (recorded while sampling, free) or 'recompute' (a no-grad
+    pass batched like the training pass before the first update, so the ratio is exactly 1)."""
+
+
+@dataclass
+class DanceGRPOConfig:
+    group_size: int = 12
+    """G: samples per prompt (the reference's num_generations)."""
+    eta: float = 0.3
+    """Noise scale of the SDE: std = eta * sqrt(s - s_next)."""
+    rollout_steps: int = 25
+    """N: SDE sampling steps per rollout (the Neighbor GRPO paper's comparison; the FLUX script uses 16)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
+    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
+    train_step_fraction: float = 0.6
+    """The reference's timestep_fraction: int(fraction * (N - 1)) random steps of the N - 1 trainable ones
+    (the last step is never trained), drawn once per rollout batch."""
+    same_initial_noise: bool = True
+    """One initial noise for the whole group (the reference's init_same_noise, on in its recipes)."""
+    adv_eps: float = 1e-8
+    """Added to the group's unbiased std (torch.std) of the rewards."""
+    adv_clip: float = 5.0
+    """Advantages clipped to [-adv_clip, adv_clip] (the reference's adv_clip_max); 0 disables."""
+    eps_clip: float = 1e-4
+    """PPO clip range of the per-sample ratio (the reference's clip_range)."""
+    num_minibatches: int = 3
+    """Optimizer steps per rollout batch when minibatch_by='samples' (the FLUX recipe: 12 samples per GPU,
+    gradient_accumulation_steps 4, so 3 updates per rollout)."""
+    minibatch_by: str = "samples"
+    """'samples': the candidates are split into num_minibatches slices, each trained on all trained steps (as the
+    reference accumulates gradients over timesteps); 'steps': one optimizer step per trained step, all candidates."""
+    old_policy: str = "rollout"
+    """Where the old log-probs come from: 'rollout' (recorded while sampling, free) or 'recompute' (a no-grad
+    pass batched like the training pass before the first update, so the ratio is exactly 1)."""
+
+
+@dataclass
+class MixGRPOConfig:
+    group_size: int = 12
+    """G: samples per prompt (the reference's num_generations)."""
+    sde: str = "flow_grpo"
+    """SDE inside the window: 'flow_grpo' (the reference's --flow_grpo_sampling, used in its recipes) or
+    'dance_grpo'."""
+    noise_level: float = 0.7
+    """The reference's eta: Flow-GRPO's noise level (sde='flow_grpo') or DanceGRPO's eta (sde='dance_grpo')."""
+    rollout_steps: int = 25
+    """N: sampling steps per rollout on the full grid (Flash replaces the steps after the window by fewer)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
+    scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
+    window_size: int = 4
+    """SDE steps in the sliding window (the reference's group_size)."""
+    window_stride: int = 1
+    """Steps the window moves each time (the reference's prog_overlap_step, with prog_overlap on)."""
+    window_interval: int = 25
+    """Iterations before the window moves (the reference's iters_per_group: 25, 20 in the Flash recipe)."""
+    window_roll_back: bool = True
+    """Restart the window at step 0 after it passed the last trainable step (the reference's roll_back)."""
+    flash: bool = False
+    """MixGRPO-Flash: after the window, DPM-Solver++(2M) on a grid compressed by flash_compress_ratio."""
+    flash_compress_ratio: float = 0.4
+    """Flash: the steps after the window are cut to int(ratio * steps left) (the reference's dpm_post_compress_ratio)."""
+    same_initial_noise: bool = True
+    """One initial noise for the whole group (the reference's init_same_noise, on in its recipes)."""
+    adv_eps: float = 1e-8
+    """Added to the group's unbiased std (torch.std) of the rewards."""
+    adv_clip: float = 5.0
+    """Advantages clipped to [-adv_clip, adv_clip] (the reference's adv_clip_max); 0 disables."""
+    eps_clip: float = 1e-4
+    """PPO clip range of the per-sample ratio (the reference's clip_range)."""
+    num_minibatches: int = 4
+    """Optimizer steps per rollout batch when minibatch_by='samples' (the recipe: 12 samples per GPU,
+    gradient_accumulation_steps 3, so 4 updates per rollout)."""
+    minibatch_by: str = "samples"
+    """'samples': the candidates are split into num_minibatches slices, each trained on all window steps (as the
+    reference accumulates gradients over timesteps); 'steps': one optimizer step per window step, all candidates."""
+    old_policy: str = "rollout"
+    """Where the old log-probs come from: 'rollout' (recorded while sampling, free) or 'recompute' (a no-grad
+    pass batched like the training pass before the first update, so the ratio is exactly 1)."""
+
+
+# ---- the sliding window (grpo_states.py, sample_strategy 'progressive') ---------------------------------------
+
+
+ALGORITHM_SETTINGS = {"neighbor_grpo": NeighborGRPOConfig, "flow_grpo": FlowGRPOConfig, "dance_grpo": DanceGRPOConfig,
+                      "mix_grpo": MixGRPOConfig}
+"""Each algorithm's settings section (the keys of `algorithms.ALGORITHMS`, which a test keeps equal)."""

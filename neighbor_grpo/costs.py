@@ -1,0 +1,96 @@
+"""What an iteration costs in model passes: forward-equivalents, the forwards an algorithm's settings imply, and
+FLOPs of one velocity-net forward. Used by the throughput benchmark and the planner."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from neighbor_grpo.algorithms.common import repeat_cond
+from neighbor_grpo.iteration import ModelCallCounter
+
+
+class CountedReference:
+    """Wraps the reference velocity to count its per-sample forwards. With LoRA the reference is the trained net
+    with its adapters off, which the call counter also sees: `hooked` keeps that share to avoid counting twice."""
+
+    def __init__(self, reference_velocity, counter: ModelCallCounter):
+        self.reference_velocity, self.counter = reference_velocity, counter
+        self.samples = self.hooked = 0
+        self.net_samples_per_sample = 1.0  # > 1 where the adapter batches more through the net (SD3's CFG: 2)
+
+    def __call__(self, x, s, cond):
+        before = self.counter.no_grad
+        v = self.reference_velocity(x, s, cond)
+        hooked = self.counter.no_grad - before
+        self.samples += hooked or round(int(x.shape[0]) * self.net_samples_per_sample)
+        self.hooked += hooked
+        return v
+
+    def reset(self) -> tuple[int, int]:
+        counts = (self.samples, self.hooked)
+        self.samples = self.hooked = 0
+        return counts
+
+
+def backward_factor(finetune: str) -> float:
+    """Forward-equivalents of one backward pass: weights and inputs for a full fine-tune, inputs only for LoRA."""
+    return 2.0 if finetune == "full" else 1.0
+
+
+def forward_equivalents(no_grad: float, with_grad: float, finetune: str) -> float:
+    """No-grad forwards + (1 + b) x with-grad forwards, b = backward_factor(finetune)."""
+    return no_grad + (1.0 + backward_factor(finetune)) * with_grad
+
+
+def analytic_forward_counts(config, prompts: int) -> dict | None:
+    """Per-iteration forwards the settings imply, for Neighbor GRPO and DanceGRPO (None for the others):
+    Neighbor GRPO: rollout P*G*N, trained P*B*K (+ as many reference forwards when ref_beta > 0);
+    DanceGRPO: rollout P*G*N, trained P*G*int(fraction * (N - 1)) (the last step is never trained)."""
+    c = config.algorithm_config
+    if config.algorithm == "neighbor_grpo":
+        if c.rollout_solver not in ("euler", "dpm++2m"):
+            return None  # one model evaluation per step only for these solvers
+        trained = prompts * min(c.num_anchors, c.group_size) * c.trained_steps
+        reference = trained if c.ref_beta > 0 else 0
+        other = trained if c.old_policy == "recompute" else 0
+        return {"rollout": prompts * c.group_size * c.rollout_steps, "train": trained, "reference": reference,
+                "other": other}
+    if config.algorithm == "dance_grpo":
+        steps = max(1, int(c.train_step_fraction * (c.rollout_steps - 1)))
+        trained = prompts * c.group_size * steps
+        return {"rollout": prompts * c.group_size * c.rollout_steps, "train": trained, "reference": 0,
+                "other": trained if c.old_policy == "recompute" else 0}
+    return None
+
+
+def analytic_fpe(counts: dict, finetune: str) -> float:
+    return counts["rollout"] + counts["other"] + counts["reference"] + (1 + backward_factor(finetune)) * counts["train"]
+
+
+def count_forward_flops(adapter, velocity, calls: ModelCallCounter, prompts: list[str], group_size: int) -> dict:
+    """FLOPs of one velocity-net forward at the rollout batch shape (P*G samples) and per sample the net saw (CFG
+    doubles what the net sees), through the trainer's velocity (mixed precision as configured); plus, at one
+    sample, a measured forward+backward: a check on the 2x / 1x backward rule."""
+    cond = adapter.encode_prompts(prompts)
+    device = adapter.device
+    x = torch.randn(len(prompts) * group_size, *adapter.latent_shape(), device=device)
+    s = torch.tensor(0.5, device=device)
+    eager = getattr(torch.compiler, "set_stance", None)  # count the eager graph when speed.compile is on
+    with eager("force_eager") if eager else contextlib.nullcontext():
+        calls.reset()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            velocity(x, s, repeat_cond(cond, group_size))
+        total, seen = counter.get_total_flops(), calls.reset()[0]
+        with FlopCounterMode(display=False) as counter:
+            v = velocity(x[:1], s, cond[:1])
+            forward_one = counter.get_total_flops()
+            v.float().square().mean().backward()
+        both_one = counter.get_total_flops()
+    calls.reset()
+    adapter.net.zero_grad(set_to_none=True)
+    return {"batch": int(x.shape[0]), "net_samples_at_batch": seen, "forward_at_batch": int(total),
+            "forward_per_sample": total / seen,
+            "measured_backward_over_forward": (both_one - forward_one) / forward_one if forward_one else None}
