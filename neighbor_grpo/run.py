@@ -104,8 +104,10 @@ class Run:
         self.stepped = False  # an optimizer step was taken since the boundary: the live state is past it
         self.log = _NoLog()
 
-    def attach(self, adapter, parts: TrainingParts, rewards, heldout_prompts: list[str]) -> None:
+    def attach(self, adapter, parts: TrainingParts, rewards, heldout_prompts: list[str], monitors=None) -> None:
+        """What the run evaluates and exports; `monitors` are scored on held-out samples only (eval.monitor_rewards)."""
         self.adapter, self.parts, self.rewards, self.heldout_prompts = adapter, parts, rewards, heldout_prompts
+        self.monitors = monitors
         self.sampler = _VelocityAdapter(adapter, parts.velocity)
         self._step_hook = parts.optimizer.register_step_pre_hook(lambda *args: setattr(self, "stepped", True))
 
@@ -159,7 +161,7 @@ class Run:
                 with context:
                     metrics, images = evaluate(self.sampler, self.rewards, self.heldout_prompts,
                                                config.eval.samples_per_prompt, config.eval.seed, config.eval.solver,
-                                               config.eval.steps, parts.shift)
+                                               config.eval.steps, parts.shift, self.monitors)
                 if self.main:
                     save_grid(images[:16, :8], self.path / "samples" / f"iter-{iteration:06d}.png",
                               row_labels=list(self.heldout_prompts[:16]))

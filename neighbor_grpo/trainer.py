@@ -58,13 +58,16 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         with main_process_first(processes):  # the main process builds and caches the built-in models first
             adapter = adapter or load_model(config.model.path, str(device), progress, options=config.model)
             rewards = with_retries(rewards or build_rewards([to_dict(r) for r in config.rewards], device=device))
+            # eval.monitor_rewards: scored on held-out samples only, never trained on or selected by
+            monitors = (build_rewards([to_dict(r) for r in config.eval.monitor_rewards], device=device)
+                        if processes.is_main else None)
         adapter.net.to(device)
         run.save_base(adapter)
         train_prompts, heldout_prompts = resolve_prompt_sets(config.prompts)  # the prompt file is read once
         if callable(getattr(adapter, "cache_prompts", None)):  # encoded once now: offloaded text encoders stay off
             adapter.cache_prompts(heldout_prompts)
         parts = build_training_parts(config, adapter, processes)
-        run.attach(adapter, parts, rewards, heldout_prompts)
+        run.attach(adapter, parts, rewards, heldout_prompts, monitors)
         start = run.restore() if run.resuming else 0
         run.open_log(start)
         calls = ModelCallCounter(adapter.net, parts.reference_net, *parts.algorithm_nets.values())
