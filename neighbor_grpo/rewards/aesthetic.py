@@ -12,8 +12,9 @@ from torch import nn
 from neighbor_grpo.io import save_safetensors
 from neighbor_grpo.rewards import register_reward
 from neighbor_grpo.rewards.clip_rewards import CLIP_HOW_TO, clip_image_embeddings, load_clip_model
+from neighbor_grpo.rewards.image_transforms import ImageTransform, centre_crop_transform
 from neighbor_grpo.rewards.model_loading import (frozen, load_state_dict_file, parse_dtype, read_image_processor_config,
-                                                  require_path, resize_center_crop_normalize, score_in_chunks)
+                                                  require_path, score_in_chunks)
 
 HEAD_HOW_TO = ("download sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/improved-aesthetic-"
                "predictor and convert it: python -m neighbor_grpo.rewards.convert aesthetic "
@@ -55,19 +56,16 @@ def convert_aesthetic_head(source: str | Path, target: str | Path) -> None:
 
 
 class AestheticScore:
-    """head(normalise(CLIP image embedding)). Images: CLIP preprocessing (224 px bicubic shortest side, centre
-    crop, CLIP mean/std, from the CLIP folder's preprocessor_config.json)."""
+    """head(normalise(CLIP image embedding)). Images: `transform`, OpenAI CLIP's preprocess (which the predictor's
+    reference code uses): shortest side to 224 (truncated), torchvision's CenterCrop offset, CLIP mean/std."""
 
-    def __init__(self, clip_model, head: AestheticHead, image_size: int, crop_size: int, mean, std,
-                 batch_size: int = 16):
-        self.model, self.head = clip_model, head
-        self.image_size, self.crop_size, self.mean, self.std = image_size, crop_size, mean, std
+    def __init__(self, clip_model, head: AestheticHead, transform: ImageTransform, batch_size: int = 16):
+        self.model, self.head, self.transform = clip_model, head, transform
         self.batch_size = batch_size
         self.device, self.dtype = clip_model.visual_projection.weight.device, clip_model.visual_projection.weight.dtype
 
     def score_chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = resize_center_crop_normalize(images.to(self.device, torch.float32), self.image_size, self.crop_size,
-                                              self.mean, self.std)
+        pixels = self.transform(images.to(self.device, torch.float32))
         embeddings = clip_image_embeddings(self.model, pixels.to(self.dtype))  # float32, unit length
         return self.head(embeddings)
 
@@ -87,5 +85,7 @@ def make_aesthetic(path: str, clip_path: str, batch_size: int = 16, device: str 
     clip_folder = require_path(clip_path, "CLIP ViT-L/14 model", CLIP_HOW_TO, folder=True)
     head = frozen(AestheticHead.from_state_dict(load_state_dict_file(head_path)), device, torch.float32)
     clip_model = load_clip_model(clip_folder, device, parse_dtype(dtype))
-    transform = read_image_processor_config(clip_folder, clip_model.config.vision_config.image_size)
-    return AestheticScore(clip_model, head, *transform, batch_size=batch_size)
+    settings = read_image_processor_config(clip_folder, clip_model.config.vision_config.image_size)
+    # improved-aesthetic-predictor embeds with clip.load's preprocess: torchvision Resize + CenterCrop
+    transform = centre_crop_transform(*settings, crop_rounding="half_even")
+    return AestheticScore(clip_model, head, transform, batch_size=batch_size)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from neighbor_grpo.rewards import register_reward
+from neighbor_grpo.rewards.image_transforms import ImageTransform, centre_crop_transform
 from neighbor_grpo.rewards.model_loading import (frozen, import_transformers, parse_dtype, read_image_processor_config,
-                                                  require_path, resize_center_crop_normalize, score_in_chunks)
+                                                  require_path, score_in_chunks)
 
 
 def clip_image_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -34,20 +35,17 @@ def paired_cosine(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor)
 class ClipSimilarity:
     """scale * cos(image embedding, prompt embedding), one score per (image, prompt) pair.
 
-    Images (batch, C, H, W) in [0, 1] are resized (shortest side, bicubic, antialiased), centre-cropped and
-    normalised as the model's preprocessor_config.json says (224 and CLIP's mean/std for every model here)."""
+    Images (batch, C, H, W) in [0, 1] become the model's pixels through `transform` (image_transforms.py): a
+    centre crop as transformers' CLIPImageProcessor for clip_score and pickscore, HPSv2's letterbox for hpsv2."""
 
-    def __init__(self, model, tokenizer, image_size: int, crop_size: int, mean: Sequence[float],
-                 std: Sequence[float], scale: float = 1.0, batch_size: int = 16):
-        self.model, self.tokenizer = model, tokenizer
-        self.image_size, self.crop_size, self.mean, self.std = image_size, crop_size, tuple(mean), tuple(std)
+    def __init__(self, model, tokenizer, transform: ImageTransform, scale: float = 1.0, batch_size: int = 16):
+        self.model, self.tokenizer, self.transform = model, tokenizer, transform
         self.scale, self.batch_size = float(scale), int(batch_size)
         self.device, self.dtype = model.text_projection.weight.device, model.text_projection.weight.dtype
         self.max_length = model.config.text_config.max_position_embeddings
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, torch.float32)
-        return resize_center_crop_normalize(images, self.image_size, self.crop_size, self.mean, self.std).to(self.dtype)
+        return self.transform(images.to(self.device, torch.float32)).to(self.dtype)
 
     def tokens(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         # Long prompts are cut to the text tower's context (77 tokens for CLIP), keeping the end-of-text token.
@@ -62,6 +60,13 @@ class ClipSimilarity:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return score_in_chunks(self.score_chunk, images, prompts, self.batch_size)
+
+
+def processor_crop_transform(processor_folder: Path, model) -> ImageTransform:
+    """transformers' CLIPImageProcessor as the folder's preprocessor_config.json sets it: shortest side truncated,
+    crop offset (excess // 2) as its center_crop."""
+    return centre_crop_transform(*read_image_processor_config(processor_folder, model.config.vision_config.image_size),
+                                 crop_rounding="floor")
 
 
 def load_clip_model(folder: Path, device, dtype: torch.dtype):
@@ -97,9 +102,8 @@ def make_clip_score(path: str, processor_path: str | None = None, scale: float =
     processor_folder = require_path(processor_path or folder, "CLIP processor", CLIP_HOW_TO, folder=True)
     tokenizer = load_tokenizer(processor_folder, CLIP_HOW_TO)  # before the large model, so a gap fails fast
     model = load_clip_model(folder, device, parse_dtype(dtype))
-    return ClipSimilarity(model, tokenizer,
-                          *read_image_processor_config(processor_folder, model.config.vision_config.image_size),
-                          scale=scale, batch_size=batch_size)
+    return ClipSimilarity(model, tokenizer, processor_crop_transform(processor_folder, model), scale=scale,
+                          batch_size=batch_size)
 
 
 @register_reward("pickscore")
@@ -114,6 +118,5 @@ def make_pickscore(path: str, processor_path: str | None = None, batch_size: int
     tokenizer = load_tokenizer(processor_folder, CLIP_H_HOW_TO)
     model = load_clip_model(folder, device, parse_dtype(dtype))
     scale = float(model.logit_scale.detach().float().exp())
-    return ClipSimilarity(model, tokenizer,
-                          *read_image_processor_config(processor_folder, model.config.vision_config.image_size),
-                          scale=scale, batch_size=batch_size)
+    return ClipSimilarity(model, tokenizer, processor_crop_transform(processor_folder, model), scale=scale,
+                          batch_size=batch_size)

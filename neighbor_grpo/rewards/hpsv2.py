@@ -10,6 +10,7 @@ import torch
 from neighbor_grpo.io import save_safetensors
 from neighbor_grpo.rewards import register_reward
 from neighbor_grpo.rewards.clip_rewards import CLIP_H_HOW_TO, ClipSimilarity, load_tokenizer
+from neighbor_grpo.rewards.image_transforms import letterbox_transform
 from neighbor_grpo.rewards.model_loading import (CLIP_MEAN, CLIP_STD, frozen, import_transformers,
                                                   load_state_dict_file, parse_dtype, require_path)
 from neighbor_grpo.rewards.openclip_convert import is_openclip_layout, openclip_to_transformers_clip
@@ -39,7 +40,8 @@ def make_hpsv2(path: str, clip_path: str, batch_size: int = 16, device: str | to
 
     `path`: HPS_v2.1_compressed.pt (or its .safetensors conversion). `clip_path`: a folder with OpenCLIP
     ViT-H/14's transformers config.json and tokenizer (laion/CLIP-ViT-H-14-laion2B-s32B-b79K; its weights are
-    not read). Input: 224 px, bicubic shortest-side resize, centre crop, CLIP mean/std (OpenCLIP's transform)."""
+    not read). Input as HPSv2's own scorer (`create_model_and_transforms(..., light_augmentation=True)`, i.e.
+    open_clip's ResizeMaxSize): longest side to 224, bicubic, zero-padded to a square, CLIP mean/std; no crop."""
     checkpoint = require_path(path, "HPSv2 checkpoint", HPS_HOW_TO)
     clip_folder = require_path(clip_path, "OpenCLIP ViT-H/14 config and tokenizer", CLIP_H_HOW_TO, folder=True)
     tokenizer = load_tokenizer(clip_folder, CLIP_H_HOW_TO)
@@ -49,5 +51,5 @@ def make_hpsv2(path: str, clip_path: str, batch_size: int = 16, device: str | to
     model.load_state_dict(load_hpsv2_state(checkpoint), strict=True)
     model = frozen(model, device, parse_dtype(dtype))
     size = config.vision_config.image_size
-    return ClipSimilarity(model, tokenizer, size, size, CLIP_MEAN, CLIP_STD,
+    return ClipSimilarity(model, tokenizer, letterbox_transform(size, CLIP_MEAN, CLIP_STD, fill=0.0),
                           scale=1.0, batch_size=batch_size)

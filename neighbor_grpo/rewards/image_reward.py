@@ -14,9 +14,9 @@ from torch import nn
 from neighbor_grpo.io import save_safetensors
 from neighbor_grpo.rewards import register_reward
 from neighbor_grpo.rewards.aesthetic import AestheticHead
+from neighbor_grpo.rewards.image_transforms import centre_crop_transform
 from neighbor_grpo.rewards.model_loading import (CLIP_MEAN, CLIP_STD, frozen, import_transformers,
-                                                  load_state_dict_file, parse_dtype, require_path,
-                                                  resize_center_crop_normalize, score_in_chunks)
+                                                  load_state_dict_file, parse_dtype, require_path, score_in_chunks)
 
 IMAGE_REWARD_HOW_TO = "huggingface-cli download THUDM/ImageReward ImageReward.pt --local-dir models/ImageReward"
 BERT_HOW_TO = ("huggingface-cli download google-bert/bert-base-uncased --local-dir models/bert-base-uncased "
@@ -132,18 +132,19 @@ def convert_image_reward_checkpoint(source: str | Path, target: str | Path) -> N
 
 class ImageRewardScore:
     """ImageReward's `score`: (mlp(text_encoder(prompt | image)[CLS]) - mean) / std; roughly N(0, 1) over its
-    training images, higher is preferred. Images: 224 px bicubic shortest-side resize, centre crop, CLIP mean/std
-    (ImageReward's transform); prompts: BERT-uncased tokens, truncated to 35 as ImageReward does."""
+    training images, higher is preferred. Images as ImageReward's `_transform` (torchvision Resize(224) +
+    CenterCrop(224), not BLIP's square resize): shortest side to 224 (truncated), torchvision's crop offset, CLIP
+    mean/std; prompts: BERT-uncased tokens, truncated to 35 as ImageReward does."""
 
     def __init__(self, model: ImageRewardNet, tokenizer, batch_size: int = 16, max_length: int = 35):
         self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
-        self.image_size = model.vision_model.config.image_size
+        size = model.vision_model.config.image_size
+        self.transform = centre_crop_transform(size, size, CLIP_MEAN, CLIP_STD, crop_rounding="half_even")
         weight = model.vision_model.embeddings.patch_embedding.weight
         self.device, self.dtype = weight.device, weight.dtype
 
     def score_chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = resize_center_crop_normalize(images.to(self.device, torch.float32), self.image_size,
-                                              self.image_size, CLIP_MEAN, CLIP_STD).to(self.dtype)
+        pixels = self.transform(images.to(self.device, torch.float32)).to(self.dtype)
         # padding only to the longest prompt: padded positions are masked, so [CLS] is the same as with max_length
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt")

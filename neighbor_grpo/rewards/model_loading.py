@@ -1,5 +1,6 @@
 """Shared plumbing for rewards backed by pretrained networks: optional imports, local-only weights, safe loading,
-tensor preprocessing (no torchvision) and scoring in chunks on the model's device."""
+the image processor's settings and scoring in chunks on the model's device (the image transforms themselves are in
+image_transforms.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 # CLIP's normalisation constants (OpenAI CLIP, OpenCLIP's defaults, BLIP and ImageReward use the same values).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -75,7 +75,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def read_image_processor_config(folder: Path, default_size: int = 224) -> tuple[int, int, tuple, tuple]:
     """(resize shortest side, crop size, mean, std) from a transformers `preprocessor_config.json`; read as JSON
-    so the tensor pipeline below, not an image processor class, does the work. Without the file: CLIP's transform
+    so the tensor transform in image_transforms.py, not an image processor class, does the work. Without the file: CLIP's transform
     at the model's own input size."""
     config_path = folder / "preprocessor_config.json"
     if not config_path.is_file():
@@ -86,24 +86,6 @@ def read_image_processor_config(folder: Path, default_size: int = 224) -> tuple[
     crop = config.get("crop_size", size)
     crop = crop.get("height", size) if isinstance(crop, dict) else crop
     return int(size), int(crop), tuple(config.get("image_mean", CLIP_MEAN)), tuple(config.get("image_std", CLIP_STD))
-
-
-def resize_center_crop_normalize(images: torch.Tensor, size: int, crop: int, mean: Sequence[float],
-                                 std: Sequence[float]) -> torch.Tensor:
-    """CLIP's image transform on tensors: shortest side to `size` (bicubic, antialiased, like PIL's resize), a
-    centred `crop` x `crop` square, then (x - mean) / std. Grey images are repeated to three channels."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    height, width = images.shape[-2:]
-    scale = size / min(height, width)
-    new_size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
-    if new_size != (height, width):
-        images = F.interpolate(images, size=new_size, mode="bicubic", antialias=True, align_corners=False)
-    top, left = (new_size[0] - crop) // 2, (new_size[1] - crop) // 2
-    images = images[..., top:top + crop, left:left + crop].clamp(0.0, 1.0)
-    mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean) / std
 
 
 def score_in_chunks(score_chunk: Callable[[torch.Tensor, Sequence[str]], torch.Tensor], images: torch.Tensor,

@@ -9,7 +9,9 @@ real checkpoint (`load_adapter(folder)` reads model_index.json).
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +23,9 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEXT_TOKENS = 16  # CLIP's model_max_length here; T5 uses the adapter's max_sequence_length
 
 
+# The tokenizers are read back from the files a downloaded one has (vocab.json + merges.txt, tokenizer.json), so
+# transformers 4.x, whose constructors take only file paths, builds them as 5.x does.
+
 def clip_tokenizer():
     from transformers import CLIPTokenizer
 
@@ -28,15 +33,34 @@ def clip_tokenizer():
     for letter in LETTERS:  # byte-level BPE with no merges: every word is spelled letter by letter
         vocab[letter] = len(vocab)
         vocab[letter + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_TOKENS)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=TEXT_TOKENS)
 
 
-def t5_tokenizer():
-    from transformers import T5Tokenizer
+def t5_unigram():
+    """T5's tokenizer pipeline (as transformers builds it from a SentencePiece model) over a few pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("\u2581" + word, -1.0) for word in WORDS] + [(letter, -5.0) for letter in LETTERS]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return tokenizer
+
+
+def t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    with tempfile.TemporaryDirectory() as folder:
+        t5_unigram().save(str(Path(folder) / "tokenizer.json"))
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+        return T5TokenizerFast.from_pretrained(folder, extra_ids=0, eos_token="</s>", unk_token="<unk>",
+                                               pad_token="<pad>")
 
 
 def clip_config(**changes):

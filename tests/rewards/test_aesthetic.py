@@ -9,7 +9,8 @@ from torch import nn
 from neighbor_grpo.rewards import build_rewards
 from neighbor_grpo.rewards.aesthetic import make_aesthetic
 from neighbor_grpo.rewards.convert import main as convert_main
-from neighbor_grpo.rewards.model_loading import CLIP_MEAN, CLIP_STD, resize_center_crop_normalize
+from neighbor_grpo.rewards.image_transforms import resize_center_crop_normalize
+from neighbor_grpo.rewards.model_loading import CLIP_MEAN, CLIP_STD
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
 
@@ -39,9 +40,10 @@ def head_files(tmp_path_factory, head_state):
 
 
 def reference_scores(clip_dir, head_state, images):
-    """improved-aesthetic-predictor: normalised CLIP image features through the Linear stack (no activations)."""
+    """improved-aesthetic-predictor: normalised CLIP image features through the Linear stack (no activations), on
+    OpenAI CLIP's preprocess (torchvision's CenterCrop offset)."""
     model = transformers.CLIPModel.from_pretrained(str(clip_dir)).eval()
-    pixels = resize_center_crop_normalize(images, 32, 32, CLIP_MEAN, CLIP_STD)
+    pixels = resize_center_crop_normalize(images, 32, 32, CLIP_MEAN, CLIP_STD, crop_rounding="half_even")
     with torch.no_grad():
         features = model.get_image_features(pixel_values=pixels)
         features = getattr(features, "pooler_output", features)  # a tensor in transformers 4.x
@@ -52,7 +54,8 @@ def reference_scores(clip_dir, head_state, images):
 
 
 def test_aesthetic_scores_are_the_head_on_normalised_clip_embeddings(tiny_clip_dir, head_files, head_state):
-    images = torch.rand(5, 3, 48, 36, generator=torch.Generator().manual_seed(8))
+    # 44 x 40 resizes to 35 x 32: torchvision's crop starts at row 2, transformers' at row 1
+    images = torch.rand(5, 3, 44, 40, generator=torch.Generator().manual_seed(8))
     reward = make_aesthetic(path=str(head_files / "head.safetensors"), clip_path=str(tiny_clip_dir), batch_size=2)
     scores = reward(images, ["a"] * 5)
     assert scores.shape == (5,) and scores.dtype == torch.float32

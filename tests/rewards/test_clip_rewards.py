@@ -5,7 +5,7 @@ import torch
 
 from neighbor_grpo.rewards import build_rewards, check_scores
 from neighbor_grpo.rewards.clip_rewards import make_clip_score, make_pickscore
-from neighbor_grpo.rewards.model_loading import resize_center_crop_normalize
+from neighbor_grpo.rewards.image_transforms import resize_center_crop_normalize
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
 

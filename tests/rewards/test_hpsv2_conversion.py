@@ -1,5 +1,6 @@
 """OpenCLIP -> transformers CLIPModel conversion (HPSv2.1's checkpoint layout), checked against a plain-torch
-forward that follows OpenCLIP's architecture on the original state dict, and the `hpsv2` factory end to end."""
+forward that follows OpenCLIP's architecture on the original state dict, and the `hpsv2` factory end to end on
+pixels from HPSv2's own transform (tests/rewards/data/hpsv2_transform_reference.npz)."""
 
 import pytest
 import torch
@@ -7,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from neighbor_grpo.rewards.hpsv2 import convert_hpsv2_checkpoint, make_hpsv2
-from neighbor_grpo.rewards.model_loading import CLIP_MEAN, CLIP_STD, resize_center_crop_normalize
 from neighbor_grpo.rewards.openclip_convert import openclip_to_transformers_clip
 
 from tiny_clip import TINY_IMAGE, save_processor_files, tiny_clip_config, tiny_clip_tokenizer
+from transform_references import as_float, image_sizes, load_reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
 
@@ -146,10 +147,10 @@ def hps_files(tmp_path_factory, tokenizer, openclip_state):
     return checkpoint, clip_folder
 
 
-def reference_hps(openclip_state, tokenizer, images, prompts):
-    """HPSv2's score: diagonal of normalised image_features @ text_features.T, on OpenCLIP's architecture."""
+def reference_hps(openclip_state, tokenizer, pixels, prompts):
+    """HPSv2's score: diagonal of normalised image_features @ text_features.T, on OpenCLIP's architecture, from
+    pixels HPSv2's transform made."""
     state = {k: v.half().float() for k, v in openclip_state.items()}
-    pixels = resize_center_crop_normalize(images, TINY_IMAGE, TINY_IMAGE, CLIP_MEAN, CLIP_STD)
     tokens = tokenizer(prompts, padding="max_length", max_length=CONTEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         image_features = F.normalize(openclip_image_features(state, pixels), dim=-1)
@@ -158,12 +159,18 @@ def reference_hps(openclip_state, tokenizer, images, prompts):
 
 
 def test_hpsv2_factory_scores_as_hpsv2_does(hps_files, openclip_state, tokenizer):
+    """Each stored image (4:3 both ways, 16:9, a rounding half, an upscale, a square) through the reward, against
+    HPSv2's score on the pixels HPSv2's own letterbox transform made of the same bytes at the tiny model's size."""
     checkpoint, clip_folder = hps_files
-    images = torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(4))
     reward = make_hpsv2(path=str(checkpoint), clip_path=str(clip_folder), batch_size=2)
-    scores = reward(images, PROMPTS)
-    assert scores.shape == (3,) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, reference_hps(openclip_state, tokenizer, images, PROMPTS), atol=1e-5, rtol=1e-4)
+    references = load_reference("hpsv2_transform_reference.npz")
+    for size in image_sizes(references):
+        images = as_float(references[f"image_{size}"]).expand(len(PROMPTS), -1, -1, -1)
+        pixels = torch.from_numpy(references[f"hps{TINY_IMAGE}_{size}"])[None].expand(len(PROMPTS), -1, -1, -1)
+        scores = reward(images, PROMPTS)
+        assert scores.shape == (3,) and scores.dtype == torch.float32
+        torch.testing.assert_close(scores, reference_hps(openclip_state, tokenizer, pixels, PROMPTS),
+                                   atol=1e-5, rtol=1e-4, msg=lambda text: f"{size}: {text}")
     assert not reward.model.training and not any(p.requires_grad for p in reward.model.parameters())
 
 

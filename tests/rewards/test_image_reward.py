@@ -12,7 +12,8 @@ from neighbor_grpo.rewards import build_rewards
 from neighbor_grpo.rewards.convert import main as convert_main
 from neighbor_grpo.rewards.image_reward import (REWARD_MEAN, REWARD_STD, ImageRewardNet, image_reward_to_blip,
                                                 make_image_reward)
-from neighbor_grpo.rewards.model_loading import CLIP_MEAN, CLIP_STD, resize_center_crop_normalize
+from neighbor_grpo.rewards.image_transforms import resize_center_crop_normalize
+from neighbor_grpo.rewards.model_loading import CLIP_MEAN, CLIP_STD
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (tests/conftest.py)
 
@@ -154,12 +155,13 @@ def test_converted_model_matches_image_rewards_forward(files):
 
 def test_factory_scores_from_pt_and_converted_safetensors(files):
     folder, tokenizer, state = files
-    images = torch.rand(4, 3, 40, 48, generator=torch.Generator().manual_seed(2))
+    # 40 x 44 resizes to 32 x 35: ImageReward's torchvision CenterCrop starts at column 2 (transformers' at 1)
+    images = torch.rand(4, 3, 40, 44, generator=torch.Generator().manual_seed(2))
     prompts = PROMPTS + ["dogs"]
     kwargs = {"tokenizer_path": str(folder / "bert"), "vision_heads": V_HEADS, "text_heads": T_HEADS}
     from_pt = make_image_reward(path=str(folder / "ImageReward.pt"), batch_size=3, **kwargs)
     scores = from_pt(images, prompts)
-    pixels = resize_center_crop_normalize(images, IMAGE, IMAGE, CLIP_MEAN, CLIP_STD)
+    pixels = resize_center_crop_normalize(images, IMAGE, IMAGE, CLIP_MEAN, CLIP_STD, crop_rounding="half_even")
     tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
         reference = reference_image_reward(state, pixels, tokens["input_ids"], tokens["attention_mask"])

@@ -1,5 +1,9 @@
 """Tiny random CLIP pieces shared by the reward tests: a byte-level tokenizer, a config, processor files."""
 
+import json
+import tempfile
+from pathlib import Path
+
 try:  # the OCR tests need no transformers
     import transformers
 except ImportError:  # pragma: no cover
@@ -18,7 +22,16 @@ def tiny_clip_tokenizer():
     vocab.update({char + "</w>": len(alphabet) + index for index, char in enumerate(alphabet)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[])
+    return clip_tokenizer_from_files(vocab)
+
+
+def clip_tokenizer_from_files(vocab: dict[str, int]):
+    """The fast CLIP tokenizer read from vocab.json and an empty merges.txt, as a downloaded one is read: the way both
+    transformers 4.x (whose constructor takes only file paths) and 5.x (which also takes the dicts) build it."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+        return transformers.CLIPTokenizerFast.from_pretrained(folder)
 
 
 def tiny_clip_config(tokenizer, hidden_act="gelu", context=24):
