@@ -34,6 +34,7 @@ from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all
                                        gather_candidates, global_means, gradient_sync, init_processes,
                                        main_process_first, member_block, parallel_net, shard_in_place, shard_like,
                                        sum_over_processes, velocity_through)
+from neighbor_grpo.distributed import joins_process_group  # train() leaves the process group it joined
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.lora import EMA, apply_lora, make_reference_velocity
@@ -473,6 +474,7 @@ def _plain_net(adapter, parts: TrainingParts):
         yield
 
 
+@joins_process_group
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, fault_hook: Callable[[str], None] | None = None,
           adapter=None, rewards=None) -> TrainResult:
