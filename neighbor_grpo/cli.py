@@ -11,7 +11,8 @@ from pathlib import Path
 def _cmd_demo(args) -> None:
     from neighbor_grpo.demo import run_demo
 
-    run_demo(args.out, overwrite=args.overwrite, overrides=args.overrides, progress=not args.no_progress)
+    run_demo(args.out, overwrite=args.overwrite, overrides=args.overrides, progress=not args.no_progress,
+             threads=args.threads)
 
 
 def _cmd_pretrain(args) -> None:
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="run folder to create")
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--threads", type=int, default=2,
+                      help="torch CPU threads (default 2; the README's table was made with 2, and the numbers "
+                           "change in the last digits with the thread count)")
     demo.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. iterations=50)")
     demo.set_defaults(func=_cmd_demo)
 

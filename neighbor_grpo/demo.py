@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from neighbor_grpo.config import load_config
 from neighbor_grpo.io import atomic_write_text
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_THREADS = 2
+"""torch intra-op threads of the demo: float sums are split over the threads, so the numbers (and the pretrained
+models it builds) change in the last bits with the thread count; fixed, they depend only on torch and the CPU."""
 TABLE_METRICS = [
     ("reward", "reward (p of prompted digit)", "higher"),
     ("accuracy", "prompt accuracy", "higher"),
@@ -29,12 +37,46 @@ def before_after_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path, overwrite: bool = False, overrides: list[str] | None = None, progress: bool = True) -> dict:
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside the block, the caller's restored afterwards."""
+    if count < 1:
+        raise ValueError(f"--threads: expected a thread count >= 1, got {count}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux: /proc/cpuinfo, where platform.processor() is often empty)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def numeric_setup() -> dict:
+    """What the demo's numbers depend on beyond the code and config: torch build, CPU kernels, thread count."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "processor": cpu_name(), "torch_threads": torch.get_num_threads()}
+
+
+def run_demo(out: str | Path, overwrite: bool = False, overrides: list[str] | None = None, progress: bool = True,
+             threads: int = DEMO_THREADS) -> dict:
+    """The demo with `threads` torch threads (the caller's count is restored afterwards)."""
+    with torch_threads(threads):
+        return _run_demo(Path(out), overwrite, overrides, progress)
+
+
+def _run_demo(out: Path, overwrite: bool, overrides: list[str] | None, progress: bool) -> dict:
     from neighbor_grpo.pretrain import ensure_base_model, ensure_classifier
     from neighbor_grpo.trainer import train
 
     started = time.perf_counter()
-    out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it")
     print("[1/3] reward model: digit classifier on scikit-learn's digits")
@@ -52,7 +94,7 @@ def run_demo(out: str | Path, overwrite: bool = False, overrides: list[str] | No
     seconds = time.perf_counter() - started
     summary = {"classifier_heldout_accuracy": classifier_accuracy, "base_prompt_accuracy": result.eval_before.get("accuracy"),
                "before": result.eval_before, "after": result.eval_after, "wall_clock_s": seconds,
-               "train_s": result.seconds, "iterations": config.iterations}
+               "train_s": result.seconds, "iterations": config.iterations, "setup": numeric_setup()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "summary.md", f"# Demo: before/after (held-out seeds)\n\n{table}\n\n"
                       f"Reward classifier held-out accuracy: {classifier_accuracy:.4f}. "
@@ -62,5 +104,7 @@ def run_demo(out: str | Path, overwrite: bool = False, overrides: list[str] | No
     print(f"Base model prompt accuracy:          {result.eval_before.get('accuracy', float('nan')):.4f}")
     print(table)
     print(f"\nRun folder: {out}  (grid_before.png, grid_after.png, reward_curve.png, metrics.csv, tensorboard/)")
-    print(f"Wall-clock: {seconds:.0f} s")
+    setup = summary["setup"]
+    print(f"Wall-clock: {seconds:.0f} s  (torch {setup['torch']}, {setup['cpu_capability']} kernels, "
+          f"{setup['torch_threads']} threads: the numbers depend on these)")
     return summary

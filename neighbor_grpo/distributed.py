@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -85,6 +86,31 @@ def init_processes(device: str, parallel: str = "auto") -> tuple[Processes, torc
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
     processes = Processes(dist.get_rank(), dist.get_world_size(), local_rank, wanted_strategy(parallel))
     return processes, torch.device(device)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group and the prompt groups made from it (no-op when none was joined)."""
+    _PEER_GROUPS.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def joins_process_group(function: Callable) -> Callable:
+    """For a function that joins the launcher's process group (`init_processes`): the group it joined is destroyed
+    when it returns or raises (the end, a stop, KeyboardInterrupt, an error alike), so none of gloo's or NCCL's
+    threads is left to the interpreter's exit, where it can abort the process ("terminate called without an
+    active exception") after the work is done. A group the caller had joined before is left to the caller."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        joined_before = dist.is_initialized()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if not joined_before:
+                leave_process_group()
+
+    return wrapper
 
 
 def check_batch_fits(prompts_per_iteration: int, processes: Processes, group_size: int | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -12,16 +13,34 @@ import torch
 from neighbor_grpo.io import atomic_write_bytes, atomic_write_text
 
 
+def read_metrics(path: Path) -> tuple[list[str], list[dict]]:
+    """The header and rows of a metrics.csv. Only complete lines count: a row cut short by a crash or power loss
+    while it was appended (no final newline, or fewer fields than the header) is left out, never half-read."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    complete = text[: text.rfind("\n") + 1]
+    lines = list(csv.reader(io.StringIO(complete, newline="")))
+    if not lines:
+        return [], []
+    header = lines[0]
+    return header, [dict(zip(header, line)) for line in lines[1:] if len(line) == len(header)]
+
+
 class MetricsLog:
-    """Append-only CSV + TensorBoard. Rows are keyed by iterations done; on resume from a checkpoint taken after
-    `start_iteration` iterations, later rows are dropped and TensorBoard events after it purged."""
+    """metrics.csv + TensorBoard (+ wandb), consistent across resumes. Rows are keyed by iterations done; on
+    resume from a checkpoint taken after `start_iteration` iterations, later rows (and a torn last line) are
+    dropped and TensorBoard events after it purged.
+
+    Each row is appended with one write and fsynced before the iteration's checkpoint can be written, so a row
+    of an iteration a checkpoint holds is on disk. The file is rewritten whole (atomically) only when a row
+    brings a column the header lacks (the first training row after `eval_before`'s), and once on resume."""
 
     def __init__(self, folder: Path, start_iteration: int = 0, tensorboard: bool = True, wandb_run=None):
         self.path = folder / "metrics.csv"
+        self.columns: list[str] = []
         self.rows: list[dict] = []
         if self.path.exists():
-            with open(self.path, newline="") as handle:
-                self.rows = [row for row in csv.DictReader(handle) if int(float(row["iteration"])) <= start_iteration]
+            self.columns, rows = read_metrics(self.path)
+            self.rows = [row for row in rows if int(float(row["iteration"])) <= start_iteration]
             self._rewrite()
         self.writer = None
         if tensorboard:
@@ -30,20 +49,37 @@ class MetricsLog:
             self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=start_iteration + 1 if start_iteration else None)
         self.wandb_run = wandb_run
 
-    def _rewrite(self) -> None:
-        keys: list[str] = []
-        for row in self.rows:
-            keys.extend(k for k in row if k not in keys)
+    def _csv_text(self, rows: list[dict], header: bool) -> str:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.path, buffer.getvalue())
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, restval="")
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+    def _rewrite(self) -> None:
+        atomic_write_text(self.path, self._csv_text(self.rows, header=True))
+
+    def _append(self, row: dict) -> None:
+        """One write() of the whole line with O_APPEND: a kill leaves the line whole or absent."""
+        handle = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            data = self._csv_text([row], header=False).encode("utf-8")
+            if os.write(handle, data) != len(data):
+                raise OSError(f"{self.path}: short write while appending a metrics row")
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
     def log(self, iteration: int, values: dict[str, float]) -> None:
         row = {"iteration": iteration, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()}}
         self.rows.append(row)
-        self._rewrite()
+        new_columns = [key for key in row if key not in self.columns]
+        if new_columns or not self.path.exists():
+            self.columns.extend(new_columns)
+            self._rewrite()
+        else:
+            self._append(row)
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(float(value)):

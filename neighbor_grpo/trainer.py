@@ -13,8 +13,8 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from neighbor_grpo.config import TrainConfig, to_dict
-from neighbor_grpo.distributed import (Processes, any_process, check_batch_fits, init_processes, main_process_first,
-                                       sum_over_processes)
+from neighbor_grpo.distributed import (Processes, any_process, check_batch_fits, init_processes, joins_process_group,
+                                       main_process_first, sum_over_processes)
 from neighbor_grpo.iteration import ModelCallCounter, prompt_batch, train_iteration  # noqa: F401  (public API)
 from neighbor_grpo.parts import build_training_parts, load_model, model_shift, read_prompts  # noqa: F401
 from neighbor_grpo.prompts import resolve_prompt_sets
@@ -37,6 +37,7 @@ class TrainResult:
     seconds: float
 
 
+@joins_process_group  # train() leaves the process group it joined
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, fault_hook: Callable[[str], None] | None = None,
           adapter=None, rewards=None) -> TrainResult:

@@ -8,19 +8,22 @@ A tiny digits model (seconds to train) and a pixel reward that needs no classifi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from neighbor_grpo.config import load_config
-from neighbor_grpo.distributed import Processes, batch_part, check_batch_fits, member_block, slot_range
+from neighbor_grpo.distributed import (Processes, batch_part, check_batch_fits, joins_process_group, member_block,
+                                       slot_range)
 from neighbor_grpo.io import load_safetensors
 from neighbor_grpo.trainer import train
 
@@ -67,9 +70,12 @@ WORKER = textwrap.dedent(r'''
     try:
         train(load_config(None, overrides), run, resume=resume, progress=False, rewards=pixel_rewards(),
               fault_hook=stop if stop_at else None)
-        print("DONE")
+        outcome = "DONE"
     except KeyboardInterrupt:
-        print("STOPPED")
+        outcome = "STOPPED"
+    # train() left the process group it joined, on both paths: nothing of gloo is left to the interpreter's exit
+    assert not torch.distributed.is_initialized(), f"{outcome}, but the process group is still initialized"
+    print(outcome, flush=True)
 ''')
 
 
@@ -103,32 +109,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LAUNCH_TIMEOUT_S = 900  # a 2-process run takes ~20 s alone; a busy 2-core machine has taken several minutes
+AFTER_FAILURE_S = 60  # once one worker failed, the others (maybe waiting in a collective) get this long to end
+
+
+def wait_for_workers(workers: list[subprocess.Popen], timeout_s: float) -> None:
+    """Wait until every worker has ended; when one fails, give the others AFTER_FAILURE_S, then kill what is
+    left (a worker blocked in a collective with a dead peer would otherwise wait out its hour-long timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while any(worker.poll() is None for worker in workers) and time.monotonic() < deadline:
+        if any(worker.returncode not in (None, 0) for worker in workers):
+            deadline = min(deadline, time.monotonic() + AFTER_FAILURE_S)
+        for worker in workers:
+            if worker.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.wait(timeout=0.5)  # returns as soon as it ends
+                break
+
+
 def launch(tmp_path: Path, run: Path, overrides: list[str], processes: int = 2, stop_at: int = 0,
            resume: bool = False) -> list[str]:
-    """Start `processes` workers with the environment torchrun / accelerate launch give them; their last lines."""
+    """Start `processes` workers with the environment torchrun / accelerate launch give them; their last lines.
+    Their output goes to files, not pipes: a worker never blocks on a full pipe nobody is reading."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = free_port()
-    workers = []
+    workers, logs = [], []
+    attempt = len(list(tmp_path.glob("worker-*-rank0.out")))
     for rank in range(processes):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
                "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1"}
-        workers.append(subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent), str(run),
-                                         json.dumps(overrides), str(stop_at), "1" if resume else "0"],
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = []
+        out, err = (tmp_path / f"worker-{attempt}-rank{rank}.{kind}" for kind in ("out", "err"))
+        logs.append((out, err))
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            workers.append(subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent), str(run),
+                                             json.dumps(overrides), str(stop_at), "1" if resume else "0"],
+                                            env=env, stdout=stdout, stderr=stderr, text=True))
     try:
-        for worker in workers:
-            out, err = worker.communicate(timeout=120)
-            outputs.append((worker.returncode, out, err))
+        wait_for_workers(workers, LAUNCH_TIMEOUT_S)
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
-    for code, out, err in outputs:
-        assert code == 0, f"a worker failed:\n{out[-2000:]}\n{err[-5000:]}"
-    return [out.strip().splitlines()[-1] for _, out, _ in outputs]
+                worker.wait()
+    for rank, (worker, (out, err)) in enumerate(zip(workers, logs)):
+        assert worker.returncode == 0, (f"worker {rank} ended with {worker.returncode} (-9: killed after "
+                                        f"{LAUNCH_TIMEOUT_S} s or after another worker failed):\n"
+                                        f"{out.read_text()[-2000:]}\n{err.read_text()[-5000:]}")
+    return [out.read_text().strip().splitlines()[-1] for out, _ in logs]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -184,6 +213,39 @@ def test_more_processes_than_candidates_is_refused():
         check_batch_fits(2, Processes(0, 8), 3, "neighbor_grpo.group_size")
     with pytest.raises(ValueError, match=r"prompts_per_iteration: 1 prompts x group_size 2 .* 3 processes"):
         batch_part(1, 2, 0, 3)
+
+
+def test_a_process_group_joined_inside_is_left_on_every_way_out(tmp_path):
+    """joins_process_group (on train()): the group is destroyed after a return, KeyboardInterrupt (a stop) or an
+    error; a group the caller joined itself is left alone."""
+    import torch.distributed as dist
+
+    stores = iter(range(100))
+
+    def join():
+        store = dist.FileStore(str(tmp_path / f"store-{next(stores)}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+    @joins_process_group
+    def work(outcome):
+        join()
+        assert dist.is_initialized()
+        if outcome is not None:
+            raise outcome
+        return "done"
+
+    assert work(None) == "done" and not dist.is_initialized()
+    for outcome in (KeyboardInterrupt, RuntimeError("reward failed")):
+        with pytest.raises(type(outcome) if isinstance(outcome, Exception) else outcome):
+            work(outcome)
+        assert not dist.is_initialized(), outcome
+    join()  # the caller's own group
+    try:
+        with pytest.raises(RuntimeError):
+            joins_process_group(lambda: (_ for _ in ()).throw(RuntimeError("x")))()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

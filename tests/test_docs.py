@@ -65,3 +65,27 @@ def test_every_row_of_the_reference_table_has_four_cells(capsys):
         if len(cells) != 4:
             broken.append(line.split("|")[1].strip())
     assert not broken, f"rows that do not render as 4 columns: {broken}"
+
+
+def test_design_page_gives_the_real_defaults():
+    """docs/design.md's "[D] choices" table: a row naming one config key starts with its default (numbers), and
+    the demo value it quotes for reference anchoring is the demo config's."""
+    from neighbor_grpo.config import load_config
+    from neighbor_grpo.demo import DEMO_CONFIG
+
+    design = (DOC.parent / "design.md").read_text(encoding="utf-8")
+    defaults = {key: value for key, _, value, _ in config_reference()}
+    checked = []
+    for line in design.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[0].startswith("`") or cells[0].count("`") != 2:
+            continue
+        key = cells[0].split("`")[1]
+        first = cells[1].split()[0].rstrip(",;")
+        if key in defaults and isinstance(defaults[key], (int, float)) and not isinstance(defaults[key], bool):
+            assert float(first) == float(defaults[key]), f"design.md gives {key} default {first}, the code {defaults[key]}"
+            checked.append(key)
+    assert "neighbor_grpo.ref_beta" in checked and "neighbor_grpo.adv_eps" in checked, checked
+    ref_row = next(line for line in design.splitlines() if line.startswith("| `neighbor_grpo.ref_beta`"))
+    demo_beta = load_config(DEMO_CONFIG).neighbor_grpo.ref_beta
+    assert f"{demo_beta:g} in the demo" in ref_row, ref_row
