@@ -61,12 +61,12 @@ METHODS: dict[str, list[str]] = {
     **{name: overrides for name, overrides in PAPER_SETTINGS.items() if name != "neighbor_grpo"},
 }
 
-ARCHS = ("builtin", "tiny-digits", "sd35-medium", "flux-dev", "tiny-sd3", "tiny-flux")
-DEFAULT_RESOLUTION = {"builtin": 16, "tiny-digits": 16, "sd35-medium": 512, "flux-dev": 720, "tiny-sd3": 32,
+ARCHS = ("builtin", "builtin-unet", "tiny-digits", "sd35-medium", "flux-dev", "tiny-sd3", "tiny-flux")
+DEFAULT_RESOLUTION = {"builtin": 16, "builtin-unet": 16, "tiny-digits": 16, "sd35-medium": 512, "flux-dev": 720, "tiny-sd3": 32,
                       "tiny-flux": 32}
-DEFAULT_PROMPTS = {"builtin": 8, "tiny-digits": 8, "sd35-medium": 1, "flux-dev": 1, "tiny-sd3": 1, "tiny-flux": 1}
+DEFAULT_PROMPTS = {"builtin": 8, "builtin-unet": 8, "tiny-digits": 8, "sd35-medium": 1, "flux-dev": 1, "tiny-sd3": 1, "tiny-flux": 1}
 # The classifier of the built-in digits is its natural cheap reward; any real image takes the model-free JPEG one.
-DEFAULT_REWARD = {"builtin": "digit_prob"}
+DEFAULT_REWARD = {"builtin": "digit_prob", "builtin-unet": "digit_prob"}
 FALLBACK_REWARD = "jpeg_compressibility"
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOPS, matched as lower-case substrings
@@ -84,12 +84,13 @@ BF16_DENSE_PEAK_TFLOPS: list[tuple[str, float]] = [
 def build_adapter(arch: str, resolution: int, device: str, dtype: torch.dtype):
     """The model adapter of an architecture (the velocity net in `adapter.net`), on `device`.
 
-    builtin: the cached built-in digits model (16x16 images; `resolution` is fixed). tiny-digits: a small random
+    builtin: the cached built-in digits model (16x16 images; `resolution` is fixed); builtin-unet: its
+    compute-bound conv U-Net sibling (builtin:digits-unet, ~17 MFLOP per sample). tiny-digits: a small random
     digits net (tests). sd35-medium / flux-dev: random-init transformers of the real architectures; tiny-sd3 /
     tiny-flux: the same code with tiny configs, for CPU runs. Random weights cost the same FLOPs as trained ones.
     """
-    if arch == "builtin":
-        adapter = load_model("builtin:digits", device, progress=False)
+    if arch in ("builtin", "builtin-unet"):
+        adapter = load_model("builtin:digits" if arch == "builtin" else "builtin:digits-unet", device, progress=False)
     elif arch == "tiny-digits":
         from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
 
@@ -98,7 +99,7 @@ def build_adapter(arch: str, resolution: int, device: str, dtype: torch.dtype):
         adapter = build_diffusers_adapter(arch, resolution, device, dtype)
     else:
         raise ValueError(f"--arch: unknown {arch!r}; choose from {ARCHS}")
-    if arch in ("builtin", "tiny-digits") and resolution != adapter.net_config.image_size:
+    if arch in ("builtin", "builtin-unet", "tiny-digits") and resolution != adapter.net_config.image_size:
         raise ValueError(f"--resolution: the {arch} model makes {adapter.net_config.image_size}x"
                          f"{adapter.net_config.image_size} images; got {resolution}")
     adapter.net.to(device)
@@ -610,7 +611,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.resolution = args.resolution or DEFAULT_RESOLUTION[args.arch]
     args.prompts = args.prompts or DEFAULT_PROMPTS[args.arch]
-    args.finetune = args.finetune or ("full" if args.arch in ("builtin", "tiny-digits") else "lora")
+    args.finetune = args.finetune or ("full" if args.arch in ("builtin", "builtin-unet", "tiny-digits") else "lora")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.schedule == "auto":
