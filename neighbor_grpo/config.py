@@ -400,8 +400,8 @@ def _validate_speed(speed: SpeedConfig) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
-    _check(bool(m.path), "model.path", "a checkpoint folder, a diffusers folder, 'builtin:digits' or 'builtin:digits-unet'",
-           m.path)
+    _check(bool(m.path), "model.path",
+           "a checkpoint folder, a diffusers folder, 'builtin:digits' or 'builtin:digits-unet'", m.path)
     for name in ("height", "width"):
         value = getattr(m, name)
         _check(value is None or (value >= 16 and value % 16 == 0), f"model.{name}", "null or a multiple of 16", value)

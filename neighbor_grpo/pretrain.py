@@ -135,7 +135,8 @@ def train_base_model(settings: BaseModelSettings = BaseModelSettings(), progress
     ema.net.requires_grad_(False)
     optimizer = torch.optim.AdamW(adapter.net.parameters(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
-    bar = tqdm(range(settings.steps), desc=f"base model ({adapter_class.adapter_name})", unit="step", disable=not progress)
+    bar = tqdm(range(settings.steps), desc=f"base model ({adapter_class.adapter_name})", unit="step",
+               disable=not progress)
     for step in bar:
         batch = torch.randint(0, len(y_data), (settings.batch_size,), generator=generator)
         x0, eps = x_data[batch], torch.randn(x_data[batch].shape, generator=generator)

@@ -173,8 +173,8 @@ class DigitsAdapter:
         state = load_safetensors(folder / "model.safetensors")
         missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())
         if missing or unexpected:
-            raise ValueError(f"{folder / 'model.safetensors'}: weights do not fit the {cls.adapter_name} model in model.json "
-                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+            raise ValueError(f"{folder / 'model.safetensors'}: weights do not fit the {cls.adapter_name} model in "
+                             f"model.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         try:
             net.load_state_dict(state)
         except RuntimeError as error:
