@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="results JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()  # the machine may be shared: the load says how much the figures can be trusted
     extra = [item for override in args.set for item in ("--set", override)]
     extra += ["--reward", args.reward] if args.reward else []
     results = {arch: measure(arch, args.warmup, args.iters, extra) for arch in args.archs}
@@ -131,11 +133,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['model']} | {100 * r['model_time_share']:.1f}% | {100 * r['share_min']:.1f}-"
               f"{100 * r['share_max']:.1f}% | {r['iteration_s']:.4f} | {r['forward_s']:.4f} | {r['backward_s']:.4f} "
               f"| {r['reward_s']:.4f} |")
-    result = {"models": results, "settings": {"method": "neighbor_grpo (paper settings)", "iters": args.iters,
-                                              "warmup": args.warmup, "threads": args.threads, "overrides": args.set},
+    command = ["benchmarks/model_time_share.py", *(argv if argv is not None else sys.argv[1:])]
+    result = {"models": results,
+              "settings": {"method": "neighbor_grpo (paper settings)", "iters": args.iters, "warmup": args.warmup,
+                           "threads": args.threads, "overrides": args.set},
               "definition": __doc__.split("\n\n", 2)[2].strip(),
-              "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                              "command": ["benchmarks/model_time_share.py", *(argv if argv is not None else sys.argv[1:])]}}
+              "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                              "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+                              "command": command}}
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

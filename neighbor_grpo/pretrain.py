@@ -53,7 +53,7 @@ class BaseModelSettings:
 @dataclass
 class UNetBaseModelSettings(BaseModelSettings):
     """The compute-bound U-Net (models/digits_unet.py), pretrained like the MLP, with the same 40% label noise so
-    that alignment has the same room. Fewer steps: each costs ~10x the MLP's (about 6-8 min on 2 free cores)."""
+    that alignment has the same room. Fewer steps: each costs ~10x the MLP's (255 CPU-seconds in all, one thread)."""
 
     net: DigitsUNetConfig = field(default_factory=DigitsUNetConfig)
     steps: int = 2000

@@ -92,6 +92,7 @@ class DigitsUNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def conditioning(self, s: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
+        """One vector per sample from flow time (a scalar s is every sample's) and the digit class, as the MLP's."""
         s = s.reshape(-1).expand(batch) if s.numel() == 1 else s.reshape(-1)
         return nn.functional.silu(self.time_embed(timestep_embedding(s)) + self.class_embed(labels))
 
