@@ -52,11 +52,11 @@ DEFINITIONS = {
     "peak_mem_gb": "torch.cuda.max_memory_allocated over the timed iterations, 1e9 bytes; null on CPU",
 }
 
-DEFAULT_RESOLUTION = {"builtin": 16, "tiny-digits": 16, "sd35-medium": 512, "flux-dev": 720, "tiny-sd3": 32,
+DEFAULT_RESOLUTION = {"builtin": 16, "builtin-unet": 16, "tiny-digits": 16, "sd35-medium": 512, "flux-dev": 720, "tiny-sd3": 32,
                       "tiny-flux": 32}
-DEFAULT_PROMPTS = {"builtin": 8, "tiny-digits": 8, "sd35-medium": 1, "flux-dev": 1, "tiny-sd3": 1, "tiny-flux": 1}
+DEFAULT_PROMPTS = {"builtin": 8, "builtin-unet": 8, "tiny-digits": 8, "sd35-medium": 1, "flux-dev": 1, "tiny-sd3": 1, "tiny-flux": 1}
 # The classifier of the built-in digits is its natural cheap reward; any real image takes the model-free JPEG one.
-DEFAULT_REWARD = {"builtin": "digit_prob"}
+DEFAULT_REWARD = {"builtin": "digit_prob", "builtin-unet": "digit_prob"}
 FALLBACK_REWARD = "jpeg_compressibility"
 
 # ---- summaries ---------------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.resolution = args.resolution or DEFAULT_RESOLUTION[args.arch]
     args.prompts = args.prompts or DEFAULT_PROMPTS[args.arch]
-    args.finetune = args.finetune or ("full" if args.arch in ("builtin", "tiny-digits") else "lora")
+    args.finetune = args.finetune or ("full" if args.arch in ("builtin", "builtin-unet", "tiny-digits") else "lora")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.schedule == "auto":

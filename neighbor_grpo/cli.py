@@ -16,12 +16,13 @@ def _cmd_demo(args) -> None:
 
 
 def _cmd_pretrain(args) -> None:
-    from neighbor_grpo.pretrain import BaseModelSettings, ClassifierSettings, ensure_base_model, ensure_classifier
+    from neighbor_grpo.pretrain import BUILTIN_MODELS, ClassifierSettings, ensure_base_model, ensure_classifier
     import shutil
 
     classifier_dir, accuracy = ensure_classifier(progress=not args.no_progress, settings=ClassifierSettings(epochs=args.classifier_epochs))
-    base_dir = ensure_base_model(progress=not args.no_progress,
-                                 settings=BaseModelSettings(steps=args.steps, label_noise=args.label_noise))
+    settings = BUILTIN_MODELS[args.model](label_noise=args.label_noise)
+    settings.steps = args.steps or settings.steps
+    base_dir = ensure_base_model(progress=not args.no_progress, settings=settings)
     print(f"reward classifier: {classifier_dir} (held-out accuracy {accuracy:.4f})")
     print(f"base model:        {base_dir}")
     if args.out:
@@ -267,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="build the built-in base model and reward classifier (cached, reused)")
     pre.add_argument("--out", help="also copy them here as base/ and reward/")
     pre.add_argument("--overwrite", action="store_true")
-    pre.add_argument("--steps", type=int, default=3000, help="base-model training steps")
+    pre.add_argument("--model", choices=("digits", "digits-unet"), default="digits",
+                     help="built-in model: digits (the MLP, default) or digits-unet (compute-bound conv U-Net)")
+    pre.add_argument("--steps", type=int, help="base-model training steps (default: 3000 digits, 2000 digits-unet)")
     pre.add_argument("--label-noise", type=float, default=0.4, help="share of labels replaced at random")
     pre.add_argument("--classifier-epochs", type=int, default=40)
     pre.add_argument("--no-progress", action="store_true")

@@ -49,10 +49,10 @@ class TrainingParts:
 def load_model(path: str, device: str, progress: bool = True, options=None):
     """A model adapter from a checkpoint folder (ours, or a diffusers folder), or the built-in base model (built and
     cached on first use). `options` (the config's `model` section) reaches adapters that take options."""
-    if path == "builtin:digits":
-        from neighbor_grpo.pretrain import ensure_base_model
+    if path.startswith("builtin:"):  # builtin:digits (the default), builtin:digits-unet (the compute-bound one)
+        from neighbor_grpo.pretrain import ensure_builtin_model
 
-        path = str(ensure_base_model(progress=progress))
+        path = str(ensure_builtin_model(path.removeprefix("builtin:"), progress=progress))
     return load_adapter(path, device=device, options=options)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from neighbor_grpo.cache import cache_root, settings_key
 from neighbor_grpo.data import load_digits_images, train_test_split
 from neighbor_grpo.flow import interpolate
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsNetConfig
+from neighbor_grpo.models.digits_unet import DigitsUNetAdapter, DigitsUNetConfig
 from neighbor_grpo.rewards.digit_classifier import ClassifierSettings, DigitClassifier, default_classifier_dir  # noqa: F401
 
 
@@ -34,8 +36,27 @@ class BaseModelSettings:
     seed: int = 0
 
 
+@dataclass
+class UNetBaseModelSettings(BaseModelSettings):
+    """The compute-bound U-Net (models/digits_unet.py), pretrained like the MLP, with the same 40% label noise so
+    that alignment has the same room. Fewer steps: each costs ~10x the MLP's (255 CPU-seconds in all, one thread)."""
+
+    net: DigitsUNetConfig = field(default_factory=DigitsUNetConfig)
+    steps: int = 2000
+    lr: float = 2e-3
+
+
+BUILTIN_MODELS = {"digits": BaseModelSettings, "digits-unet": UNetBaseModelSettings}
+"""`model.path: builtin:NAME` (and `ngrpo pretrain --model NAME`) -> its default pretraining settings."""
+
+
+def adapter_class_for(net_config) -> type[DigitsAdapter]:
+    return DigitsUNetAdapter if isinstance(net_config, DigitsUNetConfig) else DigitsAdapter
+
+
 def default_base_dir(settings: BaseModelSettings = BaseModelSettings()) -> Path:
-    return cache_root() / f"digits-base-{settings_key(settings)}"
+    prefix = "digits-unet-base" if isinstance(settings.net, DigitsUNetConfig) else "digits-base"
+    return cache_root() / f"{prefix}-{settings_key(settings)}"
 
 
 def _random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
@@ -85,13 +106,15 @@ def train_base_model(settings: BaseModelSettings = BaseModelSettings(), progress
     replace = torch.rand(len(y_data), generator=generator) < settings.label_noise
     y_data[replace] = torch.randint(0, 10, (int(replace.sum()),), generator=generator)
 
-    adapter = DigitsAdapter.create(settings.net, seed=settings.seed)
-    ema = DigitsAdapter.create(settings.net, seed=settings.seed)
+    adapter_class = adapter_class_for(settings.net)
+    adapter = adapter_class.create(settings.net, seed=settings.seed)
+    ema = adapter_class.create(settings.net, seed=settings.seed)
     ema.net.load_state_dict(adapter.net.state_dict())
     ema.net.requires_grad_(False)
     optimizer = torch.optim.AdamW(adapter.net.parameters(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
-    bar = tqdm(range(settings.steps), desc="base model", unit="step", disable=not progress)
+    bar = tqdm(range(settings.steps), desc=f"base model ({adapter_class.adapter_name})", unit="step",
+               disable=not progress)
     for step in bar:
         batch = torch.randint(0, len(y_data), (settings.batch_size,), generator=generator)
         x0, eps = x_data[batch], torch.randn(x_data[batch].shape, generator=generator)
@@ -126,11 +149,22 @@ def ensure_base_model(progress: bool = True, settings: BaseModelSettings = BaseM
     """The cached base model folder, built on first use."""
     folder = default_base_dir(settings)
     if not (folder / "model.json").is_file():
+        started = time.perf_counter()
         adapter = train_base_model(settings, progress=progress)
+        seconds = time.perf_counter() - started
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        adapter.save(tmp, extra={"pretrain": asdict(settings)})
+        adapter.save(tmp, extra={"pretrain": asdict(settings), "pretrain_seconds": round(seconds, 1),
+                                 "pretrain_threads": torch.get_num_threads()})
         _publish(tmp, folder)
     return folder
+
+
+def ensure_builtin_model(name: str, progress: bool = True) -> Path:
+    """The cached base model of `builtin:NAME` at its default settings, built on first use."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"model.path: unknown built-in model 'builtin:{name}'; expected one of "
+                         f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+    return ensure_base_model(progress=progress, settings=BUILTIN_MODELS[name]())
 
 
 def _publish(tmp: Path, folder: Path) -> None:

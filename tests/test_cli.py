@@ -358,6 +358,20 @@ def test_pretrain_out_copies_base_and_reward(builtin_models, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_pretrain_model_digits_unet_builds_its_own_cached_model(builtin_models, tmp_path, capsys):
+    """--model digits-unet at the default width, 3 steps: its own cache folder and adapter, the MLP untouched."""
+    from neighbor_grpo.models import DigitsUNetAdapter
+    from neighbor_grpo.pretrain import UNetBaseModelSettings, default_base_dir
+
+    code, stdout, err = run_cli(capsys, "pretrain", "--model", "digits-unet", "--steps", "3", "--no-progress",
+                                "--out", tmp_path / "models")
+    assert code == 0, err
+    expected = default_base_dir(UNetBaseModelSettings(steps=3))
+    assert f"base model:        {expected}" in stdout and expected != builtin_models["base"]
+    assert isinstance(load_adapter(tmp_path / "models" / "base"), DigitsUNetAdapter)
+    assert json.loads((expected / "model.json").read_text())["pretrain"]["steps"] == 3
+
+
 # ---- config and the installed entry point -----------------------------------------------------------------------
 
 def test_config_prints_the_reference(capsys):

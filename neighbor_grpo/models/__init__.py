@@ -99,5 +99,6 @@ def _load_diffusers_folder(folder: Path, device, options) -> FlowAdapter:
 
 
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsFlowNet, DigitsNetConfig  # noqa: E402,F401
+from neighbor_grpo.models.digits_unet import DigitsUNet, DigitsUNetAdapter, DigitsUNetConfig  # noqa: E402,F401
 from neighbor_grpo.models.flux import FluxAdapter  # noqa: E402,F401  (registers 'flux')
 from neighbor_grpo.models.sd3 import SD3Adapter  # noqa: E402,F401  (registers 'sd3')

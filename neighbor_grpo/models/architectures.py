@@ -11,20 +11,21 @@ import torch
 
 from neighbor_grpo.models import load_adapter
 
-ARCHS = ("builtin", "tiny-digits", "sd35-medium", "flux-dev", "tiny-sd3", "tiny-flux")
+ARCHS = ("builtin", "builtin-unet", "tiny-digits", "sd35-medium", "flux-dev", "tiny-sd3", "tiny-flux")
 
 
 def build_adapter(arch: str, resolution: int, device: str, dtype: torch.dtype):
     """The model adapter of an architecture (the velocity net in `adapter.net`), on `device`.
 
-    builtin: the cached built-in digits model (16x16 images; `resolution` is fixed). tiny-digits: a small random
+    builtin: the cached built-in digits model (16x16 images; `resolution` is fixed); builtin-unet: its
+    compute-bound conv U-Net sibling (builtin:digits-unet, ~17 MFLOP per sample). tiny-digits: a small random
     digits net (tests). sd35-medium / flux-dev: random-init transformers of the real architectures; tiny-sd3 /
     tiny-flux: the same code with tiny configs, for CPU runs. Random weights cost the same FLOPs as trained ones.
     """
-    if arch == "builtin":
-        from neighbor_grpo.pretrain import ensure_base_model
+    if arch in ("builtin", "builtin-unet"):
+        from neighbor_grpo.pretrain import ensure_builtin_model
 
-        adapter = load_adapter(str(ensure_base_model(progress=False)), device=device)
+        adapter = load_adapter(str(ensure_builtin_model(arch.replace("builtin", "digits"), progress=False)), device=device)
     elif arch == "tiny-digits":
         from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
 
@@ -33,7 +34,7 @@ def build_adapter(arch: str, resolution: int, device: str, dtype: torch.dtype):
         adapter = build_diffusers_adapter(arch, resolution, device, dtype)
     else:
         raise ValueError(f"--arch: unknown {arch!r}; choose from {ARCHS}")
-    if arch in ("builtin", "tiny-digits") and resolution != adapter.net_config.image_size:
+    if arch in ("builtin", "builtin-unet", "tiny-digits") and resolution != adapter.net_config.image_size:
         raise ValueError(f"--resolution: the {arch} model makes {adapter.net_config.image_size}x"
                          f"{adapter.net_config.image_size} images; got {resolution}")
     adapter.net.to(device)

@@ -89,15 +89,20 @@ class DigitsFlowNet(nn.Module):
 
 @register_model_adapter("digits")
 class DigitsAdapter:
-    """Adapter for the built-in digits model: prompts '0'..'9', latents are images scaled to [-1, 1]."""
+    """Adapter for the built-in digits model: prompts '0'..'9', latents are images scaled to [-1, 1].
+    Other built-in digits architectures (digits_unet) reuse it by naming their own net and config classes."""
 
-    def __init__(self, net: DigitsFlowNet):
+    adapter_name = "digits"
+    net_class = DigitsFlowNet
+    config_class = DigitsNetConfig
+
+    def __init__(self, net: nn.Module):
         self.net = net
 
     @classmethod
     def create(cls, config: DigitsNetConfig | None = None, seed: int = 0) -> "DigitsAdapter":
         torch.manual_seed(seed)
-        return cls(DigitsFlowNet(config))
+        return cls(cls.net_class(config))
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +142,7 @@ class DigitsAdapter:
         return self._reference
 
     @property
-    def net_config(self) -> DigitsNetConfig:
+    def net_config(self):
         net = self.net.get_base_model() if hasattr(self.net, "get_base_model") else self.net
         return net.config
 
@@ -152,7 +157,7 @@ class DigitsAdapter:
         save_safetensors(state, folder / "model.safetensors")
         if is_lora(self.net):
             save_safetensors(lora_state_dict(self.net), folder / "lora.safetensors")
-        meta = {"adapter": "digits", "config": asdict(self.net_config), **(extra or {})}
+        meta = {"adapter": self.adapter_name, "config": asdict(self.net_config), **(extra or {})}
         atomic_write_text(folder / "model.json", json.dumps(meta, indent=2))
 
     @classmethod
@@ -160,15 +165,16 @@ class DigitsAdapter:
         folder = Path(folder)
         meta = json.loads((folder / "model.json").read_text())
         try:
-            config = DigitsNetConfig(**meta.get("config", {}))
+            config = cls.config_class(**meta.get("config", {}))
         except TypeError as error:
-            raise ValueError(f"{folder / 'model.json'}: 'config' does not describe a digits model ({error})") from error
-        net = DigitsFlowNet(config)
+            raise ValueError(f"{folder / 'model.json'}: 'config' does not describe a {cls.adapter_name} model "
+                             f"({error})") from error
+        net = cls.net_class(config)
         state = load_safetensors(folder / "model.safetensors")
         missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())
         if missing or unexpected:
-            raise ValueError(f"{folder / 'model.safetensors'}: weights do not fit the digits model in model.json "
-                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+            raise ValueError(f"{folder / 'model.safetensors'}: weights do not fit the {cls.adapter_name} model in "
+                             f"model.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         try:
             net.load_state_dict(state)
         except RuntimeError as error:
