@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by the tests
-import throughput  # noqa: E402  (the benchmark's model builders and its iteration runner)
+import method_runs  # noqa: E402  (each method built and its iterations run)
+import throughput  # noqa: E402  (the throughput benchmark's settings and arguments)
 
 MODELS = {"builtin": "builtin:digits, the residual MLP (1.7 MFLOP per sample)",
           "builtin-unet": "builtin:digits-unet, the conv U-Net (17.9 MFLOP per sample)"}
@@ -90,14 +91,14 @@ def measure(arch: str, warmup: int, iters: int, extra: list[str]) -> dict:
         ensure_classifier(progress=False)
     from neighbor_grpo.rewards import build_rewards
 
-    rewards = throughput.TimedRewards(build_rewards([{"name": reward}], device="cpu"), lambda: None)
-    run, _ = throughput.prepare_method(args, "neighbor_grpo", "cpu", torch.float32, reward)
+    rewards = method_runs.TimedRewards(build_rewards([{"name": reward}], device="cpu"), lambda: None)
+    run, _ = method_runs.prepare_method(args, "neighbor_grpo", "cpu", torch.float32, reward)
     timer = ModelTimer(run.adapter.net, run.parts.reference_net)
     rows = []
     with timer.backward_timed():
         for index in range(warmup + iters):
             timer.reset()
-            record = throughput.run_iteration(run, rewards, lambda: None, "cpu")
+            record = method_runs.run_iteration(run, rewards, lambda: None, "cpu")
             forward_s, backward_s = timer.reset()
             if index >= warmup:
                 rows.append({"iteration_s": record.seconds, "forward_s": forward_s, "backward_s": backward_s,
