@@ -36,8 +36,11 @@ def _cmd_pretrain(args) -> None:
 
 def _cmd_train(args) -> None:
     from neighbor_grpo.config import load_config
+    from neighbor_grpo.resume import parse_changes
     from neighbor_grpo.trainer import train
 
+    if args.accept_changes and not args.resume:
+        raise ValueError("--accept-changes goes with --resume RUN (it changes settings of a run being continued)")
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
@@ -55,7 +58,8 @@ def _cmd_train(args) -> None:
         out = Path(args.out)
     from neighbor_grpo.distributed import is_main_process
 
-    result = train(config, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    result = train(config, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress,
+                   accept_changes=parse_changes(args.accept_changes or []) or None)
     if is_main_process():  # launched on several processes, one summary
         print(json.dumps({"run": str(result.run_dir), "before": result.eval_before, "after": result.eval_after}, indent=2))
 
@@ -270,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run folder to create")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest good checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    tr.add_argument("--accept-changes", nargs="+", action="extend", metavar="KEY=VALUE",
+                    help="with --resume: change optim.lr, optim.max_grad_norm, iterations, eval.*, checkpoint_every or "
+                         "keep_checkpoints on purpose (the run is then marked as not an exact replay in run.json)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)
 
@@ -331,9 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from neighbor_grpo.guards import TrainingIneffective
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingIneffective as error:  # the run finished but learned nothing: a failed run, not a usage error
+        print(f"ngrpo {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted (a run resumes from its latest checkpoint with `ngrpo train --resume RUN`)", file=sys.stderr)
         return 130

@@ -34,6 +34,7 @@ from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all
                                        gather_candidates, global_means, gradient_sync, init_processes,
                                        main_process_first, member_block, parallel_net, shard_in_place, shard_like,
                                        sum_over_processes, velocity_through)
+from neighbor_grpo.guards import NonFiniteWeights, all_finite, check_effective, weights_checksum
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.lora import EMA, apply_lora, make_reference_velocity
@@ -41,6 +42,7 @@ from neighbor_grpo.models import load_adapter, model_default_shift, net_swapped
 from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.noise import keyed_generator
 from neighbor_grpo.prompts import resolve_prompt_sets
+from neighbor_grpo.resume import input_fingerprint, lower_lr_command, resume_config
 from neighbor_grpo.rewards import WeightedRewards, build_rewards
 from neighbor_grpo.runfolder import RunFolder, RunFolderError
 from neighbor_grpo.speed import (allow_tf32, autocast_velocity, compile_in_place, enable_gradient_checkpointing,
@@ -256,17 +258,6 @@ def _with_retries(rewards):
     return rewards
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1}, so a config difference is named by its dotted key."""
-    flat = {}
-    for key, value in (data or {}).items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _json_safe(value):
     """Non-finite floats become None, so checkpoints hold standard JSON (no Infinity/NaN tokens)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -280,7 +271,7 @@ def _json_safe(value):
 
 def _new_counters() -> dict:
     return {"nonfinite_in_row": 0, "nonfinite_total": 0, "best_heldout": -math.inf, "best_iteration": None,
-            "model_evals": 0}
+            "model_evals": 0, "idle_updates": 0}
 
 
 def _counters_from_json(saved: dict) -> dict:
@@ -402,7 +393,8 @@ class _SharedFolder:
 
 
 def _prepare_run_folder(run: Path, config: TrainConfig, resume: bool, processes: Processes) -> bool:
-    """Write (or, resuming, check) config.yaml and run.json. Returns whether this is a resume after all."""
+    """Write config.yaml and run.json (resuming: keep them; resume.resume_config checks the config). Returns
+    whether this is a resume after all."""
     if resume and not (run / "config.yaml").is_file():
         leftovers = sorted(p.name for p in run.iterdir() if p.name != ".lock")
         if leftovers:
@@ -410,20 +402,11 @@ def _prepare_run_folder(run: Path, config: TrainConfig, resume: bool, processes:
                                  f"{leftovers[:5]})")
         resume = False  # killed before it wrote anything: this is a fresh start
     if resume:
-        saved = yaml.safe_load((run / "config.yaml").read_text())
-        try:  # keys a newer version added are absent from an older run's config.yaml: they take their defaults
-            saved = to_dict(from_dict(TrainConfig, saved))
-        except (ConfigError, TypeError):
-            pass  # not a config this version reads: the comparison below names the differences
-        if saved != to_dict(config):
-            old, new = _flatten(saved), _flatten(to_dict(config))
-            changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-            raise ValueError(f"--resume {str(run)!r}: the config differs from the run's config.yaml in {changed}; "
-                             "resume with the same config (or start a new run)")
         if not (run / "run.json").is_file():
             atomic_write_text(run / "run.json", json.dumps(run_metadata(config), indent=2))
     else:
-        metadata = {**run_metadata(config), "processes": processes.world_size, "parallel": processes.strategy}
+        metadata = {**run_metadata(config), "processes": processes.world_size, "parallel": processes.strategy,
+                    "exact_replay": True}  # false once a resume accepts a changed setting (resume.record_changes)
         atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
         atomic_write_text(run / "run.json", json.dumps(metadata, indent=2))
     return resume
@@ -475,16 +458,20 @@ def _plain_net(adapter, parts: TrainingParts):
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, fault_hook: Callable[[str], None] | None = None,
-          adapter=None, rewards=None) -> TrainResult:
+          adapter=None, rewards=None, accept_changes: dict | None = None) -> TrainResult:
     """Align a model with the configured algorithm and rewards; writes everything into `run_dir`.
 
     `adapter` and `rewards` may be passed in code (Python API); otherwise they are built from the config.
     `fault_hook(point)` is called at named points (tests use it to kill the process there).
+    `accept_changes` ({dotted key: value}, with resume=True only) changes settings of the list
+    resume.ACCEPTABLE on purpose; any other difference from the checkpoint's recorded inputs is refused.
     See docs/robustness.md for what survives a kill, an interrupt, a failing reward or NaNs.
     Launched on several processes (accelerate launch, torchrun; docs/distributed.md), each process rolls out
     its share of the prompt slots; only the main process evaluates, logs, exports and writes checkpoints.
     """
     hook = fault_hook or (lambda point: None)
+    if accept_changes and not resume:
+        raise ValueError("accept_changes (--accept-changes) applies to a resumed run only (resume=True, --resume)")
     started = time.perf_counter()
     processes, device = init_processes(config.device, config.speed.parallel)
     check_batch_fits(config.prompts_per_iteration, processes, config.algorithm_config.group_size,
@@ -494,9 +481,16 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
     folder_context = RunFolder(run_dir, resume=resume, overwrite=overwrite) if main else _SharedFolder(run_dir)
     with folder_context as folder:
         run = folder.path
+        checkpoints = run / "checkpoints"
+        latest = None  # the checkpoint a resume continues from
         if main:
             resume = _prepare_run_folder(run, config, resume, processes)
-        resume = broadcast_object(resume, processes)  # the others wait here until the folder is ready
+            if resume:
+                latest = latest_good_checkpoint(checkpoints)
+                config = resume_config(run, config, accept_changes, latest)
+        # the others wait here until the folder is ready; all continue with the same checkpoint and config
+        resume, latest, config = broadcast_object((resume, latest, config), processes)
+        inputs = input_fingerprint(config)  # recorded in every checkpoint (resume compares against it)
 
         with main_process_first(processes):  # the main process builds and caches the built-in models first
             adapter = adapter or load_model(config.model.path, str(device), progress, options=config.model)
@@ -516,10 +510,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                                                                   parts.algorithm, parts.reference_velocity)
 
         start, counters, heldout_metrics = 0, _new_counters(), {}
-        checkpoints = run / "checkpoints"
         last_saved: int | None = None  # iteration of the newest checkpoint this run can resume from
         if resume:
-            latest = broadcast_object(latest_good_checkpoint(checkpoints) if main else None, processes)
             if latest is not None:  # every process reads the same checkpoint (a folder all of them can see)
                 tensors, state = read_checkpoint(latest)
                 _load_trainable(adapter.net, tensors["model"], latest)
@@ -529,6 +521,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                 except (ValueError, KeyError, RuntimeError) as error:
                     raise ValueError(f"checkpoint {str(latest)!r}: its optimizer state does not fit this model "
                                      f"({error})") from error
+                for group in optimizer.param_groups:  # the config's (an accepted change), not the checkpoint's
+                    group["lr"] = config.optim.lr
                 if ema is not None:
                     if "ema" not in tensors:
                         raise ValueError(f"checkpoint {str(latest)!r} holds no EMA weights but optim.ema_decay > 0")
@@ -560,6 +554,10 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         def save_checkpoint(wait: bool = True) -> None:
             """Every process calls it (FSDP gathers the shards); the main process writes."""
             nonlocal last_saved
+            if not all_true(torch.tensor([all_finite(params)]), processes)[0]:
+                raise NonFiniteWeights(f"the weights hold NaN/inf after iteration {boundary['iteration']}; they are "
+                                       "neither checkpointed nor exported. Continue from the last good checkpoint "
+                                       f"with a lower learning rate: {lower_lr_command(run, config)}")
             if main or processes.sharded:
                 trainable = {n: full_tensor(p) for n, p in adapter.net.named_parameters() if p.requires_grad}
                 opt_tensors, opt_plain = optimizer_to_tensors(_full_optimizer_state(optimizer, processes))
@@ -570,7 +568,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                 if ema_shadow is not None:
                     tensors["ema"] = ema_shadow
                 state = {"iteration": boundary["iteration"], "counters": _json_safe(boundary["counters"]),
-                         "heldout": _json_safe(boundary["heldout"]), "optimizer": opt_plain, "rng": rng_plain}
+                         "heldout": _json_safe(boundary["heldout"]), "optimizer": opt_plain, "rng": rng_plain,
+                         "inputs": inputs}
                 write_checkpoint(checkpoints, boundary["iteration"], tensors, state, fault_hook=hook)
             last_saved = boundary["iteration"]
             if main:
@@ -612,6 +611,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             context = ema.applied(adapter.net) if ema is not None else contextlib.nullcontext()
             tmp = run / f".tmp-{folder_name}"
             with context, _plain_net(adapter, parts):
+                if not all_finite(adapter.net.parameters()):
+                    raise NonFiniteWeights(f"the weights to export as {folder_name}/ hold NaN/inf; nothing exported. "
+                                           f"Continue from the last good checkpoint: {lower_lr_command(run, config)}")
                 if main:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
                     shutil.rmtree(tmp, ignore_errors=True)
                     adapter.save(tmp, extra=extra)
@@ -646,6 +648,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                 for iteration in bar:
                     tick = time.perf_counter()
                     hook("iteration_start")
+                    checksum = weights_checksum(params)
                     values, skipped = train_iteration(config, adapter, rewards, algorithm, optimizer, params, ema,
                                                       reference_velocity, train_prompts, iteration, hook, parts=parts)
                     rollout_evals, train_evals = (int(n) for n in sum_over_processes(list(calls.reset()), processes))
@@ -655,6 +658,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                                    "model_evals_per_iter": float(rollout_evals + 3 * train_evals),
                                    "s_per_iter": time.perf_counter() - tick})
                     abort = False
+                    if skipped or not any_process(weights_checksum(params) != checksum, processes):
+                        counters["idle_updates"] += 1  # skipped, or changed no parameter
                     if skipped:
                         counters["nonfinite_in_row"] += 1
                         counters["nonfinite_total"] += 1
@@ -686,7 +691,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                         raise TrainingAborted(
                             f"{counters['nonfinite_in_row']} updates in a row had NaN/inf ({skipped}); stopping "
                             f"(max_nonfinite_in_row={config.max_nonfinite_in_row}). Lower optim.lr or check the reward; "
-                            f"the state after iteration {done} is saved in {str(checkpoints / f'iter-{done:06d}')!r}.")
+                            f"the state after iteration {done} is saved in {str(checkpoints / f'iter-{done:06d}')!r}. "
+                            f"Continue with a lower learning rate: {lower_lr_command(run, config)}")
                     if stop:
                         raise KeyboardInterrupt
         except BaseException as error:
@@ -701,13 +707,16 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                 where = (f"resume continues from the checkpoint after iteration {last_saved} "
                          f"({str(checkpoints / f'iter-{last_saved:06d}')!r})" if last_saved is not None
                          else "no checkpoint yet, so resume starts over")
+                how = (lower_lr_command(run, config) if isinstance(error, (TrainingAborted, NonFiniteWeights))
+                       else f"ngrpo train --resume {run}")
                 print(f"ngrpo: the run stopped ({type(error).__name__}) with {boundary['iteration']} iterations complete; "
-                      f"{where}. Continue with `ngrpo train --resume {run}`.", file=sys.stderr, flush=True)
+                      f"{where}. Continue with `{how}`.", file=sys.stderr, flush=True)
             log.close()
             raise
         finally:
             calls.remove()
             step_hook.remove()
+        check_effective(config, counters)  # a run that learned nothing writes no aligned/
         eval_after = heldout_metrics or (json.loads((run / "eval_after.json").read_text()) if (run / "eval_after.json").is_file() else {})
         export("aligned", {"iterations": config.iterations, "heldout": eval_after, "algorithm": config.algorithm})
         if main:
