@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def _cmd_pretrain(args) -> None:
     from neighbor_grpo.pretrain import BaseModelSettings, ClassifierSettings, ensure_base_model, ensure_classifier
     import shutil
 
+    if not 0.0 <= args.label_noise <= 1.0:
+        raise ValueError(f"--label-noise: expected a share in [0, 1], got {args.label_noise}")
     classifier_dir, accuracy = ensure_classifier(progress=not args.no_progress, settings=ClassifierSettings(epochs=args.classifier_epochs))
     base_dir = ensure_base_model(progress=not args.no_progress,
                                  settings=BaseModelSettings(steps=args.steps, label_noise=args.label_noise))
@@ -104,6 +107,9 @@ def _cmd_sample(args) -> None:
     adapter = _load_model_for(args)
     shift = args.shift if args.shift is not None else model_default_shift(adapter)
     _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: the samples hold NaN/inf "
+                         f"({int((~torch.isfinite(images)).sum())} of {images.numel()} values); nothing written")
     images = images.clamp(0, 1)
     if out.suffix == ".png":
         columns = min(args.num, 8)
@@ -166,6 +172,8 @@ def _eval_settings(args):
     else:
         prompts = [str(d) for d in range(10)]
     if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit: expected a count >= 1, got {args.limit}")
         prompts = prompts[: args.limit]
     if not prompts:
         raise ValueError("no prompts: give --prompts '0,1,2', a non-empty --prompts-file, or --config with eval prompts")
@@ -200,8 +208,14 @@ def _cmd_eval(args) -> None:
 
         shift = model_shift(config, adapter) if config is not None else model_default_shift(adapter)
     rewards = build_rewards(specs, device=args.device)
-    result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
-                                 sampling["solver"], sampling["steps"], shift)
+    try:  # non-finite samples or scores: an error, never NaN in the results
+        result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
+                                     sampling["solver"], sampling["steps"], shift)
+    except FloatingPointError as error:
+        raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: {error}; nothing written") from None
+    nonfinite = sorted(k for k, v in result["metrics"].items() if isinstance(v, float) and not math.isfinite(v))
+    if nonfinite:
+        raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: non-finite metrics {nonfinite}; nothing written")
     result = {"checkpoint": str(args.checkpoint), "prompts": prompts, **sampling, "shift": shift,
               "rewards_config": specs, **result}
     atomic_write_text(out, json.dumps(result, indent=2))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from neighbor_grpo.data import load_digits_images, train_test_split
+from neighbor_grpo.exports import write_manifest
 from neighbor_grpo.flow import interpolate
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsNetConfig
 from neighbor_grpo.rewards.digit_classifier import DigitClassifier
@@ -151,6 +152,7 @@ def ensure_base_model(progress: bool = True, settings: BaseModelSettings = BaseM
         adapter = train_base_model(settings, progress=progress)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         adapter.save(tmp, extra={"pretrain": asdict(settings)})
+        write_manifest(tmp)
         _publish(tmp, folder)
     return folder
 

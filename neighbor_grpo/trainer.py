@@ -34,6 +34,7 @@ from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all
                                        gather_candidates, global_means, gradient_sync, init_processes,
                                        main_process_first, member_block, parallel_net, shard_in_place, shard_like,
                                        sum_over_processes, velocity_through)
+from neighbor_grpo.exports import write_manifest
 from neighbor_grpo.guards import NonFiniteWeights, all_finite, check_effective, weights_checksum
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
@@ -499,6 +500,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         if main and not (run / "base" / "model.json").is_file():
             shutil.rmtree(run / ".tmp-base", ignore_errors=True)
             adapter.save(run / ".tmp-base")
+            write_manifest(run / ".tmp-base")
             _remove_tree(run / "base")
             os.replace(run / ".tmp-base", run / "base")
         train_prompts, heldout_prompts = resolve_prompt_sets(config.prompts)  # the prompt file is read once
@@ -617,6 +619,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                 if main:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
                     shutil.rmtree(tmp, ignore_errors=True)
                     adapter.save(tmp, extra=extra)
+                    write_manifest(tmp)
             if main:
                 target, previous = run / folder_name, run / PREVIOUS_BEST
                 committed = _export_iteration(target)
