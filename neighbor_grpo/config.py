@@ -71,11 +71,13 @@ class RewardSpec:
     name: str = "digit_prob"
     """A registered reward (digit_prob, jpeg_compressibility, ...) or a dotted path 'package.module:factory'."""
     weight: float = 1.0
-    """Weight of this reward in the combination."""
+    """Weight of this reward in the combination; 0 makes it a monitor (logged, not trained on; a warning), and at
+    least one weight must be != 0."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for the reward's factory (e.g. path of its weights)."""
     label: str | None = None
-    """Name used in logs (defaults to `name`); lets one reward appear twice with different kwargs."""
+    """Name used in logs (defaults to `name`); lets one reward appear twice with different kwargs. Two entries with
+    the same label (or, without one, the same name) are refused."""
 
 
 @dataclass
@@ -118,7 +120,7 @@ class OptimConfig:
     lora_rank: int = 8
     """LoRA rank r."""
     lora_alpha: float = 8.0
-    """LoRA alpha (the update is scaled by alpha / r)."""
+    """LoRA alpha, > 0 (the update is scaled by alpha / r)."""
     lora_targets: list[str] = field(default_factory=lambda: ["fc1", "fc2"])
     """Module names (or dotted name suffixes like to_out.0) that get LoRA adapters. For the built-in model: fc1, fc2,
     modulation, inp, out. Left at this default, FLUX/SD3 adapters use their attention projections instead (to_q,
