@@ -49,7 +49,8 @@ def _cmd_train(args) -> None:
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {str(run)!r}: not a run folder (no config.yaml)")
         if args.config or args.overrides:
-            raise ValueError("--resume takes the run's own config.yaml; give no config file or overrides")
+            raise ValueError("--resume takes the run's own config.yaml; give no config file or overrides (to change "
+                             "optim.lr, iterations and a few more on purpose: --accept-changes KEY=VALUE)")
         config = load_config(run / "config.yaml")
         out = run
     else:

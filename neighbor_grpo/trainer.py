@@ -531,6 +531,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                     ema.shadow = {k: shard_like(v, ema.shadow[k]) for k, v in tensors["ema"].items()}
                 restore_rng(tensors["rng"], state["rng"])
                 start, counters = state["iteration"], _counters_from_json(state["counters"])
+                if accept_changes:  # a changed setting (a lower lr after an abort) gets a fresh count of NaN skips
+                    counters["nonfinite_in_row"] = 0
                 heldout_metrics = state.get("heldout") or {}
                 last_saved = start
             if main:
