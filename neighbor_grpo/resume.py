@@ -54,6 +54,8 @@ def input_fingerprint(config: TrainConfig) -> dict:
 
 def apply_changes(config: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
     """`config` with the accepted changes {dotted key: value} applied; a key outside ACCEPTABLE is refused."""
+    if not isinstance(changes, dict):
+        raise ConfigError(f"accept_changes: expected a mapping {{dotted key: value}}, got {type(changes).__name__}")
     data = to_dict(config)
     for key, value in changes.items():
         if not is_acceptable(key):

@@ -703,7 +703,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         except BaseException as error:
             # an emergency save needs no other process (with FSDP it would: the shards are gathered)
             if (not stepped[0] and boundary["iteration"] > 0 and boundary["iteration"] != last_saved
-                    and not processes.sharded):
+                    and not processes.sharded and not isinstance(error, NonFiniteWeights)):
                 try:  # nothing was updated since the boundary: its state is exact, keep it
                     save_checkpoint(wait=False)
                 except Exception as save_error:
