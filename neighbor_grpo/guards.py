@@ -26,6 +26,12 @@ def all_finite(tensors) -> bool:
     return True
 
 
+def training_state(params, optimizer, ema) -> list:
+    """Every tensor a checkpoint saves from the live run: trainable weights, optimizer moments, EMA shadow."""
+    moments = [value for slots in optimizer.state.values() for value in slots.values() if torch.is_tensor(value)]
+    return [*params, *moments, *(ema.shadow.values() if ema is not None else ())]
+
+
 def weights_checksum(params) -> float:
     """A float64 sum over the (local shards of the) parameters: it changes whenever an update moved any of them."""
     with torch.no_grad():

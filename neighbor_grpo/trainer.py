@@ -35,7 +35,8 @@ from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all
                                        main_process_first, member_block, parallel_net, shard_in_place, shard_like,
                                        sum_over_processes, velocity_through)
 from neighbor_grpo.exports import write_manifest
-from neighbor_grpo.guards import NonFiniteWeights, all_finite, check_effective, weights_checksum
+from neighbor_grpo.guards import (NonFiniteWeights, all_finite, check_effective, training_state,
+                                  weights_checksum)
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.lora import EMA, apply_lora, make_reference_velocity
@@ -558,8 +559,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         def save_checkpoint(wait: bool = True) -> None:
             """Every process calls it (FSDP gathers the shards); the main process writes."""
             nonlocal last_saved
-            if not all_true(torch.tensor([all_finite(params)]), processes)[0]:
-                raise NonFiniteWeights(f"the weights hold NaN/inf after iteration {boundary['iteration']}; they are "
+            if not all_true(torch.tensor([all_finite(training_state(params, optimizer, ema))]), processes)[0]:
+                raise NonFiniteWeights(f"the weights or optimizer state hold NaN/inf after iteration "
+                                       f"{boundary['iteration']}; they are "
                                        "neither checkpointed nor exported. Continue from the last good checkpoint "
                                        f"with a lower learning rate: {lower_lr_command(run, config)}")
             if main or processes.sharded:
@@ -615,7 +617,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             context = ema.applied(adapter.net) if ema is not None else contextlib.nullcontext()
             tmp = run / f".tmp-{folder_name}"
             with context, _plain_net(adapter, parts):
-                if not all_finite(adapter.net.parameters()):
+                if not all_true(torch.tensor([all_finite(adapter.net.parameters())]), processes)[0]:
                     raise NonFiniteWeights(f"the weights to export as {folder_name}/ hold NaN/inf; nothing exported. "
                                            f"Continue from the last good checkpoint: {lower_lr_command(run, config)}")
                 if main:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
