@@ -128,12 +128,30 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def holds_finite_state(path: Path) -> bool:
+    """True when the checkpoint's weights, optimizer state and EMA are all finite (read one tensor at a time)."""
+    from safetensors import safe_open
+
+    for stem in ("model", "optimizer", "ema"):
+        if (path / f"{stem}.safetensors").is_file():
+            with safe_open(str(path / f"{stem}.safetensors"), framework="pt") as handle:
+                for key in handle.keys():
+                    tensor = handle.get_tensor(key)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        return False
+    return True
+
+
 def latest_good_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint whose checksums verify; corrupt ones are skipped with a warning."""
+    """The newest checkpoint whose checksums verify and whose weights and optimizer state are finite; the others
+    are skipped with a warning (the trainer never writes non-finite ones; an older version could)."""
     for path in reversed(list_checkpoints(folder)):
-        if verify_checkpoint(path):
+        if not verify_checkpoint(path):
+            warnings.warn(f"checkpoint {path} is torn or corrupted (checksum mismatch); skipping it")
+        elif not holds_finite_state(path):
+            warnings.warn(f"checkpoint {path} holds NaN/inf weights or optimizer state; skipping it")
+        else:
             return path
-        warnings.warn(f"checkpoint {path} is torn or corrupted (checksum mismatch); skipping it")
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def _cmd_pretrain(args) -> None:
     from neighbor_grpo.pretrain import BUILTIN_MODELS, ClassifierSettings, ensure_base_model, ensure_classifier
     import shutil
 
+    if not 0.0 <= args.label_noise <= 1.0:
+        raise ValueError(f"--label-noise: expected a share in [0, 1], got {args.label_noise}")
     classifier_dir, accuracy = ensure_classifier(progress=not args.no_progress, settings=ClassifierSettings(epochs=args.classifier_epochs))
     settings = BUILTIN_MODELS[args.model](label_noise=args.label_noise)
     settings.steps = args.steps or settings.steps
@@ -38,14 +41,18 @@ def _cmd_pretrain(args) -> None:
 
 def _cmd_train(args) -> None:
     from neighbor_grpo.config import load_config
+    from neighbor_grpo.resume import parse_changes
     from neighbor_grpo.trainer import train
 
+    if args.accept_changes and not args.resume:
+        raise ValueError("--accept-changes goes with --resume RUN (it changes settings of a run being continued)")
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {str(run)!r}: not a run folder (no config.yaml)")
         if args.config or args.overrides:
-            raise ValueError("--resume takes the run's own config.yaml; give no config file or overrides")
+            raise ValueError("--resume takes the run's own config.yaml; give no config file or overrides (to change "
+                             "optim.lr, iterations and a few more on purpose: --accept-changes KEY=VALUE)")
         config = load_config(run / "config.yaml")
         out = run
     else:
@@ -57,7 +64,8 @@ def _cmd_train(args) -> None:
         out = Path(args.out)
     from neighbor_grpo.distributed import is_main_process
 
-    result = train(config, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress)
+    result = train(config, out, resume=bool(args.resume), overwrite=args.overwrite, progress=not args.no_progress,
+                   accept_changes=parse_changes(args.accept_changes or []) or None)
     if is_main_process():  # launched on several processes, one summary
         print(json.dumps({"run": str(result.run_dir), "before": result.eval_before, "after": result.eval_after}, indent=2))
 
@@ -102,6 +110,9 @@ def _cmd_sample(args) -> None:
     adapter = _load_model_for(args)
     shift = args.shift if args.shift is not None else model_default_shift(adapter)
     _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: the samples hold NaN/inf "
+                         f"({int((~torch.isfinite(images)).sum())} of {images.numel()} values); nothing written")
     images = images.clamp(0, 1)
     if out.suffix == ".png":
         columns = min(args.num, 8)
@@ -164,6 +175,8 @@ def _eval_settings(args):
     else:
         prompts = [str(d) for d in range(10)]
     if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit: expected a count >= 1, got {args.limit}")
         prompts = prompts[: args.limit]
     if not prompts:
         raise ValueError("no prompts: give --prompts '0,1,2', a non-empty --prompts-file, or --config with eval prompts")
@@ -203,8 +216,14 @@ def _cmd_eval(args) -> None:
     else:
         monitor_specs = [dict(vars(r)) for r in config.eval.monitor_rewards] if config is not None else []
     monitors = build_rewards(monitor_specs, device=args.device) if monitor_specs else None
-    result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
-                                 sampling["solver"], sampling["steps"], shift, monitors)
+    try:  # non-finite samples or scores: an error, never NaN in the results
+        result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
+                                     sampling["solver"], sampling["steps"], shift, monitors)
+    except FloatingPointError as error:
+        raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: {error}; nothing written") from None
+    nonfinite = sorted(k for k, v in result["metrics"].items() if isinstance(v, float) and not math.isfinite(v))
+    if nonfinite:
+        raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: non-finite metrics {nonfinite}; nothing written")
     result = {"checkpoint": str(args.checkpoint), "prompts": prompts, **sampling, "shift": shift,
               "rewards_config": specs, "monitor_rewards_config": monitor_specs, **result}
     atomic_write_text(out, json.dumps(result, indent=2))
@@ -282,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run folder to create")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest good checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    tr.add_argument("--accept-changes", nargs="+", action="extend", metavar="KEY=VALUE",
+                    help="with --resume: change optim.lr, optim.max_grad_norm, iterations, eval.*, checkpoint_every or "
+                         "keep_checkpoints on purpose (the run is then marked as not an exact replay in run.json)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)
 
@@ -346,9 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from neighbor_grpo.guards import TrainingIneffective
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingIneffective as error:  # the run finished but learned nothing: a failed run, not a usage error
+        print(f"ngrpo {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted (a run resumes from its latest checkpoint with `ngrpo train --resume RUN`)", file=sys.stderr)
         return 130

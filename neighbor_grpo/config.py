@@ -10,6 +10,7 @@ import inspect
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -72,11 +73,13 @@ class RewardSpec:
     name: str = "digit_prob"
     """A registered reward (digit_prob, jpeg_compressibility, ...) or a dotted path 'package.module:factory'."""
     weight: float = 1.0
-    """Weight of this reward in the combination."""
+    """Weight of this reward in the combination; 0 makes it a monitor (logged, not trained on; a warning), and at
+    least one weight must be != 0."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for the reward's factory (e.g. path of its weights)."""
     label: str | None = None
-    """Name used in logs (defaults to `name`); lets one reward appear twice with different kwargs."""
+    """Name used in logs (defaults to `name`); lets one reward appear twice with different kwargs. Two entries with
+    the same label (or, without one, the same name) are refused."""
 
 
 @dataclass
@@ -119,7 +122,7 @@ class OptimConfig:
     lora_rank: int = 8
     """LoRA rank r."""
     lora_alpha: float = 8.0
-    """LoRA alpha (the update is scaled by alpha / r)."""
+    """LoRA alpha, > 0 (the update is scaled by alpha / r)."""
     lora_targets: list[str] = field(default_factory=lambda: ["fc1", "fc2"])
     """Module names (or dotted name suffixes like to_out.0) that get LoRA adapters. For the built-in model: fc1, fc2,
     modulation, inp, out. Left at this default, FLUX/SD3 adapters use their attention projections instead (to_q,
@@ -298,12 +301,38 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
+class DuplicateKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping holding the same key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                mark = key_node.start_mark
+                if key in seen:
+                    raise ConfigError(f"line {mark.line + 1}, column {mark.column + 1}: duplicate key {key!r} (first "
+                                      f"at line {seen[key] + 1}); keep one of them")
+                seen[key] = mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str):
+    """YAML text -> Python values; duplicate keys are refused (ConfigError naming line and column)."""
+    return yaml.load(text, Loader=DuplicateKeyLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'optim.lr=3e-4' -> (['optim', 'lr'], 3e-4); values are parsed as YAML scalars/lists."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
     key, _, raw = text.partition("=")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = read_yaml(raw) if raw.strip() else ""
+    except ConfigError as error:  # a duplicate key inside the value
+        raise ConfigError(f"override {text!r}: {error}") from None
     return key.strip().split("."), value
 
 
@@ -327,9 +356,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+        except ConfigError as error:  # a duplicate key
+            raise ConfigError(f"config file {str(path)!r}, {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of config keys at the top level")
     data = apply_overrides(data, overrides or [])
@@ -376,12 +407,14 @@ def validate(config: TrainConfig) -> None:
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", "a value >= 0 (0 disables)", o.max_grad_norm)
     _check(0 <= o.ema_decay < 1, "optim.ema_decay", "a value in [0, 1) (0 disables)", o.ema_decay)
     _check(o.lora_rank >= 1, "optim.lora_rank", "an integer >= 1", o.lora_rank)
+    _check(o.lora_alpha > 0, "optim.lora_alpha", "a value > 0 (the update is scaled by alpha / rank)", o.lora_alpha)
     _check(config.iterations >= 1, "iterations", "an integer >= 1", config.iterations)
     _check(config.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1", config.prompts_per_iteration)
     _check(config.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1", config.checkpoint_every)
     _check(config.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1 (the latest good one is always kept)", config.keep_checkpoints)
     _check(config.max_nonfinite_in_row >= 1, "max_nonfinite_in_row", "an integer >= 1", config.max_nonfinite_in_row)
     _check(len(config.rewards) >= 1, "rewards", "at least one reward", config.rewards)
+    _validate_rewards(config.rewards)
     _check(config.eval.every >= 0, "eval.every", "an integer >= 0", config.eval.every)
     _check(config.eval.samples_per_prompt >= 2, "eval.samples_per_prompt", "an integer >= 2 (diversity needs pairs)", config.eval.samples_per_prompt)
     _check(config.eval.steps >= 1, "eval.steps", "an integer >= 1", config.eval.steps)
@@ -397,6 +430,24 @@ def validate(config: TrainConfig) -> None:
            "0 unless prompts.file is set (it splits that file)", config.prompts.eval_fraction)
     _check(config.prompts.eval_limit is None or config.prompts.eval_limit >= 1, "prompts.eval_limit", "null or an integer >= 1",
            config.prompts.eval_limit)
+
+
+def _validate_rewards(rewards: list[RewardSpec]) -> None:
+    """Distinct keys (label, else name: one would silently replace the other) and at least one weight != 0; a
+    weight of 0 beside others makes that reward a monitor (logged, not trained on), with a warning."""
+    first: dict[str, int] = {}
+    for index, spec in enumerate(rewards):
+        key = spec.label or spec.name
+        if key in first:
+            raise ConfigError(f"rewards[{index}]: a second reward keyed {key!r} (as rewards[{first[key]}]); give one "
+                              f"of them a distinct label, e.g. label: {key}_2")
+        first[key] = index
+    _check(any(spec.weight != 0 for spec in rewards), "rewards", "at least one reward with a weight != 0 (all "
+           "weights are 0: nothing to train on)", [spec.weight for spec in rewards])
+    for index, spec in enumerate(rewards):
+        if spec.weight == 0:
+            warnings.warn(f"rewards[{index}] ({spec.label or spec.name}): weight 0, so it is logged as a monitor only "
+                          "and does not steer training")
 
 
 def _validate_speed(speed: SpeedConfig) -> None:

@@ -78,6 +78,9 @@ def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: in
     Returns {metrics (as a run's held-out metrics), summaries (mean, std, 95% half-width), per_prompt, weights}
     and the raw images (P, S, C, H, W)."""
     _, images = generate(adapter, prompts, samples_per_prompt, seed, solver, steps, shift)
+    if not bool(torch.isfinite(images).all()):  # the trainer skips such a held-out evaluation; ngrpo eval refuses
+        raise FloatingPointError(f"the samples hold NaN/inf ({int((~torch.isfinite(images)).sum())} of "
+                                 f"{images.numel()} values)")
     flat = images.flatten(0, 1)
     flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     scores = {f"reward_{name}": value for name, value in rewards.score(flat, flat_prompts).items()}

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from neighbor_grpo.cache import cache_root, settings_key
 from neighbor_grpo.data import load_digits_images, train_test_split
+from neighbor_grpo.exports import write_manifest
 from neighbor_grpo.flow import interpolate
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsNetConfig
 from neighbor_grpo.models.digits_unet import DigitsUNetAdapter, DigitsUNetConfig
@@ -155,6 +156,7 @@ def ensure_base_model(progress: bool = True, settings: BaseModelSettings = BaseM
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         adapter.save(tmp, extra={"pretrain": asdict(settings), "pretrain_seconds": round(seconds, 1),
                                  "pretrain_threads": torch.get_num_threads()})
+        write_manifest(tmp)
         _publish(tmp, folder)
     return folder
 

@@ -15,14 +15,19 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from neighbor_grpo.checkpoint import latest_good_checkpoint, prune_checkpoints
 from neighbor_grpo.config import TrainConfig, to_dict
-from neighbor_grpo.distributed import Processes, barrier, broadcast_object, full_tensor
+from neighbor_grpo.distributed import Processes, all_true, barrier, broadcast_object, full_tensor
+from neighbor_grpo.exports import write_manifest
+from neighbor_grpo.guards import NonFiniteWeights, TrainingAborted, all_finite, check_effective, training_state
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.models import net_swapped
 from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.parts import TrainingParts
+from neighbor_grpo.resume import input_fingerprint, lower_lr_command, resume_config
 from neighbor_grpo.run_files import PREVIOUS_BEST, export_iteration, prepare_run_folder, remove_tree, tidy_for_resume
 from neighbor_grpo.runfolder import RunFolder
 from neighbor_grpo.training_state import TrainingState, config_fingerprint, load_state, new_counters, save_state
@@ -81,26 +86,37 @@ def _plain_net(adapter, parts: TrainingParts):
 
 @contextlib.contextmanager
 def open_run(run_dir: str | Path, config: TrainConfig, processes: Processes, resume: bool, overwrite: bool,
-             hook: Callable[[str], None]):
-    """The run folder, locked by the main process and prepared (or checked, resuming) before the others go on."""
-    main = processes.is_main
+             hook: Callable[[str], None], accept_changes: dict | None = None):
+    """The run folder, locked by the main process and prepared before the others go on. Resuming, the checkpoint
+    to continue from is chosen and the config checked against the inputs it recorded (resume.resume_config):
+    `run.config` is the config the run continues with (with `accept_changes` applied)."""
+    if accept_changes and not resume:
+        raise ValueError("accept_changes (--accept-changes) applies to a resumed run only (resume=True, --resume)")
+    main, latest = processes.is_main, None
     with (RunFolder(run_dir, resume=resume, overwrite=overwrite) if main else _SharedFolder(run_dir)) as folder:
-        resuming = prepare_run_folder(folder.path, config, resume, processes) if main else resume
-        resuming = broadcast_object(resuming, processes)  # the others wait here until the folder is ready
-        yield Run(folder.path, config, processes, resuming, hook)
+        if main:
+            resume = prepare_run_folder(folder.path, config, resume, processes)
+            if resume:
+                latest = latest_good_checkpoint(folder.path / "checkpoints")
+                config = resume_config(folder.path, config, accept_changes, latest)
+        # the others wait here until the folder is ready; all continue with the same checkpoint and config
+        resume, latest, config = broadcast_object((resume, latest, config), processes)
+        yield Run(folder.path, config, processes, resume, hook, latest, bool(accept_changes))
 
 
 class Run:
     """The run folder during training; `counters` and `heldout` are live, `boundary` is the state a checkpoint
     saves (taken after each iteration, before the next optimizer step)."""
 
-    def __init__(self, path: Path, config: TrainConfig, processes: Processes, resuming: bool, hook):
+    def __init__(self, path: Path, config: TrainConfig, processes: Processes, resuming: bool, hook,
+                 latest: Path | None = None, changed: bool = False):
         self.path, self.config, self.processes, self.resuming, self.hook = path, config, processes, resuming, hook
+        self.latest, self.changed = latest, changed  # the checkpoint a resume continues from; settings accepted
         self.main = processes.is_main
         self.checkpoints = path / "checkpoints"
         self.last_saved: int | None = None  # iteration of the newest checkpoint this run can resume from
         self.counters, self.heldout = new_counters(), {}
-        self.boundary = TrainingState(config_fingerprint=config_fingerprint(config))
+        self.boundary = TrainingState(config_fingerprint=config_fingerprint(config), inputs=input_fingerprint(config))
         self.stepped = False  # an optimizer step was taken since the boundary: the live state is past it
         self.log = _NoLog()
 
@@ -116,16 +132,18 @@ class Run:
         if self.main and not (self.path / "base" / "model.json").is_file():
             shutil.rmtree(self.path / ".tmp-base", ignore_errors=True)
             adapter.save(self.path / ".tmp-base")
+            write_manifest(self.path / ".tmp-base")
             remove_tree(self.path / "base")
             os.replace(self.path / ".tmp-base", self.path / "base")
 
     def restore(self) -> int:
         """Resuming: load the newest good checkpoint (if any), tidy the folder to agree with it; the iterations done."""
-        start, processes = 0, self.processes
-        latest = broadcast_object(latest_good_checkpoint(self.checkpoints) if self.main else None, processes)
+        start, processes, latest = 0, self.processes, self.latest
         if latest is not None:  # every process reads the same checkpoint (a folder all of them can see)
-            state = load_state(latest, self.adapter.net, self.parts)
+            state = load_state(latest, self.adapter.net, self.parts, lr=self.config.optim.lr)
             start, self.counters, self.heldout, self.last_saved = state.iteration, state.counters, state.heldout, state.iteration
+            if self.changed:  # a changed setting (a lower lr after an abort) gets a fresh count of NaN skips
+                self.counters["nonfinite_in_row"] = 0
         if self.main:
             tidy_for_resume(self.path, start, self.counters)
             if self.checkpoints.is_dir():
@@ -200,9 +218,13 @@ class Run:
         context = parts.ema.applied(self.adapter.net) if parts.ema is not None else contextlib.nullcontext()
         tmp = run / f".tmp-{folder_name}"
         with context, _plain_net(self.adapter, parts):
+            if not all_true(torch.tensor([all_finite(self.adapter.net.parameters())]), self.processes)[0]:
+                raise NonFiniteWeights(f"the weights to export as {folder_name}/ hold NaN/inf; nothing exported. "
+                                       f"Continue from the last good checkpoint: {lower_lr_command(run, self.config)}")
             if self.main:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.adapter.save(tmp, extra=extra)
+                write_manifest(tmp)
         if self.main:
             target, previous = run / folder_name, run / PREVIOUS_BEST
             committed = export_iteration(target)
@@ -215,7 +237,15 @@ class Run:
         barrier(self.processes)
 
     def checkpoint(self, wait: bool = True) -> None:
-        """Save the boundary state with the live weights (every process calls it; the main process writes)."""
+        """Save the boundary state with the live weights (every process calls it; the main process writes). Weights,
+        optimizer moments or EMA with NaN/inf are never saved: NonFiniteWeights names the command that continues."""
+        parts = self.parts
+        if not all_true(torch.tensor([all_finite(training_state(parts.params, parts.optimizer, parts.ema))]),
+                        self.processes)[0]:
+            raise NonFiniteWeights(f"the weights or optimizer state hold NaN/inf after iteration "
+                                   f"{self.boundary.iteration}; they are neither checkpointed nor exported. Continue from "
+                                   f"the last good checkpoint with a lower learning rate: "
+                                   f"{lower_lr_command(self.path, self.config)}")
         save_state(self.checkpoints, self.boundary, self.adapter.net, self.parts, fault_hook=self.hook)
         self.last_saved = self.boundary.iteration
         if self.main:
@@ -232,7 +262,8 @@ class Run:
         """The run stops on `error`: save the boundary if nothing was updated since (its state is then exact; not
         under FSDP, where saving needs every process), and say where a resume continues from."""
         boundary = self.boundary.iteration
-        if not self.stepped and boundary > 0 and boundary != self.last_saved and not self.processes.sharded:
+        if (not self.stepped and boundary > 0 and boundary != self.last_saved and not self.processes.sharded
+                and not isinstance(error, NonFiniteWeights)):
             try:
                 self.checkpoint(wait=False)
             except Exception as save_error:
@@ -241,12 +272,15 @@ class Run:
             where = (f"resume continues from the checkpoint after iteration {self.last_saved} "
                      f"({str(self.checkpoints / f'iter-{self.last_saved:06d}')!r})" if self.last_saved is not None
                      else "no checkpoint yet, so resume starts over")
+            how = (lower_lr_command(self.path, self.config) if isinstance(error, (NonFiniteWeights, TrainingAborted))
+                   else f"ngrpo train --resume {self.path}")
             print(f"ngrpo: the run stopped ({type(error).__name__}) with {boundary} iterations complete; "
-                  f"{where}. Continue with `ngrpo train --resume {self.path}`.", file=sys.stderr, flush=True)
+                  f"{where}. Continue with `{how}`.", file=sys.stderr, flush=True)
         self.log.close()
 
     def finish(self) -> dict:
         """aligned/ exported, eval_after.json and the reward curve written; the final held-out metrics."""
+        check_effective(self.config, self.counters)  # a run that learned nothing writes no aligned/
         after_file = self.path / "eval_after.json"
         eval_after = self.heldout or (json.loads(after_file.read_text()) if after_file.is_file() else {})
         self.export("aligned", {"iterations": self.config.iterations, "heldout": eval_after,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from neighbor_grpo.config import ConfigError, TrainConfig, from_dict, to_dict
+from neighbor_grpo.config import TrainConfig, to_dict
 from neighbor_grpo.distributed import Processes
 from neighbor_grpo.io import atomic_write_text
 from neighbor_grpo.runfolder import RunFolderError
@@ -42,17 +42,6 @@ def run_metadata(config: TrainConfig) -> dict:
         commit = None
     return {"versions": versions, "git_commit": commit, "command": sys.argv, "platform": platform.platform(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    """{'optim': {'lr': 1}} -> {'optim.lr': 1}, so a config difference is named by its dotted key."""
-    flat = {}
-    for key, value in (data or {}).items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def remove_tree(path: Path) -> None:
@@ -103,7 +92,8 @@ def tidy_for_resume(run: Path, start: int, counters: dict) -> None:
 
 
 def prepare_run_folder(run: Path, config: TrainConfig, resume: bool, processes: Processes) -> bool:
-    """Write (or, resuming, check) config.yaml and run.json. Returns whether this is a resume after all."""
+    """Write config.yaml and run.json (resuming: keep them; resume.resume_config checks the config). Returns
+    whether this is a resume after all."""
     if resume and not (run / "config.yaml").is_file():
         leftovers = sorted(p.name for p in run.iterdir() if p.name != ".lock")
         if leftovers:
@@ -111,20 +101,11 @@ def prepare_run_folder(run: Path, config: TrainConfig, resume: bool, processes: 
                                  f"{leftovers[:5]})")
         resume = False  # killed before it wrote anything: this is a fresh start
     if resume:
-        saved = yaml.safe_load((run / "config.yaml").read_text())
-        try:  # keys a newer version added are absent from an older run's config.yaml: they take their defaults
-            saved = to_dict(from_dict(TrainConfig, saved))
-        except (ConfigError, TypeError):
-            pass  # not a config this version reads: the comparison below names the differences
-        if saved != to_dict(config):
-            old, new = _flatten(saved), _flatten(to_dict(config))
-            changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-            raise ValueError(f"--resume {str(run)!r}: the config differs from the run's config.yaml in {changed}; "
-                             "resume with the same config (or start a new run)")
         if not (run / "run.json").is_file():
             atomic_write_text(run / "run.json", json.dumps(run_metadata(config), indent=2))
     else:
-        metadata = {**run_metadata(config), "processes": processes.world_size, "parallel": processes.strategy}
+        metadata = {**run_metadata(config), "processes": processes.world_size, "parallel": processes.strategy,
+                    "exact_replay": True}  # false once a resume accepts a changed setting (resume.record_changes)
         atomic_write_text(run / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
         atomic_write_text(run / "run.json", json.dumps(metadata, indent=2))
     return resume

@@ -18,14 +18,12 @@ from neighbor_grpo.distributed import (Processes, any_process, check_batch_fits,
 from neighbor_grpo.iteration import ModelCallCounter, prompt_batch, train_iteration  # noqa: F401  (public API)
 from neighbor_grpo.parts import build_training_parts, load_model, model_shift, read_prompts  # noqa: F401
 from neighbor_grpo.prompts import resolve_prompt_sets
+from neighbor_grpo.resume import lower_lr_command
 from neighbor_grpo.rewards import build_rewards
 from neighbor_grpo.rewards.retry import RewardFailed, with_retries  # noqa: F401
+from neighbor_grpo.guards import NonFiniteWeights, TrainingAborted, TrainingIneffective, weights_checksum  # noqa: F401
 from neighbor_grpo.interrupts import DeferredInterrupt
 from neighbor_grpo.run import Run, open_run
-
-
-class TrainingAborted(RuntimeError):
-    """Too many updates in a row were skipped for NaN/inf; a checkpoint was saved first."""
 
 
 @dataclass
@@ -40,10 +38,12 @@ class TrainResult:
 @joins_process_group  # train() leaves the process group it joined
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, fault_hook: Callable[[str], None] | None = None,
-          adapter=None, rewards=None) -> TrainResult:
+          adapter=None, rewards=None, accept_changes: dict | None = None) -> TrainResult:
     """Align a model with the configured algorithm and rewards; writes everything into `run_dir`.
 
     `adapter` and `rewards` may be passed in code (Python API); otherwise they are built from the config.
+    `accept_changes` ({dotted key: value}, resuming only) changes settings of the short list resume.ACCEPTABLE on
+    purpose; any other difference from the checkpoint's recorded inputs is refused (docs/robustness.md).
     `fault_hook(point)` is called at named points (tests use it to kill the process there). See docs/robustness.md
     for what survives a kill, an interrupt, a failing reward or NaNs. Launched on several processes (accelerate
     launch, torchrun; docs/distributed.md), each process rolls out its share of the prompt slots; only the main
@@ -55,7 +55,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
     check_batch_fits(config.prompts_per_iteration, processes, config.algorithm_config.group_size,
                      f"{config.algorithm}.group_size")
     progress = progress and processes.is_main
-    with open_run(run_dir, config, processes, resume, overwrite, hook) as run:
+    with open_run(run_dir, config, processes, resume, overwrite, hook, accept_changes) as run:
+        config = run.config  # resuming: the checked config, with accepted changes
         with main_process_first(processes):  # the main process builds and caches the built-in models first
             adapter = adapter or load_model(config.model.path, str(device), progress, options=config.model)
             rewards = with_retries(rewards or build_rewards([to_dict(r) for r in config.rewards], device=device))
@@ -82,11 +83,13 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                 for iteration in bar:
                     tick = time.perf_counter()
                     hook("iteration_start")
+                    checksum = weights_checksum(parts.params)
                     values, skipped = train_iteration(config, adapter, rewards, parts.algorithm, parts.optimizer,
                                                       parts.params, parts.ema, parts.reference_velocity, train_prompts,
                                                       iteration, hook, parts=parts)
                     values.update(count_model_evals(calls, run.counters, processes), s_per_iter=time.perf_counter() - tick)
-                    abort = count_skipped(skipped, run.counters, values, config, processes, iteration)
+                    changed = any_process(weights_checksum(parts.params) != checksum, processes)
+                    abort = count_updates(skipped, changed, run.counters, values, config, processes, iteration)
                     done = iteration + 1
                     if not abort:
                         values.update(run.evaluate_due(done))
@@ -122,10 +125,13 @@ def count_model_evals(calls: ModelCallCounter, counters: dict, processes: Proces
             "model_evals_per_iter": float(rollout_evals + 3 * train_evals)}
 
 
-def count_skipped(skipped: str, counters: dict, values: dict, config: TrainConfig, processes: Processes,
-                  iteration: int) -> bool:
-    """Count a skipped (non-finite) update; True when too many in a row mean the run must stop."""
+def count_updates(skipped: str, changed: bool, counters: dict, values: dict, config: TrainConfig,
+                  processes: Processes, iteration: int) -> bool:
+    """Count a skipped (non-finite) update, or one that changed no parameter; True when too many skipped in a row
+    mean the run must stop."""
     abort = False
+    if skipped or not changed:
+        counters["idle_updates"] += 1
     if skipped:
         counters["nonfinite_in_row"] += 1
         counters["nonfinite_total"] += 1
@@ -142,4 +148,5 @@ def count_skipped(skipped: str, counters: dict, values: dict, config: TrainConfi
 def abort_message(run: Run, skipped: str, done: int) -> str:
     return (f"{run.counters['nonfinite_in_row']} updates in a row had NaN/inf ({skipped}); stopping "
             f"(max_nonfinite_in_row={run.config.max_nonfinite_in_row}). Lower optim.lr or check the reward; "
-            f"the state after iteration {done} is saved in {str(run.checkpoints / f'iter-{done:06d}')!r}.")
+            f"the state after iteration {done} is saved in {str(run.checkpoints / f'iter-{done:06d}')!r}. "
+            f"Continue with a lower learning rate: {lower_lr_command(run.path, run.config)}")

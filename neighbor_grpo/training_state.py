@@ -27,7 +27,7 @@ from neighbor_grpo.parts import TrainingParts
 
 def new_counters() -> dict:
     return {"nonfinite_in_row": 0, "nonfinite_total": 0, "best_heldout": -math.inf, "best_iteration": None,
-            "model_evals": 0}
+            "model_evals": 0, "idle_updates": 0}
 
 
 def config_fingerprint(config: TrainConfig) -> str:
@@ -47,10 +47,13 @@ class TrainingState:
     rng: tuple | None = None
     """capture_rng() at the boundary: (tensors, plain)."""
     config_fingerprint: str | None = None
+    inputs: dict | None = None
+    """resume.input_fingerprint: the whole config and the SHA-256 of every input file (what a resume compares)."""
 
     def at_boundary(self, iteration: int, counters: dict, heldout: dict) -> "TrainingState":
         """A snapshot of the live counters and metrics and of every RNG after `iteration` iterations."""
-        return TrainingState(iteration, copy.deepcopy(counters), dict(heldout), capture_rng(), self.config_fingerprint)
+        return TrainingState(iteration, copy.deepcopy(counters), dict(heldout), capture_rng(), self.config_fingerprint,
+                             self.inputs)
 
 
 def json_safe(value):
@@ -121,7 +124,7 @@ def save_state(folder: Path, state: TrainingState, net: torch.nn.Module, parts: 
         tensors["algorithm"] = algorithm
     plain = {"iteration": state.iteration, "counters": json_safe(state.counters), "heldout": json_safe(state.heldout),
              "optimizer": opt_plain, "rng": rng_plain, "config_fingerprint": state.config_fingerprint,
-             "algorithm_state": sorted(parts.algorithm_nets)}
+             "algorithm_state": sorted(parts.algorithm_nets), "inputs": state.inputs}
     write_checkpoint(folder, state.iteration, tensors, plain, fault_hook=fault_hook)
 
 
@@ -150,9 +153,10 @@ def _load_algorithm_nets(parts: TrainingParts, saved: dict[str, torch.Tensor], n
                     p.copy_(shard_like(entries[n], p))
 
 
-def load_state(path: Path, net: torch.nn.Module, parts: TrainingParts) -> TrainingState:
+def load_state(path: Path, net: torch.nn.Module, parts: TrainingParts, lr: float | None = None) -> TrainingState:
     """Load checkpoint `path` into the live net, optimizer, EMA and algorithm networks, restore every RNG, and
-    return the boundary state it was taken at."""
+    return the boundary state it was taken at. `lr` (the config's, possibly an accepted change) replaces the
+    learning rate the optimizer state carries."""
     tensors, plain = read_checkpoint(path)
     load_trainable(net, tensors["model"], path)
     try:
@@ -160,6 +164,8 @@ def load_state(path: Path, net: torch.nn.Module, parts: TrainingParts) -> Traini
             optimizer_from_tensors(tensors["optimizer"], plain["optimizer"]), parts.params))
     except (ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"checkpoint {str(path)!r}: its optimizer state does not fit this model ({error})") from error
+    for group in parts.optimizer.param_groups if lr is not None else ():
+        group["lr"] = lr
     if parts.ema is not None:
         if "ema" not in tensors:
             raise ValueError(f"checkpoint {str(path)!r} holds no EMA weights but optim.ema_decay > 0")
@@ -168,4 +174,4 @@ def load_state(path: Path, net: torch.nn.Module, parts: TrainingParts) -> Traini
         _load_algorithm_nets(parts, tensors.get("algorithm", {}), trainable_names(net), path)
     restore_rng(tensors["rng"], plain["rng"])
     return TrainingState(plain["iteration"], _counters_from_json(plain["counters"]), plain.get("heldout") or {},
-                         None, plain.get("config_fingerprint"))
+                         None, plain.get("config_fingerprint"), plain.get("inputs"))

@@ -367,3 +367,42 @@ def test_section_types_are_the_dataclasses():
     assert isinstance(config.prompts, PromptsConfig)
     assert isinstance(config.optim, OptimConfig)
     assert isinstance(config.eval, EvalConfig)
+
+
+# ---- silent wrong results refused (issue 11, item 3) --------------------------------------------------------------
+
+def test_a_duplicate_yaml_key_is_refused_with_line_and_column(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("iterations: 3\noptim:\n  lr: 1.0e-4\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"config file '.*dup.yaml', line 4, column 3: duplicate key 'lr' "
+                                          r"\(first at line 3\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'optim=\{lr: 1, lr: 2\}': line 1, column 9: duplicate key 'lr'"):
+        load_config(None, ["optim={lr: 1, lr: 2}"])
+    merged = tmp_path / "merge.yaml"  # a YAML merge key is not a duplicate
+    merged.write_text("base: &b {lr: 1.0e-4}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['base'\]"):
+        load_config(merged)
+
+
+def test_two_rewards_with_the_same_key_are_refused_suggesting_a_label():
+    with pytest.raises(ConfigError, match=r"rewards\[1\]: a second reward keyed 'digit_prob' \(as rewards\[0\]\); give "
+                                          r"one of them a distinct label, e.g. label: digit_prob_2"):
+        load_config(None, ["rewards=[{name: digit_prob}, {name: digit_prob, weight: 2}]"])
+    config = load_config(None, ["rewards=[{name: digit_prob}, {name: digit_prob, weight: 2, label: sharp}]"])
+    assert [r.label or r.name for r in config.rewards] == ["digit_prob", "sharp"]
+
+
+def test_reward_weights_all_zero_are_refused_and_one_zero_is_a_monitor():
+    with pytest.raises(ConfigError, match=r"rewards: expected at least one reward with a weight != 0"):
+        load_config(None, ["rewards=[{name: digit_prob, weight: 0}]"])
+    with pytest.warns(UserWarning, match=r"rewards\[1\] \(jpeg_compressibility\): weight 0, so it is logged as a "
+                                         r"monitor only"):
+        config = load_config(None, ["rewards=[{name: digit_prob}, {name: jpeg_compressibility, weight: 0}]"])
+    assert [r.weight for r in config.rewards] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("alpha", ["0", "-4"])
+def test_lora_alpha_must_be_positive(alpha):
+    with pytest.raises(ConfigError, match=r"optim.lora_alpha: expected a value > 0"):
+        load_config(None, [f"optim.lora_alpha={alpha}"])

@@ -468,5 +468,6 @@ def test_bad_input_is_refused_with_a_message_naming_the_problem(builtin_models, 
         train(small_config(), run, progress=False, fault_hook=stop_after_first_checkpoint)
     with pytest.raises(ValueError, match="does not fit the model being trained"):
         train(small_config(), run, resume=True, progress=False, adapter=DigitsAdapter.create(DigitsNetConfig(hidden=64)))
-    with pytest.raises(ValueError, match=r"the config differs from the run's config.yaml in \['iterations'\]"):
-        train(small_config("iterations=7"), run, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"the inputs differ from those of checkpoint iter-000002: "
+                                         r"neighbor_grpo.neighbor_sigma: 0.3 -> 0.5\."):
+        train(small_config("neighbor_grpo.neighbor_sigma=0.5"), run, resume=True, progress=False)

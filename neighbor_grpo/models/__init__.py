@@ -9,6 +9,7 @@ load directly: `load_adapter` dispatches on model_index.json's `_class_name`.
 from __future__ import annotations
 
 from neighbor_grpo.lora import net_swapped  # noqa: F401  (re-exported: the adapters' one seam)
+from neighbor_grpo.exports import verify_manifest
 from neighbor_grpo.plugins import resolve_plugin
 import inspect
 import json
@@ -70,9 +71,10 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu", options
     meta_path = folder / "model.json"
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint {str(folder)!r}: no such folder")
+    verify_manifest(folder)  # exports carry checksums: a changed file is an error naming it
     if not meta_path.is_file():
         if (folder / "model_index.json").is_file():
-            return _load_diffusers_folder(folder, device, options)
+            return _finite(_load_diffusers_folder(folder, device, options), folder)
         raise FileNotFoundError(f"checkpoint {str(folder)!r}: expected a model folder holding model.json and "
                                 "model.safetensors (as written by `ngrpo pretrain` or a run's base/ or aligned/), "
                                 "or a diffusers FluxPipeline/StableDiffusion3Pipeline folder holding model_index.json")
@@ -84,8 +86,18 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu", options
         raise ValueError(f"{meta_path}: missing the field 'adapter' (which model adapter wrote this folder)")
     cls = resolve_adapter_class(meta["adapter"])
     if options is not None and "options" in inspect.signature(cls.load).parameters:
-        return cls.load(folder, device=device, options=options)
-    return cls.load(folder, device=device)
+        return _finite(cls.load(folder, device=device, options=options), folder)
+    return _finite(cls.load(folder, device=device), folder)
+
+
+def _finite(adapter: FlowAdapter, folder: Path) -> FlowAdapter:
+    """The adapter, if its weights are all finite: NaN/inf weights would only give NaN samples."""
+    from neighbor_grpo.guards import all_finite
+
+    if not all_finite(adapter.net.parameters()):
+        raise ValueError(f"checkpoint {str(folder)!r}: its weights hold NaN/inf; not a usable model (export a finite "
+                         "one, e.g. continue the run from its last good checkpoint)")
+    return adapter
 
 
 def _load_diffusers_folder(folder: Path, device, options) -> FlowAdapter:

@@ -67,18 +67,19 @@ class WeightedRewards:
 
 
 def build_rewards(specs: Sequence[dict], device: str | torch.device = "cpu") -> WeightedRewards:
-    """From config entries {name, weight, kwargs} to a WeightedRewards."""
+    """From config entries {name, weight, kwargs, label} to a WeightedRewards keyed by label (else name)."""
     rewards, weights = {}, {}
     for spec in specs:
         name = spec["name"]
+        key = spec.get("label") or name
+        if key in weights:  # one would silently replace the other
+            raise ValueError(f"reward {key!r} is given twice; give one of them a distinct label (e.g. {key}_2)")
+        weights[key] = float(spec.get("weight", 1.0))
         factory = resolve_reward_factory(name)
         kwargs = dict(spec.get("kwargs") or {})
         if "device" in inspect.signature(factory).parameters:
             kwargs.setdefault("device", device)
-        reward = factory(**kwargs)
-        key = spec.get("label") or name
-        rewards[key] = reward
-        weights[key] = float(spec.get("weight", 1.0))
+        rewards[key] = factory(**kwargs)
     return WeightedRewards(rewards, weights)
 
 
