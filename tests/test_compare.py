@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from neighbor_grpo.compare import ABLATIONS, PAPER_SETTINGS, equal_steps_overrides, time_to_target
 from neighbor_grpo.config import load_config
 
@@ -35,13 +37,47 @@ def test_short_comparison_writes_results_in_the_documented_structure(builtin_mod
     assert results["speedup"]["evals_per_iter_dance_over_neighbor"] > 5
 
 
-def test_every_method_and_ablation_builds_a_valid_config():
-    for name in PAPER_SETTINGS:
-        load_config(None, PAPER_SETTINGS[name])
-        load_config(None, equal_steps_overrides(name, 8))
-    for variants in ABLATIONS.values():
-        for overrides in variants.values():
-            load_config(None, overrides)
+def _setting(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _assert_applied(config, overrides: list[str]) -> None:
+    """Every `key=value` override is the loaded config's value (numbers compared as numbers)."""
+    for override in overrides:
+        key, _, text = override.partition("=")
+        value = _setting(config, key)
+        if isinstance(value, bool):
+            assert value == (text.lower() == "true"), override
+        elif isinstance(value, (int, float)):
+            assert value == pytest.approx(float(text)), override
+        else:
+            assert str(value) == text, override
+
+
+def test_every_method_and_ablation_builds_the_config_it_names():
+    algorithm_of = {"neighbor_grpo": "neighbor_grpo", "flow_grpo": "flow_grpo", "dance_grpo": "dance_grpo",
+                    "mix_grpo": "mix_grpo", "mix_grpo_flash": "mix_grpo"}
+    assert set(PAPER_SETTINGS) == set(algorithm_of)
+    for name, overrides in PAPER_SETTINGS.items():
+        config = load_config(None, overrides)
+        assert config.algorithm == algorithm_of[name]
+        assert config.mix_grpo.flash == (name == "mix_grpo_flash")
+        _assert_applied(config, overrides)
+        short = load_config(None, equal_steps_overrides(name, 8))
+        assert _setting(short, f"{algorithm_of[name]}.rollout_steps") == 8
+        assert short.algorithm == config.algorithm
+        if name.startswith("mix_grpo"):
+            assert short.mix_grpo.window_size == 4  # min(4, 8 - 2)
+    assert load_config(None, equal_steps_overrides("mix_grpo", 5)).mix_grpo.window_size == 3
+    for ablation, variants in ABLATIONS.items():
+        for label, overrides in variants.items():
+            config = load_config(None, overrides)
+            assert config.algorithm == "neighbor_grpo", (ablation, label)
+            _assert_applied(config, overrides)
+    assert load_config(None, ABLATIONS["p"]["p=2.0"]).neighbor_grpo.quasi_norm_p == 2.0
 
 
 def test_time_to_target_is_the_first_crossing():
