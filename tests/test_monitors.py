@@ -190,23 +190,28 @@ def test_generate_solvers_land_on_the_known_sample(solver, steps):
     torch.testing.assert_close(images, (expected + 1) / 2, rtol=0, atol=1e-5)
 
 
+class CurvedAdapter(PointMassAdapter):
+    """The point-mass flow plus a curl, so that solvers and grids give different samples."""
+
+    def velocity(self, x, s, cond):
+        return super().velocity(x, s, cond) + 0.5 * torch.sin(3 * x + 5 * s)
+
+
 @pytest.mark.parametrize("solver", ["euler", "heun", "dpm++2m"])
-def test_generate_is_the_named_solver_on_the_shifted_grid_from_the_keyed_noises(adapter, solver):
+def test_generate_is_the_named_solver_on_the_shifted_grid_from_the_keyed_noises(solver):
     """generate = that solver from the noises independent_noises keys by (seed, 0, prompt position), on
     sigma_grid(steps, shift); a different solver or shift gives different samples."""
     from neighbor_grpo.flow import sigma_grid
     from neighbor_grpo.noise import independent_noises
     from neighbor_grpo.solvers import get_solver
 
-    prompts, S = ["3", "8"], 2
-    latents, images = generate(adapter, prompts, S, seed=21, solver=solver, steps=3, shift=2.0)
-    noises = torch.cat([independent_noises((1, 8, 8), S, 21, 0, k) for k in range(len(prompts))])
+    adapter, prompts, S = CurvedAdapter(), ["1", "2"], 2
+    latents, images = generate(adapter, prompts, S, seed=21, solver=solver, steps=4, shift=2.0)
+    noises = torch.cat([independent_noises((1, 4, 4), S, 21, 0, k) for k in range(len(prompts))])
     cond = adapter.encode_prompts(prompts).repeat_interleave(S)
-    with torch.no_grad():
-        expected = get_solver(solver)(lambda x, s: adapter.velocity(x, s, cond), noises, sigma_grid(3, shift=2.0))
+    expected = get_solver(solver)(lambda x, s: adapter.velocity(x, s, cond), noises, sigma_grid(4, shift=2.0))
     torch.testing.assert_close(latents.flatten(0, 1), expected)
     torch.testing.assert_close(images.flatten(0, 1), adapter.decode(expected))
     other = "euler" if solver != "euler" else "heun"
-    assert (generate(adapter, prompts, S, seed=21, solver=other, steps=3, shift=2.0)[0] - latents).abs().max() > 1e-4
-    if solver != "dpm++2m":  # DPM-Solver++ is nearly exact on this near-linear model: its grid hardly matters
-        assert (generate(adapter, prompts, S, seed=21, solver=solver, steps=3, shift=1.0)[0] - latents).abs().max() > 1e-4
+    assert (generate(adapter, prompts, S, seed=21, solver=other, steps=4, shift=2.0)[0] - latents).abs().max() > 1e-3
+    assert (generate(adapter, prompts, S, seed=21, solver=solver, steps=4, shift=1.0)[0] - latents).abs().max() > 1e-3
