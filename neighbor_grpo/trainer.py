@@ -722,7 +722,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
 
 
 # Stats that are maxima, or that every process already agrees on (the gradient norm is taken after averaging).
-MAX_OR_SHARED_STATS = ("ratio_max_dev", "grad_norm")
+MAX_OR_SHARED_STATS = ("ratio_max_dev", "grad_norm", "grad_clipped_share")
 
 
 def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer, params, ema, reference_velocity,
@@ -817,7 +817,10 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
             optimizer.step()
         if ema is not None:
             ema.update(adapter.net)
-        records.append({**batch_stats, "loss": loss.detach(), "grad_norm": grad_norm.detach()})
+        # grad_clipped_share: the share of optimizer steps whose gradient norm was above optim.max_grad_norm (a
+        # device-side comparison, read with the other stats after the loop: no extra host sync)
+        records.append({**batch_stats, "loss": loss.detach(), "grad_norm": grad_norm.detach(),
+                        "grad_clipped_share": (grad_norm.detach() > max_norm).float()})
         shares.append(share)
         hook("after_optimizer_step")
     if scaler is not None:

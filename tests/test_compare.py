@@ -84,3 +84,31 @@ def test_time_to_target_is_the_first_crossing():
     run = {"curve": {"train_s": [0.0, 1.0, 2.0, 3.0], "heldout": [{"reward": r} for r in (0.5, 0.7, 0.6, 0.9)]}}
     assert time_to_target(run, 0.65) == 1.0
     assert time_to_target(run, 0.95) is None
+
+
+# Each baseline's settings in its reference repository (docs/benchmarks.md cites file:line for each):
+# (max grad norm, weight decay, adam betas, adam eps, PPO clip range, advantage clip)
+REFERENCE_SETTINGS = {
+    "flow_grpo": (1.0, 1e-4, (0.9, 0.999), 1e-8, 1e-4, 5.0),       # yifan123/flow_grpo config/base.py:63-91
+    "dance_grpo": (0.01, 1e-4, (0.9, 0.999), 1e-8, 1e-4, 5.0),      # finetune_flux_grpo_8gpus.sh:46-55
+    "mix_grpo": (1.0, 1e-4, (0.9, 0.999), 1e-8, 1e-4, 5.0),         # finetune_flux_grpo_MixGRPO.sh:148-157
+    "mix_grpo_flash": (1.0, 1e-4, (0.9, 0.999), 1e-8, 1e-4, 5.0),   # finetune_flux_grpo_MixGRPO_Flash.sh:148-157
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_SETTINGS))
+def test_baselines_compare_with_their_references_optimizer_settings(name):
+    import torch
+
+    from neighbor_grpo.speed import make_optimizer
+
+    max_grad_norm, weight_decay, betas, adam_eps, eps_clip, adv_clip = REFERENCE_SETTINGS[name]
+    config = load_config(None, PAPER_SETTINGS[name])
+    section = getattr(config, config.algorithm)
+    assert config.optim.max_grad_norm == max_grad_norm
+    assert config.optim.weight_decay == weight_decay
+    assert (config.optim.beta1, config.optim.beta2) == betas
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], config.optim.lr,
+                               (config.optim.beta1, config.optim.beta2), config.optim.weight_decay, config.speed.optimizer)
+    assert optimizer.defaults["eps"] == adam_eps and optimizer.defaults["weight_decay"] == weight_decay
+    assert section.eps_clip == eps_clip and section.adv_clip == adv_clip

@@ -31,8 +31,9 @@ class DanceGRPOConfig:
     """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
     scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
     train_step_fraction: float = 0.6
-    """The reference's timestep_fraction: int(fraction * (N - 1)) random steps of the N - 1 trainable ones
-    (the last step is never trained), drawn once per rollout batch."""
+    """The reference's timestep_fraction: int(fraction * (N - 1)) random steps of the N - 1 trainable ones, drawn
+    once per rollout batch: 14 of 25 (the reference drops the last step, train_grpo_flux.py:512-519, and trains
+    int(fraction * (N - 1)) of the rest, :570)."""
     same_initial_noise: bool = True
     """One initial noise for the whole group (the reference's init_same_noise, on in its recipes)."""
     adv_eps: float = 1e-8
@@ -89,7 +90,13 @@ class DanceGRPO:
 
     def minibatches(self, rollout: Rollout, iteration: int) -> list[Minibatch]:
         """int(fraction * (N - 1)) random steps (the reference draws one permutation per sample; here one per
-        rollout batch, shared by all samples, so that a minibatch is a set of steps for all its members)."""
+        rollout batch, shared by all samples, so that a minibatch is a set of steps for all its members).
+
+        N - 1, not N: XueZeyue/DanceGRPO fastvideo/train_grpo_flux.py (commit ff7bee1) stores
+        `timesteps[:, :-1]`, `latents[:, :-1][:, :-1]` and `log_probs[:, :-1]` (lines 512-519), permutes
+        `len(samples["timesteps"][0])` = N - 1 steps (551-556) and trains
+        `int(len(samples["timesteps"][0]) * timestep_fraction)` of them (570): int(24 * 0.6) = 14 at N = 25,
+        the NFE_theta = 14 the Neighbor GRPO paper gives for DanceGRPO."""
         c = self.config
         stochastic = sde_steps(rollout)
         count = max(1, int(c.train_step_fraction * len(stochastic)))
