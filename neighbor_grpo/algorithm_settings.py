@@ -119,8 +119,9 @@ class DanceGRPOConfig:
     """SD3/FLUX sigma shift of the rollout grid; None: the model's own (1 for the built-in model, the
     scheduler's shift for SD3, the resolution-dependent shift for FLUX). 1 = no shift."""
     train_step_fraction: float = 0.6
-    """The reference's timestep_fraction: int(fraction * (N - 1)) random steps of the N - 1 trainable ones
-    (the last step is never trained), drawn once per rollout batch."""
+    """The reference's timestep_fraction: int(fraction * (N - 1)) random steps of the N - 1 trainable ones, drawn
+    once per rollout batch: 14 of 25 (the reference drops the last step, train_grpo_flux.py:512-519, and trains
+    int(fraction * (N - 1)) of the rest, :570)."""
     same_initial_noise: bool = True
     """One initial noise for the whole group (the reference's init_same_noise, on in its recipes)."""
     adv_eps: float = 1e-8

@@ -23,13 +23,26 @@ from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.iteration import ModelCallCounter, train_iteration
 from neighbor_grpo.parts import build_training_parts, load_model, read_prompts
 
+# Each baseline's optimizer as its reference repository sets it (table and file:line citations in
+# docs/benchmarks.md, "Optimizer settings of the baselines"). All three use AdamW with betas (0.9, 0.999) and eps
+# 1e-8, torch's defaults and the library's. The learning rate is swept alike for every method, not taken from here.
+REFERENCE_OPTIMIZER: dict[str, list[str]] = {
+    # yifan123/flow_grpo config/base.py:69 adam_weight_decay 1e-4, :76 max_grad_norm 1.0
+    "flow_grpo": ["optim.weight_decay=1e-4", "optim.max_grad_norm=1.0"],
+    # XueZeyue/DanceGRPO scripts/finetune/finetune_flux_grpo_8gpus.sh:46-47 (the FLUX recipe): max_grad_norm 0.01,
+    # weight_decay 1e-4; its share of clipped steps is logged as grad_clipped_share
+    "dance_grpo": ["optim.weight_decay=1e-4", "optim.max_grad_norm=0.01"],
+    # Tencent-Hunyuan/MixGRPO scripts/finetune/finetune_flux_grpo_MixGRPO.sh:148-149 (and the Flash script's)
+    "mix_grpo": ["optim.weight_decay=1e-4", "optim.max_grad_norm=1.0"],
+}
+
 # Each method at its own paper's settings (the main table).
 PAPER_SETTINGS: dict[str, list[str]] = {
-    "neighbor_grpo": ["algorithm=neighbor_grpo"],  # 8-step DPM-Solver++, G 12, B 4, K 4
-    "flow_grpo": ["algorithm=flow_grpo"],  # 10 SDE steps
-    "dance_grpo": ["algorithm=dance_grpo"],  # 25 SDE steps, timestep fraction 0.6
-    "mix_grpo": ["algorithm=mix_grpo"],  # 25 steps, SDE window of 4
-    "mix_grpo_flash": ["algorithm=mix_grpo", "mix_grpo.flash=true"],
+    "neighbor_grpo": ["algorithm=neighbor_grpo"],  # 8-step DPM-Solver++, G 12, B 4, K 4; no public code: defaults
+    "flow_grpo": ["algorithm=flow_grpo", *REFERENCE_OPTIMIZER["flow_grpo"]],  # 10 SDE steps
+    "dance_grpo": ["algorithm=dance_grpo", *REFERENCE_OPTIMIZER["dance_grpo"]],  # 25 SDE steps, fraction 0.6
+    "mix_grpo": ["algorithm=mix_grpo", *REFERENCE_OPTIMIZER["mix_grpo"]],  # 25 steps, SDE window of 4
+    "mix_grpo_flash": ["algorithm=mix_grpo", "mix_grpo.flash=true", *REFERENCE_OPTIMIZER["mix_grpo"]],
 }
 SDE_BASELINES = ("flow_grpo", "dance_grpo", "mix_grpo")
 

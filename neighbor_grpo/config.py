@@ -114,7 +114,7 @@ class OptimConfig:
     beta2: float = 0.999
     """AdamW beta2."""
     max_grad_norm: float = 1.0
-    """Gradient-norm clipping (0 disables)."""
+    """Gradient-norm clipping (0 disables); the share of optimizer steps it clipped is logged as grad_clipped_share."""
     ema_decay: float = 0.0
     """EMA of the trained weights for evaluation and export (0 disables)."""
     finetune: Literal["full", "lora"] = "full"

@@ -227,7 +227,10 @@ def update(config: TrainConfig, adapter, algorithm, optimizer, params, ema, refe
             ema.update(adapter.net)
         if hasattr(algorithm, "after_step"):  # e.g. a soft update of an old policy the algorithm owns
             algorithm.after_step(adapter.net)
-        records.append({**batch_stats, "loss": loss.detach(), "grad_norm": grad_norm.detach()})
+        # grad_clipped_share: the share of optimizer steps whose gradient norm was above optim.max_grad_norm (a
+        # device-side comparison, read with the other stats after the loop: no extra host sync)
+        records.append({**batch_stats, "loss": loss.detach(), "grad_norm": grad_norm.detach(),
+                        "grad_clipped_share": (grad_norm.detach() > max_norm).float()})
         shares.append(share)
         hook("after_optimizer_step")
     if scaler is not None:

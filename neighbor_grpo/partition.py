@@ -10,7 +10,7 @@ import torch
 from neighbor_grpo.distributed import BatchPart, Processes, gather_candidates, global_means, member_block
 
 # Stats that are maxima, or that every process already agrees on (the gradient norm is taken after averaging).
-MAX_OR_SHARED_STATS = ("ratio_max_dev", "grad_norm")
+MAX_OR_SHARED_STATS = ("ratio_max_dev", "grad_norm", "grad_clipped_share")
 
 
 def whole_group(rollout, part: BatchPart, count: int, group_size: int, processes: Processes):

@@ -159,10 +159,62 @@ def test_generate_uses_the_prompt(adapter):
     assert (a - b).abs().mean() > 1e-4
 
 
+class PointMassAdapter:
+    """A model whose data distribution is one image per prompt: the exact flow velocity toward target x0 is
+    v(x, s) = (x - x0) / s, constant along each straight path, so every solver lands exactly on x0."""
+
+    targets = torch.linspace(-1, 1, 3 * 16).view(3, 1, 4, 4)  # prompts "0", "1", "2"
+
+    device = torch.device("cpu")
+
+    def latent_shape(self):
+        return (1, 4, 4)
+
+    def encode_prompts(self, prompts):
+        return torch.tensor([int(p) for p in prompts])
+
+    def velocity(self, x, s, cond):
+        return (x - self.targets[cond]) / s
+
+    def decode(self, latents):
+        return (latents + 1) / 2
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
 @pytest.mark.parametrize("solver", ["euler", "heun", "dpm++2m"])
-def test_generate_solvers(adapter, solver):
-    _, images = generate(adapter, ["6"], 2, seed=1, solver=solver, steps=3)
-    assert torch.isfinite(images).all()
+def test_generate_solvers_land_on_the_known_sample(solver, steps):
+    adapter = PointMassAdapter()
+    latents, images = generate(adapter, ["2", "0"], 3, seed=1, solver=solver, steps=steps, shift=3.0)
+    expected = adapter.targets[[2, 0]].unsqueeze(1).expand(2, 3, 1, 4, 4)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(images, (expected + 1) / 2, rtol=0, atol=1e-5)
+
+
+class CurvedAdapter(PointMassAdapter):
+    """The point-mass flow plus a curl, so that solvers and grids give different samples."""
+
+    def velocity(self, x, s, cond):
+        return super().velocity(x, s, cond) + 0.5 * torch.sin(3 * x + 5 * s)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpm++2m"])
+def test_generate_is_the_named_solver_on_the_shifted_grid_from_the_keyed_noises(solver):
+    """generate = that solver from the noises independent_noises keys by (seed, 0, prompt position), on
+    sigma_grid(steps, shift); a different solver or shift gives different samples."""
+    from neighbor_grpo.flow import sigma_grid
+    from neighbor_grpo.noise import independent_noises
+    from neighbor_grpo.solvers import get_solver
+
+    adapter, prompts, S = CurvedAdapter(), ["1", "2"], 2
+    latents, images = generate(adapter, prompts, S, seed=21, solver=solver, steps=4, shift=2.0)
+    noises = torch.cat([independent_noises((1, 4, 4), S, 21, 0, k) for k in range(len(prompts))])
+    cond = adapter.encode_prompts(prompts).repeat_interleave(S)
+    expected = get_solver(solver)(lambda x, s: adapter.velocity(x, s, cond), noises, sigma_grid(4, shift=2.0))
+    torch.testing.assert_close(latents.flatten(0, 1), expected)
+    torch.testing.assert_close(images.flatten(0, 1), adapter.decode(expected))
+    other = "euler" if solver != "euler" else "heun"
+    assert (generate(adapter, prompts, S, seed=21, solver=other, steps=4, shift=2.0)[0] - latents).abs().max() > 1e-3
+    assert (generate(adapter, prompts, S, seed=21, solver=solver, steps=4, shift=1.0)[0] - latents).abs().max() > 1e-3
 
 
 # ---- eval.monitor_rewards ---------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_alignment_raises_heldout_reward_clearly(builtin_models, tmp_path):
     rows = read_metrics(run)
     logged = {k for row in rows for k, v in row.items() if v not in ("", None)}
     for key in ("reward_mean", "reward_std", "ratio_mean", "clip_fraction", "approx_kl", "zero_variance_groups",
-                "adv_clipped_share", "grad_norm", "s_per_iter", "model_evals_per_iter", "heldout/reward",
+                "adv_clipped_share", "grad_norm", "grad_clipped_share", "s_per_iter", "model_evals_per_iter", "heldout/reward",
                 "heldout/out_of_range", "heldout/diversity", "heldout/realism_nn_dist"):
         assert key in logged, key
 

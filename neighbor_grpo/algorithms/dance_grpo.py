@@ -56,7 +56,13 @@ class DanceGRPO:
 
     def minibatches(self, rollout: Rollout, iteration: int) -> list[Minibatch]:
         """int(fraction * (N - 1)) random steps (the reference draws one permutation per sample; here one per
-        rollout batch, shared by all samples, so that a minibatch is a set of steps for all its members)."""
+        rollout batch, shared by all samples, so that a minibatch is a set of steps for all its members).
+
+        N - 1, not N: XueZeyue/DanceGRPO fastvideo/train_grpo_flux.py (commit ff7bee1) stores
+        `timesteps[:, :-1]`, `latents[:, :-1][:, :-1]` and `log_probs[:, :-1]` (lines 512-519), permutes
+        `len(samples["timesteps"][0])` = N - 1 steps (551-556) and trains
+        `int(len(samples["timesteps"][0]) * timestep_fraction)` of them (570): int(24 * 0.6) = 14 at N = 25,
+        the NFE_theta = 14 the Neighbor GRPO paper gives for DanceGRPO."""
         c = self.config
         stochastic = sde_steps(rollout)
         count = max(1, int(c.train_step_fraction * len(stochastic)))

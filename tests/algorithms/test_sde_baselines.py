@@ -348,3 +348,18 @@ def test_flow_grpo_kl_is_zero_against_itself_and_positive_against_another_model(
 
 def test_registered_under_their_names():
     assert ALGORITHMS["flow_grpo"] is FlowGRPO and ALGORITHMS["dance_grpo"] is DanceGRPO and ALGORITHMS["mix_grpo"] is MixGRPO
+
+
+def test_dance_grpo_trains_14_of_25_steps_as_its_reference():
+    """XueZeyue/DanceGRPO fastvideo/train_grpo_flux.py (ff7bee1) keeps N - 1 steps (lines 512-519, `[:, :-1]`),
+    shuffles them (551-556) and trains int((N - 1) * timestep_fraction) (570): int(24 * 0.6) = 14 at N = 25."""
+    velocity = TinyVelocity()
+    algorithm = DanceGRPO(DanceGRPOConfig(group_size=2), seed=0)  # the defaults: N = 25, fraction 0.6
+    assert algorithm.config.rollout_steps == 25 and algorithm.config.train_step_fraction == 0.6
+    rollout = algorithm.rollout(velocity, torch.tensor([1]), ["1"], [0], 0, LATENT)
+    assert torch.nonzero(rollout.sde_mask).flatten().tolist() == list(range(24))
+    for iteration in range(3):
+        batches = algorithm.minibatches(rollout, iteration)
+        steps = {j for batch in batches for j in batch.steps}
+        assert len(steps) == int(24 * 0.6) == 14 and max(steps) <= 23
+        assert all(batch.steps == sorted(steps) for batch in batches)
