@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from neighbor_grpo import cost
 from neighbor_grpo.algorithms.common import repeat_cond
 from neighbor_grpo.compare import PAPER_SETTINGS
 from neighbor_grpo.config import load_config
@@ -290,14 +291,10 @@ class MethodRun:
     net_samples_per_sample: float = 1.0  # samples the net sees per velocity sample (SD3's CFG: 2)
 
 
-def backward_factor(finetune: str) -> float:
-    """Forward-equivalents of one backward pass: weights and inputs for a full fine-tune, inputs only for LoRA."""
-    return 2.0 if finetune == "full" else 1.0
-
-
 def forward_equivalents(record: IterationRecord, finetune: str) -> float:
+    """One iteration's cost by the project's single rule (neighbor_grpo.cost)."""
     no_grad = record.rollout_forwards + record.other_forwards + record.reference_forwards
-    return no_grad + (1.0 + backward_factor(finetune)) * record.train_forwards
+    return cost.forward_equivalents(no_grad, record.train_forwards, finetune)
 
 
 def analytic_forward_counts(config, prompts: int) -> dict | None:
@@ -322,7 +319,7 @@ def analytic_forward_counts(config, prompts: int) -> dict | None:
 
 
 def analytic_fpe(counts: dict, finetune: str) -> float:
-    return counts["rollout"] + counts["other"] + counts["reference"] + (1 + backward_factor(finetune)) * counts["train"]
+    return cost.forward_equivalents(counts["rollout"] + counts["other"] + counts["reference"], counts["train"], finetune)
 
 
 # ---- FLOPs and the card's peak -----------------------------------------------------------------------------------
@@ -558,7 +555,8 @@ def print_report(result: dict) -> None:
     print(f"model FLOPs (FlopCounterMode): {flops['forward_at_batch']:.4g} per forward at batch {flops['batch']} = "
           f"{flops['forward_per_sample']:.4g} per sample; measured backward/forward at batch 1: "
           f"{flops['measured_backward_over_forward']:.2f} (counted as {flops['backward_factor']:g})")
-    print(f"reward: {result['settings']['reward']} (scored inside every iteration)\n")
+    print(f"reward: {result['settings']['reward']} (scored inside every iteration)")
+    print(f"FPE/iter: {cost.cost_note(result['settings']['finetune'])}\n")
     print("| method | s/iter | rollout img/s | train samples/s | FPE/iter | reward s | peak mem GB | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m in result["methods"].items():
@@ -648,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict:
             extras["gradient_checkpointing"] = checkpointing or checkpoint_blocks(run.adapter.net)
         if not flops:
             flops.update(count_forward_flops(run, args.prompts, args.group_size))
-            flops["backward_factor"] = backward_factor(args.finetune)
+            flops["backward_factor"] = cost.backward_factor(args.finetune)
         run.net_samples_per_sample = run.reference.net_samples_per_sample = flops["net_samples_at_batch"] / flops["batch"]
         return run
 

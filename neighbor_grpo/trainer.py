@@ -29,6 +29,7 @@ from neighbor_grpo.algorithms import ALGORITHMS
 from neighbor_grpo.checkpoint import (capture_rng, latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
                                       prune_checkpoints, read_checkpoint, restore_rng, write_checkpoint)
 from neighbor_grpo.config import ConfigError, TrainConfig, from_dict, to_dict
+from neighbor_grpo.cost import forward_equivalents
 from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all_true, any_process, barrier,
                                        batch_part, broadcast_object, check_batch_fits, full_tensor, gather_block,
                                        gather_candidates, global_means, gradient_sync, init_processes,
@@ -649,10 +650,11 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                     values, skipped = train_iteration(config, adapter, rewards, algorithm, optimizer, params, ema,
                                                       reference_velocity, train_prompts, iteration, hook, parts=parts)
                     rollout_evals, train_evals = (int(n) for n in sum_over_processes(list(calls.reset()), processes))
-                    counters["model_evals"] += rollout_evals + 3 * train_evals
+                    iteration_cost = forward_equivalents(rollout_evals, train_evals, config.optim.finetune)
+                    counters["model_evals"] += iteration_cost
                     values.update({"model_evals_rollout": float(rollout_evals),
-                                   "model_evals_train": float(3 * train_evals),
-                                   "model_evals_per_iter": float(rollout_evals + 3 * train_evals),
+                                   "model_evals_train": iteration_cost - rollout_evals,
+                                   "model_evals_per_iter": iteration_cost,
                                    "s_per_iter": time.perf_counter() - tick})
                     abort = False
                     if skipped:
