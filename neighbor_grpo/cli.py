@@ -196,10 +196,15 @@ def _cmd_eval(args) -> None:
 
         shift = model_shift(config, adapter) if config is not None else model_default_shift(adapter)
     rewards = build_rewards(specs, device=args.device)
+    if args.monitor:  # scored beside the rewards, never part of `reward`
+        monitor_specs = [_parse_reward_flag(text) for text in args.monitor]
+    else:
+        monitor_specs = [dict(vars(r)) for r in config.eval.monitor_rewards] if config is not None else []
+    monitors = build_rewards(monitor_specs, device=args.device) if monitor_specs else None
     result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
-                                 sampling["solver"], sampling["steps"], shift)
+                                 sampling["solver"], sampling["steps"], shift, monitors)
     result = {"checkpoint": str(args.checkpoint), "prompts": prompts, **sampling, "shift": shift,
-              "rewards_config": specs, **result}
+              "rewards_config": specs, "monitor_rewards_config": monitor_specs, **result}
     atomic_write_text(out, json.dumps(result, indent=2))
     save_grid(images[:16, :8], out.with_suffix(".png"), row_labels=prompts[:16])
     print(json.dumps(result["metrics"], indent=2))
@@ -297,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward", action="append", default=None, metavar="NAME[:key=value,...]",
                     help="reward to score with (repeatable), e.g. pickscore:path=/weights/PickScore,weight=0.5; "
                          "default: the config's rewards, else digit_prob")
+    ev.add_argument("--monitor", action="append", default=None, metavar="NAME[:key=value,...]",
+                    help="monitor reward (repeatable; same syntax as --reward), reported as monitor/<name> and never "
+                         "part of `reward`, e.g. digit_gold; default: the config's eval.monitor_rewards")
     ev.add_argument("--prompts", help="comma-separated prompts (default: the config's held-out prompts, else '0'..'9')")
     ev.add_argument("--prompts-file", help="prompt file (.txt, .jsonl, .csv, .tsv; overrides --prompts)")
     ev.add_argument("--prompt-field", default="prompt", help="JSONL key or CSV column of --prompts-file")

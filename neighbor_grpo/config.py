@@ -136,6 +136,11 @@ class EvalConfig:
     """ODE solver of the held-out samples (euler, heun, dpm++2m); every algorithm is evaluated with the ODE."""
     steps: int = 8
     """Solver steps of the held-out samples."""
+    monitor_rewards: list[RewardSpec] = field(default_factory=list)
+    """Rewards scored on the held-out samples only (entries like `rewards`: name, weight, kwargs, label), logged as
+    heldout/monitor/<name> (and heldout/monitor/<name>/<metric> for their extra metrics); never trained on, never
+    part of `reward`, best/ selection or lr selection. E.g. [{name: digit_gold}] on the built-in model, or train
+    on PickScore and monitor HPS and CLIP."""
 
 
 @dataclass
@@ -379,6 +384,8 @@ def validate(config: TrainConfig) -> None:
     _check(config.eval.samples_per_prompt >= 2, "eval.samples_per_prompt", "an integer >= 2 (diversity needs pairs)", config.eval.samples_per_prompt)
     _check(config.eval.steps >= 1, "eval.steps", "an integer >= 1", config.eval.steps)
     _check(config.eval.solver in SOLVERS, "eval.solver", f"one of {sorted(SOLVERS)}", config.eval.solver)
+    for k, spec in enumerate(config.eval.monitor_rewards):
+        _check(bool(spec.name), f"eval.monitor_rewards[{k}].name", "a registered reward or 'package.module:factory'", spec.name)
     _check(config.eval.seed != config.seed, "eval.seed", "a seed different from the training seed", config.eval.seed)
     _check(len(config.prompts.train) >= 1 or config.prompts.file is not None, "prompts.train", "at least one prompt", config.prompts.train)
     _check(len(config.prompts.eval) >= 1, "prompts.eval", "at least one prompt", config.prompts.eval)

@@ -27,6 +27,13 @@ def train_test_split(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple
     return order[n_test:], order[:n_test]
 
 
+def gold_split_b(n: int) -> np.ndarray:
+    """Split B: the held-out digits (the test side of `train_test_split`), which only the gold reward
+    (neighbor_grpo.rewards.gold) fits on. Split A (the train side) is all the base model and the proxy classifier
+    ever train on; tests/rewards/test_gold.py checks that their training never reads B."""
+    return train_test_split(n)[1]
+
+
 def prompt_to_label(prompt: str) -> int:
     """'7' -> 7; anything else is refused with the prompts the built-in model knows."""
     text = prompt.strip()

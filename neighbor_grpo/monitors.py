@@ -56,11 +56,25 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
     return {"mean": float(values.mean()), "std": std, "ci95": 1.96 * std / math.sqrt(values.numel())}
 
 
+def monitor_scores(monitors, images: torch.Tensor, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Monitor rewards (eval.monitor_rewards): per-image scores as `monitor/<name>`, and each monitor's extra
+    metrics (the gold's gold_class and typical, say) as `monitor/<name>/<metric>`. Nothing here feeds `reward`."""
+    if monitors is None or not monitors.rewards:
+        return {}, {}
+    scores = {f"monitor/{name}": value for name, value in monitors.score(images, prompts).items()}
+    extra = {}
+    for name, reward in monitors.rewards.items():
+        if hasattr(reward, "extra_metrics"):
+            extra.update({f"monitor/{name}/{k}": v for k, v in reward.extra_metrics(images.clamp(0, 1), prompts).items()})
+    return scores, extra
+
+
 @torch.no_grad()
 def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: int, seed: int, solver: str = "dpm++2m",
-                steps: int = 8, shift: float = 1.0) -> tuple[dict, torch.Tensor]:
+                steps: int = 8, shift: float = 1.0, monitors=None) -> tuple[dict, torch.Tensor]:
     """Each reward on `samples_per_prompt` samples of every prompt, from noises keyed by (seed, prompt position,
     sample) - the same images for every checkpoint of the same model, so checkpoints compare sample by sample.
+    `monitors` (a WeightedRewards, optional) are scored on the same images, kept out of `reward`.
     Returns {metrics (as a run's held-out metrics), summaries (mean, std, 95% half-width), per_prompt, weights}
     and the raw images (P, S, C, H, W)."""
     _, images = generate(adapter, prompts, samples_per_prompt, seed, solver, steps, shift)
@@ -73,6 +87,10 @@ def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: in
     for reward in rewards.rewards.values():
         if hasattr(reward, "extra_metrics"):
             metrics.update(reward.extra_metrics(flat.clamp(0, 1), flat_prompts))
+    monitored, monitor_extra = monitor_scores(monitors, flat, flat_prompts)
+    scores.update(monitored)  # after the total: a monitor never enters `reward`
+    metrics.update({name: float(value.mean()) for name, value in monitored.items()})
+    metrics.update(monitor_extra)
     metrics["out_of_range"] = out_of_range_share(flat)
     metrics["diversity"] = within_prompt_diversity(images)
     if hasattr(adapter, "reference_images"):
@@ -90,7 +108,8 @@ def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: in
 
 @torch.no_grad()
 def evaluate(adapter, rewards, prompts: Sequence[str], samples_per_prompt: int, seed: int, solver: str = "dpm++2m",
-             steps: int = 8, shift: float = 1.0) -> tuple[dict[str, float], torch.Tensor]:
-    """Held-out metrics (each reward's mean, their weighted total, hacking monitors) and the raw images."""
-    result, images = score_model(adapter, rewards, prompts, samples_per_prompt, seed, solver, steps, shift)
+             steps: int = 8, shift: float = 1.0, monitors=None) -> tuple[dict[str, float], torch.Tensor]:
+    """Held-out metrics (each reward's mean, their weighted total, hacking monitors, monitor rewards) and the raw
+    images."""
+    result, images = score_model(adapter, rewards, prompts, samples_per_prompt, seed, solver, steps, shift, monitors)
     return result["metrics"], images

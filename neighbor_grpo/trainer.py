@@ -502,6 +502,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         with main_process_first(processes):  # the main process builds and caches the built-in models first
             adapter = adapter or load_model(config.model.path, str(device), progress, options=config.model)
             rewards = _with_retries(rewards or build_rewards([to_dict(r) for r in config.rewards], device=device))
+            # eval.monitor_rewards: scored on held-out samples only, never trained on or selected by
+            monitors = build_rewards([to_dict(r) for r in config.eval.monitor_rewards], device=device) if main else None
         adapter.net.to(device)
         if main and not (run / "base" / "model.json").is_file():
             shutil.rmtree(run / ".tmp-base", ignore_errors=True)
@@ -599,7 +601,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                 try:
                     with context:
                         metrics, images = evaluate(sampler, rewards, heldout_prompts, config.eval.samples_per_prompt,
-                                                   config.eval.seed, config.eval.solver, config.eval.steps, parts.shift)
+                                                   config.eval.seed, config.eval.solver, config.eval.steps, parts.shift,
+                                                   monitors)
                     if main:
                         save_grid(images[:16, :8], run / "samples" / f"iter-{iteration:06d}.png",
                                   row_labels=list(heldout_prompts[:16]))
