@@ -176,6 +176,10 @@ def run_all(methods: dict[str, list[str]], lrs: list[float], seeds: list[int], b
         run = run_method(methods[name], lr, budget_fe, points, base_path, proxy, gold, eval_prompts, eval_samples,
                          seed, device, common)
         done += 1
+        if len(run["curve"]) - 1 < rules.FINAL_EVALUATIONS:  # the final value needs 3 evaluations after the base
+            raise ValueError(f"--budget-fe: {name} costs {run['fe_per_iter']:.0f} forward-equivalents per iteration, so "
+                             f"{budget_fe:g} gives it {len(run['curve']) - 1} held-out evaluations; expected >= "
+                             f"{rules.FINAL_EVALUATIONS} (raise --budget-fe to >= {3 * run['fe_per_iter']:.0f})")
         log(f"[{done}/{total}] {name} lr={lr:g} seed={seed}: {run['iterations']} it, final gold "
             f"{run['curve'][-1]['gold']:.3f}, proxy {run['curve'][-1]['proxy']:.3f} ({time.perf_counter() - tick:.0f} s)")
         return run
