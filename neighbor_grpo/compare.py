@@ -272,13 +272,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         if progress:
             print(line, file=sys.stderr, flush=True)
 
-    def partial(state: dict) -> None:  # what is done so far survives an interrupted run
-        atomic_write_text(partial_path, json.dumps(state))
-
     finetune = load_config(None, common).optim.finetune
-    measured = run_all(table, lrs, seeds, budget_fe, evals_per_run, base_path, proxy,
-                       gold, [str(d) for d in range(10)], eval_samples, device, common, log, partial)
-    results = {
+    header = {
         "command": command,
         "settings": {"device": device, "budget_fe": budget_fe, "lrs": lrs, "seeds": seeds, "methods": list(table),
                      "overrides": table, "equal_steps": equal_steps, "ablation": ablation,
@@ -289,8 +284,14 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                   "no_worse_margin": rules.NO_WORSE_MARGIN, "confidence": rules.CONFIDENCE,
                   "lr_selection": f"highest area under the held-out proxy curve, seed {seeds[0]}",
                   "reference_method": reference},
-        **measured,
     }
+
+    def partial(state: dict) -> None:  # what is done so far survives an interrupted run
+        atomic_write_text(partial_path, json.dumps({**header, **state}))
+
+    measured = run_all(table, lrs, seeds, budget_fe, evals_per_run, base_path, proxy,
+                       gold, [str(d) for d in range(10)], eval_samples, device, common, log, partial)
+    results = {**header, **measured}
     results.update(summarize(results, frozen))
     results["wall_clock_s"] = time.perf_counter() - started
     plot_report(results, out.parent, out.stem)

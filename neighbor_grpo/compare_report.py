@@ -95,8 +95,8 @@ def markdown_report(results: dict) -> str:
              "",
              "| method | lr | FE/iter | s/iter | final gold | gold_class | typical | final proxy | time to target (kFE) "
              f"| time to target (s) | X / {ref} time, FE | X / {ref} time, wall | {ref} - X final gold (no worse?) "
-             "| out of range | diversity (x base) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| out of range | diversity (x base) | realism (NN dist) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = results["base"]
     for m, d in results["methods"].items():
         f = d["final"]
@@ -108,11 +108,13 @@ def markdown_report(results: dict) -> str:
         else:
             nw = c["no_worse_gold"]
             verdict = f"{_interval(nw)} ({'yes' if nw['no_worse'] else 'no'})"
+        realism = f"{f['realism']['mean']:.4f}" if "realism" in f else "-"
         lines.append(f"| {m} | {d['lr']:g} | {d['fe_per_iter']:.0f} | {d['median_s_per_iter']:.3f} "
                      f"| {_interval(f['gold'])} | {f['gold_class']['mean']:.3f} | {f['typical']['mean']:.3f} "
                      f"| {f['proxy']['mean']:.3f} | {_time_cell(d['time_to_target'], 'fe', 'budget_fe', 1000, '')} "
                      f"| {_time_cell(d['time_to_target'], 'wall_s', 'budget_wall_s', 1, '')} | {ratio_fe} | {ratio_wall} "
-                     f"| {verdict} | {f['out_of_range']['mean']:.4f} | {f['diversity']['mean'] / base['diversity']:.3f} |")
+                     f"| {verdict} | {f['out_of_range']['mean']:.4f} | {f['diversity']['mean'] / base['diversity']:.3f} "
+                     f"| {realism} |")
     lines += ["", f"Base model: gold {base['gold']:.4f}, gold_class {base['gold_class']:.4f}, typical "
                   f"{base['typical']:.4f}, proxy {base['proxy']:.4f}, out of range {base['out_of_range']:.4f}.",
               "", f"Overoptimization: gold at a common distance from the base model, d = {results['common_distance']:.4g} "
@@ -170,3 +172,34 @@ def plot_report(results: dict, folder: Path, stem: str) -> None:
     _draw(axes[0][1], results, "distance", "gold", "distance from base: mean ||v - v_ref||^2", "held-out gold")
     axes[0][1].axvline(results["common_distance"], color="k", linestyle="--", linewidth=1)
     _save(plt, fig, folder / f"{stem}_overoptimization.png")
+
+
+def render(source: str | Path, out: str | Path, frozen_target: float | None = None) -> dict:
+    """Re-derive the numbers, table and plots from saved runs: a finished results JSON, or the `.partial.json` of
+    an interrupted one (only the seeds every method finished are used; the settings record which)."""
+    import json
+
+    from neighbor_grpo.io import atomic_write_text
+
+    results = json.loads(Path(source).read_text())
+    finished = [s for s in results["settings"]["seeds"] if all(str(s) in by_seed for by_seed in results["runs"].values())]
+    if not finished:
+        raise ValueError(f"{source}: no seed has finished runs of every method yet")
+    results["settings"] = {**results["settings"], "seeds": finished}
+    results["runs"] = {m: {str(s): by_seed[str(s)] for s in finished} for m, by_seed in results["runs"].items()}
+    results.update(summarize(results, frozen_target))
+    out = Path(out)
+    plot_report(results, out.parent, out.stem)
+    atomic_write_text(out.with_suffix(".md"), markdown_report(results) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="re-render ngrpo compare's table and plots from saved runs")
+    parser.add_argument("source", help="results JSON or its .partial.json")
+    parser.add_argument("--out", required=True, help="results JSON to write (table and plots beside it)")
+    args = parser.parse_args()
+    print(markdown_report(render(args.source, args.out)))

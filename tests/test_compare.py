@@ -119,3 +119,19 @@ def test_every_method_and_ablation_builds_a_valid_config():
     for variants in ABLATIONS.values():
         for overrides in variants.values():
             load_config(None, overrides)
+
+
+def test_saved_runs_re_render_and_a_partial_run_uses_only_finished_seeds(short_comparison, tmp_path):
+    from neighbor_grpo.compare_report import render
+
+    out, saved = short_comparison
+    again = render(out, tmp_path / "again.json")
+    assert again["target"] == saved["target"] and (tmp_path / "again.md").read_text() == (out.parent / "results.md").read_text()
+    partial = {k: saved[k] for k in ("command", "settings", "rules", "lr_selection", "eval_points")}
+    partial["runs"] = {m: dict(by_seed) for m, by_seed in saved["runs"].items()}
+    del partial["runs"]["mix_grpo_flash"]["1"]
+    (tmp_path / "results.partial.json").write_text(json.dumps(partial))
+    early = render(tmp_path / "results.partial.json", tmp_path / "early.json")
+    assert early["settings"]["seeds"] == [0]
+    assert all(by_seed.keys() == {"0"} for by_seed in early["runs"].values())
+    assert (tmp_path / "early_overoptimization.png").is_file()
