@@ -158,6 +158,20 @@ def test_eval_scores_several_weighted_rewards_on_a_prompt_file(builtin_models, t
     assert np.mean([row["reward_digit_prob"] for row in per_prompt]) == pytest.approx(metrics["reward_digit_prob"], rel=1e-6)
 
 
+def test_eval_scores_monitor_rewards_outside_the_reward(builtin_models, tmp_path, capsys):
+    args = ["eval", "--checkpoint", builtin_models["base"], "--prompts", "0,7", "--samples-per-prompt", "3"]
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "plain.json")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *args, "--monitor", "digit_gold", "--out", tmp_path / "monitored.json")
+    assert code == 0, err
+    plain, monitored = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "monitored"))
+    assert monitored["metrics"]["reward"] == plain["metrics"]["reward"]  # a monitor never enters `reward`
+    assert monitored["monitor_rewards_config"] == [{"name": "digit_gold", "weight": 1.0, "kwargs": {}}]
+    gold = monitored["metrics"]["monitor/digit_gold"]
+    parts = monitored["metrics"]["monitor/digit_gold/gold_class"], monitored["metrics"]["monitor/digit_gold/typical"]
+    assert 0 <= gold <= min(parts) and monitored["summaries"]["monitor/digit_gold"]["mean"] == pytest.approx(gold)
+
+
 def test_eval_takes_rewards_prompts_and_seeds_from_a_run_config(builtin_models, tmp_path, capsys):
     prompts = tmp_path / "digits.txt"
     prompts.write_text("\n".join(str(d) for d in range(10)), encoding="utf-8")

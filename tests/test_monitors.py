@@ -163,3 +163,34 @@ def test_generate_uses_the_prompt(adapter):
 def test_generate_solvers(adapter, solver):
     _, images = generate(adapter, ["6"], 2, seed=1, solver=solver, steps=3)
     assert torch.isfinite(images).all()
+
+
+# ---- eval.monitor_rewards ---------------------------------------------------------------------------------------
+
+def test_monitor_rewards_are_logged_and_never_change_training(builtin_models, tmp_path):
+    import csv
+    import json
+
+    from neighbor_grpo.config import load_config
+    from neighbor_grpo.io import load_safetensors
+    from neighbor_grpo.trainer import train
+
+    base = ["iterations=3", "prompts_per_iteration=4", "eval.every=2", "eval.samples_per_prompt=4",
+            "neighbor_grpo.group_size=6", "neighbor_grpo.num_anchors=2"]
+    plain = train(load_config(None, base), tmp_path / "plain", progress=False)
+    monitored = train(load_config(None, base + ["eval.monitor_rewards=[{name: digit_gold}, {name: jpeg_compressibility}]"]),
+                      tmp_path / "monitored", progress=False)
+    a = load_safetensors(plain.run_dir / "aligned" / "model.safetensors")
+    b = load_safetensors(monitored.run_dir / "aligned" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert plain.eval_after["reward"] == monitored.eval_after["reward"]  # never part of `reward`
+    after = json.loads((monitored.run_dir / "eval_after.json").read_text())
+    for key in ("monitor/digit_gold", "monitor/digit_gold/gold_class", "monitor/digit_gold/typical",
+                "monitor/jpeg_compressibility"):
+        assert key in after and key not in plain.eval_after, key
+    assert after["monitor/digit_gold"] == pytest.approx(after["monitor/digit_gold/gold"])
+    with open(monitored.run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [row for row in rows if row.get("heldout/monitor/digit_gold") not in ("", None)]
+    assert [int(r["iteration"]) for r in logged] == [0, 2, 3]
+    assert [k for k in rows[0] if "monitor" in k and not k.startswith("heldout/")] == []  # held-out only
