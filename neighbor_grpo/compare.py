@@ -33,7 +33,6 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     "mix_grpo": ["algorithm=mix_grpo"],  # 25 steps, SDE window of 4
     "mix_grpo_flash": ["algorithm=mix_grpo", "mix_grpo.flash=true"],
 }
-SDE_BASELINES = ("flow_grpo", "dance_grpo", "mix_grpo")
 REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
 
 # Ablations of Neighbor GRPO the paper reports: name -> {label: overrides}.
