@@ -1,4 +1,4 @@
-"""Neighbor GRPO vs Flow-GRPO, DanceGRPO, MixGRPO(-Flash) under an equal training wall-clock budget.
+"""Neighbor GRPO vs Flow-GRPO, DanceGRPO, MixGRPO(-Flash) at an equal forward-equivalent budget, scored on gold.
 
     python benchmarks/compare_algorithms.py --out benchmarks/results/compare.json
     (the same as: ngrpo compare --out benchmarks/results/compare.json)

@@ -10,7 +10,7 @@ import torch
 
 from neighbor_grpo.compare import PAPER_SETTINGS
 from neighbor_grpo.config import load_config
-from neighbor_grpo.costs import CountedReference
+from neighbor_grpo.cost import CountedReference
 from neighbor_grpo.iteration import ModelCallCounter, train_iteration
 from neighbor_grpo.models.architectures import build_adapter
 from neighbor_grpo.parts import build_training_parts

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.costs import analytic_forward_counts, analytic_fpe, backward_factor, count_forward_flops, forward_equivalents
+from neighbor_grpo.cost import (analytic_forward_counts, analytic_fpe, backward_factor, cost_note, count_forward_flops,
+                                forward_equivalents)
 from neighbor_grpo.iteration import prompt_batch
 from neighbor_grpo.hardware import bf16_peak_tflops, device_description
 from neighbor_grpo.models.architectures import ARCHS, checkpoint_blocks
@@ -150,7 +151,8 @@ def print_report(result: dict) -> None:
     print(f"model FLOPs (FlopCounterMode): {flops['forward_at_batch']:.4g} per forward at batch {flops['batch']} = "
           f"{flops['forward_per_sample']:.4g} per sample; measured backward/forward at batch 1: "
           f"{flops['measured_backward_over_forward']:.2f} (counted as {flops['backward_factor']:g})")
-    print(f"reward: {result['settings']['reward']} (scored inside every iteration)\n")
+    print(f"reward: {result['settings']['reward']} (scored inside every iteration)")
+    print(f"FPE/iter: {cost_note(result['settings']['finetune'])}\n")
     print("| method | s/iter | rollout img/s | train samples/s | FPE/iter | reward s | peak mem GB | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m in result["methods"].items():

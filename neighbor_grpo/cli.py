@@ -234,9 +234,11 @@ def _cmd_eval(args) -> None:
 def _cmd_compare(args) -> None:
     from neighbor_grpo.compare import compare
 
-    results = compare(args.out, budget_s=args.budget_s, lrs=tuple(args.lrs), methods=args.methods, target=args.target,
-                      equal_steps=args.equal_steps or None, ablation=args.ablation, evals_per_run=args.evals_per_run,
-                      eval_samples=args.eval_samples, seed=args.seed, device=args.device, progress=not args.no_progress)
+    results = compare(args.out, budget_fe=args.budget_fe, lrs=tuple(args.lrs), methods=args.methods,
+                      seeds=tuple(args.seeds), evals_per_run=args.evals_per_run, eval_samples=args.eval_samples,
+                      frozen_target=args.frozen_target, equal_steps=args.equal_steps, ablation=args.ablation,
+                      device=args.device, overwrite=args.overwrite,
+                      progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]))
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -346,19 +348,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(ev)
     ev.set_defaults(func=_cmd_eval)
 
-    cmp = sub.add_parser("compare", help="Neighbor GRPO vs the SDE baselines at equal training wall-clock")
+    cmp = sub.add_parser("compare", help="Neighbor GRPO vs the SDE baselines at an equal forward-equivalent budget, "
+                                         "scored on a gold reward nothing trains on")
     cmp.add_argument("--out", required=True, help="results JSON (markdown table and plots are written beside it)")
-    cmp.add_argument("--budget-s", type=float, default=25.0, help="training seconds per method and learning rate")
-    cmp.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4], help="learning-rate sweep for every method")
+    cmp.add_argument("--budget-fe", type=float, default=60000.0,
+                     help="training forward-equivalents per run (no-grad forwards + (1 + b) x with-grad forwards)")
+    cmp.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4],
+                     help="learning-rate sweep (first seed; chosen by the area under the held-out proxy curve)")
     cmp.add_argument("--methods", nargs="+", help="subset of neighbor_grpo flow_grpo dance_grpo mix_grpo mix_grpo_flash")
-    cmp.add_argument("--target", type=float, help="target held-out reward (default: best final one among SDE baselines)")
-    cmp.add_argument("--equal-steps", type=int, default=8, help="second table: every method with this many steps (0: skip)")
+    cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (paired across methods)")
+    cmp.add_argument("--evals-per-run", type=int, default=24,
+                     help="held-out evaluations per run, at the same forward-equivalent points for every method")
+    cmp.add_argument("--eval-samples", type=int, default=32, help="held-out samples per prompt")
+    cmp.add_argument("--frozen-target", metavar="RESULTS_JSON",
+                     help="report against the gold target frozen in an earlier results JSON (and a recomputed one)")
+    cmp.add_argument("--equal-steps", type=int, metavar="N", help="instead: every method with N rollout steps")
     cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps"],
-                     help="instead: sweep one Neighbor GRPO knob")
-    cmp.add_argument("--evals-per-run", type=int, default=8, help="held-out evaluations per run (fixed time interval)")
-    cmp.add_argument("--eval-samples", type=int, default=8, help="held-out samples per prompt")
-    cmp.add_argument("--seed", type=int, default=0)
+                     help="instead: Neighbor GRPO's variants of one knob, paired against the first")
     cmp.add_argument("--device", help="default: cuda when available, else cpu")
+    cmp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     cmp.add_argument("--no-progress", action="store_true")
     cmp.set_defaults(func=_cmd_compare)
 

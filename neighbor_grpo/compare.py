@@ -1,26 +1,29 @@
-"""Side-by-side comparison of Neighbor GRPO and the SDE baselines under an equal training wall-clock budget.
+"""Side-by-side comparison of Neighbor GRPO and the SDE baselines at an equal forward-equivalent budget.
 
-Every method starts from the same base model and trains on the same reward, prompts and seeds. Held-out
-evaluation (ODE sampler, seeds never trained on) runs at the same interval of *training* time for every method;
-its own time is not counted. Each method gets the same learning-rate sweep and is reported at its best.
+Every method starts from the same base model, trains on the same proxy reward (the digit classifier) and prompts,
+for the same budget of forward-equivalents (neighbor_grpo.cost). Held-out evaluations (ODE sampler, seeds never
+trained on) run at the same forward-equivalent points for every method (benchmark_rules.evaluation_points) and
+score the proxy, the gold (never trained on, never used to select anything), the hacking monitors and the
+distance from the base model. The rules that turn curves into a table live in benchmark_rules; the table, the
+intervals and the plots in compare_report.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import statistics
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from neighbor_grpo import benchmark_rules as rules
 from neighbor_grpo.config import load_config
+from neighbor_grpo.cost import backward_factor, cost_note, forward_equivalents
 from neighbor_grpo.io import atomic_write_text
-from neighbor_grpo.logs import plot_curves
-from neighbor_grpo.monitors import evaluate
 from neighbor_grpo.iteration import ModelCallCounter, train_iteration
+from neighbor_grpo.monitors import evaluate, generate
 from neighbor_grpo.parts import build_training_parts, load_model, read_prompts
 
 # Each baseline's optimizer as its reference repository sets it (table and file:line citations in
@@ -44,7 +47,7 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     "mix_grpo": ["algorithm=mix_grpo", *REFERENCE_OPTIMIZER["mix_grpo"]],  # 25 steps, SDE window of 4
     "mix_grpo_flash": ["algorithm=mix_grpo", "mix_grpo.flash=true", *REFERENCE_OPTIMIZER["mix_grpo"]],
 }
-SDE_BASELINES = ("flow_grpo", "dance_grpo", "mix_grpo")
+REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
 
 # Ablations of Neighbor GRPO the paper reports: name -> {label: overrides}.
 ABLATIONS: dict[str, dict[str, list[str]]] = {
@@ -65,9 +68,13 @@ ABLATIONS: dict[str, dict[str, list[str]]] = {
               "last K=4": ["neighbor_grpo.step_selection=last"], "all K=8": ["neighbor_grpo.step_selection=all"]},
 }
 
+GOLD_REWARD = "digit_gold"
+PROBE_SEED = 20260  # the fixed held-out states of the distance from the base (the same for every method and seed)
+PROBE_PER_PROMPT = 8
+
 
 def equal_steps_overrides(method: str, steps: int) -> list[str]:
-    """The same method with `steps` rollout steps (the second table)."""
+    """The same method with `steps` rollout steps."""
     section = "mix_grpo" if method.startswith("mix_grpo") else method
     extra = [f"{section}.rollout_steps={steps}"]
     if section == "mix_grpo":
@@ -75,183 +82,233 @@ def equal_steps_overrides(method: str, steps: int) -> list[str]:
     return PAPER_SETTINGS[method] + extra
 
 
-@dataclass
-class RunCurve:
-    train_s: list[float] = field(default_factory=list)
-    model_evals: list[float] = field(default_factory=list)
-    heldout: list[dict] = field(default_factory=list)
+def load_gold(device: str):
+    """The gold reward object (with `components`), built from the reward registry."""
+    from neighbor_grpo.rewards import REWARDS, build_rewards
+
+    if GOLD_REWARD not in REWARDS:
+        raise RuntimeError(f"gold reward {GOLD_REWARD!r} is not registered; the comparison scores every method on it")
+    return build_rewards([{"name": GOLD_REWARD}], device=device).rewards[GOLD_REWARD]
 
 
-def run_method(overrides: list[str], lr: float, budget_s: float, eval_every_s: float, base_path: str, rewards,
+class DistanceProbe:
+    """Distance from the base model: mean over fixed held-out states of ||v_theta - v_ref||^2 / latent dims.
+    States are points on straight paths from the base model's held-out samples to fixed noise, at fixed sigmas."""
+
+    def __init__(self, adapter, prompts: list[str], seed: int, shift: float):
+        latents, _ = generate(adapter, prompts, PROBE_PER_PROMPT, seed, "dpm++2m", 8, shift)  # the base model's
+        generator = torch.Generator().manual_seed(PROBE_SEED)
+        x0 = latents.flatten(0, 1).float().cpu()
+        noise = torch.randn(x0.shape, generator=generator)
+        sigmas = 0.05 + 0.9 * torch.rand(x0.shape[0], generator=generator)
+        s = sigmas.view(-1, *[1] * (x0.dim() - 1))
+        self.states = ((1 - s) * x0 + s * noise).to(latents)
+        self.sigmas = sigmas.to(latents)
+        self.cond = adapter.encode_prompts([p for p in prompts for _ in range(PROBE_PER_PROMPT)])
+        self.reference = self._velocity(adapter.velocity)
+
+    @torch.no_grad()
+    def _velocity(self, velocity) -> torch.Tensor:
+        return velocity(self.states, self.sigmas, self.cond).float()
+
+    def __call__(self, adapter) -> float:
+        return float((self._velocity(adapter.velocity) - self.reference).pow(2).mean())
+
+
+def _heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift) -> tuple[dict, torch.Tensor]:
+    metrics, images = evaluate(adapter, proxy, prompts, samples, seed, "dpm++2m", 8, shift)
+    flat = images.flatten(0, 1).clamp(0, 1)
+    parts = gold.components(flat, [p for p in prompts for _ in range(samples)])
+    record = {"proxy": metrics["reward"], **{k: float(v.float().mean()) for k, v in parts.items()},
+              "out_of_range": metrics["out_of_range"], "diversity": metrics["diversity"],
+              "realism": metrics.get("realism_nn_dist"),
+              "distance": probe(adapter)}
+    return record, images
+
+
+def run_method(overrides: list[str], lr: float, budget_fe: float, points: list[float], base_path: str, proxy, gold,
                eval_prompts: list[str], eval_samples: int, seed: int, device: str, common: list[str]) -> dict:
-    """Train one method for `budget_s` seconds of training time; held-out metrics every `eval_every_s`."""
+    """Train one method until `budget_fe` forward-equivalents; a held-out evaluation at the first iteration
+    boundary at or past each point of `points` (points passed within one iteration share one evaluation)."""
     config = load_config(None, common + overrides + [f"optim.lr={lr}", f"seed={seed}"])
     adapter = load_model(base_path, device, progress=False)
     parts = build_training_parts(config, adapter)
     counter = ModelCallCounter(adapter.net, parts.reference_net)
     prompts = read_prompts(config)
-    shift = parts.shift
-    curve, train_s, evals, iteration, rewards_seen = RunCurve(), 0.0, 0.0, 0, []
+    curve: list[dict] = []
+    state = {"fe": 0.0, "iteration": 0, "train_s": 0.0}
 
-    def held_out() -> None:
+    def held_out(probe):
         counter.reset()
-        metrics, _ = evaluate(adapter, rewards, eval_prompts, eval_samples, config.eval.seed, "dpm++2m", 8, shift)
-        counter.reset()
-        curve.train_s.append(train_s)
-        curve.model_evals.append(evals)
-        curve.heldout.append(metrics)
+        record, images = _heldout_record(adapter, proxy, gold, probe, eval_prompts, eval_samples, config.eval.seed,
+                                         parts.shift)
+        counter.reset()  # evaluation is not training cost
+        curve.append({**state, **record})
+        return images
 
-    held_out()
-    next_eval = eval_every_s
-    while train_s < budget_s:
+    probe = DistanceProbe(adapter, eval_prompts, config.eval.seed, parts.shift)
+    held_out(probe)
+    s_per_iter: list[float] = []
+    pending = list(points)
+    while state["fe"] < budget_fe:
         tick = time.perf_counter()
-        values, _ = train_iteration(config, adapter, rewards, parts.algorithm, parts.optimizer, parts.params, parts.ema,
-                                    parts.reference_velocity, prompts, iteration, lambda point: None)
-        train_s += time.perf_counter() - tick
+        train_iteration(config, adapter, proxy, parts.algorithm, parts.optimizer, parts.params, parts.ema,
+                        parts.reference_velocity, prompts, state["iteration"], lambda point: None, parts=parts)
+        s_per_iter.append(time.perf_counter() - tick)
+        state["train_s"] += s_per_iter[-1]
         no_grad, with_grad = counter.reset()
-        evals += no_grad + 3 * with_grad  # a backward pass counts as two forward passes
-        rewards_seen.append(values["reward_mean"])
-        iteration += 1
-        if train_s >= next_eval or train_s >= budget_s:
-            held_out()
-            next_eval += eval_every_s
+        state["fe"] += forward_equivalents(no_grad, with_grad, config.optim.finetune)
+        state["iteration"] += 1
+        if pending and state["fe"] >= pending[0]:
+            held_out(probe)
+            pending = [p for p in pending if p > state["fe"]]
+    if pending or curve[-1]["iteration"] != state["iteration"]:
+        held_out(probe)
     counter.remove()
-    tail = rewards_seen[-max(1, len(rewards_seen) // 10):]
-    return {"lr": lr, "iterations": iteration, "s_per_iter": train_s / iteration, "model_evals_per_iter": evals / iteration,
-            "final_reward": sum(tail) / len(tail), "curve": {"train_s": curve.train_s, "model_evals": curve.model_evals,
-                                                              "heldout": curve.heldout}}
+    return {"lr": lr, "seed": seed, "iterations": state["iteration"], "median_s_per_iter": statistics.median(s_per_iter),
+            "fe_per_iter": state["fe"] / state["iteration"], "finetune": config.optim.finetune, "curve": curve}
 
 
-TARGET_TOLERANCE = 1e-3  # a saturating reward (a probability) reaches 1.0 only up to float rounding
+def proxy_auc(run: dict) -> float:
+    return rules.area_under_curve([r["fe"] for r in run["curve"]], [r["proxy"] for r in run["curve"]])
 
 
-def time_to_target(run: dict, target: float) -> float | None:
-    """Training seconds until the held-out reward first reaches the target (within TARGET_TOLERANCE)."""
-    for seconds, metrics in zip(run["curve"]["train_s"], run["curve"]["heldout"]):
-        if metrics["reward"] >= target - TARGET_TOLERANCE:
-            return seconds
-    return None
+def run_all(methods: dict[str, list[str]], lrs: list[float], seeds: list[int], budget_fe: float, evals_per_run: int,
+            base_path: str, proxy, gold, eval_prompts, eval_samples, device, common, log, partial) -> dict:
+    """The lr sweep on the first seed (chosen by the area under the held-out proxy curve), then the other seeds at
+    the chosen lr. Returns {"runs": {method: {seed: run}}, "lr_selection": ...}."""
+    points = rules.evaluation_points(budget_fe, evals_per_run)
+    runs: dict[str, dict[str, dict]] = {name: {} for name in methods}
+    selection: dict[str, dict] = {}
+    total = len(methods) * (len(lrs) + len(seeds) - 1)
+    done = 0
+
+    def one(name, lr, seed):
+        nonlocal done
+        tick = time.perf_counter()
+        run = run_method(methods[name], lr, budget_fe, points, base_path, proxy, gold, eval_prompts, eval_samples,
+                         seed, device, common)
+        done += 1
+        if len(run["curve"]) - 1 < rules.FINAL_EVALUATIONS:  # the final value needs 3 evaluations after the base
+            raise ValueError(f"--budget-fe: {name} costs {run['fe_per_iter']:.0f} forward-equivalents per iteration, so "
+                             f"{budget_fe:g} gives it {len(run['curve']) - 1} held-out evaluations; expected >= "
+                             f"{rules.FINAL_EVALUATIONS} (raise --budget-fe to >= {3 * run['fe_per_iter']:.0f})")
+        log(f"[{done}/{total}] {name} lr={lr:g} seed={seed}: {run['iterations']} it, final gold "
+            f"{run['curve'][-1]['gold']:.3f}, proxy {run['curve'][-1]['proxy']:.3f} ({time.perf_counter() - tick:.0f} s)")
+        return run
+
+    first, rest = seeds[0], seeds[1:]
+    for name in methods:
+        sweep = {lr: one(name, lr, first) for lr in lrs}
+        chosen = rules.select_lr({lr: ([r["fe"] for r in run["curve"]], [r["proxy"] for r in run["curve"]])
+                                  for lr, run in sweep.items()})
+        selection[name] = {"proxy_auc": {str(lr): proxy_auc(run) for lr, run in sweep.items()}, "chosen": chosen}
+        runs[name][str(first)] = sweep[chosen]
+        partial({"runs": runs, "lr_selection": selection, "eval_points": points})
+    for seed in rest:
+        for name in methods:
+            runs[name][str(seed)] = one(name, selection[name]["chosen"], seed)
+            partial({"runs": runs, "lr_selection": selection, "eval_points": points})
+    return {"runs": runs, "lr_selection": selection, "eval_points": points}
 
 
-def summarize(run: dict, base_metrics: dict, target: float) -> dict:
-    last = run["curve"]["heldout"][-1]
-    return {"s_per_iter": run["s_per_iter"], "model_evals_per_iter": run["model_evals_per_iter"],
-            "final_reward": run["final_reward"], "heldout_reward": last["reward"],
-            "time_to_target_s": time_to_target(run, target),
-            "diversity": last["diversity"] / base_metrics["diversity"], "out_of_range": last["out_of_range"],
-            "realism": last.get("realism_nn_dist"), "best_lr": run["lr"], "iterations": run["iterations"]}
+def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_per_run: int, eval_samples: int,
+                    methods: list[str]) -> None:
+    """One-line errors naming the flag, before anything runs."""
+    if not budget_fe > 0:
+        raise ValueError(f"--budget-fe: expected > 0 forward-equivalents, got {budget_fe:g}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds: expected distinct integers >= 0, got {seeds}")
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"--lrs: expected learning rates > 0, got {lrs}")
+    if evals_per_run < rules.FINAL_EVALUATIONS:
+        raise ValueError(f"--evals-per-run: expected >= {rules.FINAL_EVALUATIONS}, got {evals_per_run}")
+    if eval_samples < 2:
+        raise ValueError(f"--eval-samples: expected >= 2 samples per prompt (diversity needs pairs), got {eval_samples}")
+    unknown = [n for n in methods if n not in PAPER_SETTINGS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(PAPER_SETTINGS)}")
+    if REFERENCE_METHOD not in methods:
+        raise ValueError(f"--methods: must include {REFERENCE_METHOD} (every comparison is paired against it)")
 
 
-def run_table(methods: dict[str, list[str]], lrs: list[float], budget_s: float, evals_per_run: int, base_path: str,
-              rewards, eval_prompts, eval_samples, seed, device, common, target: float | None, progress: bool) -> dict:
-    """Every method at every lr; best lr by final held-out reward; the target and time-to-target."""
-    runs: dict[str, dict] = {}
-    jobs = [(name, lr) for name in methods for lr in lrs]
-    bar = tqdm(jobs, desc="compare", unit="run", disable=not progress)
-    for name, lr in bar:
-        bar.set_postfix(method=name, lr=lr)
-        run = run_method(methods[name], lr, budget_s, budget_s / evals_per_run, base_path, rewards, eval_prompts,
-                         eval_samples, seed, device, common)
-        best = runs.get(name)
-        if best is None or run["curve"]["heldout"][-1]["reward"] > best["curve"]["heldout"][-1]["reward"]:
-            runs[name] = run
-    base_metrics = next(iter(runs.values()))["curve"]["heldout"][0]
-    if target is None:
-        finals = [runs[m]["curve"]["heldout"][-1]["reward"] for m in runs if m in SDE_BASELINES]
-        target = max(finals) if finals else base_metrics["reward"]
-    return {"target_reward": target, "base": base_metrics,
-            "methods": {name: summarize(run, base_metrics, target) for name, run in runs.items()},
-            "curves": {name: run["curve"] for name, run in runs.items()}}
+def read_frozen_target(path: str | Path) -> float:
+    """The gold target frozen in an earlier results JSON (later tables report against it)."""
+    try:
+        return float(json.loads(Path(path).read_text())["target"]["gold"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--frozen-target {str(path)!r}: expected a results JSON of ngrpo compare with "
+                         f"target.gold ({error})") from None
 
 
-def markdown_table(table: dict) -> str:
-    lines = [f"target held-out reward: {table['target_reward']:.4f} (base model: {table['base']['reward']:.4f})", "",
-             "| method | s/iter | model evals/iter | held-out reward | time to target (s) | diversity (x base) "
-             "| out of range | realism (NN dist) | best lr |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, m in table["methods"].items():
-        ttt = "never" if m["time_to_target_s"] is None else f"{m['time_to_target_s']:.1f}"
-        lines.append(f"| {name} | {m['s_per_iter']:.3f} | {m['model_evals_per_iter']:.0f} | {m['heldout_reward']:.4f} | {ttt} "
-                     f"| {m['diversity']:.3f} | {m['out_of_range']:.4f} | {m['realism']:.4f} | {m['best_lr']:g} |")
-    return "\n".join(lines)
-
-
-def plot_table(table: dict, folder: Path, suffix: str = "") -> None:
-    curves = table["curves"]
-    plot_curves({n: (c["train_s"], [h["reward"] for h in c["heldout"]]) for n, c in curves.items()},
-                folder / f"reward_vs_time{suffix}.png", "training wall-clock (s)", "held-out reward", "held-out reward vs time")
-    plot_curves({n: (c["model_evals"], [h["reward"] for h in c["heldout"]]) for n, c in curves.items()},
-                folder / f"reward_vs_evals{suffix}.png", "model evaluations (forward-pass equivalents)", "held-out reward",
-                "held-out reward vs model evaluations")
-
-
-def compare(out: str | Path, budget_s: float = 25.0, lrs: tuple[float, ...] = (1e-4, 3e-4), methods: list[str] | None = None,
-            target: float | None = None, equal_steps: int | None = 8, ablation: str | None = None, evals_per_run: int = 8,
-            eval_samples: int = 8, seed: int = 0, device: str | None = None, base_path: str = "builtin:digits",
-            progress: bool = True) -> dict:
-    """Run the comparison and write results JSON, markdown tables and plots next to `out`."""
+def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] = (1e-4, 3e-4),
+            methods: list[str] | None = None, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), evals_per_run: int = 24,
+            eval_samples: int = 32, frozen_target: str | Path | None = None, equal_steps: int | None = None,
+            ablation: str | None = None, device: str | None = None,
+            base_path: str = "builtin:digits", overwrite: bool = False, progress: bool = True,
+            command: str | None = None) -> dict:
+    """Run the comparison; write the results JSON, a markdown table and PNG plots next to `out`."""
+    from neighbor_grpo.compare_report import markdown_report, plot_report, summarize
     from neighbor_grpo.rewards import build_rewards
 
+    names = list(methods or PAPER_SETTINGS)
+    seeds, lrs = [int(s) for s in seeds], [float(lr) for lr in lrs]
+    check_arguments(budget_fe, seeds, lrs, evals_per_run, eval_samples, names)
+    table, reference = {n: PAPER_SETTINGS[n] for n in names}, REFERENCE_METHOD
+    if equal_steps is not None:
+        if equal_steps < 2:
+            raise ValueError(f"--equal-steps: expected >= 2 rollout steps, got {equal_steps}")
+        table = {n: equal_steps_overrides(n, equal_steps) for n in names}
+    if ablation is not None:  # Neighbor GRPO's variants, paired against the first (the defaults where listed)
+        if ablation not in ABLATIONS:
+            raise ValueError(f"--ablation: unknown {ablation!r}; choose from {list(ABLATIONS)}")
+        table = {label: PAPER_SETTINGS[REFERENCE_METHOD] + extra for label, extra in ABLATIONS[ablation].items()}
+        reference = next(iter(table))
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    frozen = read_frozen_target(frozen_target) if frozen_target else None
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if base_path == "builtin:digits":
         from neighbor_grpo.pretrain import ensure_base_model, ensure_classifier
 
         ensure_classifier(progress=progress)
         base_path = str(ensure_base_model(progress=progress))
-    rewards = build_rewards([{"name": "digit_prob"}], device=device)
-    eval_prompts = [str(d) for d in range(10)]
+    proxy = build_rewards([{"name": "digit_prob"}], device=device)
+    gold = load_gold(device)
     common = [f"device={device}", "prompts_per_iteration=8"]
-    args = dict(lrs=list(lrs), budget_s=budget_s, evals_per_run=evals_per_run, base_path=base_path, rewards=rewards,
-                eval_prompts=eval_prompts, eval_samples=eval_samples, seed=seed, device=device, common=common,
-                progress=progress)
-    names = methods or list(PAPER_SETTINGS)
-    unknown = [n for n in names if n not in PAPER_SETTINGS]
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {list(PAPER_SETTINGS)}")
-    results: dict = {"device": device, "budget_s": budget_s, "lrs": list(lrs), "seed": seed}
-    if ablation:
-        if ablation not in ABLATIONS:
-            raise ValueError(f"--ablation: unknown {ablation!r}; choose from {list(ABLATIONS)}")
-        variants = {label: PAPER_SETTINGS["neighbor_grpo"] + extra for label, extra in ABLATIONS[ablation].items()}
-        # no SDE baseline to set the target here: a fixed, documented one unless --target is given
-        table = run_table(variants, target=0.9 if target is None else target, **args)
-        results.update({"ablation": ablation, **table})
-        markdown = f"## Ablation: {ablation}\n\n" + markdown_table(table)
-        plot_table(table, out.parent, f"_{ablation}")
-    else:
-        table = run_table({n: PAPER_SETTINGS[n] for n in names}, target=target, **args)
-        results.update(table)
-        markdown = "## Paper settings\n\n" + markdown_table(table)
-        plot_table(table, out.parent)
-        if equal_steps:
-            second = run_table({n: equal_steps_overrides(n, equal_steps) for n in names}, target=target, **args)
-            results["equal_steps"] = {"steps": equal_steps, **second}
-            markdown += f"\n\n## Equal step counts ({equal_steps} rollout steps)\n\n" + markdown_table(second)
-            plot_table(second, out.parent, "_equal_steps")
-        results["speedup"] = speedups(table)
-        markdown += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in results["speedup"].items())
+    partial_path = out.with_name(out.stem + ".partial.json")
+
+    def log(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+
+    finetune = load_config(None, common).optim.finetune
+    header = {
+        "command": command,
+        "settings": {"device": device, "budget_fe": budget_fe, "lrs": lrs, "seeds": seeds, "methods": list(table),
+                     "overrides": table, "equal_steps": equal_steps, "ablation": ablation,
+                     "evals_per_run": evals_per_run, "eval_samples_per_prompt": eval_samples, "proxy": "digit_prob",
+                     "gold": GOLD_REWARD, "finetune": finetune, "backward_factor": backward_factor(finetune),
+                     "cost_note": cost_note(finetune)},
+        "rules": {"final_evaluations": rules.FINAL_EVALUATIONS, "target_fraction": rules.TARGET_FRACTION,
+                  "no_worse_margin": rules.NO_WORSE_MARGIN, "confidence": rules.CONFIDENCE,
+                  "lr_selection": f"highest area under the held-out proxy curve, seed {seeds[0]}",
+                  "reference_method": reference},
+    }
+
+    def partial(state: dict) -> None:  # what is done so far survives an interrupted run
+        atomic_write_text(partial_path, json.dumps({**header, **state}))
+
+    measured = run_all(table, lrs, seeds, budget_fe, evals_per_run, base_path, proxy,
+                       gold, [str(d) for d in range(10)], eval_samples, device, common, log, partial)
+    results = {**header, **measured}
+    results.update(summarize(results, frozen))
     results["wall_clock_s"] = time.perf_counter() - started
+    plot_report(results, out.parent, out.stem)
+    atomic_write_text(out.with_suffix(".md"), markdown_report(results) + "\n")
     atomic_write_text(out, json.dumps(results, indent=2))
-    atomic_write_text(out.with_suffix(".md"), markdown + "\n")
+    partial_path.unlink(missing_ok=True)
     return results
-
-
-def speedups(table: dict) -> dict:
-    """Time-to-target of the fastest SDE baseline (paper settings) over Neighbor GRPO's, and over MixGRPO-Flash's."""
-    methods = table["methods"]
-    ours = methods.get("neighbor_grpo", {}).get("time_to_target_s")
-    sde = [methods[m]["time_to_target_s"] for m in SDE_BASELINES if m in methods]
-    reached = [t for t in sde if t is not None]
-    result = {"neighbor_grpo_time_to_target_s": ours,
-              "fastest_sde_time_to_target_s": min(reached) if reached else None}
-    if ours and reached:
-        result["speedup_vs_fastest_sde"] = min(reached) / ours
-    flash = methods.get("mix_grpo_flash", {}).get("time_to_target_s")
-    if ours and flash:
-        result["speedup_vs_mix_grpo_flash"] = flash / ours
-    evals = {m: methods[m]["model_evals_per_iter"] for m in methods}
-    if "neighbor_grpo" in evals and "dance_grpo" in evals:
-        result["evals_per_iter_dance_over_neighbor"] = evals["dance_grpo"] / evals["neighbor_grpo"]
-    return result

@@ -13,6 +13,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from neighbor_grpo.config import TrainConfig, to_dict
+from neighbor_grpo.cost import forward_equivalents
 from neighbor_grpo.distributed import (Processes, any_process, check_batch_fits, init_processes, joins_process_group,
                                        main_process_first, sum_over_processes)
 from neighbor_grpo.iteration import ModelCallCounter, prompt_batch, train_iteration  # noqa: F401  (public API)
@@ -87,7 +88,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                     values, skipped = train_iteration(config, adapter, rewards, parts.algorithm, parts.optimizer,
                                                       parts.params, parts.ema, parts.reference_velocity, train_prompts,
                                                       iteration, hook, parts=parts)
-                    values.update(count_model_evals(calls, run.counters, processes), s_per_iter=time.perf_counter() - tick)
+                    values.update(count_model_evals(calls, run.counters, processes, config.optim.finetune),
+                                  s_per_iter=time.perf_counter() - tick)
                     changed = any_process(weights_checksum(parts.params) != checksum, processes)
                     abort = count_updates(skipped, changed, run.counters, values, config, processes, iteration)
                     done = iteration + 1
@@ -116,13 +118,14 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         return TrainResult(run.path, config.iterations, eval_before, eval_after, time.perf_counter() - started)
 
 
-def count_model_evals(calls: ModelCallCounter, counters: dict, processes: Processes) -> dict[str, float]:
-    """The iteration's velocity-net passes over all processes (a with-grad pass costs 3 forward-equivalents: the
-    forward and a backward of about twice its cost), added to the run's running total."""
+def count_model_evals(calls: ModelCallCounter, counters: dict, processes: Processes, finetune: str) -> dict[str, float]:
+    """The iteration's velocity-net passes over all processes in forward-equivalents (cost.forward_equivalents: a
+    with-grad pass is 1 + b, b = 2 for a full fine-tune, 1 for LoRA), added to the run's running total."""
     rollout_evals, train_evals = (int(n) for n in sum_over_processes(list(calls.reset()), processes))
-    counters["model_evals"] += rollout_evals + 3 * train_evals
-    return {"model_evals_rollout": float(rollout_evals), "model_evals_train": float(3 * train_evals),
-            "model_evals_per_iter": float(rollout_evals + 3 * train_evals)}
+    iteration_cost = forward_equivalents(rollout_evals, train_evals, finetune)
+    counters["model_evals"] += iteration_cost
+    return {"model_evals_rollout": float(rollout_evals), "model_evals_train": iteration_cost - rollout_evals,
+            "model_evals_per_iter": iteration_cost}
 
 
 def count_updates(skipped: str, changed: bool, counters: dict, values: dict, config: TrainConfig,

@@ -1,40 +1,115 @@
-"""A short version of the side-by-side benchmark (the full one: benchmarks/compare_algorithms.py)."""
+"""A short real comparison (the full one: benchmarks/compare_algorithms.py) and the CLI's refusals."""
 
 import json
 
 import pytest
 
-from neighbor_grpo.compare import ABLATIONS, PAPER_SETTINGS, equal_steps_overrides, time_to_target
+from neighbor_grpo import benchmark_rules as rules
+from neighbor_grpo.cli import main
+from neighbor_grpo.compare import ABLATIONS, PAPER_SETTINGS, equal_steps_overrides
 from neighbor_grpo.config import load_config
 
+BUDGET = 8000.0
 
-def test_short_comparison_writes_results_in_the_documented_structure(builtin_models, tmp_path):
+
+@pytest.fixture(scope="module")
+def short_comparison(builtin_models, tmp_path_factory, single_thread):
     from neighbor_grpo.compare import compare
 
-    out = tmp_path / "results.json"
-    results = compare(out, budget_s=1.0, lrs=(3e-4,), methods=["neighbor_grpo", "dance_grpo"], evals_per_run=2,
-                      eval_samples=2, equal_steps=4, progress=False)
-    saved = json.loads(out.read_text())
-    assert saved["methods"].keys() == {"neighbor_grpo", "dance_grpo"}
-    for table in (saved, saved["equal_steps"]):
-        assert isinstance(table["target_reward"], float)
-        for metrics in table["methods"].values():
-            for key in ("s_per_iter", "model_evals_per_iter", "final_reward", "heldout_reward", "time_to_target_s",
-                        "diversity", "out_of_range", "realism", "best_lr"):
-                assert key in metrics
-    # the default target is the best final held-out reward among the SDE baselines run
-    assert saved["target_reward"] == saved["methods"]["dance_grpo"]["heldout_reward"]
-    # forward-pass equivalents per iteration: N*P*G rollout + 3 * trained (backward = 2 forwards) + the frozen
-    # reference copy's no-grad pass at each trained anchor state (reference anchoring, on by default)
-    neighbor = load_config(None, [])
-    P, G, N, B = 8, neighbor.neighbor_grpo.group_size, 8, neighbor.neighbor_grpo.num_anchors
-    K = neighbor.neighbor_grpo.trained_steps
-    assert neighbor.neighbor_grpo.ref_beta > 0
-    assert saved["methods"]["neighbor_grpo"]["model_evals_per_iter"] == N * P * G + 3 * K * P * B + K * P * B
-    assert saved["methods"]["dance_grpo"]["model_evals_per_iter"] > 5 * saved["methods"]["neighbor_grpo"]["model_evals_per_iter"]
-    for name in ("reward_vs_time.png", "reward_vs_evals.png", "results.md"):
-        assert (tmp_path / name).is_file()
-    assert results["speedup"]["evals_per_iter_dance_over_neighbor"] > 5
+    out = tmp_path_factory.mktemp("compare") / "results.json"
+    compare(out, budget_fe=BUDGET, lrs=(1e-4, 3e-4), methods=["neighbor_grpo", "mix_grpo_flash"], seeds=(0, 1),
+            evals_per_run=3, eval_samples=2, progress=False)
+    return out, json.loads(out.read_text())
+
+
+def test_results_hold_every_seed_and_the_frozen_rules(short_comparison):
+    out, saved = short_comparison
+    assert saved["settings"]["backward_factor"] == 2.0 and "b = 2" in saved["settings"]["cost_note"]
+    assert saved["rules"]["target_fraction"] == 0.8 and saved["rules"]["final_evaluations"] == 3
+    for name in ("neighbor_grpo", "mix_grpo_flash"):
+        assert saved["runs"][name].keys() == {"0", "1"}
+        chosen = saved["lr_selection"][name]["chosen"]
+        assert chosen in (1e-4, 3e-4)
+        aucs = saved["lr_selection"][name]["proxy_auc"]
+        assert aucs[str(chosen)] == max(aucs.values())  # chosen on the proxy, never the gold
+        assert all(run["lr"] == chosen for run in saved["runs"][name].values())
+    # seeds are different runs
+    a, b = (saved["runs"]["neighbor_grpo"][s]["curve"][-1]["proxy"] for s in ("0", "1"))
+    assert a != b
+    for name in ("curves", "overoptimization"):
+        assert (out.parent / f"results_{name}.png").is_file()
+    assert "gold target" in (out.parent / "results.md").read_text()
+    assert not (out.parent / "results.partial.json").exists()
+
+
+def test_evaluations_sit_at_the_same_forward_equivalent_points(short_comparison):
+    _, saved = short_comparison
+    points = rules.evaluation_points(BUDGET, 3)
+    assert saved["eval_points"] == pytest.approx(points)
+    for by_seed in saved["runs"].values():
+        for run in by_seed.values():
+            fe = [r["fe"] for r in run["curve"]]
+            assert fe[0] == 0.0 and fe[-1] >= BUDGET
+            # each point is evaluated at the first iteration boundary at or past it
+            for p in points:
+                at = min(x for x in fe if x >= p)
+                assert at - run["fe_per_iter"] < p
+
+
+def test_forward_equivalents_per_iteration_follow_the_one_rule(short_comparison):
+    _, saved = short_comparison
+    c = load_config(None, []).neighbor_grpo
+    P, G, N, B, K = 8, c.group_size, c.rollout_steps, c.num_anchors, c.trained_steps
+    # rollout P*G*N no-grad + reference anchoring's no-grad pass per trained unit + (1 + 2) x trained units
+    expected = P * G * N + K * P * B + 3 * K * P * B
+    assert saved["methods"]["neighbor_grpo"]["fe_per_iter"] == expected
+
+
+def test_target_and_finals_are_recomputable_from_the_curves(short_comparison):
+    _, saved = short_comparison
+    base = saved["base"]["gold"]
+    finals = {m: [sum(r["gold"] for r in run["curve"][-3:]) / 3 for run in by_seed.values()]
+              for m, by_seed in saved["runs"].items()}
+    best_gain = max(sum(v) / len(v) - base for v in finals.values())
+    assert saved["target"]["gold"] == pytest.approx(base + 0.8 * best_gain)
+    assert saved["target"]["frozen_from_earlier"] is None
+    for m, values in finals.items():
+        assert saved["methods"][m]["final"]["gold"]["per_seed"] == pytest.approx(values)
+    record = saved["runs"]["neighbor_grpo"]["0"]["curve"][-1]
+    assert 0.0 <= record["gold"] <= record["gold_class"] <= 1.0 and 0.0 <= record["typical"] <= 1.0
+    assert saved["runs"]["neighbor_grpo"]["0"]["curve"][0]["distance"] == 0.0  # the base model is at distance 0
+    assert record["distance"] > 0.0
+
+
+def test_a_later_table_reports_against_the_frozen_target(short_comparison, tmp_path):
+    from neighbor_grpo.compare_report import summarize
+
+    out, saved = short_comparison
+    frozen = saved["target"]["gold"] + 0.05
+    again = summarize(saved, frozen)
+    assert again["target"]["gold"] == frozen and again["target"]["recomputed"] == saved["target"]["recomputed"]
+
+
+def test_an_existing_out_is_refused_before_anything_runs(short_comparison, capsys):
+    out, _ = short_comparison
+    code = main(["compare", "--out", str(out), "--budget-fe", "100", "--no-progress"])
+    assert code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--budget-fe", "0"], "--budget-fe: expected > 0"),
+    (["--seeds", "0", "0"], "--seeds: expected distinct"),
+    (["--lrs", "-1"], "--lrs: expected learning rates > 0"),
+    (["--evals-per-run", "2"], "--evals-per-run: expected >= 3"),
+    (["--methods", "flow_grpo"], "--methods: must include neighbor_grpo"),
+    (["--methods", "neighbor_grpo", "sde"], "--methods: unknown ['sde']"),
+    (["--frozen-target", "nope.json"], "--frozen-target 'nope.json'"),
+])
+def test_bad_values_get_one_line_errors(tmp_path, capsys, argv, words):
+    code = main(["compare", "--out", str(tmp_path / "r.json"), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1
+    assert not (tmp_path / "r.json").exists()
 
 
 def _setting(config, dotted: str):
@@ -80,12 +155,6 @@ def test_every_method_and_ablation_builds_the_config_it_names():
     assert load_config(None, ABLATIONS["p"]["p=2.0"]).neighbor_grpo.quasi_norm_p == 2.0
 
 
-def test_time_to_target_is_the_first_crossing():
-    run = {"curve": {"train_s": [0.0, 1.0, 2.0, 3.0], "heldout": [{"reward": r} for r in (0.5, 0.7, 0.6, 0.9)]}}
-    assert time_to_target(run, 0.65) == 1.0
-    assert time_to_target(run, 0.95) is None
-
-
 # Each baseline's settings in its reference repository (docs/benchmarks.md cites file:line for each):
 # (max grad norm, weight decay, adam betas, adam eps, PPO clip range, advantage clip)
 REFERENCE_SETTINGS = {
@@ -112,3 +181,19 @@ def test_baselines_compare_with_their_references_optimizer_settings(name):
                                (config.optim.beta1, config.optim.beta2), config.optim.weight_decay, config.speed.optimizer)
     assert optimizer.defaults["eps"] == adam_eps and optimizer.defaults["weight_decay"] == weight_decay
     assert section.eps_clip == eps_clip and section.adv_clip == adv_clip
+
+
+def test_saved_runs_re_render_and_a_partial_run_uses_only_finished_seeds(short_comparison, tmp_path):
+    from neighbor_grpo.compare_report import render
+
+    out, saved = short_comparison
+    again = render(out, tmp_path / "again.json")
+    assert again["target"] == saved["target"] and (tmp_path / "again.md").read_text() == (out.parent / "results.md").read_text()
+    partial = {k: saved[k] for k in ("command", "settings", "rules", "lr_selection", "eval_points")}
+    partial["runs"] = {m: dict(by_seed) for m, by_seed in saved["runs"].items()}
+    del partial["runs"]["mix_grpo_flash"]["1"]
+    (tmp_path / "results.partial.json").write_text(json.dumps(partial))
+    early = render(tmp_path / "results.partial.json", tmp_path / "early.json")
+    assert early["settings"]["seeds"] == [0]
+    assert all(by_seed.keys() == {"0"} for by_seed in early["runs"].values())
+    assert (tmp_path / "early_overoptimization.png").is_file()

@@ -1,5 +1,11 @@
-"""What an iteration costs in model passes: forward-equivalents, the forwards an algorithm's settings imply, and
-FLOPs of one velocity-net forward. Used by the throughput benchmark and the planner."""
+"""Training cost in forward-pass equivalents, defined once (trainer counters, `ngrpo compare`, throughput.py), the
+forwards an algorithm's settings imply, and the FLOPs of one velocity-net forward.
+
+A forward-equivalent is one per-sample forward pass of the velocity net. A with-grad forward is followed by its
+backward: a full fine-tune's backward computes gradients of the inputs and of the weights (about 2 forwards), a
+LoRA backward only those of the inputs through the frozen weights (about 1 forward; the adapters are tiny). The
+count is per sample the net sees, so with classifier-free guidance each half of the doubled batch counts.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,35 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from neighbor_grpo.algorithms.common import repeat_cond
-from neighbor_grpo.iteration import ModelCallCounter
+
+BACKWARD_FACTORS = {"full": 2.0, "lora": 1.0}
+
+
+def backward_factor(finetune: str) -> float:
+    """b: forward-equivalents of one backward pass, 2 for a full fine-tune and 1 for LoRA."""
+    if finetune not in BACKWARD_FACTORS:
+        raise ValueError(f"finetune: expected one of {sorted(BACKWARD_FACTORS)}, got {finetune!r}")
+    return BACKWARD_FACTORS[finetune]
+
+
+def forward_equivalents(no_grad: float, with_grad: float, finetune: str) -> float:
+    """no-grad forwards + (1 + b) x with-grad forwards."""
+    if no_grad < 0 or with_grad < 0:
+        raise ValueError(f"forward counts must be >= 0, got no_grad={no_grad}, with_grad={with_grad}")
+    return no_grad + (1.0 + backward_factor(finetune)) * with_grad
+
+
+def cost_note(finetune: str) -> str:
+    """The line every table prints under its forward-equivalent columns."""
+    return (f"forward-equivalents = no-grad forwards + (1 + b) x with-grad forwards, b = {backward_factor(finetune):g} "
+            f"({finetune} fine-tune), per sample the net sees")
 
 
 class CountedReference:
     """Wraps the reference velocity to count its per-sample forwards. With LoRA the reference is the trained net
     with its adapters off, which the call counter also sees: `hooked` keeps that share to avoid counting twice."""
 
-    def __init__(self, reference_velocity, counter: ModelCallCounter):
+    def __init__(self, reference_velocity, counter):
         self.reference_velocity, self.counter = reference_velocity, counter
         self.samples = self.hooked = 0
         self.net_samples_per_sample = 1.0  # > 1 where the adapter batches more through the net (SD3's CFG: 2)
@@ -33,16 +60,6 @@ class CountedReference:
         counts = (self.samples, self.hooked)
         self.samples = self.hooked = 0
         return counts
-
-
-def backward_factor(finetune: str) -> float:
-    """Forward-equivalents of one backward pass: weights and inputs for a full fine-tune, inputs only for LoRA."""
-    return 2.0 if finetune == "full" else 1.0
-
-
-def forward_equivalents(no_grad: float, with_grad: float, finetune: str) -> float:
-    """No-grad forwards + (1 + b) x with-grad forwards, b = backward_factor(finetune)."""
-    return no_grad + (1.0 + backward_factor(finetune)) * with_grad
 
 
 def analytic_forward_counts(config, prompts: int) -> dict | None:
@@ -67,10 +84,10 @@ def analytic_forward_counts(config, prompts: int) -> dict | None:
 
 
 def analytic_fpe(counts: dict, finetune: str) -> float:
-    return counts["rollout"] + counts["other"] + counts["reference"] + (1 + backward_factor(finetune)) * counts["train"]
+    return forward_equivalents(counts["rollout"] + counts["other"] + counts["reference"], counts["train"], finetune)
 
 
-def count_forward_flops(adapter, velocity, calls: ModelCallCounter, prompts: list[str], group_size: int) -> dict:
+def count_forward_flops(adapter, velocity, calls, prompts: list[str], group_size: int) -> dict:
     """FLOPs of one velocity-net forward at the rollout batch shape (P*G samples) and per sample the net saw (CFG
     doubles what the net sees), through the trainer's velocity (mixed precision as configured); plus, at one
     sample, a measured forward+backward: a check on the 2x / 1x backward rule."""

@@ -1,7 +1,7 @@
-"""neighbor_grpo/costs.py: forward-equivalents and the forwards an algorithm's settings imply."""
+"""neighbor_grpo/cost.py: forward-equivalents and the forwards an algorithm's settings imply."""
 
 from neighbor_grpo.config import load_config
-from neighbor_grpo.costs import analytic_forward_counts, backward_factor, forward_equivalents
+from neighbor_grpo.cost import analytic_forward_counts, backward_factor, forward_equivalents
 
 
 def test_lora_backward_counts_as_one_forward():

@@ -1,0 +1,175 @@
+"""The comparison's rules, as pure functions on curves: fixed before any run, frozen in the results JSON.
+
+- evaluation points: the same forward-equivalent points for every method, denser early (`evaluation_points`);
+- final value: the mean of the last 3 held-out evaluations (`final_value`);
+- target: base + 0.8 x the best main-table method's mean final gain over the base (`frozen_target`);
+- time to target: linear interpolation between the two evaluations that bracket the first crossing; a run that
+  never gets there is censored at its budget, a lower bound, never dropped (`crossing_point`);
+- lr selection: the highest area under the held-out proxy curve (`select_lr`), never the gold;
+- intervals: 95% Student-t intervals over seeds, of paired log-ratios (`paired_ratio`) and of paired differences
+  (`no_worse`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+FINAL_EVALUATIONS = 3
+TARGET_FRACTION = 0.8
+NO_WORSE_MARGIN = 0.02
+CONFIDENCE = 0.95
+
+
+def evaluation_points(budget: float, count: int, power: float = 1.5) -> list[float]:
+    """`count` points in (0, budget], the last at the budget, spaced as (k / count) ** power: denser early, where
+    the curves move fastest. The base model (point 0) is evaluated besides these."""
+    if not budget > 0:
+        raise ValueError(f"budget: expected > 0 forward-equivalents, got {budget}")
+    if count < FINAL_EVALUATIONS:
+        raise ValueError(f"evaluations per run: expected >= {FINAL_EVALUATIONS} (the final value averages the last "
+                         f"{FINAL_EVALUATIONS}), got {count}")
+    return [budget * (k / count) ** power for k in range(1, count + 1)]
+
+
+def final_value(values: Sequence[float], last: int = FINAL_EVALUATIONS) -> float:
+    """Mean of the last `last` held-out evaluations (one evaluation is too noisy to end a curve on)."""
+    if len(values) < last:
+        raise ValueError(f"a final value needs >= {last} evaluations, got {len(values)}")
+    tail = list(values)[-last:]
+    return sum(tail) / len(tail)
+
+
+def frozen_target(base: float, finals: dict[str, Sequence[float]], fraction: float = TARGET_FRACTION) -> float:
+    """base + fraction x max over methods of (mean over seeds of the final value - base)."""
+    if not finals:
+        raise ValueError("a target needs at least one method's final values")
+    gains = [sum(v) / len(v) - base for v in finals.values()]
+    return base + fraction * max(gains)
+
+
+def crossing_point(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
+    """Where the curve first reaches `target`, linearly interpolated between the two evaluations that bracket the
+    crossing; None if it never does (censored at the last x)."""
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(f"a curve needs as many x as y values (>= 1), got {len(xs)} and {len(ys)}")
+    for i, y in enumerate(ys):
+        if y >= target:
+            if i == 0:
+                return float(xs[0])
+            x0, y0, x1 = xs[i - 1], ys[i - 1], xs[i]
+            return float(x0 + (target - y0) / (y - y0) * (x1 - x0))
+    return None
+
+
+def value_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
+    """y where the curve first reaches x, interpolated (xs need not be monotone: a distance from the base can
+    shrink); None if x is never reached. The same first-crossing rule with the roles of x and y swapped."""
+    return crossing_point(ys, xs, x)
+
+
+def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Trapezoid area divided by the x-range: the curve's mean height, comparable across budgets."""
+    if len(xs) < 2:
+        raise ValueError(f"an area needs >= 2 points, got {len(xs)}")
+    area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))
+    return area / (xs[-1] - xs[0])
+
+
+def select_lr(proxy_curves: dict[float, tuple[Sequence[float], Sequence[float]]]) -> float:
+    """The learning rate whose held-out proxy curve has the largest area (reaching a saturated 1.0 sooner counts,
+    so ties at the end are broken by speed). Ties left: the smaller lr."""
+    if not proxy_curves:
+        raise ValueError("lr selection needs at least one curve")
+    return max(sorted(proxy_curves), key=lambda lr: (area_under_curve(*proxy_curves[lr]), -lr))
+
+
+def _t_cdf(t: float, df: int) -> float:
+    """Student-t CDF, closed forms by the degrees of freedom (Abramowitz & Stegun 26.7.3 / 26.7.4)."""
+    theta = math.atan(t / math.sqrt(df))
+    if df % 2 == 1:
+        total, term = 0.0, math.cos(theta)
+        for k in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= math.cos(theta) ** 2 * (2 * k) / (2 * k + 1)
+        a = (2 / math.pi) * (theta + math.sin(theta) * total) if df > 1 else 2 * theta / math.pi
+    else:
+        total, term = 0.0, 1.0
+        for k in range(1, df // 2 + 1):
+            total += term
+            term *= math.cos(theta) ** 2 * (2 * k - 1) / (2 * k)
+        a = math.sin(theta) * total
+    return 0.5 + a / 2
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with `df` degrees of freedom (bisection on the exact CDF; scipy-free)."""
+    if not 0 < p < 1 or df < 1 or int(df) != df:
+        raise ValueError(f"t quantile: expected 0 < p < 1 and an integer df >= 1, got p={p}, df={df}")
+    lo, hi = -1e6, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _t_cdf(mid, int(df)) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean and two-sided Student-t interval of the mean; no interval from fewer than 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def paired_ratio(ours: Sequence[float | None], theirs: Sequence[float | None],
+                 ours_budget: float | Sequence[float], theirs_budget: float | Sequence[float]) -> dict:
+    """Theirs over ours, seed by seed (seed s against seed s): the geometric mean and a 95% t-interval of the
+    log-ratios. None is a censored run: it did not reach the target within its budget (one for all seeds, or one
+    per seed). A censored seed leaves a bound without an interval: theirs censored -> the ratio is > the estimate
+    with theirs set to its budget; ours censored -> < that; both censored (on any seeds) -> 'unknown'."""
+    if len(ours) != len(theirs) or not ours:
+        raise ValueError(f"paired ratios need as many seeds on both sides (>= 1), got {len(ours)} and {len(theirs)}")
+    n = len(ours)
+    ours_budget = [ours_budget] * n if isinstance(ours_budget, (int, float)) else list(ours_budget)
+    theirs_budget = [theirs_budget] * n if isinstance(theirs_budget, (int, float)) else list(theirs_budget)
+    both = any(a is None and b is None for a, b in zip(ours, theirs))
+    theirs_censored = any(b is None for b in theirs)
+    ours_censored = any(a is None for a in ours)
+    at_start = any(v is not None and v <= 0 for v in (*ours, *theirs))  # the base model already meets the target
+    if both or (theirs_censored and ours_censored) or at_start:
+        return {"kind": "unknown", "estimate": None, "low": None, "high": None}
+    logs = [math.log((tb if b is None else b) / (ob if a is None else a))
+            for a, b, ob, tb in zip(ours, theirs, ours_budget, theirs_budget)]
+    estimate = math.exp(sum(logs) / len(logs))
+    if theirs_censored or ours_censored:
+        return {"kind": ">" if theirs_censored else "<", "estimate": estimate, "low": None, "high": None}
+    interval = t_interval(logs)
+    low, high = interval["low"], interval["high"]
+    return {"kind": "=", "estimate": estimate, "low": None if low is None else math.exp(low),
+            "high": None if high is None else math.exp(high)}
+
+
+def no_worse(ours: Sequence[float], theirs: Sequence[float], margin: float = NO_WORSE_MARGIN) -> dict:
+    """Ours is 'no worse' than theirs when the lower 95% bound of the mean paired difference (ours - theirs) of the
+    final values is >= -margin."""
+    if len(ours) != len(theirs) or len(ours) < 2:
+        raise ValueError(f"'no worse' needs >= 2 paired seeds, got {len(ours)} and {len(theirs)}")
+    interval = t_interval([a - b for a, b in zip(ours, theirs)])
+    return {**interval, "margin": margin, "no_worse": interval["low"] >= -margin}
+
+
+def format_ratio(ratio: dict) -> str:
+    """'2.10x [1.40, 3.15]', '> 3.00x', '< 0.50x' or 'unknown'."""
+    if ratio["kind"] == "unknown":
+        return "unknown (both censored)"
+    if ratio["kind"] in "<>":
+        return f"{ratio['kind']} {ratio['estimate']:.2f}x"
+    if ratio["low"] is None:
+        return f"{ratio['estimate']:.2f}x"
+    return f"{ratio['estimate']:.2f}x [{ratio['low']:.2f}, {ratio['high']:.2f}]"
