@@ -77,6 +77,15 @@ def read_model_index(folder: Path) -> str:
     return name
 
 
+def dtype_keyword(dtype) -> dict:
+    """from_pretrained's dtype argument: `dtype` from diffusers 0.40 on (where `torch_dtype` is deprecated),
+    `torch_dtype` before; 0.39 is the newest diffusers that installs beside transformers 4.x."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype": dtype} if Version(diffusers.__version__) >= Version("0.40.0.dev0") else {"torch_dtype": dtype}
+
+
 @contextlib.contextmanager
 def quiet_loading():
     """diffusers/transformers loading bars would flood training logs (the trainer has its own progress bar)."""
@@ -376,11 +385,11 @@ class DiffusersAdapter:
             raise FileNotFoundError(f"{meta_path}: transformer folder {transformer_folder!r} not found "
                                     "(expected config.json and weights written by save_pretrained)")
         with quiet_loading():
-            pipeline = getattr(diffusers, cls.PIPELINE).from_pretrained(str(base), dtype=dtype,
+            pipeline = getattr(diffusers, cls.PIPELINE).from_pretrained(str(base), **dtype_keyword(dtype),
                                                                         local_files_only=True)
             if transformer_folder:
                 pipeline.transformer = type(pipeline.transformer).from_pretrained(
-                    transformer_folder, dtype=dtype, local_files_only=True)
+                    transformer_folder, **dtype_keyword(dtype), local_files_only=True)
         adapter = cls(pipeline, base, settings, device, loras=[], transformer_folder=transformer_folder)
         for lora in meta.get("loras", []):
             lora_path = Path(lora) if Path(lora).is_absolute() else folder / lora

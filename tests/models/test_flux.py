@@ -13,6 +13,7 @@ from neighbor_grpo.config import load_config
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.lora import apply_lora
 from neighbor_grpo.models import FluxAdapter, load_adapter
+from neighbor_grpo.models.diffusers_common import LORA_FILE
 from neighbor_grpo.rewards import WeightedRewards
 from neighbor_grpo.solvers import integrate
 from neighbor_grpo.trainer import train
@@ -162,7 +163,7 @@ def test_pipeline_parity_with_exported_lora(flux_folder, pipeline_class, tmp_pat
     noise = torch.randn(B, *adapter.latent_shape(), generator=torch.Generator().manual_seed(1))
     C, H, W = adapter.latent_shape()
     pipe = quiet(pipeline_class.from_pretrained(flux_folder))
-    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.load_lora_weights(tmp_path / "lora", weight_name=LORA_FILE)  # diffusers < 0.40 will not guess it offline
     run = dict(prompt=PROMPTS, height=16, width=16, num_inference_steps=steps, max_sequence_length=8,
                guidance_scale=3.5, latents=pipe._pack_latents(noise, B, C, H, W))
     packed = pipe(**run, output_type="latent").images
@@ -208,7 +209,7 @@ def test_neighbor_grpo_lora_run_exports_a_diffusers_lora(flux_folder, pipeline_c
     card = (run / "aligned" / "README.md").read_text()
     assert "Held-out results" in card and "## Config" in card and "neighbor_grpo" in card
     pipe = quiet(pipeline_class.from_pretrained(flux_folder))
-    pipe.load_lora_weights(run / "aligned")
+    pipe.load_lora_weights(run / "aligned", weight_name=LORA_FILE)
     # the reloaded model (base + merged LoRA) has the trained adapter's velocities
     reloaded = load_adapter(run / "aligned")
     x = torch.randn(2, *reloaded.latent_shape())

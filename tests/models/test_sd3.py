@@ -12,6 +12,7 @@ from neighbor_grpo.config import load_config
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.lora import apply_lora
 from neighbor_grpo.models import SD3Adapter, load_adapter
+from neighbor_grpo.models.diffusers_common import LORA_FILE
 from neighbor_grpo.rewards import WeightedRewards
 from neighbor_grpo.solvers import integrate
 from neighbor_grpo.trainer import train
@@ -72,7 +73,7 @@ def test_pipeline_parity_with_cfg_and_exported_lora(sd3_folder, tmp_path):
     adapter.save(tmp_path / "lora")
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.load_lora_weights(tmp_path / "lora", weight_name=LORA_FILE)  # diffusers < 0.40 will not guess it offline
     steps = 3
     grid = sigma_grid(steps, adapter.default_shift())
     noise = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(1))
@@ -109,7 +110,7 @@ def test_neighbor_grpo_lora_run_with_cfg(sd3_folder, tmp_path):
     aligned = result.run_dir / "aligned"
     assert json.loads((aligned / "model.json").read_text())["kind"] == "lora"
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)
-    pipe.load_lora_weights(aligned)
+    pipe.load_lora_weights(aligned, weight_name=LORA_FILE)
     assert load_adapter(aligned).options["negative_prompt"] == "blue"
 
 
