@@ -15,22 +15,23 @@ def _cmd_demo(args) -> None:
 
 
 def _cmd_pretrain(args) -> None:
+    from neighbor_grpo.ownership import check_folder_target
     from neighbor_grpo.pretrain import BaseModelSettings, ClassifierSettings, ensure_base_model, ensure_classifier
+    from neighbor_grpo.runfolder import RunFolder
     import shutil
 
+    if args.out:  # refused before minutes of pretraining, not after
+        check_folder_target(args.out, args.overwrite)
     classifier_dir, accuracy = ensure_classifier(progress=not args.no_progress, settings=ClassifierSettings(epochs=args.classifier_epochs))
     base_dir = ensure_base_model(progress=not args.no_progress,
                                  settings=BaseModelSettings(steps=args.steps, label_noise=args.label_noise))
     print(f"reward classifier: {classifier_dir} (held-out accuracy {accuracy:.4f})")
     print(f"base model:        {base_dir}")
     if args.out:
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise FileExistsError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it")
-        out.mkdir(parents=True, exist_ok=True)
-        for source, name in ((base_dir, "base"), (classifier_dir, "reward")):
-            shutil.rmtree(out / name, ignore_errors=True)
-            shutil.copytree(source, out / name)
+        with RunFolder(args.out, overwrite=args.overwrite, kind="pretrain") as folder:
+            for source, name in ((base_dir, "base"), (classifier_dir, "reward")):
+                shutil.copytree(source, folder.path / name)
+            out = folder.commit()
         print(f"copied to {out}/base (a --checkpoint for sample/eval) and {out}/reward (digit_prob kwargs.path)")
 
 
@@ -87,16 +88,20 @@ def _cmd_sample(args) -> None:
     import numpy as np
     import torch
 
+    from neighbor_grpo.distributed import check_device
     from neighbor_grpo.io import atomic_write_bytes
     from neighbor_grpo.logs import save_grid
     from neighbor_grpo.models import model_default_shift
     from neighbor_grpo.monitors import generate
+    from neighbor_grpo.ownership import check_file_outputs
 
     if args.num < 1:
         raise ValueError(f"--num: expected a count >= 1, got {args.num}")
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out {str(out)!r}: expected a file ending in .png (grid) or .npz (arrays)")
+    check_file_outputs([out], args.overwrite)
+    check_device(args.device, "--device")
     adapter = _load_model_for(args)
     shift = args.shift if args.shift is not None else model_default_shift(adapter)
     _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
@@ -176,7 +181,9 @@ def _eval_settings(args):
 
 
 def _cmd_eval(args) -> None:
+    from neighbor_grpo.distributed import check_device
     from neighbor_grpo.io import atomic_write_text
+    from neighbor_grpo.ownership import check_file_outputs
     from neighbor_grpo.logs import save_grid
     from neighbor_grpo.models import model_default_shift
     from neighbor_grpo.monitors import score_model
@@ -188,6 +195,8 @@ def _cmd_eval(args) -> None:
     out = Path(args.out)
     if out.suffix != ".json":
         raise ValueError(f"--out {str(out)!r}: expected a .json file (the grid is written beside it as .png)")
+    check_file_outputs([out, out.with_suffix(".png")], args.overwrite)
+    check_device(args.device, "--device")
     adapter = _load_model_for(args, config)
     if args.shift is not None:
         shift = args.shift
@@ -210,7 +219,8 @@ def _cmd_compare(args) -> None:
 
     results = compare(args.out, budget_s=args.budget_s, lrs=tuple(args.lrs), methods=args.methods, target=args.target,
                       equal_steps=args.equal_steps or None, ablation=args.ablation, evals_per_run=args.evals_per_run,
-                      eval_samples=args.eval_samples, seed=args.seed, device=args.device, progress=not args.no_progress)
+                      eval_samples=args.eval_samples, seed=args.seed, device=args.device, progress=not args.no_progress,
+                      overwrite=args.overwrite)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -246,18 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     from neighbor_grpo.solvers import SOLVERS
 
     parser = argparse.ArgumentParser(prog="ngrpo", description="Neighbor GRPO: align flow-matching image models with rewards.")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="pretrain (or reuse) the built-in model and reward, align, show before/after")
     demo.add_argument("--out", required=True, help="run folder to create")
-    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    demo.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. iterations=50)")
     demo.set_defaults(func=_cmd_demo)
 
     pre = sub.add_parser("pretrain", help="build the built-in base model and reward classifier (cached, reused)")
     pre.add_argument("--out", help="also copy them here as base/ and reward/")
-    pre.add_argument("--overwrite", action="store_true")
+    pre.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
     pre.add_argument("--steps", type=int, default=3000, help="base-model training steps")
     pre.add_argument("--label-noise", type=float, default=0.4, help="share of labels replaced at random")
     pre.add_argument("--classifier-epochs", type=int, default=40)
@@ -269,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 neighbor_grpo.group_size=8")
     tr.add_argument("--out", help="run folder to create")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest good checkpoint")
-    tr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    tr.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made (after start-up succeeds)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)
 
@@ -284,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", required=True, help=".png or .npz")
     smp.add_argument("--prompt", required=True)
     smp.add_argument("--num", type=int, default=8)
+    smp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_model_flags(smp)
     smp.set_defaults(func=_cmd_sample)
 
@@ -306,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shift", type=float, help="default: the config's shift, else the model's own")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", required=True, help="JSON file (a grid PNG is written beside it)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out JSON and its .png")
     _add_model_flags(ev)
     ev.set_defaults(func=_cmd_eval)
 
@@ -322,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--eval-samples", type=int, default=8, help="held-out samples per prompt")
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--device", help="default: cuda when available, else cpu")
+    cmp.add_argument("--overwrite", action="store_true", help="replace existing results (the JSON, .md and plots)")
     cmp.add_argument("--no-progress", action="store_true")
     cmp.set_defaults(func=_cmd_compare)
 
@@ -330,17 +344,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _one_line(error: BaseException) -> tuple[int, str]:
+    """(exit status, message) of a failure: expected ones say what was wrong and where; exit 2 for bad input,
+    1 for a failure of the run or the machine."""
+    import errno
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, FileExistsError)) and error.strerror:
+        where = f" {str(error.filename)!r}" if error.filename else ""
+        hint = {errno.ENOSPC: " (the disk is full)", errno.EROFS: " (a read-only file system)",
+                errno.EACCES: " (no permission)", errno.EDQUOT: " (disk quota exceeded)"}.get(error.errno, "")
+        return 1, f"cannot use{where}: {error.strerror}{hint}"
+    if isinstance(error, (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError, LookupError)):
+        return 2, text
+    if isinstance(error, (RuntimeError, ArithmeticError, OSError)):
+        return (2 if type(error).__name__ in ("ConfigError", "OwnershipError", "RunFolderError") else 1), text
+    if isinstance(error, MemoryError):
+        return 1, "out of memory (lower the batch: prompts_per_iteration, group_size or speed.micro_batch)"
+    return 1, f"unexpected {type(error).__name__}: {text} (a bug: rerun with --debug for the traceback and report it)"
+
+
+def _stdout_is_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (`ngrpo config | head`)."""
+    import select
+
     try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every expected failure ends as one line `ngrpo CMD: error: ...` (exit 2 bad input, 1 failure, 130 Ctrl-C);
+    --debug (or NGRPO_DEBUG=1) prints the traceback too."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("NGRPO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
         args.func(args)
     except KeyboardInterrupt:
-        print("interrupted (a run resumes from its latest checkpoint with `ngrpo train --resume RUN`)", file=sys.stderr)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        hint = " (a run continues from its latest checkpoint with `ngrpo train --resume RUN`)" if command == "train" else ""
+        print(f"ngrpo {command}: interrupted{hint}".replace("ngrpo :", "ngrpo:"), file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, TypeError, ImportError) as error:
-        print(f"ngrpo {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        if _stdout_is_closed():  # `ngrpo config | head`: the reader stopped reading, nothing went wrong here
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            return 0
+        return _report(command, sys.exc_info()[1], debug)
+    except Exception as error:
+        return _report(command, error, debug)
     return 0
+
+
+def _report(command: str, error: BaseException, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exception(error)
+    code, message = _one_line(error)
+    print(f"ngrpo {command}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -173,14 +173,29 @@ def plot_table(table: dict, folder: Path, suffix: str = "") -> None:
 def compare(out: str | Path, budget_s: float = 25.0, lrs: tuple[float, ...] = (1e-4, 3e-4), methods: list[str] | None = None,
             target: float | None = None, equal_steps: int | None = 8, ablation: str | None = None, evals_per_run: int = 8,
             eval_samples: int = 8, seed: int = 0, device: str | None = None, base_path: str = "builtin:digits",
-            progress: bool = True) -> dict:
-    """Run the comparison and write results JSON, markdown tables and plots next to `out`."""
+            progress: bool = True, overwrite: bool = False) -> dict:
+    """Run the comparison and write results JSON, markdown tables and plots next to `out`. Existing results are
+    refused unless `overwrite`; then only the files named by `compare_outputs` are replaced."""
+    from neighbor_grpo.distributed import check_device
+    from neighbor_grpo.ownership import check_file_outputs, write_marker
     from neighbor_grpo.rewards import build_rewards
 
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device, "--device")
+    for name, value, least in (("--budget-s", budget_s, 0), ("--evals-per-run", evals_per_run, 0),
+                               ("--eval-samples", eval_samples, 1)):
+        if not value > least:
+            raise ValueError(f"{name}: expected a number > {least}, got {value}")
+    if not lrs or not all(lr > 0 for lr in lrs):
+        raise ValueError(f"--lrs: expected learning rates > 0, got {list(lrs)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(out)!r}: expected a .json file (the .md table and plots are written beside it)")
+    check_file_outputs(compare_outputs(out, ablation, equal_steps), overwrite)
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True)
+        write_marker(out.parent, "compare")
     if base_path == "builtin:digits":
         from neighbor_grpo.pretrain import ensure_base_model, ensure_classifier
 
@@ -222,6 +237,13 @@ def compare(out: str | Path, budget_s: float = 25.0, lrs: tuple[float, ...] = (1
     atomic_write_text(out, json.dumps(results, indent=2))
     atomic_write_text(out.with_suffix(".md"), markdown + "\n")
     return results
+
+
+def compare_outputs(out: Path, ablation: str | None, equal_steps: int | None) -> list[Path]:
+    """Every file a comparison writes: the JSON, its .md, and the plots in the same folder."""
+    suffixes = [f"_{ablation}"] if ablation else [""] + (["_equal_steps"] if equal_steps else [])
+    plots = [out.parent / f"reward_vs_{x}{s}.png" for s in suffixes for x in ("time", "evals")]
+    return [out, out.with_suffix(".md"), *plots]
 
 
 def speedups(table: dict) -> dict:

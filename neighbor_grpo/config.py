@@ -293,7 +293,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=3e-4")
     key, _, raw = text.partition("=")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({yaml_problem(error)}); quote it, "
+                          f"e.g. {key.strip()}='\"{raw}\"'") from None
     return key.strip().split("."), value
 
 
@@ -309,6 +313,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def yaml_where(error: yaml.YAMLError) -> str:
+    """':LINE:COLUMN' (1-based) of a YAML error, when the parser knows it."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's own words, on one line ('mapping values are not allowed here')."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return "; ".join(p for p in parts if p) or str(error).splitlines()[0]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML file (optional) + overrides -> a validated TrainConfig."""
     data: dict = {}
@@ -319,7 +335,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+            raise ConfigError(f"config file {str(path)!r}{yaml_where(error)}: not valid YAML ({yaml_problem(error)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of config keys at the top level")
     data = apply_overrides(data, overrides or [])

@@ -69,9 +69,27 @@ def wanted_strategy(parallel: str) -> str:
     return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") else "ddp"
 
 
+def check_device(device: str, field: str = "device") -> None:
+    """A device this torch can use, else a ValueError naming `field` (not torch's AssertionError deep inside)."""
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{field}: expected a torch device (cpu, cuda, cuda:N, mps), got {device!r}") from None
+    if wanted.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{field}: {device!r} needs CUDA, but this torch ({torch.__version__}) sees no CUDA "
+                             "device; use cpu, or install a CUDA build of torch")
+        if wanted.index is not None and wanted.index >= count:
+            raise ValueError(f"{field}: {device!r} does not exist; this machine has {count} CUDA device(s)")
+    elif wanted.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{field}: {device!r} is not available on this machine; use cpu")
+
+
 def init_processes(device: str, parallel: str = "auto") -> tuple[Processes, torch.device]:
     """Join the launcher's process group (NCCL on CUDA, gloo on CPU) and pick this process's device:
     `cuda` becomes `cuda:LOCAL_RANK`. One process: nothing to join, the device as configured."""
+    check_device(device)
     world = launched_world_size()
     if world <= 1 and not dist.is_initialized():
         return SINGLE_PROCESS, torch.device(device)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from neighbor_grpo.advantages import combine_reward_advantages
 from neighbor_grpo.algorithms import ALGORITHMS
-from neighbor_grpo.checkpoint import (capture_rng, latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
+from neighbor_grpo.checkpoint import (capture_rng, checkpoint_to_resume, optimizer_from_tensors, optimizer_to_tensors,
                                       prune_checkpoints, read_checkpoint, restore_rng, write_checkpoint)
 from neighbor_grpo.config import ConfigError, TrainConfig, from_dict, to_dict
 from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all_true, any_process, barrier,
@@ -397,6 +397,9 @@ class _SharedFolder:
     def __enter__(self) -> "_SharedFolder":
         return self
 
+    def commit(self) -> Path:
+        return self.path
+
     def __exit__(self, *exc) -> None:
         pass
 
@@ -514,12 +517,13 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         parts = build_training_parts(config, adapter, processes)
         params, optimizer, ema, algorithm, reference_velocity = (parts.params, parts.optimizer, parts.ema,
                                                                   parts.algorithm, parts.reference_velocity)
+        run = folder.commit()  # start-up succeeded: a new run folder replaces --out only now (runfolder.py)
 
         start, counters, heldout_metrics = 0, _new_counters(), {}
         checkpoints = run / "checkpoints"
         last_saved: int | None = None  # iteration of the newest checkpoint this run can resume from
         if resume:
-            latest = broadcast_object(latest_good_checkpoint(checkpoints) if main else None, processes)
+            latest = broadcast_object(checkpoint_to_resume(checkpoints) if main else None, processes)
             if latest is not None:  # every process reads the same checkpoint (a folder all of them can see)
                 tensors, state = read_checkpoint(latest)
                 _load_trainable(adapter.net, tensors["model"], latest)
