@@ -353,9 +353,9 @@ def _one_line(error: BaseException) -> tuple[int, str]:
     if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, FileExistsError)) and error.strerror:
         where = f" {str(error.filename)!r}" if error.filename else ""
         hint = {errno.ENOSPC: " (the disk is full)", errno.EROFS: " (a read-only file system)",
-                errno.EACCES: " (no permission)", errno.EDQUOT: " (disk quota exceeded)"}.get(error.errno, "")
+                errno.EDQUOT: " (disk quota exceeded)"}.get(error.errno, "")
         return 1, f"cannot use{where}: {error.strerror}{hint}"
-    if isinstance(error, (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError, LookupError)):
+    if isinstance(error, (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError)):
         return 2, text
     if isinstance(error, (RuntimeError, ArithmeticError, OSError)):
         return (2 if type(error).__name__ in ("ConfigError", "OwnershipError", "RunFolderError") else 1), text

@@ -331,9 +331,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
+            raise ConfigError(f"config file {str(path)!r} {'is a folder; expected a YAML file' if path.is_dir() else 'not found'}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {str(path)!r}: not UTF-8 text, expected YAML ({error.reason} at byte "
+                              f"{error.start})") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r}{yaml_where(error)}: not valid YAML ({yaml_problem(error)})") from None
         if not isinstance(data, dict):

@@ -55,9 +55,18 @@ def marker_kind(folder: Path) -> str | None:
     return kind if kind in KINDS else None
 
 
+# sub-folders whose entries follow a pattern: a checkpoint per iteration, a sample grid per evaluation
+_SUBFOLDER_ENTRIES = {"checkpoints": re.compile(r"^iter-\d+$"), "samples": re.compile(r"^iter-\d+\.png$")}
+
+
 def legacy_kind(folder: Path) -> str | None:
     """The kind of an older version's folder (no marker) whose every entry that version wrote; else None."""
-    names = {p.name for p in Path(folder).iterdir()} - {MARKER}
+    folder = Path(folder)
+    names = {p.name for p in folder.iterdir()} - {MARKER}
+    for sub, pattern in _SUBFOLDER_ENTRIES.items():
+        if (folder / sub).is_dir() and not all(pattern.match(p.name) or _TEMPORARY.match(p.name)
+                                                for p in (folder / sub).iterdir()):
+            return None
     for kind, (layout, signature) in LEGACY_LAYOUTS.items():
         if signature <= names and all(n in layout or _TEMPORARY.match(n) for n in names):
             return kind
@@ -131,7 +140,7 @@ def _check_parents(path: Path, flag: str) -> None:
     if not parent.is_dir():
         raise OwnershipError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
     try:
-        with tempfile.TemporaryFile(dir=parent, prefix=".ngrpo-probe-"):
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".ngrpo-probe-"):
             pass
     except OSError as error:
         raise OwnershipError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} ({error.strerror})") from None
@@ -145,6 +154,8 @@ def check_file_outputs(paths: list[Path], overwrite: bool, flag: str = "--out") 
     for path in map(Path, paths):
         if path.is_dir():
             raise OwnershipError(f"{flag} {str(main)!r}: {str(path)!r} is a folder; expected a file path")
+        if path.is_symlink() or (path.exists() and not path.is_file()):  # /dev/full, a FIFO, a link: never replaced
+            raise OwnershipError(f"{flag} {str(main)!r}: {str(path)!r} is not a regular file; give a new file name")
     existing = [str(p) for p in map(Path, paths) if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise OwnershipError(f"{flag} {str(main)!r}: {existing} exist(s); pass --overwrite to replace "

@@ -90,6 +90,7 @@ class RunFolder:
         if resume and overwrite:
             raise RunFolderError("choose either --resume or --overwrite, not both")
         if resume:
+            clean_leftovers(self.final)  # a run set aside by a process killed while replacing it is put back
             if not self.final.is_dir():
                 raise RunFolderError(f"--resume {str(self.final)!r}: no such run folder")
             self._handle = _lock(self.final)
