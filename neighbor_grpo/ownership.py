@@ -4,6 +4,7 @@ replaces")."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -143,7 +144,8 @@ def _check_parents(path: Path, flag: str) -> None:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".ngrpo-probe-"):
             pass
     except OSError as error:
-        raise OwnershipError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} ({error.strerror})") from None
+        why = "it accepts no new files" if error.errno == errno.ENOENT else error.strerror  # /proc answers ENOENT
+        raise OwnershipError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} ({why})") from None
 
 
 def check_file_outputs(paths: list[Path], overwrite: bool, flag: str = "--out") -> None:

@@ -534,9 +534,9 @@ def test_out_below_a_file_or_equal_to_a_file(tmp_path, capsys):
 
 
 def test_a_read_only_file_system(capsys):
-    # /proc/sys refuses new files even to root (chmod does not stop root; a read-only mount needs privileges)
-    line = one_line_error(capsys, "train", "iterations=1", "--out", "/proc/sys/ngrpo-run")
-    assert "cannot write in '/proc/sys'" in line
+    # /sys refuses new files even to root (chmod does not stop root; a read-only mount needs privileges)
+    line = one_line_error(capsys, "train", "iterations=1", "--out", "/sys/ngrpo-run")
+    assert "cannot write in '/sys'" in line
 
 
 def test_an_os_error_during_the_run_is_one_line(capsys):

@@ -205,7 +205,7 @@ def test_file_outputs_are_refused_when_they_exist_unless_overwrite(tmp_path):
 
 
 def test_a_read_only_file_system_is_refused_before_any_work(tmp_path):
-    probe = "/proc/sys/ngrpo-run"  # a file system nobody, not even root, can make files in
+    probe = "/sys/ngrpo-run"  # sysfs: nobody, not even root, can make files there
     with pytest.raises(OwnershipError, match="cannot write in"):
         check_folder_target(probe, overwrite=False)
     with pytest.raises(OwnershipError, match="cannot write in"):
