@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from neighbor_grpo.failures import report_failure, stdout_is_closed  # light: loaded before any Ctrl-C can matter
+
 
 def _cmd_demo(args) -> None:
     from neighbor_grpo.demo import run_demo
@@ -344,38 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: BaseException) -> tuple[int, str]:
-    """(exit status, message) of a failure: expected ones say what was wrong and where; exit 2 for bad input,
-    1 for a failure of the run or the machine."""
-    import errno
-
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, FileExistsError)) and error.strerror:
-        where = f" {str(error.filename)!r}" if error.filename else ""
-        hint = {errno.ENOSPC: " (the disk is full)", errno.EROFS: " (a read-only file system)",
-                errno.EDQUOT: " (disk quota exceeded)"}.get(error.errno, "")
-        return 1, f"cannot use{where}: {error.strerror}{hint}"
-    if isinstance(error, (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError)):
-        return 2, text
-    if isinstance(error, (RuntimeError, ArithmeticError, OSError)):
-        return (2 if type(error).__name__ in ("ConfigError", "OwnershipError", "RunFolderError") else 1), text
-    if isinstance(error, MemoryError):
-        return 1, "out of memory (lower the batch: prompts_per_iteration, group_size or speed.micro_batch)"
-    return 1, f"unexpected {type(error).__name__}: {text} (a bug: rerun with --debug for the traceback and report it)"
-
-
-def _stdout_is_closed() -> bool:
-    """Whether standard output is a pipe whose reader has gone (`ngrpo config | head`)."""
-    import select
-
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Every expected failure ends as one line `ngrpo CMD: error: ...` (exit 2 bad input, 1 failure, 130 Ctrl-C);
     --debug (or NGRPO_DEBUG=1) prints the traceback too."""
@@ -398,27 +368,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ngrpo {command}: interrupted{hint}".replace("ngrpo :", "ngrpo:"), file=sys.stderr)
         return 130
     except BrokenPipeError:
-        if _stdout_is_closed():  # `ngrpo config | head`: the reader stopped reading, nothing went wrong here
+        if stdout_is_closed():  # `ngrpo config | head`: the reader stopped reading, nothing went wrong here
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
             except (OSError, ValueError):
                 pass
             return 0
-        return _report(command, sys.exc_info()[1], debug)
+        return report_failure(command, sys.exc_info()[1], debug)
     except Exception as error:
-        return _report(command, error, debug)
+        return report_failure(command, error, debug)
     return 0
-
-
-def _report(command: str, error: BaseException, debug: bool) -> int:
-    if debug:
-        import traceback
-
-        traceback.print_exception(error)
-    code, message = _one_line(error)
-    print(f"ngrpo {command}: error: {message}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

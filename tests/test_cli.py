@@ -539,14 +539,6 @@ def test_a_read_only_file_system(capsys):
     assert "cannot write in '/sys'" in line
 
 
-def test_an_os_error_during_the_run_is_one_line(capsys):
-    from neighbor_grpo.cli import _one_line
-    import errno
-
-    code, message = _one_line(OSError(errno.ENOSPC, "No space left on device", "/runs/r/metrics.csv"))
-    assert code == 1 and message == "cannot use '/runs/r/metrics.csv': No space left on device (the disk is full)"
-
-
 def test_eval_with_a_reward_that_returns_nan(builtin_models, tmp_path, monkeypatch, capsys):
     (tmp_path / "nan_reward.py").write_text("import torch\n\ndef make():\n"
                                             "    return lambda images, prompts: torch.full((len(prompts),), float('nan'))\n")

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from neighbor_grpo.cli import _one_line
+from neighbor_grpo.failures import one_line
 from neighbor_grpo.io import atomic_write_bytes
 
 
@@ -26,5 +26,5 @@ def test_a_full_disk_names_the_file_and_leaves_the_old_version(tiny_disk):
     with pytest.raises(OSError) as caught:
         atomic_write_bytes(target, b"0" * 200_000)
     assert caught.value.filename == str(target)
-    assert _one_line(caught.value) == (1, f"cannot use {str(target)!r}: No space left on device (the disk is full)")
+    assert one_line(caught.value) == (1, f"cannot use {str(target)!r}: No space left on device (the disk is full)")
     assert target.read_bytes() == b"old" and os.listdir(tiny_disk) == ["metrics.csv"]  # no temporary left
