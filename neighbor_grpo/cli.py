@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from neighbor_grpo.failures import report_failure, stdout_is_closed  # light: loaded before any Ctrl-C can matter
+from neighbor_grpo.failures import InterruptSeen, report_failure, report_interrupt, stdout_is_closed  # light: loaded before any Ctrl-C can matter
 
 
 def _cmd_demo(args) -> None:
@@ -355,18 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("NGRPO_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), "")
+    interrupted = InterruptSeen()
     try:
-        args = build_parser().parse_args(argv)
-        command = args.command
-        args.func(args)
+        with interrupted:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            args.func(args)
     except KeyboardInterrupt:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        hint = " (a run continues from its latest checkpoint with `ngrpo train --resume RUN`)" if command == "train" else ""
-        print(f"ngrpo {command}: interrupted{hint}".replace("ngrpo :", "ngrpo:"), file=sys.stderr)
-        return 130
+        return report_interrupt(command, debug)
     except BrokenPipeError:
         if stdout_is_closed():  # `ngrpo config | head`: the reader stopped reading, nothing went wrong here
             try:
@@ -377,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return report_failure(command, sys.exc_info()[1], debug)
     except Exception as error:
+        if interrupted.seen:  # Ctrl-C inside an import (torch's) can surface as another error: it is still Ctrl-C
+            return report_interrupt(command, debug)
         return report_failure(command, error, debug)
     return 0
 

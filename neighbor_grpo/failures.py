@@ -3,7 +3,9 @@ docs/robustness.md, "Errors on the command line")."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 
 def one_line(error: BaseException) -> tuple[int, str]:
@@ -46,3 +48,34 @@ def report_failure(command: str, error: BaseException, debug: bool) -> int:
     code, message = one_line(error)
     print(f"ngrpo {command}: error: {message}", file=sys.stderr)
     return code
+
+
+class InterruptSeen:
+    """Ctrl-C behaves as usual (KeyboardInterrupt) but is also remembered while the command runs."""
+
+    def __init__(self):
+        self.seen, self._previous = False, None
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "InterruptSeen":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def report_interrupt(command: str, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    hint = " (a run continues from its latest checkpoint with `ngrpo train --resume RUN`)" if command == "train" else ""
+    print(f"ngrpo {command}: interrupted{hint}".replace("ngrpo :", "ngrpo:"), file=sys.stderr)
+    return 130
