@@ -155,6 +155,47 @@ def latest_good_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+def damaged_files(path: Path) -> tuple[list[str], list[str]]:
+    """A checkpoint's (damaged, intact) files: missing or failing their checksum, and verifying."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{MANIFEST} (missing or unreadable)"], sorted(p.name for p in path.iterdir() if p.name != MANIFEST)
+    damaged, intact = [], []
+    for name, digest in manifest.items():
+        if not (path / name).is_file():
+            damaged.append(f"{name} (missing)")
+        elif sha256_file(path / name) != digest:
+            damaged.append(f"{name} (checksum mismatch)")
+        else:
+            intact.append(name)
+    return damaged, intact
+
+
+class CheckpointsDamaged(ValueError):
+    """Every checkpoint of a run fails verification: resuming would start over and overwrite them."""
+
+
+def checkpoint_to_resume(folder: Path) -> Path | None:
+    """The newest good checkpoint; None when there is none at all (the run starts over). Raises
+    CheckpointsDamaged, naming what is damaged and what is intact, when checkpoints exist but none verifies."""
+    latest = latest_good_checkpoint(folder)
+    found = list_checkpoints(folder)
+    if latest is not None or not found:
+        return latest
+    run = folder.parent
+    report, intact = [], []
+    for path in reversed(found):
+        bad, good = damaged_files(path)
+        report.append(f"{path.name}: {', '.join(bad)}")
+        intact += [f"{path.name}/{name}" for name in good]
+    exports = [f"{name}/" for name in ("aligned", "best", "base") if (run / name / "model.json").is_file()]
+    raise CheckpointsDamaged(
+        f"--resume {str(run)!r}: no checkpoint can be restored, every one is damaged ({'; '.join(report)}); still "
+        f"intact: {', '.join(intact + exports) or 'nothing'}. Nothing was changed: restore the damaged files from a "
+        "backup, or start a new run in another folder")
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     manifest = json.loads((path / MANIFEST).read_text())
     tensors = {name[: -len(".safetensors")]: load_safetensors(path / name)

@@ -249,6 +249,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             command: str | None = None) -> dict:
     """Run the comparison; write the results JSON, a markdown table and PNG plots next to `out`."""
     from neighbor_grpo.compare_report import markdown_report, plot_report, summarize
+    from neighbor_grpo.distributed import check_device
+    from neighbor_grpo.ownership import check_file_outputs, write_marker
     from neighbor_grpo.rewards import build_rewards
 
     names = list(methods or PAPER_SETTINGS)
@@ -265,12 +267,16 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         table = {label: PAPER_SETTINGS[REFERENCE_METHOD] + extra for label, extra in ABLATIONS[ablation].items()}
         reference = next(iter(table))
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(out)!r}: expected a .json file (the .md table and plots are written beside it)")
+    check_file_outputs(compare_outputs(out), overwrite)  # only the files it names are ever replaced
     frozen = read_frozen_target(frozen_target) if frozen_target else None
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_device(device, "--device")
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True)
+        write_marker(out.parent, "compare")
     if base_path == "builtin:digits":
         from neighbor_grpo.pretrain import ensure_base_model, ensure_classifier
 
@@ -312,3 +318,9 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     atomic_write_text(out, json.dumps(results, indent=2))
     partial_path.unlink(missing_ok=True)
     return results
+
+
+def compare_outputs(out: Path) -> list[Path]:
+    """Every file a comparison writes: the JSON, its .md, and its two plots in the same folder."""
+    return [out, out.with_suffix(".md"), out.parent / f"{out.stem}_curves.png",
+            out.parent / f"{out.stem}_overoptimization.png"]

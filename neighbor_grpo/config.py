@@ -333,6 +333,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = read_yaml(raw) if raw.strip() else ""
     except ConfigError as error:  # a duplicate key inside the value
         raise ConfigError(f"override {text!r}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({yaml_problem(error)}); quote it, "
+                          f"e.g. {key.strip()}='\"{raw}\"'") from None
     return key.strip().split("."), value
 
 
@@ -348,17 +351,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def yaml_where(error: yaml.YAMLError) -> str:
+    """':LINE:COLUMN' (1-based) of a YAML error, when the parser knows it."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's own words, on one line ('mapping values are not allowed here')."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return "; ".join(p for p in parts if p) or str(error).splitlines()[0]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML file (optional) + overrides -> a validated TrainConfig."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
+            raise ConfigError(f"config file {str(path)!r} {'is a folder; expected a YAML file' if path.is_dir() else 'not found'}")
         try:
             data = read_yaml(path.read_text()) or {}
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {str(path)!r}: not UTF-8 text, expected YAML ({error.reason} at byte "
+                              f"{error.start})") from None
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+            raise ConfigError(f"config file {str(path)!r}{yaml_where(error)}: not valid YAML ({yaml_problem(error)})") from None
         except ConfigError as error:  # a duplicate key
             raise ConfigError(f"config file {str(path)!r}, {error}") from None
         if not isinstance(data, dict):

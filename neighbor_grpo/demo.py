@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -13,7 +12,8 @@ from typing import Iterator
 import torch
 
 from neighbor_grpo.config import load_config
-from neighbor_grpo.io import atomic_write_text
+from neighbor_grpo.io import atomic_write_bytes, atomic_write_text
+from neighbor_grpo.ownership import check_folder_target, write_marker
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 DEMO_THREADS = 2
@@ -77,8 +77,8 @@ def _run_demo(out: Path, overwrite: bool, overrides: list[str] | None, progress:
     from neighbor_grpo.trainer import train
 
     started = time.perf_counter()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it")
+    check_folder_target(out, overwrite)  # refused before minutes of pretraining, not after
+    config = load_config(DEMO_CONFIG, overrides)
     print("[1/3] reward model: digit classifier on scikit-learn's digits")
     classifier_dir, classifier_accuracy = ensure_classifier(progress=progress)
     print(f"      held-out accuracy {classifier_accuracy:.4f}  ({classifier_dir})")
@@ -86,10 +86,10 @@ def _run_demo(out: Path, overwrite: bool, overrides: list[str] | None, progress:
     base_dir = ensure_base_model(progress=progress)
     print(f"      {base_dir}")
     print("[3/3] aligning with Neighbor GRPO")
-    config = load_config(DEMO_CONFIG, overrides)
     result = train(config, out, overwrite=overwrite, progress=progress)
-    shutil.copyfile(out / "samples" / "iter-000000.png", out / "grid_before.png")
-    shutil.copyfile(out / "samples" / f"iter-{config.iterations:06d}.png", out / "grid_after.png")
+    write_marker(out, "demo")
+    for source, name in (("iter-000000.png", "grid_before.png"), (f"iter-{config.iterations:06d}.png", "grid_after.png")):
+        atomic_write_bytes(out / name, (out / "samples" / source).read_bytes())
     table = before_after_table(result.eval_before, result.eval_after)
     seconds = time.perf_counter() - started
     summary = {"classifier_heldout_accuracy": classifier_accuracy, "base_prompt_accuracy": result.eval_before.get("accuracy"),

@@ -22,9 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from neighbor_grpo.lora import net_swapped
 
 
 @dataclass(frozen=True)
@@ -70,9 +68,27 @@ def wanted_strategy(parallel: str) -> str:
     return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") else "ddp"
 
 
+def check_device(device: str, field: str = "device") -> None:
+    """A device this torch can use, else a ValueError naming `field` (not torch's AssertionError deep inside)."""
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{field}: expected a torch device (cpu, cuda, cuda:N, mps), got {device!r}") from None
+    if wanted.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{field}: {device!r} needs CUDA, but this torch ({torch.__version__}) sees no CUDA "
+                             "device; use cpu, or install a CUDA build of torch")
+        if wanted.index is not None and wanted.index >= count:
+            raise ValueError(f"{field}: {device!r} does not exist; this machine has {count} CUDA device(s)")
+    elif wanted.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{field}: {device!r} is not available on this machine; use cpu")
+
+
 def init_processes(device: str, parallel: str = "auto") -> tuple[Processes, torch.device]:
     """Join the launcher's process group (NCCL on CUDA, gloo on CPU) and pick this process's device:
     `cuda` becomes `cuda:LOCAL_RANK`. One process: nothing to join, the device as configured."""
+    check_device(device)
     world = launched_world_size()
     if world <= 1 and not dist.is_initialized():
         return SINGLE_PROCESS, torch.device(device)
@@ -311,89 +327,3 @@ def broadcast_object(value, processes: Processes):
     box = [value]
     dist.broadcast_object_list(box, src=0, device=_collective_device(processes))
     return box[0]
-
-
-# ---- replicating or sharding the trained net -------------------------------------------------------------------
-
-class ReplicatedNet(nn.parallel.DistributedDataParallel):
-    """DDP that still answers attribute look-ups of the wrapped net (adapters may read e.g. `net.config`)."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
-
-
-def shard_in_place(net: nn.Module) -> nn.Module:
-    """FSDP2 full shard: every block of every ModuleList (transformer blocks) is its own unit, then the root.
-    Parameters become DTensors sharded over the processes; the module object stays the same."""
-    from torch.distributed.fsdp import fully_shard
-
-    for module in list(net.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block)
-    # the root too gives its gathered weights back after each forward: a no-grad forward (held-out samples, the
-    # rollout) otherwise leaves plain tensors in place of the shards until the next backward
-    fully_shard(net, reshard_after_forward=True)
-    return net
-
-
-def parallel_net(net: nn.Module, processes: Processes) -> nn.Module:
-    """The module training passes go through: DDP around `net`, or `net` itself sharded in place (FSDP)."""
-    if not processes.distributed:
-        return net
-    if processes.sharded:
-        return shard_in_place(net)
-    device_ids = [processes.local_rank] if next(net.parameters()).is_cuda else None
-    # buffers are loaded identically everywhere and never trained; broadcasting them in every forward would also
-    # need the same number of forwards on every process, which micro-batches of an uneven split do not have
-    return ReplicatedNet(net, device_ids=device_ids, broadcast_buffers=False)
-
-
-@contextlib.contextmanager
-def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
-    """Accumulate gradients locally (no all-reduce) while `enabled` is false: micro-batches before the last."""
-    if enabled:
-        yield
-    elif isinstance(module, nn.parallel.DistributedDataParallel):
-        with module.no_sync():
-            yield
-    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-def velocity_through(adapter, module: nn.Module) -> Callable:
-    """adapter.velocity evaluated through `module` (the DDP wrapper) instead of adapter.net; adapter.net itself
-    stays the plain net, so saving, EMA, LoRA and the reference velocity see the usual parameter names."""
-    if module is adapter.net:
-        return adapter.velocity
-
-    def velocity(x, s, cond):
-        with net_swapped(adapter, module):
-            return adapter.velocity(x, s, cond)
-
-    return velocity
-
-
-# ---- full tensors of sharded parameters (FSDP checkpoints and exports) ---------------------------------------
-
-def full_tensor(value):
-    """A sharded DTensor gathered whole (a collective: every process must call it); other values unchanged."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
-
-
-def shard_like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """A full tensor cut like `reference` (this process's shard of a DTensor), or moved to its device."""
-    if hasattr(reference, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(reference.dtype), reference.device_mesh, reference.placements)
-    return full.to(device=reference.device, dtype=reference.dtype)

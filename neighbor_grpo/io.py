@@ -32,9 +32,11 @@ def _atomic_replace(path: Path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None and error.strerror:  # a full disk: name the file
+            raise type(error)(error.errno, error.strerror, str(path)) from error
         raise
 
 

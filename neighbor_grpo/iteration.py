@@ -11,8 +11,9 @@ import torch
 from neighbor_grpo.advantages import combine_reward_advantages
 from neighbor_grpo.config import TrainConfig
 from neighbor_grpo.distributed import (SINGLE_PROCESS, BatchPart, Processes, all_true, any_process, batch_part,
-                                       full_tensor, gather_block, global_means, gradient_sync)
+                                       gather_block, global_means)
 from neighbor_grpo.noise import keyed_generator
+from neighbor_grpo.parallel import full_tensor, gradient_sync
 from neighbor_grpo.parts import TrainingParts
 from neighbor_grpo.partition import MAX_OR_SHARED_STATS, global_step_means, own_members, whole_group
 

@@ -12,7 +12,8 @@ import torch
 
 from neighbor_grpo.algorithms import ALGORITHMS
 from neighbor_grpo.config import OptimConfig, TrainConfig
-from neighbor_grpo.distributed import SINGLE_PROCESS, Processes, parallel_net, shard_in_place, velocity_through
+from neighbor_grpo.distributed import SINGLE_PROCESS, Processes
+from neighbor_grpo.parallel import parallel_net, shard_in_place, velocity_through
 from neighbor_grpo.lora import EMA, apply_lora, make_net_velocity, make_reference_velocity
 from neighbor_grpo.models import load_adapter, model_default_shift
 from neighbor_grpo.prompts import resolve_prompt_sets

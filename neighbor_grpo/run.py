@@ -17,9 +17,10 @@ from typing import Callable
 
 import torch
 
-from neighbor_grpo.checkpoint import latest_good_checkpoint, prune_checkpoints
+from neighbor_grpo.checkpoint import checkpoint_to_resume, prune_checkpoints
 from neighbor_grpo.config import TrainConfig, to_dict
-from neighbor_grpo.distributed import Processes, all_true, barrier, broadcast_object, full_tensor
+from neighbor_grpo.distributed import Processes, all_true, barrier, broadcast_object
+from neighbor_grpo.parallel import full_tensor
 from neighbor_grpo.exports import write_manifest
 from neighbor_grpo.guards import NonFiniteWeights, TrainingAborted, all_finite, check_effective, training_state
 from neighbor_grpo.io import atomic_write_text
@@ -53,6 +54,9 @@ class _SharedFolder:
 
     def __enter__(self) -> "_SharedFolder":
         return self
+
+    def commit(self) -> Path:
+        return self.path
 
     def __exit__(self, *exc) -> None:
         pass
@@ -97,28 +101,34 @@ def open_run(run_dir: str | Path, config: TrainConfig, processes: Processes, res
         if main:
             resume = prepare_run_folder(folder.path, config, resume, processes)
             if resume:
-                latest = latest_good_checkpoint(folder.path / "checkpoints")
+                latest = checkpoint_to_resume(folder.path / "checkpoints")  # refuses if every one is damaged
                 config = resume_config(folder.path, config, accept_changes, latest)
         # the others wait here until the folder is ready; all continue with the same checkpoint and config
         resume, latest, config = broadcast_object((resume, latest, config), processes)
-        yield Run(folder.path, config, processes, resume, hook, latest, bool(accept_changes))
+        yield Run(folder, config, processes, resume, hook, latest, bool(accept_changes))
 
 
 class Run:
     """The run folder during training; `counters` and `heldout` are live, `boundary` is the state a checkpoint
     saves (taken after each iteration, before the next optimizer step)."""
 
-    def __init__(self, path: Path, config: TrainConfig, processes: Processes, resuming: bool, hook,
+    def __init__(self, folder, config: TrainConfig, processes: Processes, resuming: bool, hook,
                  latest: Path | None = None, changed: bool = False):
-        self.path, self.config, self.processes, self.resuming, self.hook = path, config, processes, resuming, hook
+        self.folder, self.config, self.processes, self.resuming, self.hook = folder, config, processes, resuming, hook
+        self.path = folder.path  # until commit(): where a new run is built (beside --out, when it replaces one)
         self.latest, self.changed = latest, changed  # the checkpoint a resume continues from; settings accepted
         self.main = processes.is_main
-        self.checkpoints = path / "checkpoints"
+        self.checkpoints = self.path / "checkpoints"
         self.last_saved: int | None = None  # iteration of the newest checkpoint this run can resume from
         self.counters, self.heldout = new_counters(), {}
         self.boundary = TrainingState(config_fingerprint=config_fingerprint(config), inputs=input_fingerprint(config))
         self.stepped = False  # an optimizer step was taken since the boundary: the live state is past it
         self.log = _NoLog()
+
+    def commit(self) -> None:
+        """Start-up succeeded: a new run folder replaces --out only now (runfolder.RunFolder.commit)."""
+        self.path = self.folder.commit()
+        self.checkpoints = self.path / "checkpoints"
 
     def attach(self, adapter, parts: TrainingParts, rewards, heldout_prompts: list[str], monitors=None) -> None:
         """What the run evaluates and exports; `monitors` are scored on held-out samples only (eval.monitor_rewards)."""

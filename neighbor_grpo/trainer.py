@@ -70,6 +70,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         if callable(getattr(adapter, "cache_prompts", None)):  # encoded once now: offloaded text encoders stay off
             adapter.cache_prompts(heldout_prompts)
         parts = build_training_parts(config, adapter, processes)
+        run.commit()  # start-up succeeded: a new run folder replaces --out only now
         run.attach(adapter, parts, rewards, heldout_prompts, monitors)
         start = run.restore() if run.resuming else 0
         run.open_log(start)

@@ -21,7 +21,8 @@ import torch
 from neighbor_grpo.checkpoint import (capture_rng, optimizer_from_tensors, optimizer_to_tensors, read_checkpoint,
                                       restore_rng, write_checkpoint)
 from neighbor_grpo.config import TrainConfig, to_dict
-from neighbor_grpo.distributed import Processes, full_tensor, shard_like
+from neighbor_grpo.distributed import Processes
+from neighbor_grpo.parallel import full_tensor, shard_like
 from neighbor_grpo.parts import TrainingParts
 
 

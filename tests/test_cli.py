@@ -412,3 +412,208 @@ def test_a_missing_optional_package_is_named_with_its_extra(builtin_models, tmp_
     (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     code, _, err = run_cli(capsys, "sample", "--checkpoint", folder, "--prompt", "a cat", "--out", tmp_path / "x.png")
     assert code == 2 and 'pip install "neighbor-grpo[diffusers]"' in err
+
+
+# ---- --overwrite replaces only what ngrpo made, and only after start-up succeeded ------------------------------
+
+def without_lock(snapshot):
+    return {k: v for k, v in snapshot.items() if k != ".lock"}  # a run records its pid in the lock file
+
+
+@pytest.fixture(scope="module")
+def finished_run(builtin_models, tmp_path_factory):
+    """A finished two-iteration run with checkpoints after iterations 1 and 2 (copied by each test that changes it)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "iterations=2", "checkpoint_every=1", "keep_checkpoints=2", *TINY, "--out", str(run),
+                 "--no-progress"]) == 0
+    return run
+
+
+def test_a_new_run_folder_carries_the_ownership_marker(finished_run):
+    assert json.loads((finished_run / ".ngrpo-owned.json").read_text())["kind"] == "run"
+    assert not [p.name for p in finished_run.parent.iterdir() if p.name.startswith(".run.")]  # no staging left
+
+
+def test_overwrite_with_a_typo_in_model_path_keeps_the_old_run(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = without_lock(folder_snapshot(run))
+    code, _, err = run_cli(capsys, "train", "iterations=1", *TINY, "model.path=/nonexistent/typo", "--out", run,
+                           "--overwrite", "--no-progress")
+    assert code == 2 and "typo" in err and len(err.strip().splitlines()) == 1, err
+    assert without_lock(folder_snapshot(run)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the half-made replacement is gone
+    # a good start-up replaces it: a one-iteration run, nothing left of the two-iteration one
+    code, _, err = run_cli(capsys, "train", "iterations=1", *TINY, "--out", run, "--overwrite", "--no-progress")
+    assert code == 0, err
+    assert [r["iteration"] for r in read_metrics(run)] == ["0", "1"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter-000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_overwrite_of_the_working_directory_in_a_git_project_is_refused(tmp_path, monkeypatch, capsys):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "code.py").write_text("print('mine')\n")
+    before = folder_snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "train", "iterations=1", "--out", ".", "--overwrite", "--no-progress")
+    assert code == 2 and "working directory" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(capsys, "demo", "--out", ".", "--overwrite", "--no-progress")
+    assert code == 2 and "working directory" in err, err
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_overwrite_refuses_a_folder_of_someone_elses_files(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my own config")  # looks like a run, but holds more than a run
+    (mine / "thesis.tex").write_text("chapter 1")
+    before = folder_snapshot(mine)
+    for argv in (["train", "iterations=1", "--out", mine], ["pretrain", "--out", mine], ["demo", "--out", mine]):
+        code, _, err = run_cli(capsys, *argv, "--overwrite", "--no-progress")
+        assert code == 2 and "was not made by ngrpo" in err and "thesis.tex" in err, err
+    assert folder_snapshot(mine) == before
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for checkpoint in (run / "checkpoints").iterdir():
+        with open(checkpoint / "model.safetensors", "r+b") as handle:
+            handle.seek(-4, 2)
+            handle.write(b"\x00bad")
+    before = without_lock(folder_snapshot(run))
+    with pytest.warns(UserWarning, match="torn or corrupted"):
+        code, _, err = run_cli(capsys, "train", "--resume", run, "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "iter-000002: model.safetensors (checksum mismatch)" in err and "iter-000001: model.safetensors" in err
+    assert "iter-000002/optimizer.safetensors" in err and "aligned/" in err  # what is still intact
+    assert without_lock(folder_snapshot(run)) == before  # nothing restarted from iteration 0 over them
+
+
+# ---- file outputs -------------------------------------------------------------------------------------------------
+
+def test_eval_refuses_an_existing_output_and_overwrite_replaces_only_its_files(builtin_models, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    out.write_text("my old scores")
+    (tmp_path / "scores.csv").write_text("a sibling the command does not name")
+    argv = ["eval", "--checkpoint", builtin_models["base"], "--prompts", "1", "--samples-per-prompt", "2",
+            "--steps", "2", "--out", out]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "--overwrite" in err and out.read_text() == "my old scores"
+    code, _, err = run_cli(capsys, *argv, "--overwrite")
+    assert code == 0, err
+    assert "reward" in json.loads(out.read_text())["metrics"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv", "scores.json", "scores.png"]
+    assert (tmp_path / "scores.csv").read_text() == "a sibling the command does not name"
+
+
+def test_sample_refuses_an_existing_file_and_a_folder(builtin_models, tmp_path, capsys):
+    (tmp_path / "grid.png").write_bytes(b"mine")
+    (tmp_path / "dir.png").mkdir()
+    for name, message in (("grid.png", "--overwrite"), ("dir.png", "is a folder")):
+        code, _, err = run_cli(capsys, "sample", "--checkpoint", builtin_models["base"], "--prompt", "1",
+                               "--out", tmp_path / name)
+        assert code == 2 and message in err, err
+    assert (tmp_path / "grid.png").read_bytes() == b"mine"
+
+
+# ---- every expected failure is one line `ngrpo CMD: error: ...` ---------------------------------------------------
+
+def one_line_error(capsys, command, *argv, code=2):
+    got, _, err = run_cli(capsys, command, *argv)
+    lines = err.strip().splitlines()
+    assert got == code and len(lines) == 1 and lines[0].startswith(f"ngrpo {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_a_malformed_yaml_file_is_named_with_line_and_column(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("iterations: 2\noptim:\n  lr: 1e-4\n   max_grad_norm: 1\n")
+    line = one_line_error(capsys, "train", config, "--out", tmp_path / "r")
+    assert f"{str(config)!r}:4:" in line and "<unicode string>" not in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_bad_yaml_value_in_an_override(tmp_path, capsys):
+    line = one_line_error(capsys, "train", "optim.lr=[1e-4", "--out", tmp_path / "r")
+    assert "override 'optim.lr=[1e-4'" in line and "not valid YAML" in line
+
+
+def test_a_device_this_torch_cannot_use(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = one_line_error(capsys, "train", "iterations=1", "device=cuda", "--out", tmp_path / "r")
+    assert "device: 'cuda' needs CUDA" in line
+    line = one_line_error(capsys, "sample", "--checkpoint", tmp_path, "--prompt", "1", "--device", "cuda:0",
+                          "--out", tmp_path / "x.png")
+    assert "--device: 'cuda:0' needs CUDA" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_below_a_file_or_equal_to_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("keep")
+    assert "is a file, not a folder" in one_line_error(capsys, "train", "iterations=1", "--out", tmp_path / "f" / "r")
+    assert "is a file, not a folder" in one_line_error(capsys, "train", "iterations=1", "--out", tmp_path / "f")
+    assert "is a file, not a folder" in one_line_error(capsys, "eval", "--checkpoint", tmp_path,
+                                                       "--out", tmp_path / "f" / "x.json")
+    assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_a_read_only_file_system(capsys):
+    # /sys refuses new files even to root (chmod does not stop root; a read-only mount needs privileges)
+    line = one_line_error(capsys, "train", "iterations=1", "--out", "/sys/ngrpo-run")
+    assert "cannot write in '/sys'" in line
+
+
+def test_eval_with_a_reward_that_returns_nan(builtin_models, tmp_path, monkeypatch, capsys):
+    (tmp_path / "nan_reward.py").write_text("import torch\n\ndef make():\n"
+                                            "    return lambda images, prompts: torch.full((len(prompts),), float('nan'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = one_line_error(capsys, "eval", "--checkpoint", builtin_models["base"], "--prompts", "1", "--steps", "2",
+                          "--samples-per-prompt", "2", "--reward", "nan_reward.make", "--out", tmp_path / "x.json",
+                          code=1)
+    assert "non-finite score(s)" in line
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_compare_with_a_zero_budget(tmp_path, capsys):
+    assert "--budget-s: expected a number > 0" in one_line_error(capsys, "compare", "--budget-s", "0",
+                                                                 "--out", tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--debug", "compare", "--budget-s", "0", "--out", tmp_path / "c.json")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("ngrpo compare: error:")
+
+
+def test_an_unexpected_exception_is_one_line_pointing_at_debug(monkeypatch, capsys):
+    import neighbor_grpo.config as config_module
+
+    monkeypatch.setattr(config_module, "config_reference", lambda: [][0])  # an IndexError: a bug in the tool
+    code, _, err = run_cli(capsys, "config")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "unexpected IndexError" in err and "--debug" in err
+
+
+def test_a_closed_pipe_and_an_early_ctrl_c_are_quiet(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    piped = subprocess.run(f"{shutil.which('python') or 'python'} -m neighbor_grpo.cli config | head -1",
+                           shell=True, capture_output=True, text=True, env=env, timeout=300)
+    assert piped.stdout.startswith("| key |") and piped.stderr == "", piped.stderr
+    import signal
+    import time
+
+    for delay in (0.5, 1.5):  # while Python imports torch (an interrupted import may surface as another error)
+        worker = subprocess.Popen([shutil.which("python") or "python", "-m", "neighbor_grpo.cli", "train",
+                                   "iterations=1", "--out", str(tmp_path / "r")], stderr=subprocess.PIPE, text=True,
+                                  env=env)
+        time.sleep(delay)
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines() == ["ngrpo train: interrupted (a run continues from its latest checkpoint "
+                                            "with `ngrpo train --resume RUN`)"], err
+        assert list(tmp_path.iterdir()) == []  # no half-made run folder
