@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
+import signal
 import sys
-from pathlib import Path
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C before main() is running (Python is still importing): nothing was written yet, so one line and 130."""
+    os.write(2, b"ngrpo: interrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "ngrpo":  # the program, not an import by a test
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from neighbor_grpo.failures import InterruptSeen, report_failure, report_interrupt, stdout_is_closed  # light: loaded before any Ctrl-C can matter
 from neighbor_grpo.cli_sampling import _cmd_eval, _cmd_sample  # the sample and eval commands (light, too)
