@@ -3,50 +3,22 @@
 1. peft's get_peft_model under FakeTensorMode, vs meta build -> LoRA -> to_empty under FakeTensorMode.
 2. FlopCounterMode on CPU scaled-dot-product attention.
 3. A forward + backward of a small FLUX transformer with LoRA, traced under FakeTensorMode at real shapes, its peak
-   live bytes (storages tracked by weakref) against the same tracker and torch.profiler on a real CPU run.
+   live bytes (neighbor_grpo.plan.live_bytes.LiveBytes: storages tracked by weakref) against the same tracker and torch.profiler on a real CPU run.
 Run: PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/planner_spike/fake_trace.py
 """
-import weakref
-
 import diffusers
 import peft
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+
+from neighbor_grpo.plan.live_bytes import LiveBytes
 
 CONFIG = dict(in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=4,
               joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 12, 12))
 BATCH, IMAGE_TOKENS, TEXT_TOKENS = 4, 1024, 64
 LORA = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages created while active (each counted once, freed when its storage dies)."""
-
-    def __init__(self, baseline=0):
-        super().__init__()
-        self.live = self.peak = baseline
-        self.seen = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = id(storage)
-                if key not in self.seen:
-                    nbytes = storage.nbytes()
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    self.seen[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self.free(k, n))
-        return out
-
-    def free(self, key, nbytes):
-        self.live -= nbytes
-        self.seen.pop(key, None)
 
 
 def inputs():
