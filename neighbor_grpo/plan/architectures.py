@@ -1,0 +1,110 @@
+"""The shipped architectures of the models users train, as their published configs, built on the `meta` device
+(shapes only: no memory, no weights, no download). The planner reads parameter counts and traces shapes from them.
+
+Each config is the `config.json` of the Hub repository named in `source` (only the fields that differ from the
+library class's defaults, plus the ones that define the size); `published` is the figure the model's authors or
+its model card state, which tests/plan/test_architectures.py checks the meta build against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Component:
+    library: str        # "diffusers" or "transformers"
+    class_name: str     # the model class, built from `config`
+    config: dict = field(default_factory=dict)
+    source: str = ""    # the config.json these values are copied from
+    published: float = 0.0  # published parameter count
+    published_source: str = ""
+    tolerance: float = 0.01  # relative gap allowed between the meta build's count and `published`
+
+
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        axes_dims_rope=(16, 56, 56))
+HUB = "https://huggingface.co"
+FLUX_PUBLISHED = "12 B per the FLUX.1 model cards; 11.9 B for the transformer as counted by diffusers"
+
+COMPONENTS: dict[str, Component] = {
+    "flux-dev-transformer": Component(
+        "diffusers", "FluxTransformer2DModel", {**FLUX_TRANSFORMER, "guidance_embeds": True},
+        f"{HUB}/black-forest-labs/FLUX.1-dev/blob/main/transformer/config.json", 11.9e9, FLUX_PUBLISHED),
+    "flux-schnell-transformer": Component(
+        "diffusers", "FluxTransformer2DModel", {**FLUX_TRANSFORMER, "guidance_embeds": False},
+        f"{HUB}/black-forest-labs/FLUX.1-schnell/blob/main/transformer/config.json", 11.9e9, FLUX_PUBLISHED),
+    "sd35-medium-transformer": Component(
+        "diffusers", "SD3Transformer2DModel",
+        dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        f"{HUB}/stabilityai/stable-diffusion-3.5-medium/blob/main/transformer/config.json", 2.5e9,
+        "2.5 B (MMDiT-X) per the Stable Diffusion 3.5 Medium model card; the config counts 2.243 B, so the card rounds "
+        "up by 10% (every copy of this config.json we found agrees, dual attention in blocks 0-12)", tolerance=0.11),
+    "sd35-large-transformer": Component(
+        "diffusers", "SD3Transformer2DModel",
+        dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+             num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+        f"{HUB}/stabilityai/stable-diffusion-3.5-large/blob/main/transformer/config.json", 8.1e9,
+        "8.1 B per the Stable Diffusion 3.5 Large model card"),
+    "t5-xxl-encoder": Component(
+        "transformers", "T5EncoderModel",
+        dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+             relative_attention_num_buckets=32, relative_attention_max_distance=128,
+             feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False),
+        f"{HUB}/black-forest-labs/FLUX.1-dev/blob/main/text_encoder_2/config.json (google/t5-v1_1-xxl)", 4.76e9,
+        "4.76 B: the encoder half of T5 v1.1 XXL (11 B), as used by FLUX.1 and SD3"),
+    "clip-l": Component(
+        "transformers", "CLIPTextModelWithProjection",
+        dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+             num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+        f"{HUB}/stabilityai/stable-diffusion-3.5-medium/blob/main/text_encoder/config.json (openai/clip-vit-large-patch14)",
+        123e6, "123 M: the CLIP ViT-L/14 text tower (OpenAI CLIP paper, Table 20 text width 768, 12 layers)"),
+    "clip-g": Component(
+        "transformers", "CLIPTextModelWithProjection",
+        dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+             num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"),
+        f"{HUB}/stabilityai/stable-diffusion-3.5-medium/blob/main/text_encoder_2/config.json (laion/CLIP-ViT-bigG-14)",
+        695e6, "695 M: the OpenCLIP ViT-bigG/14 text tower (SDXL paper: 'OpenCLIP ViT-bigG' text encoder)"),
+}
+
+# Which components make up each model the planner knows (the text encoders run once per prompt).
+MODELS = {
+    "flux-dev": ("flux-dev-transformer", "t5-xxl-encoder", "clip-l"),
+    "flux-schnell": ("flux-schnell-transformer", "t5-xxl-encoder", "clip-l"),
+    "sd35-medium": ("sd35-medium-transformer", "clip-l", "clip-g", "t5-xxl-encoder"),
+    "sd35-large": ("sd35-large-transformer", "clip-l", "clip-g", "t5-xxl-encoder"),
+}
+
+
+def build_on_meta(name: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The component `name` with every parameter on the meta device (shapes and dtypes, no storage)."""
+    if name not in COMPONENTS:
+        raise ValueError(f"architecture: unknown {name!r}; choose from {sorted(COMPONENTS)}")
+    component = COMPONENTS[name]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            if component.library == "diffusers":
+                import diffusers
+
+                return getattr(diffusers, component.class_name)(**component.config)
+            import transformers
+
+            model_class = getattr(transformers, component.class_name)
+            config_class = transformers.T5Config if model_class is transformers.T5EncoderModel else transformers.CLIPTextConfig
+            return model_class(config_class(**component.config))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights once), meta or real."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
