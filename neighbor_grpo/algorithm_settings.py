@@ -105,6 +105,24 @@ class FlowGRPOConfig:
     old_policy: str = "rollout"
     """Where the old log-probs come from: 'rollout' (recorded while sampling, free) or 'recompute' (a no-grad
     pass batched like the training pass before the first update, so the ratio is exactly 1)."""
+    sde_type: str = "flow_sde"
+    """The stochastic step: 'flow_sde' (Flow-GRPO's SDE) or 'cps' (Coefficients-Preserving Sampling, the
+    reference's sde_type 'cps': a DDIM-style step whose noise keeps the forward marginal's std s'). The reference
+    runs CPS in its Fast no-CFG configs: fast_window_size 3, eps_clip 1e-5, cps_eta 0.8."""
+    cps_eta: float = 0.8
+    """CPS's eta in (0, 1]: injected noise std sigma_j = s_{j+1} sin(eta pi / 2) (the reference's noise_level
+    with sde_type 'cps'; 0.8 as its README recommends)."""
+    cps_logprob: str = "code"
+    """[D] CPS log-prob: 'code' (the reference's -mean_d (x' - mean)^2, no 1 / (2 sigma^2); eps_clip 1e-5) or
+    'gaussian' (the true Gaussian log-density averaged over dims; the clip range must be re-tuned)."""
+    guard_ratio_norm: bool = False
+    """GRPO-Guard's RatioNorm: log rho = (logp - logp_old + mean_d (mean - mean_old)^2 / (2 shat^2)) * shat,
+    shat the step's std; removes the negative bias of the log-ratio and its 1/shat scale (the reference's
+    rationorm, with guard_grad_reweight). Not defined with sde_type 'cps'."""
+    guard_grad_reweight: bool = False
+    """GRPO-Guard's gradient reweighting: each step's clipped loss divided by |dt| = s_j - s_{j+1}, so every
+    noise level gets a comparable gradient (the reference's rationorm, with guard_ratio_norm). Not defined with
+    sde_type 'cps'."""
 
 
 @dataclass

@@ -46,6 +46,14 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     "dance_grpo": ["algorithm=dance_grpo", *REFERENCE_OPTIMIZER["dance_grpo"]],  # 25 SDE steps, fraction 0.6
     "mix_grpo": ["algorithm=mix_grpo", *REFERENCE_OPTIMIZER["mix_grpo"]],  # 25 steps, SDE window of 4
     "mix_grpo_flash": ["algorithm=mix_grpo", "mix_grpo.flash=true", *REFERENCE_OPTIMIZER["mix_grpo"]],
+    # yifan123/flow_grpo config/grpo.py pickscore_sd3_fast_nocfg (L323-L363): CPS eta 0.8 in a window of 3 steps
+    # starting in [0, N // 2 - 3], clip 1e-5, global std, KL off; 10 steps
+    "flow_grpo_cps": ["algorithm=flow_grpo", "flow_grpo.sde_type=cps", "flow_grpo.cps_eta=0.8",
+                      "flow_grpo.fast_window_size=3", "flow_grpo.eps_clip=1e-5", *REFERENCE_OPTIMIZER["flow_grpo"]],
+    # yifan123/flow_grpo config/grpo_guard.py pickscore_hps_sd3_ratio_norm (L84-L129): rationorm (both
+    # mechanisms), clip 4e-6, per-group std, eta 0.7, steps 0-8 of 10, KL off
+    "grpo_guard": ["algorithm=flow_grpo", "flow_grpo.guard_ratio_norm=true", "flow_grpo.guard_grad_reweight=true",
+                   "flow_grpo.eps_clip=4e-6", "flow_grpo.global_std=false", *REFERENCE_OPTIMIZER["flow_grpo"]],
 }
 REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
 
@@ -75,7 +83,7 @@ PROBE_PER_PROMPT = 8
 
 def equal_steps_overrides(method: str, steps: int) -> list[str]:
     """The same method with `steps` rollout steps."""
-    section = "mix_grpo" if method.startswith("mix_grpo") else method
+    section = next(o.split("=", 1)[1] for o in PAPER_SETTINGS[method] if o.startswith("algorithm="))
     extra = [f"{section}.rollout_steps={steps}"]
     if section == "mix_grpo":
         extra.append(f"mix_grpo.window_size={min(4, steps - 2)}")

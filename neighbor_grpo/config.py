@@ -509,6 +509,12 @@ def _validate_sde_baselines(config: TrainConfig) -> None:
     _check(0 < f.train_step_fraction <= 1, "flow_grpo.train_step_fraction", "a value in (0, 1]", f.train_step_fraction)
     _check(f.kl_beta >= 0, "flow_grpo.kl_beta", "a value >= 0", f.kl_beta)
     _check(f.fast_window_size >= 0, "flow_grpo.fast_window_size", "an integer >= 0 (0 disables)", f.fast_window_size)
+    _check(f.sde_type in ("flow_sde", "cps"), "flow_grpo.sde_type", "flow_sde or cps", f.sde_type)
+    _check(0 < f.cps_eta <= 1, "flow_grpo.cps_eta", "a value in (0, 1]", f.cps_eta)
+    _check(f.cps_logprob in ("code", "gaussian"), "flow_grpo.cps_logprob", "code or gaussian", f.cps_logprob)
+    if f.sde_type == "cps" and (f.guard_ratio_norm or f.guard_grad_reweight):
+        raise ConfigError("flow_grpo.sde_type: cps cannot be combined with flow_grpo.guard_ratio_norm or "
+                          "flow_grpo.guard_grad_reweight (GRPO-Guard is defined on the Flow-GRPO SDE only)")
     if f.fast_window_size > 0:
         end = f.rollout_steps // 2 if f.fast_window_end is None else f.fast_window_end
         _check(f.fast_window_size <= end <= f.rollout_steps - 1, "flow_grpo.fast_window_end",

@@ -134,7 +134,8 @@ def _assert_applied(config, overrides: list[str]) -> None:
 
 def test_every_method_and_ablation_builds_the_config_it_names():
     algorithm_of = {"neighbor_grpo": "neighbor_grpo", "flow_grpo": "flow_grpo", "dance_grpo": "dance_grpo",
-                    "mix_grpo": "mix_grpo", "mix_grpo_flash": "mix_grpo"}
+                    "mix_grpo": "mix_grpo", "mix_grpo_flash": "mix_grpo", "flow_grpo_cps": "flow_grpo",
+                    "grpo_guard": "flow_grpo"}
     assert set(PAPER_SETTINGS) == set(algorithm_of)
     for name, overrides in PAPER_SETTINGS.items():
         config = load_config(None, overrides)
@@ -162,6 +163,8 @@ REFERENCE_SETTINGS = {
     "dance_grpo": (0.01, 1e-4, (0.9, 0.999), 1e-8, 1e-4, 5.0),      # finetune_flux_grpo_8gpus.sh:46-55
     "mix_grpo": (1.0, 1e-4, (0.9, 0.999), 1e-8, 1e-4, 5.0),         # finetune_flux_grpo_MixGRPO.sh:148-157
     "mix_grpo_flash": (1.0, 1e-4, (0.9, 0.999), 1e-8, 1e-4, 5.0),   # finetune_flux_grpo_MixGRPO_Flash.sh:148-157
+    "flow_grpo_cps": (1.0, 1e-4, (0.9, 0.999), 1e-8, 1e-5, 5.0),    # flow_grpo config/grpo.py:323-363
+    "grpo_guard": (1.0, 1e-4, (0.9, 0.999), 1e-8, 4e-6, 5.0),       # flow_grpo config/grpo_guard.py:84-129
 }
 
 

@@ -3,6 +3,8 @@
 Each denoising step but the last is a Gaussian policy (sd3_sde_with_logprob.py); the per-sample PPO-clipped
 objective is trained on the first `train_step_fraction` of those steps, with per-prompt advantages and an
 optional KL to the reference model on the step means. Flow-GRPO-Fast: SDE only inside a small window of steps.
+`sde_type: cps` swaps the step for Coefficients-Preserving Sampling (and its log-prob); `guard_ratio_norm` and
+`guard_grad_reweight` turn the loss into GRPO-Guard's (neighbor_grpo.algorithms.grpo_guard).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import torch
 
 from neighbor_grpo.algorithm_settings import FlowGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import center_in_group, clip_advantages
-from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, batched_velocity
-from neighbor_grpo.algorithms.sde import (ROLE_WINDOW, flow_grpo_mean_std, flow_grpo_noise_scale, flow_grpo_sde_step,
-                                          sde_old_policy, rollout_noises, sde_minibatches, sde_policy_loss,
-                                          sde_rollout, sde_steps)
+from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, batched_velocity, gather_members
+from neighbor_grpo.algorithms.grpo_guard import grad_reweight, ratio_norm_log_ratio
+from neighbor_grpo.algorithms.sde import (ROLE_WINDOW, cps_code_log_prob, cps_mean_std, cps_sde_step,
+                                          flow_grpo_mean_std, flow_grpo_noise_scale, flow_grpo_sde_step,
+                                          gaussian_log_prob, sde_old_policy, rollout_noises, sde_minibatches,
+                                          sde_policy_loss, sde_rollout, sde_steps)
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.noise import keyed_generator
 
@@ -45,7 +49,18 @@ class FlowGRPO:
 
     def _mean_std(self, x: torch.Tensor, v: torch.Tensor, j: int, rollout: Rollout) -> tuple[torch.Tensor, float]:
         s, s_next, s_1 = (float(rollout.sigmas[k]) for k in (j, j + 1, 1))
+        if self.cps:
+            return cps_mean_std(x.float(), v.float(), s, s_next, self.config.cps_eta)
         return flow_grpo_mean_std(x, v, s, s_next, self.config.noise_level, s_1)
+
+    @property
+    def cps(self) -> bool:
+        return self.config.sde_type == "cps"
+
+    @property
+    def log_prob(self):
+        """CPS's reference log-prob drops the 1 / (2 sigma^2) and the constants ('code'); otherwise the Gaussian."""
+        return cps_code_log_prob if self.cps and self.config.cps_logprob == "code" else gaussian_log_prob
 
     @torch.no_grad()
     def rollout(self, velocity: VelocityFn, cond: torch.Tensor, prompts, prompt_indices, iteration: int,
@@ -57,8 +72,12 @@ class FlowGRPO:
                                    prompt_indices, device, candidates)
         sigmas = sigma_grid(c.rollout_steps, shift=c.shift or 1.0).to(device)
         s_1 = float(sigmas[1])
-        step = lambda x, v, s, s_next, noise: flow_grpo_sde_step(x, v, s, s_next, noise, noise_level=c.noise_level, s_1=s_1)
-        return sde_rollout(velocity, noises, cond, sigmas, self.sde_mask(iteration).to(device), step, z, prompts, prompt_indices)
+        if self.cps:
+            step = lambda x, v, s, s_next, noise: cps_sde_step(x, v, s, s_next, noise, eta=c.cps_eta)
+        else:
+            step = lambda x, v, s, s_next, noise: flow_grpo_sde_step(x, v, s, s_next, noise, noise_level=c.noise_level, s_1=s_1)
+        return sde_rollout(velocity, noises, cond, sigmas, self.sde_mask(iteration).to(device), step, z, prompts,
+                           prompt_indices, log_prob=self.log_prob)
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """(r - mean_prompt) / (std + 1e-4), population std of the prompt's group or of the whole batch (global_std)."""
@@ -75,7 +94,7 @@ class FlowGRPO:
         return sde_minibatches(stochastic[:count], rollout, c.num_minibatches, c.minibatch_by, self.seed, iteration)
 
     def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
-        return sde_old_policy(self.config.old_policy, velocity, rollout, batches, self._mean_std)
+        return sde_old_policy(self.config.old_policy, velocity, rollout, batches, self._mean_std, self.log_prob)
 
     def loss(self, velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,
              reference_velocity: VelocityFn | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -87,7 +106,19 @@ class FlowGRPO:
                 with torch.no_grad():
                     v_ref = batched_velocity(reference_velocity, x, rollout.sigmas[j], rollout.cond)
                     mean_ref, _ = self._mean_std(x, v_ref, j, rollout)
-                sigma_t = flow_grpo_noise_scale(float(rollout.sigmas[j]), c.noise_level, float(rollout.sigmas[1]))
-                kl = (mean - mean_ref).pow(2).flatten(2).mean(-1) / (2 * sigma_t**2)
+                kl = (mean - mean_ref).pow(2).flatten(2).mean(-1)
+                if not self.cps:  # CPS: FlowCPS's mean_d (mu - mu_ref)^2 (its sigma is 0 at s' = 0)
+                    kl = kl / (2 * flow_grpo_noise_scale(float(rollout.sigmas[j]), c.noise_level, float(rollout.sigmas[1]))**2)
                 return c.kl_beta * kl.mean()
-        return sde_policy_loss(velocity, rollout, advantages, batch, self._mean_std, c.eps_clip, penalty)
+        adjust = step_weight = None
+        if c.guard_ratio_norm:
+            def adjust(log_ratio, mean, std, j, members):
+                # mu_old from the stored old-policy velocity at the stored state: what the rollout (or the
+                # recompute pass) used for logp_old, so the ratio is 1 wherever logp_old is exact
+                old_mean, _ = self._mean_std(gather_members(rollout.states[j], members),
+                                             gather_members(rollout.velocities[j], members), j, rollout)
+                return ratio_norm_log_ratio(log_ratio, mean, old_mean, std)
+        if c.guard_grad_reweight:
+            step_weight = lambda j: grad_reweight(float(rollout.sigmas[j]), float(rollout.sigmas[j + 1]))
+        return sde_policy_loss(velocity, rollout, advantages, batch, self._mean_std, c.eps_clip, penalty,
+                               self.log_prob, adjust, step_weight)

@@ -89,6 +89,40 @@ def dance_grpo_sde_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: floa
     return SDEStep(_sample(mean, std, noise, generator), mean, std)
 
 
+# ---- CPS (Wang & Yu 2025, flow_grpo sd3_sde_with_logprob.py, sde_type 'cps'; spec competitors.md 3.1) ----------
+
+def cps_noise_std(s_next: float, eta: float) -> float:
+    """CPS's injected noise std sigma_j = s' sin(eta pi / 2): 0 at eta 0 (Euler) and at s' = 0, s' at eta 1."""
+    return s_next * math.sin(eta * math.pi / 2)
+
+
+def cps_mean_std(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, eta: float = 0.8
+                 ) -> tuple[torch.Tensor, float]:
+    """mean = (1 - s') x0hat + sqrt(s'^2 - sigma^2) epshat, x0hat = x - s v, epshat = x + (1 - s) v: the data
+    coefficient 1 - s' and the total noise std sqrt(s'^2 - sigma^2 + sigma^2) = s' of the forward marginal."""
+    sigma = cps_noise_std(s_next, eta)
+    x0hat, epshat = x - s * v, x + (1 - s) * v
+    # max(.., 0): s'^2 - (s' sin)^2 can round a hair below 0 at eta 1
+    mean = (1 - s_next) * x0hat + math.sqrt(max(s_next**2 - sigma**2, 0.0)) * epshat
+    return mean, sigma
+
+
+def cps_sde_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, eta: float = 0.8) -> SDEStep:
+    """Coefficients-Preserving Sampling: x_next = mean + sigma_j z (the reference computes it in float32)."""
+    mean, sigma = cps_mean_std(x.float(), v.float(), s, s_next, eta)
+    x_next = _sample(mean, sigma, None if noise is None else noise.float(), generator)
+    return SDEStep(x_next.to(x.dtype), mean, sigma)
+
+
+def cps_code_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor = 1.0,
+                      batch_dims: int = 1) -> torch.Tensor:
+    """The reference's CPS log-prob -mean_d (sg(x_next) - mean)^2 ("remove all constants": no 1 / (2 sigma^2),
+    so log rho_code = (2 sigma^2 / D) log rho_true, a step-dependent temperature). `std` is unused; it keeps the
+    signature of gaussian_log_prob."""
+    return -((x_next.detach() - mean) ** 2).mean(dim=tuple(range(batch_dims, mean.dim())))
+
+
 # ---- the Gaussian policy ----------------------------------------------------------------------------------------
 
 def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
@@ -109,6 +143,7 @@ def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | tor
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, float, float, torch.Tensor], SDEStep]  # (x, v, s, s_next, z)
 OdeStepFn = Callable[[int, list, list, list], torch.Tensor]  # (j, states, velocities, grid) -> x_{j+1}
+LogProbFn = Callable[..., torch.Tensor]  # (x_next, mean, std, batch_dims) -> log-prob per sample
 
 
 def euler_ode_step(j: int, states: list, velocities: list, grid: list) -> torch.Tensor:
@@ -149,7 +184,8 @@ def rollout_noises(shape: tuple[int, ...], group_size: int, num_steps: int, same
 @torch.no_grad()
 def sde_rollout(velocity: VelocityFn, noises: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor,
                 sde_mask: torch.Tensor, sde_step: StepFn, noise: torch.Tensor, prompts: Sequence[str],
-                prompt_indices: Sequence[int], ode_step: OdeStepFn = euler_ode_step) -> Rollout:
+                prompt_indices: Sequence[int], ode_step: OdeStepFn = euler_ode_step,
+                log_prob: LogProbFn = gaussian_log_prob) -> Rollout:
     """Sample all P*G candidates at once: SDE steps where `sde_mask` is set (keeping their log-probs under the old
     policy), deterministic steps elsewhere. `noise` is (P, G, N, *latent); one model evaluation per state."""
     P, G = noises.shape[:2]
@@ -163,7 +199,7 @@ def sde_rollout(velocity: VelocityFn, noises: torch.Tensor, cond: torch.Tensor, 
         velocities.append(v)
         if bool(sde_mask[j]):
             step = sde_step(states[j], v, grid[j], grid[j + 1], noise[:, :, j].reshape(P * G, *latent))
-            log_probs[j] = gaussian_log_prob(step.x_next, step.mean, step.std).view(P, G)
+            log_probs[j] = log_prob(step.x_next, step.mean, step.std).view(P, G)
             states.append(step.x_next)
         else:
             states.append(ode_step(j, states, velocities, grid))
@@ -203,33 +239,34 @@ def sde_minibatches(steps: list[int], rollout: Rollout, num_minibatches: int, mi
 MeanStdFn = Callable[[torch.Tensor, torch.Tensor, int, Rollout], tuple[torch.Tensor, float]]  # (x, v, j, rollout)
 
 
-def transition_log_prob(velocity: VelocityFn, rollout: Rollout, j: int, members: torch.Tensor, mean_std: MeanStdFn
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def transition_log_prob(velocity: VelocityFn, rollout: Rollout, j: int, members: torch.Tensor, mean_std: MeanStdFn,
+                        log_prob: LogProbFn = gaussian_log_prob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """log pi(x_{j+1} | x_j) of the members' stored transitions under `velocity`: (log_prob (P, M), v, mean, std)."""
     x = gather_members(rollout.states[j], members)
     v = batched_velocity(velocity, x, rollout.sigmas[j], rollout.cond)
     mean, std = mean_std(x, v, j, rollout)
-    return gaussian_log_prob(gather_members(rollout.states[j + 1], members), mean, std, batch_dims=2), v, mean, std
+    return log_prob(gather_members(rollout.states[j + 1], members), mean, std, batch_dims=2), v, mean, std
 
 
 @torch.no_grad()
-def sde_old_policy(mode: str, velocity, rollout, batches, mean_std):
+def sde_old_policy(mode: str, velocity, rollout, batches, mean_std, log_prob: LogProbFn = gaussian_log_prob):
     """The rollout's own log-probs ('rollout'), or a no-grad recompute batched like training ('recompute')."""
     if mode == "rollout":
         return rollout
     if mode != "recompute":
         raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {mode!r}")
-    return recompute_old_policy(velocity, rollout, batches, mean_std)
+    return recompute_old_policy(velocity, rollout, batches, mean_std, log_prob)
 
 
-def recompute_old_policy(velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch], mean_std: MeanStdFn) -> Rollout:
+def recompute_old_policy(velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch], mean_std: MeanStdFn,
+                         log_prob: LogProbFn = gaussian_log_prob) -> Rollout:
     """Old log-probs (and velocities) at the trained units from a no-grad pass batched exactly like the training
     pass, so the ratio is exactly 1 before the first update."""
     log_probs, velocities = rollout.log_probs.clone(), rollout.velocities.clone()
     for batch in batches:
         for j in batch.steps:
-            log_prob, v, _, _ = transition_log_prob(velocity, rollout, j, batch.members, mean_std)
-            log_probs[j].scatter_(1, batch.members.to(log_prob.device), log_prob)
+            new_log_prob, v, _, _ = transition_log_prob(velocity, rollout, j, batch.members, mean_std, log_prob)
+            log_probs[j].scatter_(1, batch.members.to(new_log_prob.device), new_log_prob)
             index = batch.members.view(*batch.members.shape, *([1] * (v.dim() - 2))).expand_as(v)
             velocities[j].scatter_(1, index.to(v.device), v)
     return rollout._replace(log_probs=log_probs, velocities=velocities)
@@ -242,21 +279,31 @@ def ppo_clipped_loss(ratio: torch.Tensor, advantages: torch.Tensor, eps_clip: fl
     return torch.maximum(unclipped, clipped).mean()
 
 
+LogRatioFn = Callable[[torch.Tensor, torch.Tensor, float, int, torch.Tensor], torch.Tensor]  # (log_ratio, mean, std, j, members)
+
+
 def sde_policy_loss(velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,
                     mean_std: MeanStdFn, eps_clip: float,
-                    penalty: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+                    penalty: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                    log_prob: LogProbFn = gaussian_log_prob, adjust_log_ratio: LogRatioFn | None = None,
+                    step_weight: Callable[[int], float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The per-sample clipped loss averaged over the batch's steps (the references accumulate gradients over
-    timesteps with loss / num_train_timesteps). `penalty(x, mean, j)` adds e.g. Flow-GRPO's KL term.
+    timesteps with loss / num_train_timesteps). `penalty(x, mean, j)` adds e.g. Flow-GRPO's KL term;
+    `adjust_log_ratio` replaces the log-ratio (GRPO-Guard's RatioNorm) and `step_weight(j)` scales step j's
+    clipped loss (GRPO-Guard's 1/|dt|).
 
-    approx_kl is Flow-GRPO's logged estimator 0.5 * mean((logp - logp_old)^2)."""
+    approx_kl is Flow-GRPO's logged estimator 0.5 * mean((logp - logp_old)^2), on the log-ratio the clip sees."""
     total, stats = 0.0, []
     A = gather_groups(advantages, batch.members)
     for j in batch.steps:
-        log_prob, _, mean, _ = transition_log_prob(velocity, rollout, j, batch.members, mean_std)
-        log_ratio = log_prob - gather_groups(rollout.log_probs[j], batch.members)
+        new_log_prob, _, mean, std = transition_log_prob(velocity, rollout, j, batch.members, mean_std, log_prob)
+        log_ratio = new_log_prob - gather_groups(rollout.log_probs[j], batch.members)
+        if adjust_log_ratio is not None:
+            log_ratio = adjust_log_ratio(log_ratio, mean, std, j, batch.members)
         ratio = log_ratio.exp()
         policy = ppo_clipped_loss(ratio, A, eps_clip)
+        if step_weight is not None:
+            policy = policy * step_weight(j)
         extra = penalty(gather_members(rollout.states[j], batch.members), mean, j) if penalty is not None else torch.zeros(())
         total = total + policy + extra
         detached = ratio.detach()
