@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neighbor_grpo.compare import PAPER_SETTINGS
+from neighbor_grpo.compare import MAIN_TABLE, PAPER_SETTINGS
 from neighbor_grpo.config import load_config
 from neighbor_grpo.cost import CountedReference
 from neighbor_grpo.iteration import ModelCallCounter, train_iteration
@@ -20,7 +20,7 @@ from neighbor_grpo.parts import build_training_parts
 METHODS: dict[str, list[str]] = {
     "neighbor_grpo": PAPER_SETTINGS["neighbor_grpo"],
     "neighbor_grpo_no_ref": PAPER_SETTINGS["neighbor_grpo"] + ["neighbor_grpo.ref_beta=0"],
-    **{name: overrides for name, overrides in PAPER_SETTINGS.items() if name != "neighbor_grpo"},
+    **{name: PAPER_SETTINGS[name] for name in MAIN_TABLE if name != "neighbor_grpo"},
 }
 
 
