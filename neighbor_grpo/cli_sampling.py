@@ -165,8 +165,9 @@ def _cmd_eval(args) -> None:
     try:  # non-finite samples or scores: an error, never NaN in the results
         result, images = score_model(adapter, rewards, prompts, sampling["samples_per_prompt"], sampling["seed"],
                                      sampling["solver"], sampling["steps"], shift, monitors)
-    except FloatingPointError as error:
-        raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: {error}; nothing written") from None
+    except FloatingPointError as error:  # NaN samples: the checkpoint is unusable (2); a NaN score: the reward failed (1)
+        failed = ValueError if "samples hold" in str(error) else RuntimeError
+        raise failed(f"--checkpoint {str(args.checkpoint)!r}: {error}; nothing written") from None
     nonfinite = sorted(k for k, v in result["metrics"].items() if isinstance(v, float) and not math.isfinite(v))
     if nonfinite:
         raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: non-finite metrics {nonfinite}; nothing written")

@@ -579,13 +579,13 @@ def test_eval_with_a_reward_that_returns_nan(builtin_models, tmp_path, monkeypat
 
 
 def test_compare_with_a_zero_budget(tmp_path, capsys):
-    assert "--budget-s: expected a number > 0" in one_line_error(capsys, "compare", "--budget-s", "0",
-                                                                 "--out", tmp_path / "c.json")
+    assert "--budget-fe: expected > 0" in one_line_error(capsys, "compare", "--budget-fe", "0",
+                                                         "--out", tmp_path / "c.json")
     assert not (tmp_path / "c.json").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "--debug", "compare", "--budget-s", "0", "--out", tmp_path / "c.json")
+    code, _, err = run_cli(capsys, "--debug", "compare", "--budget-fe", "0", "--out", tmp_path / "c.json")
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("ngrpo compare: error:")
 
 

@@ -93,7 +93,7 @@ def test_a_later_table_reports_against_the_frozen_target(short_comparison, tmp_p
 def test_an_existing_out_is_refused_before_anything_runs(short_comparison, capsys):
     out, _ = short_comparison
     code = main(["compare", "--out", str(out), "--budget-fe", "100", "--no-progress"])
-    assert code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert code == 2 and "exist(s); pass --overwrite to replace" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, words", [
