@@ -262,8 +262,9 @@ class AWMConfig:
     """[D] p of the ghuber weighting (1 gives s * err)."""
     adv_clip: float = 5.0
     """Advantages clipped to +-adv_clip."""
-    adv_max: float = 1.0
-    """[D] Ahat = clip(A) / adv_clip * adv_max, in [-adv_max, adv_max] (a constant learning-rate factor)."""
+    advantage_max: float = 1.0
+    """[D] Ahat = clip(A) / adv_clip * advantage_max, in [-advantage_max, advantage_max] (a constant
+    learning-rate factor)."""
     global_std: bool = True
     """[D] divide by the std of all rewards in the batch (the code) instead of each prompt's."""
     adv_eps: float = 1e-4

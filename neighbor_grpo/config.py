@@ -543,7 +543,7 @@ def _validate_forward_process(config: TrainConfig) -> None:
     _check(a.weighting in ("ghuber", "uniform", "t", "t2", "huber"), "awm.weighting", "ghuber, uniform, t, t2 or huber",
            a.weighting)
     _check(a.ghuber_p > 0, "awm.ghuber_p", "a value > 0", a.ghuber_p)
-    _check(a.adv_max > 0, "awm.adv_max", "a value > 0", a.adv_max)
+    _check(a.advantage_max > 0, "awm.advantage_max", "a value > 0", a.advantage_max)
     _check(a.ema_beta >= 0, "awm.ema_beta", "a value >= 0 (0 disables)", a.ema_beta)
     _check(0 <= a.ema_decay < 1, "awm.ema_decay", "a value in [0, 1)", a.ema_decay)
     _check(a.ema_ramp in ("linear", "constant"), "awm.ema_ramp", "linear or constant", a.ema_ramp)

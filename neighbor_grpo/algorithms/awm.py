@@ -143,7 +143,7 @@ class AWM:
         c = self.config
         members = batch.members
         x0 = gather_members(rollout.final, members)
-        a_hat = torch.gather(advantages, 1, members.to(advantages.device)) / c.adv_clip * c.adv_max
+        a_hat = torch.gather(advantages, 1, members.to(advantages.device)) / c.adv_clip * c.advantage_max
         times = self._times(rollout, batch).to(x0)
         noises = training_noises(x0.shape[2:], len(times), self.seed, self.iteration, rollout.prompt_indices, members,
                                  x0.device).to(x0)

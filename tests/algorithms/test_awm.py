@@ -114,7 +114,7 @@ def test_ema_policy_update_and_its_kl_vanish_with_zero_decay():
 
 @pytest.mark.parametrize("override", ["awm.time_sampler=uniform", "awm.num_times=0", "awm.num_times=13",
                                       "awm.weighting=l1", "awm.ghuber_p=0", "awm.ema_decay=1", "awm.ema_ramp=cosine",
-                                      "awm.times_per=step", "awm.adv_max=0", "awm.ema_beta=-1"])
+                                      "awm.times_per=step", "awm.advantage_max=0", "awm.ema_beta=-1"])
 def test_bad_settings_name_the_field(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, ["algorithm=awm", override])
