@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from neighbor_grpo.config import load_config
-from neighbor_grpo.cost import forward_equivalents
+from neighbor_grpo.cost import analytic_forward_counts, analytic_fpe, forward_equivalents
 from neighbor_grpo.iteration import ModelCallCounter, train_iteration
 from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
 from neighbor_grpo.parts import build_training_parts
@@ -73,14 +73,19 @@ def test_resume_is_exact(tmp_path, name, single_thread):
 
 
 def iteration_counts(name: str, overrides: list[str]) -> tuple[int, int]:
-    """(no-grad, with-grad) per-sample forwards of one iteration through the real iteration code."""
+    """(no-grad, with-grad) per-sample forwards of one iteration through the real iteration code; they equal the
+    counts cost.analytic_forward_counts derives from the settings."""
     config = load_config(None, settings(name) + overrides)
     adapter = tiny_adapter()
     parts = build_training_parts(config, adapter)
     calls = ModelCallCounter(adapter.net, parts.reference_net, *parts.algorithm_nets.values())
     train_iteration(config, adapter, brightness_rewards(), parts.algorithm, parts.optimizer, parts.params, parts.ema,
                     parts.reference_velocity, ["0", "1", "2"], 0, lambda event: None, parts=parts)
-    return calls.reset()
+    no_grad, with_grad = calls.reset()
+    implied = analytic_forward_counts(config, prompts=config.prompts_per_iteration)
+    assert implied["train"] == with_grad and implied["rollout"] + implied["reference"] + implied["other"] == no_grad
+    assert analytic_fpe(implied, "full") == forward_equivalents(no_grad, with_grad, "full")
+    return no_grad, with_grad
 
 
 @pytest.mark.parametrize("kl_beta, per_time", [(1e-4, 5), (0.0, 4)])
@@ -94,9 +99,11 @@ def test_diffusion_nft_cost_is_the_specs(kl_beta, per_time, single_thread):
     assert forward_equivalents(no_grad, with_grad, "full") / samples == 10 + per_time * K == (55 if kl_beta else 46)
 
 
-def test_awm_cost_is_the_specs(single_thread):
+@pytest.mark.parametrize("kl_beta, ema_beta, per_time", [(1e-4, 1.0, 5), (0.0, 1.0, 4), (1e-4, 0.0, 4)])
+def test_awm_cost_is_the_specs(kl_beta, ema_beta, per_time, single_thread):
     """2.3: rollout N + T x (trained 3 + reference 1 + EMA policy 1) = 14 + 6 x 5 = 44 per sample."""
-    no_grad, with_grad = iteration_counts("awm", ["awm.rollout_steps=14", "awm.num_times=6"])
+    no_grad, with_grad = iteration_counts("awm", ["awm.rollout_steps=14", "awm.num_times=6", f"awm.kl_beta={kl_beta}",
+                                                  f"awm.ema_beta={ema_beta}"])
     samples = 2 * 4
-    assert (no_grad, with_grad) == (samples * (14 + 2 * 6), samples * 6)
-    assert forward_equivalents(no_grad, with_grad, "full") / samples == 44
+    assert (no_grad, with_grad) == (samples * (14 + (per_time - 3) * 6), samples * 6)
+    assert forward_equivalents(no_grad, with_grad, "full") / samples == 14 + per_time * 6 == (44 if per_time == 5 else 38)
