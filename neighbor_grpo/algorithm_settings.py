@@ -1,4 +1,5 @@
-"""The settings of each algorithm (the config sections `neighbor_grpo`, `flow_grpo`, `dance_grpo`, `mix_grpo`), one
+"""The settings of each algorithm (the config sections `neighbor_grpo`, `flow_grpo`, `dance_grpo`, `mix_grpo`,
+`diffusion_nft`, `awm`), one
 dataclass each with a docstring per field. They sit in the config layer, below the algorithms that read them;
 each algorithm module re-exports its own."""
 
@@ -204,9 +205,107 @@ class MixGRPOConfig:
     pass batched like the training pass before the first update, so the ratio is exactly 1)."""
 
 
+@dataclass
+class DiffusionNFTConfig:
+    group_size: int = 12
+    """G: samples per prompt (the reference uses 24 on SD3.5; 12 here, as Neighbor GRPO)."""
+    rollout_solver: str = "dpm++2m"
+    """ODE solver of the rollouts: euler, heun or dpm++2m (the reference's dpm2 is DPM-Solver++(2M))."""
+    rollout_steps: int = 10
+    """N: solver steps per rollout (10 in the reference's PickScore, GenEval and OCR configs)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own. 1 = no shift."""
+    beta: float = 1.0
+    """[D] nft_beta: the implicit policies' step, v+- = v_old +- beta (v_theta - v_old); the trust-region strength
+    (1.0 for PickScore/HPSv2/GenEval, 0.1 for OCR and multi-reward)."""
+    adv_clip: float = 5.0
+    """[D] nft_adv_clip: advantages clipped to +-adv_clip; also the slope of r = 1/2 + 1/2 clip(A / adv_clip, -1, 1)."""
+    loss_scale: str = "code"
+    """[D] 'code': the policy loss times adv_clip / beta (the reference code; reuses its learning rates) or
+    'paper': unscaled."""
+    adaptive_weight: bool = True
+    """[D] divide each implicit policy's x0-space squared error by its own mean absolute error (floor 1e-5,
+    float64), as the code; False: plain mean_d (v+- - v_target)^2."""
+    time_sampling: str = "grid"
+    """[D] 'grid': int(N * timestep_fraction) distinct rollout-grid times per sample, a keyed permutation each (the
+    code: every grid time but one, s = 1 included); 'uniform': as many times drawn from U(0, 1)."""
+    timestep_fraction: float = 0.99
+    """[D] K_t = int(N * fraction) training times per sample (9 of 10)."""
+    noise_per_time: bool = True
+    """[D] a fresh eps per (sample, time) (the code) or one eps per sample for all its times."""
+    old_decay: int = 1
+    """[D] old-policy soft-update schedule decay_type, applied after each iteration's last optimizer step with k
+    the global step: 0: eta = 0 (old = current); 1: min(0.001 k, 0.5); 2 (OCR): 0 for k < 75, then
+    min(0.0075 (k - 75), 0.999)."""
+    rollout_policy: str = "old"
+    """[D] which weights roll out: 'old' (the soft-updated old policy, the code) or 'current'."""
+    global_std: bool = True
+    """[D] divide by the std of all rewards in the batch (the code) instead of each prompt's."""
+    adv_eps: float = 1e-4
+    """Added to the (population) std of the advantages."""
+    kl_beta: float = 1e-4
+    """[D] weight of the KL to the base model, mean_d (v_theta - v_ref)^2 (0 skips the reference forward)."""
+    num_minibatches: int = 1
+    """Optimizer steps per rollout batch (gradient_step_per_epoch: 1; 2 for OCR); the candidates are split."""
+
+    @property
+    def training_times(self) -> int:
+        return max(1, int(self.rollout_steps * self.timestep_fraction))
+
+
+@dataclass
+class AWMConfig:
+    group_size: int = 12
+    """G: samples per prompt (the reference uses 24 on SD3.5; 12 here, as Neighbor GRPO)."""
+    rollout_solver: str = "dpm++2m"
+    """ODE solver of the rollouts (the reference's PickScore config samples with a deterministic SA-Solver; our
+    DPM-Solver++ ODE stands in: the loss only needs the clean samples)."""
+    rollout_steps: int = 14
+    """N: solver steps per rollout (14 in the reference)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid; None: the model's own. 1 = no shift."""
+    time_sampler: str = "discrete"
+    """[D] stratified grid times: 'discrete' (bins of linspace(0, int(N * fraction), T + 1), PickScore) or
+    'discrete_wo_init' (from index 1: s = 1 never trained; GenEval, OCR)."""
+    num_times: int = 6
+    """[D] T: training times per sample, one per stratum."""
+    timestep_fraction: float = 0.9
+    """[D] the strata cover grid indices below int(N * fraction)."""
+    times_per: str = "minibatch"
+    """[D] 'minibatch': the same T times for every sample of an optimizer step (the code), or 'sample'."""
+    weighting: str = "ghuber"
+    """[D] the flow-matching error's weighting: ghuber (s ((err + 1e-10)^p - 1e-10^p) / p), uniform (err),
+    t (s err), t2 (s^2 err), huber (s (sqrt(err + 1e-10) - 1e-5))."""
+    ghuber_p: float = 0.25
+    """[D] p of the ghuber weighting (1 gives s * err)."""
+    adv_clip: float = 5.0
+    """Advantages clipped to +-adv_clip."""
+    advantage_max: float = 1.0
+    """[D] Ahat = clip(A) / adv_clip * advantage_max, in [-advantage_max, advantage_max] (a constant
+    learning-rate factor)."""
+    global_std: bool = True
+    """[D] divide by the std of all rewards in the batch (the code) instead of each prompt's."""
+    adv_eps: float = 1e-4
+    """Added to the (population) std of the advantages."""
+    kl_beta: float = 1e-4
+    """[D] weight of the KL to the base model, mean_d (v_theta - v_ref)^2 (PickScore 1e-4; 0 skips it)."""
+    ema_beta: float = 1.0
+    """[D] weight of the KL to the EMA policy, mean_d (v_theta - v_ema)^2 (0 skips it)."""
+    ema_decay: float = 0.3
+    """[D] the EMA policy's decay d after each iteration: theta_ema <- d theta_ema + (1 - d) theta."""
+    ema_ramp: str = "linear"
+    """[D] 'linear': d = min(ema_decay, 0.001 k), k the global step (the code); 'constant': d = ema_decay."""
+    num_minibatches: int = 1
+    """Optimizer steps per rollout batch (1: on-policy, as the reference)."""
+
+    @property
+    def strata_end(self) -> int:
+        return int(self.rollout_steps * self.timestep_fraction)
+
+
 # ---- the sliding window (grpo_states.py, sample_strategy 'progressive') ---------------------------------------
 
 
 ALGORITHM_SETTINGS = {"neighbor_grpo": NeighborGRPOConfig, "flow_grpo": FlowGRPOConfig, "dance_grpo": DanceGRPOConfig,
-                      "mix_grpo": MixGRPOConfig}
+                      "mix_grpo": MixGRPOConfig, "diffusion_nft": DiffusionNFTConfig, "awm": AWMConfig}
 """Each algorithm's settings section (the keys of `algorithms.ALGORITHMS`, which a test keeps equal)."""

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from neighbor_grpo.algorithm_settings import (ALGORITHM_SETTINGS, SOLVER_NAMES, DanceGRPOConfig, FlowGRPOConfig,
-                                              MixGRPOConfig, NeighborGRPOConfig)
+from neighbor_grpo.algorithm_settings import (ALGORITHM_SETTINGS, SOLVER_NAMES, AWMConfig, DanceGRPOConfig,
+                                              DiffusionNFTConfig, FlowGRPOConfig, MixGRPOConfig, NeighborGRPOConfig)
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -179,7 +179,7 @@ class SpeedConfig:
 class TrainConfig:
     algorithm: str = "neighbor_grpo"
     """Which algorithm trains: neighbor_grpo, or a baseline: flow_grpo, dance_grpo, mix_grpo (set
-    mix_grpo.flash for MixGRPO-Flash). Its settings are the section of the same name."""
+    mix_grpo.flash for MixGRPO-Flash), diffusion_nft, awm. Its settings are the section of the same name."""
     iterations: int = 60
     """Rollout batches (each: rollout, reward, advantages, K optimizer steps)."""
     prompts_per_iteration: int = 8
@@ -211,6 +211,8 @@ class TrainConfig:
     flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
     dance_grpo: DanceGRPOConfig = field(default_factory=DanceGRPOConfig)
     mix_grpo: MixGRPOConfig = field(default_factory=MixGRPOConfig)
+    diffusion_nft: DiffusionNFTConfig = field(default_factory=DiffusionNFTConfig)
+    awm: AWMConfig = field(default_factory=AWMConfig)
 
     @property
     def algorithm_config(self):
@@ -417,6 +419,7 @@ def validate(config: TrainConfig) -> None:
     _check(n.ref_beta >= 0, "neighbor_grpo.ref_beta", "a value >= 0", n.ref_beta)
     _check(not (n.exclude_self and n.group_size < 3), "neighbor_grpo.exclude_self", "G >= 3 when the anchor is excluded", n.exclude_self)
     _validate_sde_baselines(config)
+    _validate_forward_process(config)
     _validate_model(config.model)
     o = config.optim
     _check(o.lr > 0, "optim.lr", "a learning rate > 0", o.lr)
@@ -531,6 +534,43 @@ def _validate_sde_baselines(config: TrainConfig) -> None:
     _check(m.window_stride >= 1, "mix_grpo.window_stride", "an integer >= 1", m.window_stride)
     _check(m.window_interval >= 1, "mix_grpo.window_interval", "an integer >= 1", m.window_interval)
     _check(0 < m.flash_compress_ratio <= 1, "mix_grpo.flash_compress_ratio", "a value in (0, 1]", m.flash_compress_ratio)
+
+
+def _validate_forward_process(config: TrainConfig) -> None:
+    """DiffusionNFT and AWM (forward-process methods: ODE rollouts, training on fresh noisy samples)."""
+    for name in ("diffusion_nft", "awm"):
+        c = getattr(config, name)
+        _check(c.group_size >= 2, f"{name}.group_size", "G >= 2 (advantages are relative inside a group)", c.group_size)
+        _check(c.rollout_solver in SOLVER_NAMES, f"{name}.rollout_solver", f"one of {list(SOLVER_NAMES)}", c.rollout_solver)
+        _check(c.rollout_steps >= 2, f"{name}.rollout_steps", "an integer >= 2", c.rollout_steps)
+        _check(c.shift is None or c.shift > 0, f"{name}.shift", "a value > 0 or null", c.shift)
+        _check(c.adv_eps >= 0, f"{name}.adv_eps", "a value >= 0", c.adv_eps)
+        _check(c.adv_clip > 0, f"{name}.adv_clip", "a value > 0 (it scales the loss)", c.adv_clip)
+        _check(c.kl_beta >= 0, f"{name}.kl_beta", "a value >= 0 (0 disables)", c.kl_beta)
+        _check(1 <= c.num_minibatches <= c.group_size, f"{name}.num_minibatches", "1 <= n <= G", c.num_minibatches)
+        _check(0 < c.timestep_fraction <= 1, f"{name}.timestep_fraction", "a value in (0, 1]", c.timestep_fraction)
+    n = config.diffusion_nft
+    _check(n.beta > 0, "diffusion_nft.beta", "a value > 0", n.beta)
+    _check(n.loss_scale in ("code", "paper"), "diffusion_nft.loss_scale", "code or paper", n.loss_scale)
+    _check(n.time_sampling in ("grid", "uniform"), "diffusion_nft.time_sampling", "grid or uniform", n.time_sampling)
+    _check(n.old_decay in (0, 1, 2), "diffusion_nft.old_decay", "0, 1 or 2", n.old_decay)
+    _check(n.rollout_policy in ("old", "current"), "diffusion_nft.rollout_policy", "old or current", n.rollout_policy)
+    a = config.awm
+    _check(a.time_sampler in ("discrete", "discrete_wo_init"), "awm.time_sampler", "discrete or discrete_wo_init",
+           a.time_sampler)
+    _check(a.num_times >= 1, "awm.num_times", "an integer >= 1", a.num_times)
+    first = 1 if a.time_sampler == "discrete_wo_init" else 0
+    _check(a.strata_end - first >= a.num_times, "awm.num_times",
+           f"at most int(rollout_steps * timestep_fraction) - {first} = {a.strata_end - first} (one grid index per stratum)",
+           a.num_times)
+    _check(a.times_per in ("minibatch", "sample"), "awm.times_per", "minibatch or sample", a.times_per)
+    _check(a.weighting in ("ghuber", "uniform", "t", "t2", "huber"), "awm.weighting", "ghuber, uniform, t, t2 or huber",
+           a.weighting)
+    _check(a.ghuber_p > 0, "awm.ghuber_p", "a value > 0", a.ghuber_p)
+    _check(a.advantage_max > 0, "awm.advantage_max", "a value > 0", a.advantage_max)
+    _check(a.ema_beta >= 0, "awm.ema_beta", "a value >= 0 (0 disables)", a.ema_beta)
+    _check(0 <= a.ema_decay < 1, "awm.ema_decay", "a value in [0, 1)", a.ema_decay)
+    _check(a.ema_ramp in ("linear", "constant"), "awm.ema_ramp", "linear or constant", a.ema_ramp)
 
 
 # ---- documentation ---------------------------------------------------------------------------------------------

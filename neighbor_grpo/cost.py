@@ -63,7 +63,8 @@ class CountedReference:
 
 
 def analytic_forward_counts(config, prompts: int) -> dict | None:
-    """Per-iteration forwards the settings imply, for Neighbor GRPO and DanceGRPO (None for the others):
+    """Per-iteration forwards the settings imply, for Neighbor GRPO, DanceGRPO, DiffusionNFT and AWM (None for the
+    others):
     Neighbor GRPO: rollout P*G*N, trained P*B*K (+ as many reference forwards when ref_beta > 0);
     DanceGRPO: rollout P*G*N, trained P*G*int(fraction * (N - 1)) (the last step is never trained)."""
     c = config.algorithm_config
@@ -80,6 +81,15 @@ def analytic_forward_counts(config, prompts: int) -> dict | None:
         trained = prompts * c.group_size * steps
         return {"rollout": prompts * c.group_size * c.rollout_steps, "train": trained, "reference": 0,
                 "other": trained if c.old_policy == "recompute" else 0}
+    if config.algorithm in ("diffusion_nft", "awm"):
+        # forward-process methods (competitors.md 1.4, 2.3): per sample and training time one trained forward, one
+        # reference forward when kl_beta > 0, and one of the extra network (DiffusionNFT's old policy always, AWM's
+        # EMA policy when ema_beta > 0)
+        samples = prompts * c.group_size
+        times = c.training_times if config.algorithm == "diffusion_nft" else c.num_times
+        extra = 1 if config.algorithm == "diffusion_nft" or c.ema_beta > 0 else 0
+        return {"rollout": samples * c.rollout_steps, "train": samples * times,
+                "reference": samples * times if c.kl_beta > 0 else 0, "other": samples * times * extra}
     return None
 
 

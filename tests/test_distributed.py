@@ -36,6 +36,12 @@ BASE = ["iterations=3", "prompts_per_iteration=3", "prompts.train=['0','1','2','
         "optim.ema_decay=0.5"]
 # Flow-GRPO divides by the std of the whole batch (global_std): advantages need every process's rewards
 FLOW_GRPO = ["algorithm=flow_grpo", "flow_grpo.group_size=4", "flow_grpo.rollout_steps=4", "flow_grpo.num_minibatches=2"]
+# The forward-process methods: global std (every process's rewards), extra networks updated after the last step
+FORWARD_PROCESS = {
+    "diffusion_nft": ["algorithm=diffusion_nft", "diffusion_nft.group_size=4", "diffusion_nft.rollout_steps=4",
+                      "diffusion_nft.num_minibatches=2", "diffusion_nft.old_decay=0"],
+    "awm": ["algorithm=awm", "awm.group_size=4", "awm.rollout_steps=4", "awm.num_times=2", "speed.micro_batch=1"],
+}
 # One prompt per iteration: its group spans both processes (fewer prompts than processes)
 SPANNING = ["iterations=2", "prompts_per_iteration=1", "prompts.train=['0','1','2','3','4']", "eval.every=2",
             "eval.samples_per_prompt=2", "eval.steps=2", "prompts.eval=['0']", "checkpoint_every=2", "optim.lr=1e-3",
@@ -258,7 +264,8 @@ def runs(tiny_model, tmp_path_factory):
             folder = tmp_path_factory.mktemp(algorithm)
             overrides = BASE + [f"model.path={tiny_model}"]
             # Neighbor GRPO one prompt per forward/backward pass (gradient accumulation), Flow-GRPO all in one
-            overrides += FLOW_GRPO if algorithm == "flow_grpo" else ["speed.micro_batch=1"]
+            overrides += (FLOW_GRPO if algorithm == "flow_grpo" else FORWARD_PROCESS[algorithm]
+                          if algorithm in FORWARD_PROCESS else ["speed.micro_batch=1"])
             train(load_config(None, overrides), folder / "single", progress=False, rewards=pixel_rewards())
             assert launch(folder, folder / "ddp", overrides) == ["DONE", "DONE"]
             made[algorithm] = (folder / "single", folder / "ddp", overrides)
@@ -267,7 +274,7 @@ def runs(tiny_model, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("algorithm", ["neighbor_grpo", "flow_grpo"])
+@pytest.mark.parametrize("algorithm", ["neighbor_grpo", "flow_grpo", "diffusion_nft", "awm"])
 def test_two_processes_match_one_process(tiny_model, runs, algorithm):
     single, ddp, _ = runs(algorithm)
     assert max_difference(weights(single), load_safetensors(tiny_model / "model.safetensors")) > 1e-3  # it trained
