@@ -55,6 +55,9 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     # mechanisms), clip 4e-6, per-group std, eta 0.7, steps 0-8 of 10, KL off
     "grpo_guard": ["algorithm=flow_grpo", "flow_grpo.guard_ratio_norm=true", "flow_grpo.guard_grad_reweight=true",
                    "flow_grpo.eps_clip=4e-6", "flow_grpo.global_std=false", *REFERENCE_OPTIMIZER["flow_grpo"]],
+    # spec competitors.md 1.3 / 2.3: the authors' PickScore settings are the sections' defaults (docs/algorithms.md)
+    "diffusion_nft": ["algorithm=diffusion_nft"],
+    "awm": ["algorithm=awm"],
 }
 MAIN_TABLE = ("neighbor_grpo", "flow_grpo", "dance_grpo", "mix_grpo", "mix_grpo_flash")
 REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
