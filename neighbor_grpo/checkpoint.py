@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from neighbor_grpo.io import atomic_write_text, load_safetensors, save_safetensors, sha256_file
+from neighbor_grpo.io import atomic_write_text, fsync_dir, load_safetensors, save_safetensors, sha256_file
 
 MANIFEST = "manifest.json"
 PREFIX = "iter-"
@@ -85,11 +85,11 @@ def write_checkpoint(folder: Path, iteration: int, tensors: dict[str, dict[str, 
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     files["state.json"] = sha256_file(tmp / "state.json")
     atomic_write_text(tmp / MANIFEST, json.dumps({"iteration": iteration, "files": files}, indent=1))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a torn or stale one from a run that died; set aside first, so no torn folder is visible
         _discard(final)
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return final
 
 
@@ -98,17 +98,6 @@ def _discard(path: Path) -> None:
     aside = path.with_name(f".tmp-old-{path.name}-{os.getpid()}")
     os.replace(path, aside)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def verify_checkpoint(path: Path) -> bool:

@@ -73,4 +73,16 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "save_safetensors", "load_safetensors", "sha256_file", "save_file"]
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename inside `folder` durable (best effort: some file systems refuse to fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+__all__ = ["fsync_dir", "atomic_write_bytes", "atomic_write_text", "save_safetensors", "load_safetensors", "sha256_file", "save_file"]

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from neighbor_grpo.io import fsync_dir
 from neighbor_grpo.ownership import (OwnershipError, check_folder_target, legacy_kind, marker_kind, visible_entries,
                                      write_marker)
 
@@ -136,7 +137,7 @@ class RunFolder:
             raise RunFolderError(f"--out {str(self.final)!r}: could not put the new folder in place "
                                  f"({error.strerror}); the old one is unchanged") from None
         self._staging, self._made_parents, self.path = None, [], self.final
-        _fsync_dir(absolute.parent)
+        fsync_dir(absolute.parent)
         if replacing:
             shutil.rmtree(old, ignore_errors=True)
         _unlock(self._old_lock)
@@ -166,12 +167,3 @@ class RunFolder:
         self.release()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass

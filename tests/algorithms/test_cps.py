@@ -9,14 +9,14 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from neighbor_grpo.algorithms.flow_grpo import FlowGRPO, FlowGRPOConfig
 from neighbor_grpo.algorithms.sde import (cps_code_log_prob, cps_mean_std, cps_noise_std, cps_sde_step,
                                           flow_grpo_mean_std, gaussian_log_prob)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-LATENT = (1, 3, 3)
+from tiny_velocity import LATENT, TinyVelocity  # tests/algorithms/tiny_velocity.py
+
 P, G = 2, 4
 
 
@@ -95,20 +95,6 @@ def test_last_step_is_deterministic_and_finite():
     torch.testing.assert_close(step.x_next, x - 0.1 * v)  # x0hat
     log_prob = cps_code_log_prob(step.x_next, step.mean)
     assert torch.equal(log_prob, torch.zeros(2)) and torch.isfinite(log_prob).all()
-
-
-class TinyVelocity(nn.Module):
-    def __init__(self, hidden: int = 16):
-        super().__init__()
-        dim = math.prod(LATENT)
-        self.inp = nn.Linear(dim + 1, hidden)
-        self.label = nn.Embedding(3, hidden)
-        self.out = nn.Linear(hidden, dim)
-
-    def forward(self, x, s, cond):
-        s = torch.as_tensor(s, dtype=x.dtype).reshape(-1).expand(x.shape[0])
-        h = torch.tanh(self.inp(torch.cat([x.flatten(1), s[:, None]], 1)) + self.label(cond))
-        return self.out(h).view_as(x)
 
 
 def _cps(logprob: str, old_policy: str, **extra) -> FlowGRPO:

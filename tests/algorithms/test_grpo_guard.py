@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from neighbor_grpo.algorithms.flow_grpo import FlowGRPO, FlowGRPOConfig
 from neighbor_grpo.algorithms.grpo_guard import grad_reweight, ratio_norm_bias, ratio_norm_log_ratio
@@ -17,7 +16,8 @@ from neighbor_grpo.algorithms.sde import flow_grpo_mean_std, gaussian_log_prob, 
 from neighbor_grpo.config import ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-LATENT = (1, 3, 3)
+from tiny_velocity import LATENT, TinyVelocity  # tests/algorithms/tiny_velocity.py
+
 P, G = 2, 4
 D = 64
 
@@ -89,20 +89,6 @@ def test_step_uniform_gradient_inside_the_clip(j):
     (grad,) = torch.autograd.grad(loss, v)
     c = 1.0 if j == 0 else 1 + eta**2 / 2
     torch.testing.assert_close(grad, A * rho.detach() * c * z / D, rtol=1e-9, atol=1e-15)
-
-
-class TinyVelocity(nn.Module):
-    def __init__(self, hidden: int = 16):
-        super().__init__()
-        dim = math.prod(LATENT)
-        self.inp = nn.Linear(dim + 1, hidden)
-        self.label = nn.Embedding(3, hidden)
-        self.out = nn.Linear(hidden, dim)
-
-    def forward(self, x, s, cond):
-        s = torch.as_tensor(s, dtype=x.dtype).reshape(-1).expand(x.shape[0])
-        h = torch.tanh(self.inp(torch.cat([x.flatten(1), s[:, None]], 1)) + self.label(cond))
-        return self.out(h).view_as(x)
 
 
 def _guarded(old_policy: str, eps_clip: float = 4e-6) -> FlowGRPO:

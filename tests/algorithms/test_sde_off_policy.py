@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from torch import nn
 
 from neighbor_grpo.algorithms.common import Minibatch
@@ -18,26 +19,11 @@ from neighbor_grpo.algorithms.dance_grpo import DanceGRPO, DanceGRPOConfig
 from neighbor_grpo.algorithms.flow_grpo import FlowGRPO, FlowGRPOConfig
 from neighbor_grpo.algorithms.mix_grpo import MixGRPO, MixGRPOConfig
 
-LATENT = (1, 3, 3)
+from tiny_velocity import LATENT, TinyVelocity  # tests/algorithms/tiny_velocity.py
+
 P, G = 2, 4
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class TinyVelocity(nn.Module):
-    """v(x, s, label): a small MLP on the flattened latent, the flow time and an embedded label."""
-
-    def __init__(self, hidden: int = 16):
-        super().__init__()
-        dim = math.prod(LATENT)
-        self.inp = nn.Linear(dim + 1, hidden)
-        self.label = nn.Embedding(3, hidden)
-        self.out = nn.Linear(hidden, dim)
-
-    def forward(self, x, s, cond):
-        s = torch.as_tensor(s, dtype=x.dtype).reshape(-1).expand(x.shape[0])
-        h = torch.tanh(self.inp(torch.cat([x.flatten(1), s[:, None]], 1)) + self.label(cond))
-        return self.out(h).view_as(x)
 
 
 def algorithms(eps_clip: float):
