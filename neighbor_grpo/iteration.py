@@ -150,7 +150,8 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
     images = torch.cat(chunk_images) if len(chunk_images) > 1 else chunk_images[0]
     # the whole batch's rewards on every process: advantages (per group, or batch-wide) and metrics as in one process
     scores = {k: gather_block(v, part, count, group_size, processes) for k, v in local_scores.items()}
-    values = reward_values(rewards, scores)
+    total = rewards.total(scores)
+    values = reward_values(scores, total)
     values.update(global_means({"out_of_range_train": ((images < -0.1) | (images > 1.1)).float().mean()},
                                part.candidate_share(count, group_size), processes))
     if count < processes.world_size:
@@ -159,7 +160,7 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
     advantages = combine_reward_advantages(scores, rewards.weights, config.reward_normalization, algorithm.advantages)
     advantages, clipped_share = algorithm.clip(advantages)
     values["adv_clipped_share"] = clipped_share
-    if not is_finite(rewards.total(scores), advantages):
+    if not is_finite(total, advantages):
         return values, "rewards or advantages"
     advantages = advantages[slots.start:slots.stop]
     hook("after_rollout")
@@ -169,9 +170,9 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
     return values, skipped
 
 
-def reward_values(rewards, scores: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The logged reward statistics of the whole batch: mean, within-group spread, flat groups, each reward."""
-    total = rewards.total(scores)
+def reward_values(scores: dict[str, torch.Tensor], total: torch.Tensor) -> dict[str, float]:
+    """The logged reward statistics of the whole batch (`total` is the weighted sum of `scores`, (P, G)): mean,
+    within-group spread, flat groups, each reward."""
     values = {"reward_mean": float(total.mean()), "reward_std": float(total.std(dim=-1, correction=0).mean()),
               "zero_variance_groups": float((total.std(dim=-1) < 1e-6).float().mean())}
     values.update({f"reward_{k}": float(v.mean()) for k, v in scores.items()})

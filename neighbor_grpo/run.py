@@ -31,7 +31,7 @@ from neighbor_grpo.parts import TrainingParts
 from neighbor_grpo.resume import input_fingerprint, lower_lr_command, resume_config
 from neighbor_grpo.run_files import PREVIOUS_BEST, export_iteration, prepare_run_folder, remove_tree, tidy_for_resume
 from neighbor_grpo.runfolder import RunFolder
-from neighbor_grpo.training_state import TrainingState, config_fingerprint, load_state, new_counters, save_state
+from neighbor_grpo.training_state import TrainingState, load_state, new_counters, save_state
 
 class _NoLog:
     """What the other processes log: nothing (metrics, TensorBoard and wandb belong to the main process)."""
@@ -121,7 +121,7 @@ class Run:
         self.checkpoints = self.path / "checkpoints"
         self.last_saved: int | None = None  # iteration of the newest checkpoint this run can resume from
         self.counters, self.heldout = new_counters(), {}
-        self.boundary = TrainingState(config_fingerprint=config_fingerprint(config), inputs=input_fingerprint(config))
+        self.boundary = TrainingState(inputs=input_fingerprint(config))
         self.stepped = False  # an optimizer step was taken since the boundary: the live state is past it
         self.log = _NoLog()
 

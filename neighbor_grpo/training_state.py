@@ -1,17 +1,15 @@
 """The training state at an iteration boundary, and its save/load as a checkpoint.
 
 A checkpoint holds everything needed to continue a run exactly: the trainable weights, the optimizer, the EMA,
-every RNG, the counters, the held-out metrics, a fingerprint of the config, and `algorithm_state` (the networks
-an algorithm owns besides the trained weights, e.g. an old policy kept by soft update). The weights, optimizer,
-EMA and algorithm networks are read from the live training parts when the state is saved; the rest is the
-snapshot taken at the boundary.
+every RNG, the counters, the held-out metrics, the inputs it was made from (the config and the SHA-256 of its input
+files: the config's fingerprint a resume compares), and `algorithm_state` (the networks an algorithm owns besides
+the trained weights, e.g. an old policy kept by soft update). The weights, optimizer, EMA and algorithm networks are
+read from the live training parts when the state is saved; the rest is the snapshot taken at the boundary.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,6 @@ import torch
 
 from neighbor_grpo.checkpoint import (capture_rng, optimizer_from_tensors, optimizer_to_tensors, read_checkpoint,
                                       restore_rng, write_checkpoint)
-from neighbor_grpo.config import TrainConfig, to_dict
 from neighbor_grpo.distributed import Processes
 from neighbor_grpo.parallel import full_tensor, shard_like
 from neighbor_grpo.parts import TrainingParts
@@ -29,11 +26,6 @@ from neighbor_grpo.parts import TrainingParts
 def new_counters() -> dict:
     return {"nonfinite_in_row": 0, "nonfinite_total": 0, "best_heldout": -math.inf, "best_iteration": None,
             "model_evals": 0, "idle_updates": 0}
-
-
-def config_fingerprint(config: TrainConfig) -> str:
-    """sha256 of the config's canonical JSON: which settings produced the checkpoint."""
-    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -47,14 +39,13 @@ class TrainingState:
     """The latest held-out metrics."""
     rng: tuple | None = None
     """capture_rng() at the boundary: (tensors, plain)."""
-    config_fingerprint: str | None = None
     inputs: dict | None = None
-    """resume.input_fingerprint: the whole config and the SHA-256 of every input file (what a resume compares)."""
+    """resume.input_fingerprint: the fingerprint of the run's inputs, the whole config and the SHA-256 of every input
+    file (what a resume compares)."""
 
     def at_boundary(self, iteration: int, counters: dict, heldout: dict) -> "TrainingState":
         """A snapshot of the live counters and metrics and of every RNG after `iteration` iterations."""
-        return TrainingState(iteration, copy.deepcopy(counters), dict(heldout), capture_rng(), self.config_fingerprint,
-                             self.inputs)
+        return TrainingState(iteration, copy.deepcopy(counters), dict(heldout), capture_rng(), self.inputs)
 
 
 def json_safe(value):
@@ -124,7 +115,7 @@ def save_state(folder: Path, state: TrainingState, net: torch.nn.Module, parts: 
     if algorithm:
         tensors["algorithm"] = algorithm
     plain = {"iteration": state.iteration, "counters": json_safe(state.counters), "heldout": json_safe(state.heldout),
-             "optimizer": opt_plain, "rng": rng_plain, "config_fingerprint": state.config_fingerprint,
+             "optimizer": opt_plain, "rng": rng_plain,
              "algorithm_state": sorted(parts.algorithm_nets), "inputs": state.inputs}
     write_checkpoint(folder, state.iteration, tensors, plain, fault_hook=fault_hook)
 
@@ -175,4 +166,4 @@ def load_state(path: Path, net: torch.nn.Module, parts: TrainingParts, lr: float
         _load_algorithm_nets(parts, tensors.get("algorithm", {}), trainable_names(net), path)
     restore_rng(tensors["rng"], plain["rng"])
     return TrainingState(plain["iteration"], _counters_from_json(plain["counters"]), plain.get("heldout") or {},
-                         None, plain.get("config_fingerprint"), plain.get("inputs"))
+                         None, plain.get("inputs"))

@@ -34,10 +34,10 @@ def single_thread():
     """One intra-op thread for modules that ask for it: tiny tensors gain nothing from threads, on a busy 2-core
     machine OpenMP spinning made the same test take 1.5 s or 17 s, and the fault tests compare bitwise with a
     single-threaded subprocess. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    from neighbor_grpo.demo import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,7 @@ def test_old_checkpoint_loads_into_the_live_parts():
     state = load_state(path, adapter.net, parts)
     tensors, plain = read_checkpoint(path)
     assert state.iteration == 2 and state.counters["model_evals"] == plain["counters"]["model_evals"] > 0
-    assert state.config_fingerprint is None  # written before checkpoints held one
+    assert state.inputs is None  # written before checkpoints recorded their inputs (resume then checks config.yaml)
     for name, param in adapter.net.named_parameters():
         assert torch.equal(param, tensors["model"][name])
     assert parts.optimizer.state_dict()["state"], "the optimizer moments were not restored"
