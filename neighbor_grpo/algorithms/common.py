@@ -30,6 +30,18 @@ class Rollout(NamedTuple):
         return self.states.shape[2]
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One kind of velocity-net call an iteration makes, declared by each algorithm's `call_schedule(prompts)`:
+    what the planner traces (at `batch`) and composes, and what the forward-equivalent counter must measure."""
+
+    name: str      # "rollout", "train", "reference", "old_policy", "ema", ...
+    samples: int   # per-sample net evaluations of this phase in one iteration of `prompts` prompts
+    batch: int     # samples per call: the shape to trace at
+    grad: bool     # a with-grad forward (followed by its backward) or a no-grad one
+    network: str   # "policy", "reference", or a name from the algorithm's `networks`
+
+
 @dataclass
 class Minibatch:
     """One optimizer step's share of the trained (prompt, candidate, step) units."""
