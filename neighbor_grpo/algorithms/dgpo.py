@@ -161,8 +161,13 @@ class DGPO:
     def _uses_old(self) -> bool:
         return self.config.clip_range > 0 or self.config.use_ema_ref
 
+    @staticmethod
+    def needs_reference(config: DGPOConfig) -> bool:
+        """The base model is evaluated for the KL and, unless use_ema_ref, for the group score (parts.py asks)."""
+        return config.kl_beta > 0 or not config.use_ema_ref
+
     def _uses_reference(self) -> bool:
-        return self.config.kl_beta > 0 or not self.config.use_ema_ref
+        return self.needs_reference(self.config)
 
     def loss(self, velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,
              reference_velocity: VelocityFn | None = None) -> tuple[torch.Tensor, dict]:
