@@ -58,6 +58,10 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     # spec competitors.md 1.3 / 2.3: the authors' PickScore settings are the sections' defaults (docs/algorithms.md)
     "diffusion_nft": ["algorithm=diffusion_nft"],
     "awm": ["algorithm=awm"],
+    # spec competitors.md 5.2, Luo-Yihong/DGPO config/dgpo.py pickscore_sd3_4gpu without CFG: beta_dpo 10, kl_beta
+    # 1e-3, clip 5e-2, M 4 times of grid indices 0..6, shared noise per group, global std, 10 ODE steps, EMA-old
+    # rollouts after 200 steps; the section's defaults (docs/algorithms.md)
+    "dgpo": ["algorithm=dgpo"],
 }
 MAIN_TABLE = ("neighbor_grpo", "flow_grpo", "dance_grpo", "mix_grpo", "mix_grpo_flash")
 REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
