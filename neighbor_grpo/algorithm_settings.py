@@ -350,7 +350,8 @@ class DGPOConfig:
     """Advantages clipped to +-adv_clip in the loss."""
     num_minibatches: int = 1
     """[D] optimizer steps per iteration, each on a share of the M training times and every sample (1: the spec's
-    one step per epoch; M: one step per training time)."""
+    one step per epoch; M: one step per training time, the step count of the reference code, whose accelerate
+    accumulation inside its time loop steps every num_batches (batch, time) passes)."""
 
 
 # ---- the sliding window (grpo_states.py, sample_strategy 'progressive') ---------------------------------------
