@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from neighbor_grpo.algorithm_settings import DGPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages
-from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, gather_members
+from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, gather_members, per_call,
+                                             rollout_phase, solver_evaluations)
 from neighbor_grpo.algorithms.forward_process import (IterationSteps, clean_sample_rollout, member_velocity, noised,
                                                       soft_update, std_normalised_advantages)
 from neighbor_grpo.noise import keyed_generator
@@ -136,6 +137,24 @@ class DGPO:
         sampler = self._old(velocity) if self.rolls_out_with_old(iteration) else velocity
         return clean_sample_rollout(sampler, cond, prompts, prompt_indices, iteration, latent_shape, device, candidates,
                                     self.seed, c.group_size, c.rollout_steps, c.shift, c.rollout_solver, GRID_START)
+
+    def call_schedule(self, prompts: int, *, rollout_chunk: int | None = None, micro_batch: int | None = None,
+                      iteration: int = 0) -> list[Phase]:
+        """One iteration's velocity-net calls (common.Phase; competitors.md 5.3): the ODE rollout by the trained net,
+        or by the EMA-old once past switch_ema_ref steps; at each of the M training times every member of every
+        group through the trained forward, the reference's (unless use_ema_ref with kl_beta 0) and the EMA-old's
+        (gate on, or use_ema_ref), one call per (time, micro-batch of whole groups)."""
+        c = self.config
+        units = prompts * c.group_size * c.num_times
+        batch = per_call(prompts, micro_batch) * c.group_size
+        sampler = "ema_old" if self.rolls_out_with_old(iteration) else "policy"
+        phases = [rollout_phase(prompts, c.group_size, solver_evaluations(c.rollout_solver, c.rollout_steps),
+                                rollout_chunk, sampler), Phase("train", units, batch, True, "policy")]
+        if self._uses_reference():
+            phases.append(Phase("reference", units, batch, False, "reference"))
+        if self._uses_old():
+            phases.append(Phase("old_policy", units, batch, False, "ema_old"))
+        return phases
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         return std_normalised_advantages(rewards, self.config.global_std, self.config.adv_eps)
