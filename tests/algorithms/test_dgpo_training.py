@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from neighbor_grpo.cli import main
 from neighbor_grpo.config import load_config
-from neighbor_grpo.cost import forward_equivalents
+from neighbor_grpo.cost import config_schedule, forward_equivalents, schedule_forward_equivalents
 from neighbor_grpo.iteration import ModelCallCounter, train_iteration
 from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
 from neighbor_grpo.parts import build_training_parts
@@ -91,6 +91,7 @@ def test_cost_is_the_specs(clip_range, kl_beta, per_time):
     samples, M = 2 * 4, 4
     assert (no_grad, with_grad) == (samples * (10 + (per_time - 3) * M), samples * M)
     assert forward_equivalents(no_grad, with_grad, "full") / samples == 10 + per_time * M == (30 if per_time == 5 else 26)
+    assert schedule_forward_equivalents(config_schedule(config), "full") == forward_equivalents(no_grad, with_grad, "full")
 
 
 def test_micro_batches_of_whole_groups_give_the_one_pass_update(tmp_path):
