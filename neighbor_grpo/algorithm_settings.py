@@ -1,5 +1,5 @@
 """The settings of each algorithm (the config sections `neighbor_grpo`, `flow_grpo`, `dance_grpo`, `mix_grpo`,
-`diffusion_nft`, `awm`), one
+`diffusion_nft`, `awm`, `dgpo`), one
 dataclass each with a docstring per field. They sit in the config layer, below the algorithms that read them;
 each algorithm module re-exports its own."""
 
@@ -303,9 +303,60 @@ class AWMConfig:
         return int(self.rollout_steps * self.timestep_fraction)
 
 
+@dataclass
+class DGPOConfig:
+    group_size: int = 12
+    """G: samples per prompt (the reference's PickScore config uses 24; 12 here, as Neighbor GRPO)."""
+    rollout_solver: str = "dpm++2m"
+    """ODE solver of the rollouts (the reference: diffusers' DPMSolverMultistepScheduler, DPM-Solver++ order 2)."""
+    rollout_steps: int = 10
+    """N: solver steps per rollout (10 in every reference config)."""
+    shift: float | None = None
+    """SD3/FLUX sigma shift of the rollout grid (the reference's flow_shift 3 on SD3.5); None: the model's own.
+    The grid is the reference's flow sigmas shift(linspace(0.999, 0, N + 1)): it starts at 0.999, not 1."""
+    beta_dpo: float = 10.0
+    """[D] the DPO temperature inside the group score S_g (10 for PickScore, 100 for OCR/GenEval): how fast the
+    sigmoid weight leaves 1/2 as the policy moves from the reference; the trust-region knob."""
+    kl_beta: float = 1e-3
+    """[D] weight of the KL to the base model, mean_d (v_theta - v_ref)^2 (PickScore 1e-3; OCR/GenEval 0.02)."""
+    clip_range: float = 5e-2
+    """[D] c of the PPO-style gate: a sample's flow-matching loss is detached when A > 0 and rho > 1 + c, or
+    A <= 0 and rho < 1 - c, rho = exp(l_old - l) (clip_dsm; 5e-2 for PickScore). 0 turns the gate off and skips the
+    old-policy forward."""
+    clip_kl: bool = False
+    """[D] also detach the KL term of gated samples (the reference's clip_kl, off in its configs)."""
+    num_times: int = 4
+    """[D] M: training times per iteration (num_train_timesteps), drawn without replacement from grid indices
+    0..trunc_steps, the same for every sample."""
+    trunc_steps: int = 6
+    """[D] the last grid index a training time may take (6; 4 for GenEval): only the noisier part of the grid."""
+    shared_noise: bool = True
+    """[D] one eps per group and training time, shared by the group's members (use_shared_noise), or one per sample."""
+    sigmoid_weight: bool = True
+    """[D] weight each group by sg(sigmoid(S_g)) (the method); False: a constant 1/2 (its value at the reference),
+    i.e. plain advantage-weighted flow matching."""
+    use_ema_ref: bool = False
+    """[D] the group score compares with the EMA-old policy instead of the base model (dynamic reference)."""
+    switch_ema_ref: int = 200
+    """[D] roll out with the EMA-old weights once more than this many optimizer steps were taken (200; 500 GenEval)."""
+    ema_decay: float = 0.3
+    """[D] the EMA-old policy follows after every optimizer step: theta_old <- d theta_old + (1 - d) theta,
+    d = min(ema_decay, 0.001 k), k the optimizer steps taken before this one."""
+    global_std: bool = True
+    """[D] divide by the std of all rewards in the batch (PickScore, OCR) instead of each prompt's (GenEval)."""
+    adv_eps: float = 1e-4
+    """Added to the (population) std of the advantages."""
+    adv_clip: float = 5.0
+    """Advantages clipped to +-adv_clip in the loss."""
+    num_minibatches: int = 1
+    """[D] optimizer steps per iteration, each on a share of the M training times and every sample (1: the spec's
+    one step per epoch; M: one step per training time, the step count of the reference code, whose accelerate
+    accumulation inside its time loop steps every num_batches (batch, time) passes)."""
+
+
 # ---- the sliding window (grpo_states.py, sample_strategy 'progressive') ---------------------------------------
 
 
 ALGORITHM_SETTINGS = {"neighbor_grpo": NeighborGRPOConfig, "flow_grpo": FlowGRPOConfig, "dance_grpo": DanceGRPOConfig,
-                      "mix_grpo": MixGRPOConfig, "diffusion_nft": DiffusionNFTConfig, "awm": AWMConfig}
+                      "mix_grpo": MixGRPOConfig, "diffusion_nft": DiffusionNFTConfig, "awm": AWMConfig, "dgpo": DGPOConfig}
 """Each algorithm's settings section (the keys of `algorithms.ALGORITHMS`, which a test keeps equal)."""

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4],
                      help="learning-rate sweep (first seed; chosen by the area under the held-out proxy curve)")
     cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo flow_grpo dance_grpo mix_grpo "
-                     "mix_grpo_flash); also flow_grpo_cps, grpo_guard, diffusion_nft, awm")
+                     "mix_grpo_flash); also flow_grpo_cps, grpo_guard, diffusion_nft, awm, dgpo")
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (paired across methods)")
     cmp.add_argument("--evals-per-run", type=int, default=24,
                      help="held-out evaluations per run, at the same forward-equivalent points for every method")

@@ -22,7 +22,7 @@ from neighbor_grpo import benchmark_rules as rules
 from neighbor_grpo.config import load_config
 from neighbor_grpo.cost import backward_factor, cost_note, forward_equivalents
 from neighbor_grpo.io import atomic_write_text
-from neighbor_grpo.iteration import ModelCallCounter, train_iteration
+from neighbor_grpo.iteration import train_iteration, training_counter
 from neighbor_grpo.monitors import evaluate, generate
 from neighbor_grpo.parts import build_training_parts, load_model, read_prompts
 
@@ -58,6 +58,10 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     # spec competitors.md 1.3 / 2.3: the authors' PickScore settings are the sections' defaults (docs/algorithms.md)
     "diffusion_nft": ["algorithm=diffusion_nft"],
     "awm": ["algorithm=awm"],
+    # spec competitors.md 5.2, Luo-Yihong/DGPO config/dgpo.py pickscore_sd3_4gpu without CFG: beta_dpo 10, kl_beta
+    # 1e-3, clip 5e-2, M 4 times of grid indices 0..6, shared noise per group, global std, 10 ODE steps, EMA-old
+    # rollouts after 200 steps; the section's defaults (docs/algorithms.md)
+    "dgpo": ["algorithm=dgpo"],
 }
 MAIN_TABLE = ("neighbor_grpo", "flow_grpo", "dance_grpo", "mix_grpo", "mix_grpo_flash")
 REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
@@ -146,7 +150,7 @@ def run_method(overrides: list[str], lr: float, budget_fe: float, points: list[f
     config = load_config(None, common + overrides + [f"optim.lr={lr}", f"seed={seed}"])
     adapter = load_model(base_path, device, progress=False)
     parts = build_training_parts(config, adapter)
-    counter = ModelCallCounter(adapter.net, parts.reference_net)
+    counter = training_counter(adapter, parts)  # the algorithm's own networks too (an old policy, an EMA copy)
     prompts = read_prompts(config)
     curve: list[dict] = []
     state = {"fe": 0.0, "iteration": 0, "train_s": 0.0}

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from neighbor_grpo.algorithm_settings import (ALGORITHM_SETTINGS, SOLVER_NAMES, AWMConfig, DanceGRPOConfig,
-                                              DiffusionNFTConfig, FlowGRPOConfig, MixGRPOConfig, NeighborGRPOConfig)
+                                              DGPOConfig, DiffusionNFTConfig, FlowGRPOConfig, MixGRPOConfig, NeighborGRPOConfig)
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -179,7 +179,7 @@ class SpeedConfig:
 class TrainConfig:
     algorithm: str = "neighbor_grpo"
     """Which algorithm trains: neighbor_grpo, or a baseline: flow_grpo, dance_grpo, mix_grpo (set
-    mix_grpo.flash for MixGRPO-Flash), diffusion_nft, awm. Its settings are the section of the same name."""
+    mix_grpo.flash for MixGRPO-Flash), diffusion_nft, awm, dgpo. Its settings are the section of the same name."""
     iterations: int = 60
     """Rollout batches (each: rollout, reward, advantages, K optimizer steps)."""
     prompts_per_iteration: int = 8
@@ -213,6 +213,7 @@ class TrainConfig:
     mix_grpo: MixGRPOConfig = field(default_factory=MixGRPOConfig)
     diffusion_nft: DiffusionNFTConfig = field(default_factory=DiffusionNFTConfig)
     awm: AWMConfig = field(default_factory=AWMConfig)
+    dgpo: DGPOConfig = field(default_factory=DGPOConfig)
 
     @property
     def algorithm_config(self):
@@ -420,6 +421,7 @@ def validate(config: TrainConfig) -> None:
     _check(not (n.exclude_self and n.group_size < 3), "neighbor_grpo.exclude_self", "G >= 3 when the anchor is excluded", n.exclude_self)
     _validate_sde_baselines(config)
     _validate_forward_process(config)
+    _validate_dgpo(config)
     _validate_model(config.model)
     o = config.optim
     _check(o.lr > 0, "optim.lr", "a learning rate > 0", o.lr)
@@ -571,6 +573,26 @@ def _validate_forward_process(config: TrainConfig) -> None:
     _check(a.ema_beta >= 0, "awm.ema_beta", "a value >= 0 (0 disables)", a.ema_beta)
     _check(0 <= a.ema_decay < 1, "awm.ema_decay", "a value in [0, 1)", a.ema_decay)
     _check(a.ema_ramp in ("linear", "constant"), "awm.ema_ramp", "linear or constant", a.ema_ramp)
+
+
+def _validate_dgpo(config: TrainConfig) -> None:
+    d = config.dgpo
+    _check(d.group_size >= 2, "dgpo.group_size", "G >= 2 (advantages are relative inside a group)", d.group_size)
+    _check(d.rollout_solver in SOLVER_NAMES, "dgpo.rollout_solver", f"one of {list(SOLVER_NAMES)}", d.rollout_solver)
+    _check(d.rollout_steps >= 2, "dgpo.rollout_steps", "an integer >= 2", d.rollout_steps)
+    _check(d.shift is None or d.shift > 0, "dgpo.shift", "a value > 0 or null", d.shift)
+    _check(d.beta_dpo > 0, "dgpo.beta_dpo", "a value > 0", d.beta_dpo)
+    _check(d.kl_beta >= 0, "dgpo.kl_beta", "a value >= 0 (0 disables)", d.kl_beta)
+    _check(0 <= d.clip_range < 1, "dgpo.clip_range", "a value in [0, 1) (0 disables the gate)", d.clip_range)
+    _check(0 <= d.trunc_steps < d.rollout_steps, "dgpo.trunc_steps",
+           f"a grid index in [0, rollout_steps - 1 = {d.rollout_steps - 1}]", d.trunc_steps)
+    _check(1 <= d.num_times <= d.trunc_steps + 1, "dgpo.num_times",
+           f"1 <= M <= trunc_steps + 1 = {d.trunc_steps + 1} (distinct grid indices)", d.num_times)
+    _check(1 <= d.num_minibatches <= d.num_times, "dgpo.num_minibatches", "1 <= n <= num_times", d.num_minibatches)
+    _check(d.switch_ema_ref >= 0, "dgpo.switch_ema_ref", "an integer >= 0", d.switch_ema_ref)
+    _check(0 <= d.ema_decay < 1, "dgpo.ema_decay", "a value in [0, 1)", d.ema_decay)
+    _check(d.adv_eps >= 0, "dgpo.adv_eps", "a value >= 0", d.adv_eps)
+    _check(d.adv_clip >= 0, "dgpo.adv_clip", "a value >= 0 (0 disables)", d.adv_clip)
 
 
 # ---- documentation ---------------------------------------------------------------------------------------------

@@ -81,6 +81,14 @@ def frozen_copy(net: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(net).requires_grad_(False)
 
 
+def needs_reference(config: TrainConfig) -> bool:
+    """Whether the algorithm evaluates the base model: its own answer (DGPO's group score needs it even without a
+    KL), else a KL or anchoring weight > 0."""
+    own = getattr(ALGORITHMS[config.algorithm], "needs_reference", None)
+    c = config.algorithm_config
+    return own(c) if own is not None else getattr(c, "ref_beta", 0) > 0 or getattr(c, "kl_beta", 0) > 0
+
+
 def build_training_parts(config: TrainConfig, adapter, processes: Processes = SINGLE_PROCESS) -> TrainingParts:
     """LoRA (if asked), the reference velocity, speed settings, DDP/FSDP over `processes`, the optimizer over the
     trainable parameters, EMA, the algorithm and its own networks."""
@@ -90,7 +98,7 @@ def build_training_parts(config: TrainConfig, adapter, processes: Processes = SI
         with torch.random.fork_rng(devices=[]):  # LoRA's random init keyed by the seed, not by the global RNG's state
             torch.manual_seed(config.seed)
             adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha, lora_targets(config, adapter))
-    elif getattr(config.algorithm_config, "ref_beta", 0) > 0 or getattr(config.algorithm_config, "kl_beta", 0) > 0:
+    elif needs_reference(config):
         frozen = frozen_copy(adapter.net)
     # the algorithm's own networks start as copies of the policy: an old policy kept by soft update, an EMA copy
     algorithm_nets = {name: frozen_copy(adapter.net) for name in getattr(ALGORITHMS[config.algorithm], "networks", ())}

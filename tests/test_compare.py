@@ -135,7 +135,8 @@ def _assert_applied(config, overrides: list[str]) -> None:
 def test_every_method_and_ablation_builds_the_config_it_names():
     algorithm_of = {"neighbor_grpo": "neighbor_grpo", "flow_grpo": "flow_grpo", "dance_grpo": "dance_grpo",
                     "mix_grpo": "mix_grpo", "mix_grpo_flash": "mix_grpo", "flow_grpo_cps": "flow_grpo",
-                    "grpo_guard": "flow_grpo", "diffusion_nft": "diffusion_nft", "awm": "awm"}
+                    "grpo_guard": "flow_grpo", "diffusion_nft": "diffusion_nft", "awm": "awm",
+                    "dgpo": "dgpo"}
     assert set(PAPER_SETTINGS) == set(algorithm_of)
     for name, overrides in PAPER_SETTINGS.items():
         config = load_config(None, overrides)

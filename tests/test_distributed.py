@@ -41,6 +41,9 @@ FORWARD_PROCESS = {
     "diffusion_nft": ["algorithm=diffusion_nft", "diffusion_nft.group_size=4", "diffusion_nft.rollout_steps=4",
                       "diffusion_nft.num_minibatches=2", "diffusion_nft.old_decay=0"],
     "awm": ["algorithm=awm", "awm.group_size=4", "awm.rollout_steps=4", "awm.num_times=2", "speed.micro_batch=1"],
+    # DGPO: group scores over whole groups, its EMA-old after each of 2 steps, rolling out from iteration 1 on
+    "dgpo": ["algorithm=dgpo", "dgpo.group_size=4", "dgpo.rollout_steps=4", "dgpo.trunc_steps=3", "dgpo.num_times=2",
+             "dgpo.num_minibatches=2", "dgpo.switch_ema_ref=1"],
 }
 # One prompt per iteration: its group spans both processes (fewer prompts than processes)
 SPANNING = ["iterations=2", "prompts_per_iteration=1", "prompts.train=['0','1','2','3','4']", "eval.every=2",
@@ -274,7 +277,7 @@ def runs(tiny_model, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("algorithm", ["neighbor_grpo", "flow_grpo", "diffusion_nft", "awm"])
+@pytest.mark.parametrize("algorithm", ["neighbor_grpo", "flow_grpo", "diffusion_nft", "awm", "dgpo"])
 def test_two_processes_match_one_process(tiny_model, runs, algorithm):
     single, ddp, _ = runs(algorithm)
     assert max_difference(weights(single), load_safetensors(tiny_model / "model.safetensors")) > 1e-3  # it trained

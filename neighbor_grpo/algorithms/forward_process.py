@@ -25,16 +25,16 @@ ROLE_TRAIN_NOISE = 7_200_003  # a sample's fresh noises, one per training time
 @torch.no_grad()
 def clean_sample_rollout(velocity: VelocityFn, cond, prompts: Sequence[str], prompt_indices: Sequence[int],
                          iteration: int, latent_shape: tuple[int, ...], device, candidates: slice | None, seed: int,
-                         group_size: int, steps: int, shift: float | None, solver: str) -> Rollout:
-    """Independent initial noises per candidate, solved with an ODE solver on the (shifted) grid. Only the first
-    and last states are kept (the methods train from `final` only) and one velocity slot, to keep shapes uniform;
-    `sigmas` is the whole grid (grid-time samplers train on it)."""
+                         group_size: int, steps: int, shift: float | None, solver: str, start: float = 1.0) -> Rollout:
+    """Independent initial noises per candidate, solved with an ODE solver on the (shifted) grid from flow time
+    `start`. Only the first and last states are kept (the methods train from `final` only) and one velocity slot, to
+    keep shapes uniform; `sigmas` is the whole grid (grid-time samplers train on it)."""
     noises = torch.stack([independent_noises(latent_shape, group_size, seed, iteration, index, device=device)
                           for index in prompt_indices])  # (P, G, *latent)
     if candidates is not None:
         noises = noises[:, candidates]
     P, g = noises.shape[:2]
-    sigmas = sigma_grid(steps, shift=shift or 1.0).to(device)
+    sigmas = sigma_grid(steps, shift=shift or 1.0, start=start).to(device)
     flat_cond = repeat_cond(cond, g)
     trajectory = integrate(lambda x, s: velocity(x, s, flat_cond), noises.reshape(P * g, *latent_shape), sigmas, solver)
     states = trajectory.states[[0, -1]].reshape(2, P, g, *latent_shape)

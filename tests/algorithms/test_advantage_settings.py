@@ -11,11 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from neighbor_grpo.algorithms import (ALGORITHMS, AWMConfig, DanceGRPOConfig, DiffusionNFTConfig, FlowGRPOConfig,
-                                     MixGRPOConfig, NeighborGRPOConfig)
+from neighbor_grpo.algorithms import (ALGORITHMS, AWMConfig, DanceGRPOConfig, DGPOConfig, DiffusionNFTConfig,
+                                     FlowGRPOConfig, MixGRPOConfig, NeighborGRPOConfig)
 
 CONFIGS = {"neighbor_grpo": NeighborGRPOConfig, "flow_grpo": FlowGRPOConfig, "dance_grpo": DanceGRPOConfig,
-           "mix_grpo": MixGRPOConfig, "diffusion_nft": DiffusionNFTConfig, "awm": AWMConfig}
+           "mix_grpo": MixGRPOConfig, "diffusion_nft": DiffusionNFTConfig, "awm": AWMConfig, "dgpo": DGPOConfig}
 
 # The advantage settings each algorithm exposes, and a value far enough from the default to change the result.
 MOVED = {
@@ -25,6 +25,7 @@ MOVED = {
     "mix_grpo": {"adv_eps": 0.5, "adv_clip": 0.6},
     "diffusion_nft": {"global_std": False, "adv_eps": 0.5, "adv_clip": 0.6},
     "awm": {"global_std": False, "adv_eps": 0.5, "adv_clip": 0.6},
+    "dgpo": {"global_std": False, "adv_eps": 0.5, "adv_clip": 0.6},
 }
 
 # Settings that only act together with another: re-centring changes nothing unless the clip binds.
@@ -43,7 +44,7 @@ def expected_advantages(name: str, config, rewards: torch.Tensor) -> torch.Tenso
     if name == "neighbor_grpo":  # Eq. 11: a / ((mean |a|^p)^(1/p) + eps)
         p = config.quasi_norm_p
         return centered / (centered.abs().pow(p).mean(dim=1, keepdim=True).pow(1 / p) + config.adv_eps)
-    if name in ("flow_grpo", "diffusion_nft", "awm"):  # population std, of the whole batch (global_std) or of the prompt's group
+    if name in ("flow_grpo", "diffusion_nft", "awm", "dgpo"):  # population std, of the whole batch (global_std) or of the prompt's group
         if config.global_std:
             std = ((rewards - rewards.mean()) ** 2).mean().sqrt()
         else:
