@@ -45,7 +45,8 @@ class Phase:
 # ---- call schedules: what every algorithm's `call_schedule` is built from ---------------------------------------
 # `samples` counts per sample the algorithm asks for; an adapter that batches more through the net (SD3's
 # classifier-free guidance: 2 per sample) multiplies them itself. A schedule is one process's: `prompts` are the
-# prompts (groups) that process rolls out and trains. `rollout_chunk` and `micro_batch` are the trainer's
+# prompts (groups) that process rolls out and trains (a group split over processes, with fewer prompts than
+# processes, is not expressed). `rollout_chunk` and `micro_batch` are the trainer's
 # `speed.rollout_chunk` and `speed.micro_batch` (iteration.train_iteration and accumulate_gradients), which cut
 # the rollout and each loss/backward pass into calls of at most that many prompts; `batch` is the largest call.
 

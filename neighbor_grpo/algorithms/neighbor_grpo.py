@@ -131,6 +131,8 @@ class NeighborGRPO:
         when ref_beta > 0, and with old_policy 'recompute' a no-grad pass over all anchors and steps before the
         first update (on the whole batch, not micro-batched: prepare_old_policy gets every prompt)."""
         c = self.config
+        if c.old_policy not in ("rollout", "recompute"):
+            raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {c.old_policy!r}")
         steps = c.rollout_steps if c.step_selection == "all" else c.trained_steps  # as pick_steps
         anchors = min(c.num_anchors, c.group_size)
         units, batch = prompts * anchors * steps, per_call(prompts, micro_batch) * anchors

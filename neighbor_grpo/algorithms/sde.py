@@ -244,6 +244,8 @@ def sde_call_schedule(prompts: int, group_size: int, rollout_steps: int, trained
     units once without grad on the whole batch (prepare_old_policy is not micro-batched)."""
     if minibatch_by not in ("samples", "steps"):
         raise ValueError(f"minibatch_by must be 'samples' or 'steps'; got {minibatch_by!r}")
+    if old_policy not in ("rollout", "recompute"):
+        raise ValueError(f"old_policy must be 'rollout' or 'recompute'; got {old_policy!r}")
     members = members_per_minibatch(group_size, num_minibatches) if minibatch_by == "samples" else group_size
     units, batch = prompts * group_size * trained_steps, per_call(prompts, micro_batch) * members
     phases = [rollout_phase(prompts, group_size, rollout_steps, rollout_chunk)]

@@ -11,7 +11,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from neighbor_grpo.algorithms import ALGORITHMS, FlowGRPO, FlowGRPOConfig
+from neighbor_grpo.algorithms import ALGORITHMS, FlowGRPO, FlowGRPOConfig, NeighborGRPO, NeighborGRPOConfig
 from neighbor_grpo.algorithms.common import solver_evaluations
 from neighbor_grpo.compare import PAPER_SETTINGS
 from neighbor_grpo.config import load_config
@@ -101,6 +101,20 @@ def chunked_config(name: str, extra: tuple[str, ...] = ()):
     return small_config([f"algorithm={name}"], extra, CHUNKED)
 
 
+def by_grad(samples: Counter) -> dict[bool, int]:
+    return {grad: sum(n for (_, g), n in samples.items() if g == grad) for grad in (False, True)}
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_lora_totals_are_the_schedules(name, single_thread):
+    """With LoRA the reference is the policy with its adapters off: the same module, so only the totals and the
+    CountedReference's share can be told apart."""
+    config = small_config([f"algorithm={name}", "optim.finetune=lora"])
+    measured, schedule = measure(config), declared(config)
+    assert by_grad(measured["samples"]) == by_grad(schedule["samples"])
+    assert measured["reference"] == schedule["reference"]
+
+
 @lru_cache(maxsize=None)
 def measured_small(name: str, extra: tuple[str, ...], iteration: int) -> dict:
     return measure(chunked_config(name, extra), iteration)
@@ -141,7 +155,9 @@ def test_every_algorithm_is_covered():
 def test_settings_without_a_schedule_are_refused():
     with pytest.raises(ValueError, match="rollout_solver"):
         solver_evaluations("rk4", 8)
-    with pytest.raises(ValueError, match="fast_window_end"):  # (load_config refuses it first)
+    with pytest.raises(ValueError, match="old_policy"):  # (load_config refuses these first)
+        NeighborGRPO(NeighborGRPOConfig(old_policy="cached")).call_schedule(2)
+    with pytest.raises(ValueError, match="fast_window_end"):
         FlowGRPO(FlowGRPOConfig(rollout_steps=6, fast_window_size=3, fast_window_end=8)).call_schedule(2)
 
 
