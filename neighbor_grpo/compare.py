@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from neighbor_grpo import benchmark_rules as rules
 from neighbor_grpo.config import load_config
 from neighbor_grpo.cost import backward_factor, cost_note
 from neighbor_grpo.io import atomic_write_text
+from neighbor_grpo.compare_workers import schedule
 from neighbor_grpo.compare_run import GOLD_REWARD, DistanceProbe, load_gold, run_method  # noqa: F401  (re-exported)
 from neighbor_grpo.compare_settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS,  # noqa: F401
                                             REFERENCE_EMA, REFERENCE_METHOD, REFERENCE_OPTIMIZER, equal_steps_overrides,
@@ -102,7 +104,6 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     (`<stem>_models/`) next to `out`."""
     from neighbor_grpo.compare_grid import run_table
     from neighbor_grpo.compare_report import markdown_report, plot_report, summarize
-    from neighbor_grpo.compare_throughput import measure
     from neighbor_grpo.compare_workers import RunPool
     from neighbor_grpo.distributed import check_device
     from neighbor_grpo.ownership import check_file_outputs, check_folder_target, write_marker
@@ -181,7 +182,7 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                 f"{throughput_warmup} warm-up + {throughput_iters} timed iterations each")
             rows = {row: table[row] + measured["selection"][row]["chosen_overrides"]
                     + [f"optim.lr={measured['selection'][row]['chosen_lr']!r}"] for row in table}
-            results["throughput"] = measure(pool, rows, workers, throughput_warmup, throughput_iters)
+            results["throughput"] = measure_throughput(pool, rows, workers, throughput_warmup, throughput_iters)
     results.update(summarize(results, frozen))
     results["wall_clock_s"] = time.perf_counter() - started
     plot_report(results, out.parent, out.stem)
@@ -189,6 +190,26 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     atomic_write_text(out, json.dumps(results, indent=2))
     partial_path.unlink(missing_ok=True)
     return results
+
+
+def measure_throughput(pool, rows: dict[str, list[str]], workers: int, warmup: int, iters: int) -> dict:
+    """Every row's median s/iter over the timed iterations of `workers` single-thread workers side by side."""
+    pooled: dict[str, list[float]] = {name: [] for name in rows}
+
+    def finished(job, seconds) -> list:
+        for name, values in seconds.items():
+            pooled[name].extend(values)
+        return []
+
+    jobs = [((0, k), {"kind": "throughput", "rows": rows, "offset": k, "warmup": warmup, "iters": iters, "order": k})
+            for k in range(workers)]
+    started = time.perf_counter()
+    schedule(pool, jobs, finished)
+    return {"s_per_iter": {name: statistics.median(values) for name, values in pooled.items()},
+            "seconds_each": pooled, "workers": workers, "threads_per_worker": 1, "warmup": warmup,
+            "iters_per_worker": iters, "wall_clock_s": time.perf_counter() - started,
+            "method": "single-thread workers side by side, rows interleaved per iteration (rotating order), "
+                      "median of every timed iteration"}
 
 
 def compare_outputs(out: Path) -> list[Path]:

@@ -42,25 +42,3 @@ def time_rows(rows: dict[str, list[str]], context: dict, proxy, offset: int, war
         for name in names[shift:] + names[:shift]:
             seconds[name].append(step(name))
     return seconds
-
-
-def measure(pool, rows: dict[str, list[str]], workers: int, warmup: int, iters: int) -> dict:
-    """Every row's median s/iter over the timed iterations of `workers` single-thread workers side by side."""
-    from neighbor_grpo.compare_workers import schedule
-
-    pooled: dict[str, list[float]] = {name: [] for name in rows}
-
-    def finished(job, seconds) -> list:
-        for name, values in seconds.items():
-            pooled[name].extend(values)
-        return []
-
-    jobs = [((0, k), {"kind": "throughput", "rows": rows, "offset": k, "warmup": warmup, "iters": iters, "order": k})
-            for k in range(workers)]
-    started = time.perf_counter()
-    schedule(pool, jobs, finished)
-    return {"s_per_iter": {name: statistics.median(values) for name, values in pooled.items()},
-            "seconds_each": pooled, "workers": workers, "threads_per_worker": 1, "warmup": warmup,
-            "iters_per_worker": iters, "wall_clock_s": time.perf_counter() - started,
-            "method": "single-thread workers side by side, rows interleaved per iteration (rotating order), "
-                      "median of every timed iteration"}

@@ -101,7 +101,7 @@ def test_an_existing_out_is_refused_before_anything_runs(short_comparison, capsy
 @pytest.mark.parametrize("argv, words", [
     (["--budget-fe", "0"], "--budget-fe: expected > 0"),
     (["--seeds", "0", "0"], "--seeds: expected distinct"),
-    (["--lrs", "-1"], "--lrs: expected learning rates > 0"),
+    (["--lrs", "-1"], "--lrs: expected distinct learning rates > 0"),
     (["--evals-per-run", "2"], "--evals-per-run: expected >= 3"),
     (["--methods", "flow_grpo"], "--methods: must include neighbor_grpo"),
     (["--methods", "neighbor_grpo", "sde"], "--methods: unknown ['sde']"),
