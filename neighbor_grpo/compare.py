@@ -78,6 +78,25 @@ def resolve_base(base_path: str, progress: bool) -> str:
     return base_path
 
 
+def check_evaluations(table: dict[str, list[str]], points: list[float], common: list[str]) -> None:
+    """Refuse, before any run, a budget that gives a row fewer than 3 held-out evaluations, where its cost per
+    iteration is known from its settings (cost.analytic_forward_counts); the others are checked after their
+    first run."""
+    from neighbor_grpo.cost import analytic_forward_counts, analytic_fpe
+
+    for row, overrides in table.items():
+        config = load_config(None, common + overrides)
+        counts = analytic_forward_counts(config, config.prompts_per_iteration)
+        if counts is None:
+            continue
+        per_iteration = analytic_fpe(counts, config.optim.finetune)
+        evaluations = len({math.ceil(p / per_iteration - 1e-9) for p in points})
+        if evaluations < rules.FINAL_EVALUATIONS:
+            raise ValueError(f"--budget-fe: {row} costs {per_iteration:.0f} forward-equivalents per iteration, so "
+                             f"{points[-1]:g} gives it {evaluations} held-out evaluations; expected >= "
+                             f"{rules.FINAL_EVALUATIONS} (raise --budget-fe to >= {3 * per_iteration:.0f})")
+
+
 def latent_elements(base_path: str) -> int:
     """D: the number of latent elements of the base model's samples (the clip scaling's D)."""
     from neighbor_grpo.parts import load_model
@@ -132,6 +151,9 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     started = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
+    common = [f"device={device}", "prompts_per_iteration=8"]
+    points = rules.evaluation_points(budget_fe, evals_per_run)
+    check_evaluations(table, points, common)
     base_path = resolve_base(base_path, progress)
     elements = latent_elements(base_path)
     knobs = {row: knob_grid(row, overrides, elements)[:None if grid else 1] for row, overrides in table.items()}
@@ -140,7 +162,6 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         if not folder.exists():
             folder.mkdir(parents=True)
             write_marker(folder, "compare")
-    common = [f"device={device}", "prompts_per_iteration=8"]
     partial_path = out.with_name(out.stem + ".partial.json")
 
     def log(line: str) -> None:
@@ -148,7 +169,6 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             print(line, file=sys.stderr, flush=True)
 
     finetune = load_config(None, common).optim.finetune
-    points = rules.evaluation_points(budget_fe, evals_per_run)
     header = {
         "command": command,
         "settings": {"device": device, "base": base_path, "latent_elements": elements, "budget_fe": budget_fe,

@@ -62,16 +62,24 @@ class RunPool:
             torch.set_num_threads(previous)
         return future
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Wait for the workers to exit; after an error or Ctrl-C, stop them at once (their runs are lost, the
+        finished ones are in the partial JSON)."""
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            processes = list(getattr(self._executor, "_processes", {}).values())  # the pool's own worker processes
+            self._executor.shutdown(wait=not failed, cancel_futures=True)
+            if failed:
+                for process in processes:
+                    process.terminate()
+                for process in processes:
+                    process.join(timeout=10)
             self._executor = None
 
     def __enter__(self) -> "RunPool":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(failed=kind is not None)
 
 
 def _init_worker_here(context: dict) -> None:

@@ -140,6 +140,9 @@ def test_help_documents_every_new_flag():
     (["--base", "builtin:nope"], "--base 'builtin:nope': unknown built-in model"),
     (["--base", "no/such/folder"], "--base 'no/such/folder': expected builtin:NAME or a model folder"),
     (["--lrs", "1e-4", "1e-4"], "--lrs: expected distinct learning rates"),
+    # DanceGRPO's 6432 forward-equivalents per iteration: known from its settings, refused before any run
+    (["--methods", "neighbor_grpo", "dance_grpo", "--budget-fe", "12000"],
+     "--budget-fe: dance_grpo costs 6432 forward-equivalents per iteration, so 12000 gives it 2 held-out"),
 ])
 def test_bad_new_flags_get_one_line_errors(tmp_path, capsys, argv, words):
     code = main(["compare", "--out", str(tmp_path / "r.json"), "--no-progress", *argv])
