@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -148,7 +149,7 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     models_dir = out.parent / f"{out.stem}_models"
     check_folder_target(models_dir, overwrite, "--out")  # refused now, not after an hour of runs
     frozen = read_frozen_target(frozen_target) if frozen_target else None
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
     common = [f"device={device}", "prompts_per_iteration=8"]
@@ -205,6 +206,7 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             results["throughput"] = measure_throughput(pool, rows, workers, throughput_warmup, throughput_iters)
     results.update(summarize(results, frozen))
     results["wall_clock_s"] = time.perf_counter() - started
+    results["machine"] = {"cpus": os.cpu_count(), "load_average_1min_before_after": [load_before, os.getloadavg()[0]]}
     plot_report(results, out.parent, out.stem)
     atomic_write_text(out.with_suffix(".md"), markdown_report(results) + "\n")
     atomic_write_text(out, json.dumps(results, indent=2))
@@ -223,11 +225,12 @@ def measure_throughput(pool, rows: dict[str, list[str]], workers: int, warmup: i
 
     jobs = [((0, k), {"kind": "throughput", "rows": rows, "offset": k, "warmup": warmup, "iters": iters, "order": k})
             for k in range(workers)]
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     schedule(pool, jobs, finished)
     return {"s_per_iter": {name: statistics.median(values) for name, values in pooled.items()},
             "seconds_each": pooled, "workers": workers, "threads_per_worker": 1, "warmup": warmup,
             "iters_per_worker": iters, "wall_clock_s": time.perf_counter() - started,
+            "load_average_1min_before_after": [load_before, os.getloadavg()[0]],  # how shared the machine was
             "method": "single-thread workers side by side, rows interleaved per iteration (rotating order), "
                       "median of every timed iteration"}
 

@@ -80,6 +80,7 @@ def test_wall_clock_to_target_uses_the_interleaved_throughput_measurement(grid_r
     _, saved = grid_runs[2]
     t = saved["throughput"]
     assert t["workers"] == 2 and len(t["seconds_each"]["neighbor_grpo"]) == 2  # 1 timed iteration per worker
+    assert len(t["load_average_1min_before_after"]) == 2 and saved["machine"]["cpus"] >= 1
     s_per_iter = t["s_per_iter"]["neighbor_grpo"]
     method = saved["methods"]["neighbor_grpo"]
     assert method["median_s_per_iter"] == s_per_iter and method["s_per_iter_source"] == "throughput"
