@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neighbor_grpo.compare import MAIN_TABLE, PAPER_SETTINGS
+from neighbor_grpo.compare import LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS
 from neighbor_grpo.config import load_config
 from neighbor_grpo.cost import CountedReference
 from neighbor_grpo.iteration import ModelCallCounter, train_iteration, training_counter
@@ -18,9 +18,9 @@ from neighbor_grpo.parts import build_training_parts
 # Every method at its paper's settings; Neighbor GRPO also without the library's reference anchoring (the paper
 # has none: its cost figures are for the leaping-policy loss alone).
 METHODS: dict[str, list[str]] = {
-    "neighbor_grpo": PAPER_SETTINGS["neighbor_grpo"],
-    "neighbor_grpo_no_ref": PAPER_SETTINGS["neighbor_grpo"] + ["neighbor_grpo.ref_beta=0"],
-    **{name: PAPER_SETTINGS[name] for name in MAIN_TABLE if name != "neighbor_grpo"},
+    "neighbor_grpo": LIBRARY_DEFAULTS,
+    "neighbor_grpo_no_ref": PAPER_SETTINGS["neighbor_grpo"],  # the paper's settings: ref_beta 0
+    **{name: PAPER_SETTINGS[name] for name in MAIN_TABLE if not name.startswith("neighbor_grpo")},
 }
 
 

@@ -92,8 +92,10 @@ def _cmd_compare(args) -> None:
     results = compare(args.out, budget_fe=args.budget_fe, lrs=tuple(args.lrs), methods=args.methods,
                       seeds=tuple(args.seeds), evals_per_run=args.evals_per_run, eval_samples=args.eval_samples,
                       frozen_target=args.frozen_target, equal_steps=args.equal_steps, ablation=args.ablation,
-                      device=args.device, overwrite=args.overwrite,
-                      progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]))
+                      device=args.device, base_path=args.base, overwrite=args.overwrite,
+                      progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]), workers=args.workers,
+                      grid=not args.no_grid, throughput_iters=args.throughput_iters,
+                      throughput_warmup=args.throughput_warmup)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -212,9 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--budget-fe", type=float, default=60000.0,
                      help="training forward-equivalents per run (no-grad forwards + (1 + b) x with-grad forwards)")
     cmp.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4],
-                     help="learning-rate sweep (first seed; chosen by the area under the held-out proxy curve)")
-    cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo flow_grpo dance_grpo mix_grpo "
-                     "mix_grpo_flash); also flow_grpo_cps, grpo_guard, diffusion_nft, awm, dgpo")
+                     help="learning-rate grid, tuned on the first seed with each method's knob (chosen by the area "
+                          "under the held-out proxy curve); a choice at an end of the grid adds the next x3 point")
+    cmp.add_argument("--no-grid", action="store_true",
+                     help="tune the lr only: every method at its reference knob value, no x3 rule (cheap runs)")
+    cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo neighbor_grpo_defaults "
+                     "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also flow_grpo_cps, grpo_guard, diffusion_nft, awm, dgpo")
+    cmp.add_argument("--base", default="builtin:digits", metavar="MODEL",
+                     help="base model: builtin:digits (default), builtin:digits-unet (the compute-bound U-Net; both "
+                          "pretrained and cached on first use) or a model folder of ngrpo")
+    cmp.add_argument("--workers", type=int, default=1,
+                     help="runs in parallel, each in its own single-thread process (1: in this process, one thread); "
+                          "the numbers do not depend on it")
+    cmp.add_argument("--throughput-iters", type=int, default=6,
+                     help="after the runs: timed iterations per method and worker of the interleaved s/iter "
+                          "measurement that wall-clock to target uses (0 skips it: the runs' own s/iter)")
+    cmp.add_argument("--throughput-warmup", type=int, default=1, help="untimed iterations per method and worker first")
     cmp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (paired across methods)")
     cmp.add_argument("--evals-per-run", type=int, default=24,
                      help="held-out evaluations per run, at the same forward-equivalent points for every method")

@@ -4,13 +4,16 @@ Every method starts from the same base model, trains on the same proxy reward (t
 for the same budget of forward-equivalents (neighbor_grpo.cost). Held-out evaluations (ODE sampler, seeds never
 trained on) run at the same forward-equivalent points for every method (benchmark_rules.evaluation_points) and
 score the proxy, the gold (never trained on, never used to select anything), the hacking monitors and the
-distance from the base model. The rules that turn curves into a table live in benchmark_rules; the table, the
-intervals and the plots in compare_report.
+distance from the base model. What runs: compare_settings; one run: compare_run; the tuning grid, the x3 rule and
+the seeds: compare_grid; where runs execute: compare_workers; seconds per iteration: compare_throughput. The rules
+that turn curves into a table live in benchmark_rules; the table, the intervals and the plots in compare_report.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -20,224 +23,24 @@ import torch
 
 from neighbor_grpo import benchmark_rules as rules
 from neighbor_grpo.config import load_config
-from neighbor_grpo.cost import backward_factor, cost_note, forward_equivalents
+from neighbor_grpo.cost import backward_factor, cost_note
 from neighbor_grpo.io import atomic_write_text
-from neighbor_grpo.iteration import train_iteration, training_counter
-from neighbor_grpo.monitors import evaluate, generate
-from neighbor_grpo.parts import build_training_parts, load_model, read_prompts
-
-# Each baseline's optimizer as its reference repository sets it (table and file:line citations in
-# docs/benchmarks.md, "Optimizer settings of the baselines"). All three use AdamW with betas (0.9, 0.999) and eps
-# 1e-8, torch's defaults and the library's. The learning rate is swept alike for every method, not taken from here.
-REFERENCE_OPTIMIZER: dict[str, list[str]] = {
-    # yifan123/flow_grpo config/base.py:69 adam_weight_decay 1e-4, :76 max_grad_norm 1.0
-    "flow_grpo": ["optim.weight_decay=1e-4", "optim.max_grad_norm=1.0"],
-    # XueZeyue/DanceGRPO scripts/finetune/finetune_flux_grpo_8gpus.sh:46-47 (the FLUX recipe): max_grad_norm 0.01,
-    # weight_decay 1e-4; its share of clipped steps is logged as grad_clipped_share
-    "dance_grpo": ["optim.weight_decay=1e-4", "optim.max_grad_norm=0.01"],
-    # Tencent-Hunyuan/MixGRPO scripts/finetune/finetune_flux_grpo_MixGRPO.sh:148-149 (and the Flash script's)
-    "mix_grpo": ["optim.weight_decay=1e-4", "optim.max_grad_norm=1.0"],
-}
-
-# Each method at its own paper's settings: the main table (MAIN_TABLE, the default) and newer methods that
-# `--methods` adds and later tables report against the main table's frozen target.
-PAPER_SETTINGS: dict[str, list[str]] = {
-    "neighbor_grpo": ["algorithm=neighbor_grpo"],  # 8-step DPM-Solver++, G 12, B 4, K 4; no public code: defaults
-    "flow_grpo": ["algorithm=flow_grpo", *REFERENCE_OPTIMIZER["flow_grpo"]],  # 10 SDE steps
-    "dance_grpo": ["algorithm=dance_grpo", *REFERENCE_OPTIMIZER["dance_grpo"]],  # 25 SDE steps, fraction 0.6
-    "mix_grpo": ["algorithm=mix_grpo", *REFERENCE_OPTIMIZER["mix_grpo"]],  # 25 steps, SDE window of 4
-    "mix_grpo_flash": ["algorithm=mix_grpo", "mix_grpo.flash=true", *REFERENCE_OPTIMIZER["mix_grpo"]],
-    # yifan123/flow_grpo config/grpo.py pickscore_sd3_fast_nocfg (L323-L363): CPS eta 0.8 in a window of 3 steps
-    # starting in [0, N // 2 - 3], clip 1e-5, global std, KL off; 10 steps
-    "flow_grpo_cps": ["algorithm=flow_grpo", "flow_grpo.sde_type=cps", "flow_grpo.cps_eta=0.8",
-                      "flow_grpo.fast_window_size=3", "flow_grpo.eps_clip=1e-5", *REFERENCE_OPTIMIZER["flow_grpo"]],
-    # yifan123/flow_grpo config/grpo_guard.py pickscore_hps_sd3_ratio_norm (L84-L129): rationorm (both
-    # mechanisms), clip 4e-6, per-group std, eta 0.7, steps 0-8 of 10, KL off
-    "grpo_guard": ["algorithm=flow_grpo", "flow_grpo.guard_ratio_norm=true", "flow_grpo.guard_grad_reweight=true",
-                   "flow_grpo.eps_clip=4e-6", "flow_grpo.global_std=false", *REFERENCE_OPTIMIZER["flow_grpo"]],
-    # spec competitors.md 1.3 / 2.3: the authors' PickScore settings are the sections' defaults (docs/algorithms.md)
-    "diffusion_nft": ["algorithm=diffusion_nft"],
-    "awm": ["algorithm=awm"],
-    # spec competitors.md 5.2, Luo-Yihong/DGPO config/dgpo.py pickscore_sd3_4gpu without CFG: beta_dpo 10, kl_beta
-    # 1e-3, clip 5e-2, M 4 times of grid indices 0..6, shared noise per group, global std, 10 ODE steps, EMA-old
-    # rollouts after 200 steps; the section's defaults (docs/algorithms.md)
-    "dgpo": ["algorithm=dgpo"],
-}
-MAIN_TABLE = ("neighbor_grpo", "flow_grpo", "dance_grpo", "mix_grpo", "mix_grpo_flash")
-REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
-
-# Ablations of Neighbor GRPO the paper reports: name -> {label: overrides}.
-ABLATIONS: dict[str, dict[str, list[str]]] = {
-    "sigma": {f"sigma={v}": [f"neighbor_grpo.neighbor_sigma={v}"] for v in (0.1, 0.3, 0.5, 0.7)},
-    "anchors": {f"B={b}": [f"neighbor_grpo.num_anchors={b}"] for b in (1, 2, 4, 6)},
-    "p": {f"p={p}": [f"neighbor_grpo.quasi_norm_p={p}"] for p in (0.8, 1.0, 2.0)},
-    "solver": {"dpm++2m x8": ["neighbor_grpo.rollout_solver=dpm++2m", "neighbor_grpo.rollout_steps=8"],
-               "euler x28": ["neighbor_grpo.rollout_solver=euler", "neighbor_grpo.rollout_steps=28"]},
-    "tau": {f"tau_rel={t}": [f"neighbor_grpo.tau_rel={t}"] for t in (0.03, 0.1, 0.3)},
-    "ref_beta": {f"ref_beta={b}": [f"neighbor_grpo.ref_beta={b}"] for b in (0.0, 1.0, 10.0)},
-    "distance": {"relative tau (mean)": [],
-                 # the relative tau is ~0.006 on this model (logged as `tau`); 0.384 = 0.006 x 64 latent dims
-                 "fixed tau=0.006, mean": ["neighbor_grpo.tau=0.006", "neighbor_grpo.distance_reduction=mean"],
-                 "fixed tau=0.384, sum": ["neighbor_grpo.tau=0.384", "neighbor_grpo.distance_reduction=sum"],
-                 "fixed tau=0.006, sum": ["neighbor_grpo.tau=0.006", "neighbor_grpo.distance_reduction=sum"]},
-    "clip": {f"eps_clip={e}": [f"neighbor_grpo.eps_clip={e}"] for e in (0.05, 0.2, 0.5)},
-    "steps": {"random K=4": [], "first K=4": ["neighbor_grpo.step_selection=first"],
-              "last K=4": ["neighbor_grpo.step_selection=last"], "all K=8": ["neighbor_grpo.step_selection=all"]},
-}
-
-GOLD_REWARD = "digit_gold"
-PROBE_SEED = 20260  # the fixed held-out states of the distance from the base (the same for every method and seed)
-PROBE_PER_PROMPT = 8
-
-
-def equal_steps_overrides(method: str, steps: int) -> list[str]:
-    """The same method with `steps` rollout steps."""
-    section = next(o.split("=", 1)[1] for o in PAPER_SETTINGS[method] if o.startswith("algorithm="))
-    extra = [f"{section}.rollout_steps={steps}"]
-    if section == "mix_grpo":
-        extra.append(f"mix_grpo.window_size={min(4, steps - 2)}")
-    return PAPER_SETTINGS[method] + extra
-
-
-def load_gold(device: str):
-    """The gold reward object (with `components`), built from the reward registry."""
-    from neighbor_grpo.rewards import REWARDS, build_rewards
-
-    if GOLD_REWARD not in REWARDS:
-        raise RuntimeError(f"gold reward {GOLD_REWARD!r} is not registered; the comparison scores every method on it")
-    return build_rewards([{"name": GOLD_REWARD}], device=device).rewards[GOLD_REWARD]
-
-
-class DistanceProbe:
-    """Distance from the base model: mean over fixed held-out states of ||v_theta - v_ref||^2 / latent dims.
-    States are points on straight paths from the base model's held-out samples to fixed noise, at fixed sigmas."""
-
-    def __init__(self, adapter, prompts: list[str], seed: int, shift: float):
-        latents, _ = generate(adapter, prompts, PROBE_PER_PROMPT, seed, "dpm++2m", 8, shift)  # the base model's
-        generator = torch.Generator().manual_seed(PROBE_SEED)
-        x0 = latents.flatten(0, 1).float().cpu()
-        noise = torch.randn(x0.shape, generator=generator)
-        sigmas = 0.05 + 0.9 * torch.rand(x0.shape[0], generator=generator)
-        s = sigmas.view(-1, *[1] * (x0.dim() - 1))
-        self.states = ((1 - s) * x0 + s * noise).to(latents)
-        self.sigmas = sigmas.to(latents)
-        self.cond = adapter.encode_prompts([p for p in prompts for _ in range(PROBE_PER_PROMPT)])
-        self.reference = self._velocity(adapter.velocity)
-
-    @torch.no_grad()
-    def _velocity(self, velocity) -> torch.Tensor:
-        return velocity(self.states, self.sigmas, self.cond).float()
-
-    def __call__(self, adapter) -> float:
-        return float((self._velocity(adapter.velocity) - self.reference).pow(2).mean())
-
-
-def _heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift) -> tuple[dict, torch.Tensor]:
-    metrics, images = evaluate(adapter, proxy, prompts, samples, seed, "dpm++2m", 8, shift)
-    flat = images.flatten(0, 1).clamp(0, 1)
-    parts = gold.components(flat, [p for p in prompts for _ in range(samples)])
-    record = {"proxy": metrics["reward"], **{k: float(v.float().mean()) for k, v in parts.items()},
-              "out_of_range": metrics["out_of_range"], "diversity": metrics["diversity"],
-              "realism": metrics.get("realism_nn_dist"),
-              "distance": probe(adapter)}
-    return record, images
-
-
-def run_method(overrides: list[str], lr: float, budget_fe: float, points: list[float], base_path: str, proxy, gold,
-               eval_prompts: list[str], eval_samples: int, seed: int, device: str, common: list[str]) -> dict:
-    """Train one method until `budget_fe` forward-equivalents; a held-out evaluation at the first iteration
-    boundary at or past each point of `points` (points passed within one iteration share one evaluation)."""
-    config = load_config(None, common + overrides + [f"optim.lr={lr}", f"seed={seed}"])
-    adapter = load_model(base_path, device, progress=False)
-    parts = build_training_parts(config, adapter)
-    counter = training_counter(adapter, parts)  # the algorithm's own networks too (an old policy, an EMA copy)
-    prompts = read_prompts(config)
-    curve: list[dict] = []
-    state = {"fe": 0.0, "iteration": 0, "train_s": 0.0}
-
-    def held_out(probe):
-        counter.reset()
-        record, images = _heldout_record(adapter, proxy, gold, probe, eval_prompts, eval_samples, config.eval.seed,
-                                         parts.shift)
-        counter.reset()  # evaluation is not training cost
-        curve.append({**state, **record})
-        return images
-
-    probe = DistanceProbe(adapter, eval_prompts, config.eval.seed, parts.shift)
-    held_out(probe)
-    s_per_iter: list[float] = []
-    pending = list(points)
-    while state["fe"] < budget_fe:
-        tick = time.perf_counter()
-        train_iteration(config, adapter, proxy, parts.algorithm, parts.optimizer, parts.params, parts.ema,
-                        parts.reference_velocity, prompts, state["iteration"], lambda point: None, parts=parts)
-        s_per_iter.append(time.perf_counter() - tick)
-        state["train_s"] += s_per_iter[-1]
-        no_grad, with_grad = counter.reset()
-        state["fe"] += forward_equivalents(no_grad, with_grad, config.optim.finetune)
-        state["iteration"] += 1
-        if pending and state["fe"] >= pending[0]:
-            held_out(probe)
-            pending = [p for p in pending if p > state["fe"]]
-    if pending or curve[-1]["iteration"] != state["iteration"]:
-        held_out(probe)
-    counter.remove()
-    return {"lr": lr, "seed": seed, "iterations": state["iteration"], "median_s_per_iter": statistics.median(s_per_iter),
-            "fe_per_iter": state["fe"] / state["iteration"], "finetune": config.optim.finetune, "curve": curve}
-
-
-def proxy_auc(run: dict) -> float:
-    return rules.area_under_curve([r["fe"] for r in run["curve"]], [r["proxy"] for r in run["curve"]])
-
-
-def run_all(methods: dict[str, list[str]], lrs: list[float], seeds: list[int], budget_fe: float, evals_per_run: int,
-            base_path: str, proxy, gold, eval_prompts, eval_samples, device, common, log, partial) -> dict:
-    """The lr sweep on the first seed (chosen by the area under the held-out proxy curve), then the other seeds at
-    the chosen lr. Returns {"runs": {method: {seed: run}}, "lr_selection": ...}."""
-    points = rules.evaluation_points(budget_fe, evals_per_run)
-    runs: dict[str, dict[str, dict]] = {name: {} for name in methods}
-    selection: dict[str, dict] = {}
-    total = len(methods) * (len(lrs) + len(seeds) - 1)
-    done = 0
-
-    def one(name, lr, seed):
-        nonlocal done
-        tick = time.perf_counter()
-        run = run_method(methods[name], lr, budget_fe, points, base_path, proxy, gold, eval_prompts, eval_samples,
-                         seed, device, common)
-        done += 1
-        if len(run["curve"]) - 1 < rules.FINAL_EVALUATIONS:  # the final value needs 3 evaluations after the base
-            raise ValueError(f"--budget-fe: {name} costs {run['fe_per_iter']:.0f} forward-equivalents per iteration, so "
-                             f"{budget_fe:g} gives it {len(run['curve']) - 1} held-out evaluations; expected >= "
-                             f"{rules.FINAL_EVALUATIONS} (raise --budget-fe to >= {3 * run['fe_per_iter']:.0f})")
-        log(f"[{done}/{total}] {name} lr={lr:g} seed={seed}: {run['iterations']} it, final gold "
-            f"{run['curve'][-1]['gold']:.3f}, proxy {run['curve'][-1]['proxy']:.3f} ({time.perf_counter() - tick:.0f} s)")
-        return run
-
-    first, rest = seeds[0], seeds[1:]
-    for name in methods:
-        sweep = {lr: one(name, lr, first) for lr in lrs}
-        chosen = rules.select_lr({lr: ([r["fe"] for r in run["curve"]], [r["proxy"] for r in run["curve"]])
-                                  for lr, run in sweep.items()})
-        selection[name] = {"proxy_auc": {str(lr): proxy_auc(run) for lr, run in sweep.items()}, "chosen": chosen}
-        runs[name][str(first)] = sweep[chosen]
-        partial({"runs": runs, "lr_selection": selection, "eval_points": points})
-    for seed in rest:
-        for name in methods:
-            runs[name][str(seed)] = one(name, selection[name]["chosen"], seed)
-            partial({"runs": runs, "lr_selection": selection, "eval_points": points})
-    return {"runs": runs, "lr_selection": selection, "eval_points": points}
+from neighbor_grpo.compare_workers import schedule
+from neighbor_grpo.compare_run import GOLD_REWARD, DistanceProbe, load_gold, run_method  # noqa: F401  (re-exported)
+from neighbor_grpo.compare_settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS,  # noqa: F401
+                                            REFERENCE_EMA, REFERENCE_METHOD, REFERENCE_OPTIMIZER, equal_steps_overrides,
+                                            knob_grid)
 
 
 def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_per_run: int, eval_samples: int,
-                    methods: list[str]) -> None:
+                    methods: list[str], workers: int = 1, throughput_iters: int = 6, throughput_warmup: int = 1) -> None:
     """One-line errors naming the flag, before anything runs."""
     if not budget_fe > 0:
         raise ValueError(f"--budget-fe: expected > 0 forward-equivalents, got {budget_fe:g}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds: expected distinct integers >= 0, got {seeds}")
-    if not lrs or min(lrs) <= 0:
-        raise ValueError(f"--lrs: expected learning rates > 0, got {lrs}")
+    if not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs):
+        raise ValueError(f"--lrs: expected distinct learning rates > 0, got {lrs}")
     if evals_per_run < rules.FINAL_EVALUATIONS:
         raise ValueError(f"--evals-per-run: expected >= {rules.FINAL_EVALUATIONS}, got {evals_per_run}")
     if eval_samples < 2:
@@ -247,6 +50,55 @@ def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_
         raise ValueError(f"--methods: unknown {unknown}; choose from {list(PAPER_SETTINGS)}")
     if REFERENCE_METHOD not in methods:
         raise ValueError(f"--methods: must include {REFERENCE_METHOD} (every comparison is paired against it)")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods: expected distinct names, got {methods}")
+    if workers < 1:
+        raise ValueError(f"--workers: expected >= 1 worker processes, got {workers}")
+    if throughput_iters < 0:
+        raise ValueError(f"--throughput-iters: expected >= 0 timed iterations (0 skips the measurement), got "
+                         f"{throughput_iters}")
+    if throughput_warmup < 0:
+        raise ValueError(f"--throughput-warmup: expected >= 0 iterations, got {throughput_warmup}")
+
+
+def resolve_base(base_path: str, progress: bool) -> str:
+    """A built-in model (`builtin:NAME`, pretrained and cached on first use) or a model folder; the reward
+    classifier the proxy needs is built on first use too."""
+    from neighbor_grpo.pretrain import BUILTIN_MODELS, ensure_builtin_model, ensure_classifier
+
+    if base_path.startswith("builtin:"):
+        name = base_path.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"--base {base_path!r}: unknown built-in model; expected one of "
+                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)} or a model folder")
+        ensure_classifier(progress=progress)
+        return str(ensure_builtin_model(name, progress=progress))
+    if not (Path(base_path) / "model.json").is_file():
+        raise ValueError(f"--base {base_path!r}: expected builtin:NAME or a model folder of ngrpo (with model.json)")
+    ensure_classifier(progress=progress)
+    return base_path
+
+
+def check_evaluations(table: dict[str, list[str]], points: list[float], common: list[str]) -> None:
+    """Refuse, before any run, a budget that gives a row fewer than 3 held-out evaluations, where its cost per
+    iteration is what its call schedule implies (at its first iteration: MixGRPO's window moves)."""
+    from neighbor_grpo.cost import config_schedule, schedule_forward_equivalents
+
+    for row, overrides in table.items():
+        config = load_config(None, common + overrides)
+        per_iteration = schedule_forward_equivalents(config_schedule(config), config.optim.finetune)
+        evaluations = len({math.ceil(p / per_iteration - 1e-9) for p in points})
+        if evaluations < rules.FINAL_EVALUATIONS:
+            raise ValueError(f"--budget-fe: {row} costs {per_iteration:.0f} forward-equivalents per iteration, so "
+                             f"{points[-1]:g} gives it {evaluations} held-out evaluations; expected >= "
+                             f"{rules.FINAL_EVALUATIONS} (raise --budget-fe to >= {3 * per_iteration:.0f})")
+
+
+def latent_elements(base_path: str) -> int:
+    """D: the number of latent elements of the base model's samples (the clip scaling's D)."""
+    from neighbor_grpo.parts import load_model
+
+    return math.prod(load_model(base_path, "cpu", progress=False).latent_shape())
 
 
 def read_frozen_target(path: str | Path) -> float:
@@ -261,18 +113,21 @@ def read_frozen_target(path: str | Path) -> float:
 def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] = (1e-4, 3e-4),
             methods: list[str] | None = None, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), evals_per_run: int = 24,
             eval_samples: int = 32, frozen_target: str | Path | None = None, equal_steps: int | None = None,
-            ablation: str | None = None, device: str | None = None,
-            base_path: str = "builtin:digits", overwrite: bool = False, progress: bool = True,
-            command: str | None = None) -> dict:
-    """Run the comparison; write the results JSON, a markdown table and PNG plots next to `out`."""
+            ablation: str | None = None, device: str | None = None, base_path: str = "builtin:digits",
+            overwrite: bool = False, progress: bool = True, command: str | None = None, workers: int = 1,
+            grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1) -> dict:
+    """Run the comparison; write the results JSON, a markdown table, PNG plots and every run's final weights
+    (`<stem>_models/`) next to `out`."""
+    from neighbor_grpo.compare_grid import run_table
     from neighbor_grpo.compare_report import markdown_report, plot_report, summarize
+    from neighbor_grpo.compare_workers import RunPool
     from neighbor_grpo.distributed import check_device
-    from neighbor_grpo.ownership import check_file_outputs, write_marker
-    from neighbor_grpo.rewards import build_rewards
+    from neighbor_grpo.ownership import check_file_outputs, check_folder_target, write_marker
 
     names = list(methods or MAIN_TABLE)
     seeds, lrs = [int(s) for s in seeds], [float(lr) for lr in lrs]
-    check_arguments(budget_fe, seeds, lrs, evals_per_run, eval_samples, names)
+    check_arguments(budget_fe, seeds, lrs, evals_per_run, eval_samples, names, workers, throughput_iters,
+                    throughput_warmup)
     table, reference = {n: PAPER_SETTINGS[n] for n in names}, REFERENCE_METHOD
     if equal_steps is not None:
         if equal_steps < 2:
@@ -281,27 +136,29 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     if ablation is not None:  # Neighbor GRPO's variants, paired against the first (the defaults where listed)
         if ablation not in ABLATIONS:
             raise ValueError(f"--ablation: unknown {ablation!r}; choose from {list(ABLATIONS)}")
-        table = {label: PAPER_SETTINGS[REFERENCE_METHOD] + extra for label, extra in ABLATIONS[ablation].items()}
+        table = {label: LIBRARY_DEFAULTS + extra for label, extra in ABLATIONS[ablation].items()}
         reference = next(iter(table))
     out = Path(out)
     if out.suffix != ".json":
         raise ValueError(f"--out {str(out)!r}: expected a .json file (the .md table and plots are written beside it)")
     check_file_outputs(compare_outputs(out), overwrite)  # only the files it names are ever replaced
+    models_dir = out.parent / f"{out.stem}_models"
+    check_folder_target(models_dir, overwrite, "--out")  # refused now, not after an hour of runs
     frozen = read_frozen_target(frozen_target) if frozen_target else None
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
-        write_marker(out.parent, "compare")
-    if base_path == "builtin:digits":
-        from neighbor_grpo.pretrain import ensure_base_model, ensure_classifier
-
-        ensure_classifier(progress=progress)
-        base_path = str(ensure_base_model(progress=progress))
-    proxy = build_rewards([{"name": "digit_prob"}], device=device)
-    gold = load_gold(device)
     common = [f"device={device}", "prompts_per_iteration=8"]
+    points = rules.evaluation_points(budget_fe, evals_per_run)
+    check_evaluations(table, points, common)
+    base_path = resolve_base(base_path, progress)
+    elements = latent_elements(base_path)
+    knobs = {row: knob_grid(row, overrides, elements)[:None if grid else 1] for row, overrides in table.items()}
+    ema = {row: REFERENCE_EMA[row] for row in table if row in REFERENCE_EMA}
+    for folder in (out.parent, models_dir):
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            write_marker(folder, "compare")
     partial_path = out.with_name(out.stem + ".partial.json")
 
     def log(line: str) -> None:
@@ -311,30 +168,67 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     finetune = load_config(None, common).optim.finetune
     header = {
         "command": command,
-        "settings": {"device": device, "budget_fe": budget_fe, "lrs": lrs, "seeds": seeds, "methods": list(table),
-                     "overrides": table, "equal_steps": equal_steps, "ablation": ablation,
+        "settings": {"device": device, "base": base_path, "latent_elements": elements, "budget_fe": budget_fe,
+                     "lrs": lrs, "seeds": seeds, "methods": list(table), "overrides": table,
+                     "knobs": {row: [{k: e[k] for k in ("label", "key", "value")} for e in entries]
+                               for row, entries in knobs.items()},
+                     "grid": grid, "reference_ema": ema, "equal_steps": equal_steps, "ablation": ablation,
+                     "workers": workers, "threads_per_run": 1,
                      "evals_per_run": evals_per_run, "eval_samples_per_prompt": eval_samples, "proxy": "digit_prob",
                      "gold": GOLD_REWARD, "finetune": finetune, "backward_factor": backward_factor(finetune),
                      "cost_note": cost_note(finetune)},
         "rules": {"final_evaluations": rules.FINAL_EVALUATIONS, "target_fraction": rules.TARGET_FRACTION,
                   "no_worse_margin": rules.NO_WORSE_MARGIN, "confidence": rules.CONFIDENCE,
-                  "lr_selection": f"highest area under the held-out proxy curve, seed {seeds[0]}",
+                  "selection": f"lr x knob grid on seed {seeds[0]}, highest area under the held-out proxy curve"
+                               + (" (never the gold); a chosen lr at an end of the lr grid adds the next x3 point "
+                                  "at the chosen knob, then re-selects" if grid else " (never the gold)"),
                   "reference_method": reference},
+        "eval_points": points,
     }
 
     def partial(state: dict) -> None:  # what is done so far survives an interrupted run
         atomic_write_text(partial_path, json.dumps({**header, **state}))
 
-    measured = run_all(table, lrs, seeds, budget_fe, evals_per_run, base_path, proxy,
-                       gold, [str(d) for d in range(10)], eval_samples, device, common, log, partial)
-    results = {**header, **measured}
+    context = {"budget_fe": budget_fe, "points": points, "base_path": base_path, "device": device,
+               "eval_prompts": [str(d) for d in range(10)], "eval_samples": eval_samples, "common": common}
+    with RunPool(workers, context) as pool:
+        measured = run_table(pool, table, knobs, lrs, seeds, grid, ema, models_dir, log, partial)
+        results = {**header, **measured}
+        if throughput_iters > 0:
+            log(f"throughput: {len(table)} rows interleaved, {workers} single-thread worker(s), "
+                f"{throughput_warmup} warm-up + {throughput_iters} timed iterations each")
+            rows = {row: table[row] + measured["selection"][row]["chosen_overrides"]
+                    + [f"optim.lr={measured['selection'][row]['chosen_lr']!r}"] for row in table}
+            results["throughput"] = measure_throughput(pool, rows, workers, throughput_warmup, throughput_iters)
     results.update(summarize(results, frozen))
     results["wall_clock_s"] = time.perf_counter() - started
+    results["machine"] = {"cpus": os.cpu_count(), "load_average_1min_before_after": [load_before, os.getloadavg()[0]]}
     plot_report(results, out.parent, out.stem)
     atomic_write_text(out.with_suffix(".md"), markdown_report(results) + "\n")
     atomic_write_text(out, json.dumps(results, indent=2))
     partial_path.unlink(missing_ok=True)
     return results
+
+
+def measure_throughput(pool, rows: dict[str, list[str]], workers: int, warmup: int, iters: int) -> dict:
+    """Every row's median s/iter over the timed iterations of `workers` single-thread workers side by side."""
+    pooled: dict[str, list[float]] = {name: [] for name in rows}
+
+    def finished(job, seconds) -> list:
+        for name, values in seconds.items():
+            pooled[name].extend(values)
+        return []
+
+    jobs = [((0, k), {"kind": "throughput", "rows": rows, "offset": k, "warmup": warmup, "iters": iters, "order": k})
+            for k in range(workers)]
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    schedule(pool, jobs, finished)
+    return {"s_per_iter": {name: statistics.median(values) for name, values in pooled.items()},
+            "seconds_each": pooled, "workers": workers, "threads_per_worker": 1, "warmup": warmup,
+            "iters_per_worker": iters, "wall_clock_s": time.perf_counter() - started,
+            "load_average_1min_before_after": [load_before, os.getloadavg()[0]],  # how shared the machine was
+            "method": "single-thread workers side by side, rows interleaved per iteration (rotating order), "
+                      "median of every timed iteration"}
 
 
 def compare_outputs(out: Path) -> list[Path]:

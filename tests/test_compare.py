@@ -18,7 +18,7 @@ def short_comparison(builtin_models, tmp_path_factory, single_thread):
 
     out = tmp_path_factory.mktemp("compare") / "results.json"
     compare(out, budget_fe=BUDGET, lrs=(1e-4, 3e-4), methods=["neighbor_grpo", "mix_grpo_flash"], seeds=(0, 1),
-            evals_per_run=3, eval_samples=2, progress=False)
+            evals_per_run=3, eval_samples=2, progress=False, grid=False, throughput_iters=1, throughput_warmup=0)
     return out, json.loads(out.read_text())
 
 
@@ -28,11 +28,13 @@ def test_results_hold_every_seed_and_the_frozen_rules(short_comparison):
     assert saved["rules"]["target_fraction"] == 0.8 and saved["rules"]["final_evaluations"] == 3
     for name in ("neighbor_grpo", "mix_grpo_flash"):
         assert saved["runs"][name].keys() == {"0", "1"}
-        chosen = saved["lr_selection"][name]["chosen"]
-        assert chosen in (1e-4, 3e-4)
-        aucs = saved["lr_selection"][name]["proxy_auc"]
-        assert aucs[str(chosen)] == max(aucs.values())  # chosen on the proxy, never the gold
+        selection = saved["selection"][name]
+        chosen = selection["chosen_lr"]
+        assert chosen in (1e-4, 3e-4) and selection["x3"] is None  # --no-grid: no x3 rule
+        aucs = {c["lr"]: c["proxy_auc"] for c in selection["candidates"]}
+        assert aucs.keys() == {1e-4, 3e-4} and aucs[chosen] == max(aucs.values())  # on the proxy, never the gold
         assert all(run["lr"] == chosen for run in saved["runs"][name].values())
+        assert len(saved["tuning_runs"][name]) == 1 and saved["tuning_runs"][name][0]["lr"] != chosen
     # seeds are different runs
     a, b = (saved["runs"]["neighbor_grpo"][s]["curve"][-1]["proxy"] for s in ("0", "1"))
     assert a != b
@@ -60,8 +62,8 @@ def test_forward_equivalents_per_iteration_follow_the_one_rule(short_comparison)
     _, saved = short_comparison
     c = load_config(None, []).neighbor_grpo
     P, G, N, B, K = 8, c.group_size, c.rollout_steps, c.num_anchors, c.trained_steps
-    # rollout P*G*N no-grad + reference anchoring's no-grad pass per trained unit + (1 + 2) x trained units
-    expected = P * G * N + K * P * B + 3 * K * P * B
+    # rollout P*G*N no-grad + (1 + 2) x trained units; the paper's settings have no reference anchoring (ref_beta 0)
+    expected = P * G * N + 3 * K * P * B
     assert saved["methods"]["neighbor_grpo"]["fe_per_iter"] == expected
 
 
@@ -99,7 +101,7 @@ def test_an_existing_out_is_refused_before_anything_runs(short_comparison, capsy
 @pytest.mark.parametrize("argv, words", [
     (["--budget-fe", "0"], "--budget-fe: expected > 0"),
     (["--seeds", "0", "0"], "--seeds: expected distinct"),
-    (["--lrs", "-1"], "--lrs: expected learning rates > 0"),
+    (["--lrs", "-1"], "--lrs: expected distinct learning rates > 0"),
     (["--evals-per-run", "2"], "--evals-per-run: expected >= 3"),
     (["--methods", "flow_grpo"], "--methods: must include neighbor_grpo"),
     (["--methods", "neighbor_grpo", "sde"], "--methods: unknown ['sde']"),
@@ -133,7 +135,7 @@ def _assert_applied(config, overrides: list[str]) -> None:
 
 
 def test_every_method_and_ablation_builds_the_config_it_names():
-    algorithm_of = {"neighbor_grpo": "neighbor_grpo", "flow_grpo": "flow_grpo", "dance_grpo": "dance_grpo",
+    algorithm_of = {"neighbor_grpo": "neighbor_grpo", "neighbor_grpo_defaults": "neighbor_grpo", "flow_grpo": "flow_grpo", "dance_grpo": "dance_grpo",
                     "mix_grpo": "mix_grpo", "mix_grpo_flash": "mix_grpo", "flow_grpo_cps": "flow_grpo",
                     "grpo_guard": "flow_grpo", "diffusion_nft": "diffusion_nft", "awm": "awm",
                     "dgpo": "dgpo"}
@@ -193,7 +195,7 @@ def test_saved_runs_re_render_and_a_partial_run_uses_only_finished_seeds(short_c
     out, saved = short_comparison
     again = render(out, tmp_path / "again.json")
     assert again["target"] == saved["target"] and (tmp_path / "again.md").read_text() == (out.parent / "results.md").read_text()
-    partial = {k: saved[k] for k in ("command", "settings", "rules", "lr_selection", "eval_points")}
+    partial = {k: saved[k] for k in ("command", "settings", "rules", "selection", "tuning_runs", "eval_points")}
     partial["runs"] = {m: dict(by_seed) for m, by_seed in saved["runs"].items()}
     del partial["runs"]["mix_grpo_flash"]["1"]
     (tmp_path / "results.partial.json").write_text(json.dumps(partial))

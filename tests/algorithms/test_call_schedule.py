@@ -165,9 +165,10 @@ def test_settings_without_a_schedule_are_refused():
 # P 8 prompts x G 12, no CFG, full fine-tune (b = 2: a trained forward costs 3); per iteration, forward-equivalents
 P, G = 8, 12
 SPEC_COST = {
-    # algorithms.md 1 (paper's setup): DPM-Solver++ 8 steps; B = 4 anchors at K = 4 of 8 steps, forward+backward; the
-    # library's reference anchoring (ref_beta 1, docs/design.md) adds one reference forward per trained unit
-    "neighbor_grpo": P * G * 8 + 3 * P * 4 * 4 + P * 4 * 4,  # 1280
+    # algorithms.md 1 (paper's setup): DPM-Solver++ 8 steps; B = 4 anchors at K = 4 of 8 steps, forward+backward
+    "neighbor_grpo": P * G * 8 + 3 * P * 4 * 4,  # 1152
+    # the library's defaults add reference anchoring (ref_beta 1, docs/design.md): one reference forward per trained unit
+    "neighbor_grpo_defaults": P * G * 8 + 3 * P * 4 * 4 + P * 4 * 4,  # 1280
     # competitors.md 4.4 without CFG (GRPO-Guard = Flow-GRPO with KL off): rollout 10, steps 0-8 x 3 = 37 per sample
     "flow_grpo": P * G * 10 + 3 * P * G * 9,  # 3552
     # algorithms.md 1: 25-step SDE rollout, NFE_theta = 14 trained steps (int(0.6 x 24), the code; the spec's
