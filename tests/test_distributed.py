@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from neighbor_grpo.algorithms import ALGORITHMS
 from neighbor_grpo.config import load_config
 from neighbor_grpo.distributed import (Processes, batch_part, check_batch_fits, joins_process_group, member_block,
                                        slot_range)
@@ -316,10 +317,12 @@ def test_two_processes_resume_exactly(runs, tmp_path):
     assert metrics(resumed, "reward_mean") == metrics(straight, "reward_mean")
 
 
-def test_fsdp_saves_and_resumes(runs, tmp_path):
-    """FSDP2 (fully_shard) on CPU with gloo: checkpoints hold the whole tensors (the same files as 1 process);
-    stopped after 2 iterations and resumed, the run ends with the 1-process run's parameters."""
-    single, _, overrides = runs("neighbor_grpo")
+@pytest.mark.parametrize("algorithm", ["neighbor_grpo", "diffusion_nft", "awm", "dgpo"])
+def test_fsdp_saves_and_resumes(runs, tmp_path, algorithm):
+    """FSDP2 (fully_shard) on CPU with gloo: checkpoints hold the whole tensors (the same files as 1 process), the
+    algorithm's own networks (an old policy, an EMA copy) included; stopped after 2 iterations and resumed, the run
+    ends with the 1-process run's parameters."""
+    single, _, overrides = runs(algorithm)
     overrides = overrides + ["speed.parallel=fsdp"]
     run = tmp_path / "fsdp"
     assert launch(tmp_path, run, overrides, stop_at=3) == ["STOPPED", "STOPPED"]
@@ -328,8 +331,16 @@ def test_fsdp_saves_and_resumes(runs, tmp_path):
     ours = load_safetensors(run / "checkpoints" / "iter-000003" / "model.safetensors")
     theirs = load_safetensors(single / "checkpoints" / "iter-000003" / "model.safetensors")
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    extra = run / "checkpoints" / "iter-000003" / "algorithm.safetensors"
+    networks = getattr(ALGORITHMS[algorithm], "networks", ())
+    assert extra.exists() == bool(networks)
+    if networks:
+        ours = load_safetensors(extra)
+        theirs = load_safetensors(single / "checkpoints" / "iter-000003" / "algorithm.safetensors")
+        assert ours and {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+        assert max((ours[k].float() - theirs[k].float()).abs().max().item() for k in theirs) < 1e-5
     difference = max_difference(weights(run), weights(single))
-    print(f"FSDP stopped and resumed: max |2-process - 1-process| parameter difference {difference:.2e}")
+    print(f"FSDP ({algorithm}) stopped and resumed: max |2-process - 1-process| parameter difference {difference:.2e}")
     assert difference < 1e-5
     assert metrics(run, "reward_mean") == pytest.approx(metrics(single, "reward_mean"), rel=1e-4, abs=1e-6)
 
