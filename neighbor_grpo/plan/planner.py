@@ -22,10 +22,12 @@ from neighbor_grpo.plan.rewards import reward_estimate
 from neighbor_grpo.plan.trace import Trace, make_traceable, meta_adapter, trace_decode, trace_velocity
 
 GIB = 2**30
-# name -> (memory GiB as sold, key of hardware.BF16_DENSE_PEAK_TFLOPS)
-GPUS = {"h100-80gb": (80, "h100"), "h100-pcie": (80, "h100 pcie"), "h100-nvl": (94, "h100 nvl"), "h200": (141, "h200"),
-        "h800": (80, "h800"), "b200": (180, "b200"), "a100-80gb": (80, "a100"), "a100-40gb": (40, "a100"),
-        "l40s": (48, "l40s"), "l4": (24, "l4"), "rtx-4090": (24, "rtx 4090"), "rtx-3090": (24, "rtx 3090")}
+# name -> (memory in GiB as torch.cuda reports it, key of hardware.BF16_DENSE_PEAK_TFLOPS); an "80 GB" card
+# holds 79.2 GiB (H100 SXM: 85,031,714,816 bytes), the H200 139.8 GiB
+GPUS = {"h100-80gb": (79.2, "h100"), "h100-pcie": (79.2, "h100 pcie"), "h100-nvl": (93.1, "h100 nvl"),
+        "h200": (139.8, "h200"), "h800": (79.2, "h800"), "b200": (178.4, "b200"), "a100-80gb": (79.2, "a100"),
+        "a100-40gb": (39.4, "a100"), "l40s": (44.4, "l40s"), "l4": (22.0, "l4"), "rtx-4090": (23.6, "rtx 4090"),
+        "rtx-3090": (23.6, "rtx 3090")}
 # What a process holds on the GPU besides its tensors: the CUDA context and kernels (~0.5-1 GiB with torch's
 # libraries loaded), cuBLAS/cuDNN workspaces, the caching allocator's fragmentation; NCCL's buffers with >1 GPU.
 ALLOWANCE_GIB = 2.0
@@ -40,7 +42,7 @@ def gpu_spec(gpu: str) -> tuple[float, float]:
     if gpu not in GPUS:
         raise ValueError(f"--gpu: unknown {gpu!r}; choose from {', '.join(GPUS)}")
     gib, key = GPUS[gpu]
-    return gib * 1e9, dict(BF16_DENSE_PEAK_TFLOPS)[key] * 1e12
+    return gib * GIB, dict(BF16_DENSE_PEAK_TFLOPS)[key] * 1e12
 
 
 def allowance_bytes(gpus: int) -> int:
@@ -86,7 +88,8 @@ class Tracer:
             near = [k for k in self.traces if k[:-1] == base]
             if near:
                 return self.traces[min(near, key=lambda k: abs(k[-1] - batch))].scaled(batch)
-        self.progress(f"tracing {kind} {network} {'forward+backward' if grad else 'forward'} at batch {batch}")
+        what = "VAE decode" if kind == "decode" else f"{network} {'forward+backward' if grad else 'forward'}"
+        self.progress(f"tracing {what} at batch {batch}")
         if kind == "decode":
             trace = trace_decode(traced, batch)
         else:
