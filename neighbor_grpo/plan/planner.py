@@ -19,7 +19,7 @@ import torch
 from neighbor_grpo.plan import memory
 from neighbor_grpo.plan.models import ModelSpec, resolve_model
 from neighbor_grpo.plan.rewards import reward_estimate
-from neighbor_grpo.plan.trace import Trace, make_traceable, meta_adapter, trace_decode, trace_velocity
+from neighbor_grpo.plan.trace import PLAN_PROMPT, Trace, make_traceable, meta_adapter, trace_decode, trace_velocity
 
 GIB = 2**30
 # name -> (memory in GiB as torch.cuda reports it, key of hardware.BF16_DENSE_PEAK_TFLOPS); an "80 GB" card
@@ -73,7 +73,8 @@ class Tracer:
             if config.optim.finetune == "lora":
                 lora = {"rank": config.optim.lora_rank, "alpha": config.optim.lora_alpha,
                         "targets": lora_targets(config, adapter)}
-            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing)
+            prompt = config.prompts.train[0] if config.prompts.train else PLAN_PROMPT  # the built-in model knows '0'..'9'
+            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing, prompt)
         return self.models[key]
 
     def call(self, config, kind: str, network: str, grad: bool, batch: int, exact: bool) -> Trace:
