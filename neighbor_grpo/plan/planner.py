@@ -151,13 +151,21 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     traced = tracer.traced_model(config)
     group = config.algorithm_config.group_size
     samples = max(1, round(prompts * group * share))
-    flops, peaks, calls = {}, {}, {}
+    flops, peaks, calls, saved = {}, {}, {}, 0
     for phase in phases:
         n = max(1, round(phase.samples * share))
         batch = max(1, min(n, round(phase.batch * share)))
         trace = tracer.call(config, "velocity", phase.network, phase.grad, batch, exact)
         flops[phase.name] = flops.get(phase.name, 0) + trace.flops * n / batch
         peaks[phase.name] = max(peaks.get(phase.name, (0, 0)), (trace.peak_bytes, trace.grad_bytes))
+        if phase.grad:
+            saved = max(saved, trace.forward_bytes)
+    # a no-grad call of another network inside the loss (the reference, an algorithm's own network) runs while the
+    # with-grad pass's saved activations are alive; the rollout and an old-policy recompute run before the loss
+    for phase in phases:
+        if not phase.grad and phase.name != "rollout" and phase.network != "policy":
+            peak, grads = peaks[phase.name]
+            peaks[phase.name] = (peak + saved, grads)
         calls[phase.name] = calls.get(phase.name, 0) + n
     decode = tracer.call(config, "decode", "vae", False, samples, exact)
     flops["decode"], peaks["decode"] = decode.flops, (decode.peak_bytes, 0)
