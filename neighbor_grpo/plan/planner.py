@@ -162,6 +162,7 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
         trace = tracer.call(config, "velocity", phase.network, phase.grad, batch, exact)
         flops[phase.name] = flops.get(phase.name, 0) + trace.flops * n / batch
         peaks[phase.name] = max(peaks.get(phase.name, (0, 0)), (trace.peak_bytes, trace.grad_bytes))
+        calls[phase.name] = calls.get(phase.name, 0) + n
         if phase.grad:
             saved = max(saved, trace.forward_bytes)
     # a no-grad call of another network inside the loss (the reference, an algorithm's own network) runs while the
@@ -170,7 +171,6 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
         if not phase.grad and phase.name != "rollout" and phase.network != "policy":
             peak, grads = peaks[phase.name]
             peaks[phase.name] = (peak + saved, grads)
-        calls[phase.name] = calls.get(phase.name, 0) + n
     # the iteration decodes (and scores) chunk by chunk (speed.rollout_chunk) and keeps every chunk's images
     chunk = max(1, min(samples, round(per_chunk(prompts, config.speed.rollout_chunk) * group * share)))
     decode = tracer.call(config, "decode", "vae", False, chunk, exact)

@@ -18,6 +18,10 @@ def flops_text(flops: float) -> str:
     return f"{flops / 1e6:8.2f} MFLOP"
 
 
+def seconds_text(seconds: float) -> str:
+    return f"{seconds:8.1f}" if seconds >= 0.1 else f"{seconds:8.2g}"
+
+
 def render(result: dict) -> str:
     r = result
     gib = r["memory_gib"]
@@ -46,7 +50,7 @@ def render(result: dict) -> str:
         if "error" in row:
             lines.append(f"  {row['method']:16s} {row['error']}")
             continue
-        lines.append(f"  {row['method']:16s} {row['seconds_per_iteration']:8.3g} {row['forward_equivalents_per_sample']:10.1f} "
+        lines.append(f"  {row['method']:16s} {seconds_text(row['seconds_per_iteration'])} {row['forward_equivalents_per_sample']:10.1f} "
                      f"{row['peak_gib']:9.1f} {'yes' if row['fits'] else 'no':>5s} "
                      f"{row.get('cost_ratio_vs_neighbor_grpo', float('nan')):13.2f}x")
     if r["unknown_rewards"]:

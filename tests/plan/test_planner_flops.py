@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from neighbor_grpo.algorithms.common import Phase
 from neighbor_grpo.config import load_config
+from neighbor_grpo.cost import schedule_forward_equivalents
 from neighbor_grpo.models import load_adapter
 from neighbor_grpo.plan.planner import plan
 from neighbor_grpo.rewards import WeightedRewards
@@ -44,6 +46,9 @@ def assert_phases_match(config, adapter, rewards, monkeypatch):
     for key in ("policy/rollout", "policy/old", "policy/grad", "reference", "decode"):
         assert planned.get(key, 0.0) == pytest.approx(real.get(key, 0), rel=1e-9), (key, planned, real)
     assert planned["policy/rollout"] > 0 and planned["policy/grad"] > 0
+    phases = [Phase(**p) for p in result["phases"]]
+    assert result["forward_equivalents_per_sample"] * result["samples_per_gpu"] == pytest.approx(
+        schedule_forward_equivalents(phases, config.optim.finetune))
     return result
 
 
