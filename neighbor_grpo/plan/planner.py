@@ -273,7 +273,7 @@ def with_overrides(config, overrides: list[str]):
     return changed
 
 
-def baselines(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, reference: dict) -> list[dict]:
+def baselines(config, tracer: Tracer, gpus: int, gpu: str, mfu: float) -> list[dict]:
     """Every method of compare.PAPER_SETTINGS on the same model, resolution and speed settings; the cost ratio is
     per-iteration FLOPs over Neighbor GRPO's at its paper settings."""
     from neighbor_grpo.compare import PAPER_SETTINGS, REFERENCE_METHOD
@@ -296,7 +296,7 @@ def baselines(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, reference
     return rows
 
 
-def fit_candidates(config, gpus: int) -> list[tuple[str, list[str], int]]:
+def fit_candidates(config, gpus: int, diffusers: bool) -> list[tuple[str, list[str], int]]:
     """(label, overrides, gpus) of each option that lowers memory and is not already on."""
     options = []
     if config.optim.finetune == "full":
@@ -309,7 +309,7 @@ def fit_candidates(config, gpus: int) -> list[tuple[str, list[str], int]]:
         options.append(("micro-batch of 1 prompt", ["speed.micro_batch=1"], gpus))
     if config.speed.rollout_chunk != 1:
         options.append(("roll out 1 prompt at a time", ["speed.rollout_chunk=1"], gpus))
-    if config.model.forward_batch_size not in (1, 2, 3, 4) and config.model.path.startswith(("arch:", "/", ".")):
+    if diffusers and config.model.forward_batch_size not in (1, 2, 3, 4):  # the adapters' own chunking
         options.append(("velocity calls of at most 4 samples", ["model.forward_batch_size=4"], gpus))
     for flag in ("offload_text_encoders", "prompt_cache_on_cpu", "offload_vae"):
         if not getattr(config.model, flag):
@@ -326,7 +326,7 @@ def fit_options(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, result:
     """Each single option that would make the run fit, with its predicted peak; FSDP only at the fewest GPUs that
     fit. Offloading optimizer state to the CPU is modelled but not supported by the trainer yet."""
     found, fsdp_done = [], False
-    for label, overrides, n in fit_candidates(config, gpus):
+    for label, overrides, n in fit_candidates(config, gpus, tracer.model.kind == "diffusers"):
         if fsdp_done and label.startswith("FSDP"):
             continue
         try:
@@ -361,7 +361,7 @@ def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progre
            "allowance_gib": allowance_bytes(gpus) / GIB, "margin": MARGIN,
            "resolution": resolution(config, model) if model.kind == "diffusers" else None,
            "finetune": config.optim.finetune, **result}
-    out["baselines"] = baselines(config, tracer, gpus, gpu, mfu, result)
+    out["baselines"] = baselines(config, tracer, gpus, gpu, mfu)
     out["fit_options"] = [] if result["fits"] else fit_options(config, tracer, gpus, gpu, mfu, result)
     out["unknown_rewards"] = [r.name for r in config.rewards if not reward_estimate(r.name, r.kwargs).known]
     return out
