@@ -1,0 +1,357 @@
+"""A short GPU check: Neighbor GRPO and DanceGRPO on a random-initialised FLUX.1-dev transformer, measured beside
+the planner's predictions, in one JSON, in at most 4 minutes on one H100/H200 (the install included).
+
+    pip download diffusers==0.42.1 --no-deps -d benchmarks/wheels        # here, once (benchmarks/wheels/ is ignored)
+    PYTHONPATH=$PWD python benchmarks/gpu_check.py --wheel benchmarks/wheels --out gpu_check.json   # on the GPU
+    PYTHONPATH=$PWD python benchmarks/gpu_check.py --tiny --out gpu_check_tiny.json                 # on a CPU
+
+On a machine that has torch, peft and transformers but not diffusers, `--wheel` (a .whl file or a folder holding
+one) is installed with `pip install --no-deps` first (nothing when diffusers already imports). Then, for LoRA and
+then full fine-tuning, each method at its paper's settings (compare.PAPER_SETTINGS) runs real training iterations
+(iteration.train_iteration, through benchmarks/method_runs.py) of FLUX.1-dev's transformer (its published config,
+random weights built on the GPU in bf16, nothing downloaded) at 720 px, G 12, one prompt. The text encoders are
+replaced by fixed random prompt embeddings of T5-XXL's and CLIP-L's output shapes (512 x 4096, pooled 768; they run
+once per prompt and are cached in training anyway); the VAE is FLUX's VAE config with random weights. Full
+fine-tuning runs only where the planner predicts it fits on this GPU. `--budget-s` (default 210) bounds the whole
+check: an iteration or a run starts only if its estimate fits in what is left, and the JSON records each cut. The
+JSON is rewritten after every run, so a check killed from outside still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # the budget counts from here: imports and the install are part of the 4 minutes
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_check_plan import full_finetune_gate, planner_gpu, predict, prediction_summary  # noqa: E402
+from gpu_check_runs import (Budget, estimated_iteration_s, memory_figures, overall_tflops, phase_figures,  # noqa: E402
+                            time_run)
+
+METHODS = ("neighbor_grpo", "dance_grpo")
+DEFINITIONS = {
+    "s_per_iter": "median wall-clock seconds of the kept iterations (warm-up excluded unless the budget cut every "
+                  "timed one: then measured_on_warmup is true)",
+    "rollout_images_per_s": "P*G images / rollout seconds (sampling, VAE decode and reward, until the trainer's "
+                            "after_rollout hook)",
+    "peak_memory_allocated_gb": "CUDA: torch.cuda.max_memory_allocated over the kept iterations (1e9 bytes); CPU: "
+                                "peak live tensor bytes (LiveBytes) over the resident tensors",
+    "peak_memory_reserved_gb": "CUDA: torch.cuda.max_memory_reserved (the caching allocator's pool); null on CPU",
+    "mfu_rollout": "velocity-net FLOPs of the rollout (FlopCounterMode count per sample x counted forwards) / rollout "
+                   "seconds / the card's dense bf16 peak (neighbor_grpo.hardware); the VAE and reward are in the "
+                   "seconds but not the FLOPs",
+    "mfu_train": "((1 + b) x with-grad forwards + reference + old-policy forwards) x FLOPs per sample / seconds after "
+                 "the rollout / peak; b = 1 for LoRA, 2 for a full fine-tune; checkpointing recomputation is not "
+                 "model work",
+    "mfu": "all model FLOPs of an iteration / s_per_iter / peak",
+    "predicted": "neighbor_grpo.plan.planner.plan(config, gpus, gpu, mfu) for the same settings, or null with the "
+                 "reason",
+}
+
+
+# ---- installing the carried diffusers wheel -----------------------------------------------------------------------
+
+def find_wheel(path: str, module: str) -> Path:
+    """`path` itself, or the one wheel of `module` in the folder `path`."""
+    where = Path(path)
+    if where.is_dir():
+        wheels = sorted(where.glob(f"{module.replace('-', '_')}-*.whl"))
+        if len(wheels) != 1:
+            raise SystemExit(f"gpu_check: --wheel {path}: expected exactly one {module}-*.whl in this folder, "
+                             f"found {[w.name for w in wheels]}")
+        return wheels[0]
+    if not where.is_file() or where.suffix != ".whl":
+        raise SystemExit(f"gpu_check: --wheel {path}: no such .whl file or folder")
+    return where
+
+
+def ensure_module(module: str, wheel: str | None, target: str | None = None) -> dict:
+    """Import `module`, installing `wheel` with `pip install --no-deps --no-index` first when it is missing (into
+    `target` and onto sys.path when given, else into this Python's environment). Returns what was done."""
+    tick = time.perf_counter()
+    if importlib.util.find_spec(module) is not None:
+        return {"action": "none (already importable)", "wheel": None, "seconds": 0.0}
+    if not wheel:
+        raise SystemExit(f"gpu_check: {module} is not installed here; carry its wheel and pass --wheel PATH "
+                         f"(made with: pip download {module}==VERSION --no-deps -d benchmarks/wheels)")
+    path = find_wheel(wheel, module)
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
+               "--disable-pip-version-check", str(path)]
+    if target:
+        command += ["--target", target]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise SystemExit(f"gpu_check: --wheel {path}: pip install failed ({last})")
+    if target and target not in sys.path:
+        sys.path.insert(0, target)
+    importlib.invalidate_caches()
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"gpu_check: --wheel {path}: installed, but {module} still does not import")
+    return {"action": "pip install --no-deps --no-index", "wheel": str(path), "target": target,
+            "seconds": time.perf_counter() - tick}
+
+
+# ---- the command --------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--wheel", help="a diffusers .whl (or a folder holding one), installed when diffusers is missing")
+    parser.add_argument("--install-target", help="pip --target folder for the wheel (default: this Python's environment)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random FLUX at 32 px instead of FLUX.1-dev (CPU, tests)")
+    parser.add_argument("--resolution", type=int, help="image side in pixels (720; --tiny: 32)")
+    parser.add_argument("--group-size", type=int, default=12, help="G, candidates per prompt (12)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--finetune", nargs="+", default=["lora", "full"], choices=("lora", "full"),
+                        help="fine-tuning modes, in this order (full runs only where the planner predicts it fits)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations of the check's first run (1)")
+    parser.add_argument("--later-warmup", type=int, default=0,
+                        help="untimed iterations of every later run (0: the first run already warmed CUDA and cuBLAS)")
+    parser.add_argument("--iters", type=int, default=2, help="timed iterations per run, fewer if the budget cuts (2)")
+    parser.add_argument("--budget-s", type=float, default=210.0, help="seconds for the whole check, install included")
+    parser.add_argument("--gradient-checkpointing", choices=("on", "off"),
+                        help="recompute activations in backward (default on for FLUX.1-dev, off for --tiny)")
+    parser.add_argument("--force-full", action="store_true", help="run full fine-tuning even without a prediction that it fits")
+    parser.add_argument("--gpus", type=int, help="GPUs for the planner's FSDP prediction (default: the visible ones)")
+    parser.add_argument("--plan-gpu", help="the planner's GPU name (default: from the device name)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="the MFU the planner predicts at (0.4)")
+    parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if the table lacks it")
+    parser.add_argument("--device", help="cuda (default when available) or cpu (--tiny only)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    parser.add_argument("--out", help="results JSON (default: $OUT/gpu_check.json, else gpu_check.json)")
+    args = parser.parse_args(argv)
+    args.arch = "tiny-flux" if args.tiny else "flux-dev"
+    args.resolution = args.resolution or (32 if args.tiny else 720)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and not args.device.startswith("cuda"):
+        parser.error("FLUX.1-dev needs a CUDA GPU (bf16, ~24 GB of weights); on a CPU use --tiny")
+    if args.iters < 1 or args.warmup < 0 or args.later_warmup < 0 or args.budget_s < 0:
+        parser.error("--iters must be >= 1, --warmup/--later-warmup >= 0, --budget-s >= 0")
+    checkpointing = args.gradient_checkpointing or ("off" if args.tiny else "on")
+    args.gradient_checkpointing = checkpointing == "on"
+    args.gpus = args.gpus or (torch.cuda.device_count() if args.device.startswith("cuda") else 1)
+    args.out = Path(args.out or Path(os.environ.get("OUT", ".")) / "gpu_check.json")
+    return args
+
+
+def throughput_args(throughput, args, finetune: str) -> argparse.Namespace:
+    """The settings benchmarks/throughput.py would parse for this check (method_runs reads them)."""
+    argv = ["--arch", args.arch, "--resolution", str(args.resolution), "--group-size", str(args.group_size),
+            "--prompts", "1", "--finetune", finetune, "--device", args.device, "--methods", *args.methods,
+            "--schedule", "sequential"]
+    argv += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    for override in args.set:
+        argv += ["--set", override]
+    return throughput.parse_args(argv)
+
+
+def environment(args, device: str, install: dict, argv) -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    cuda = device.startswith("cuda")
+    return {
+        "device": device, "gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else None,
+        "gpus_visible": torch.cuda.device_count() if cuda else 0,
+        "gpu_memory_gb": torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9 if cuda else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "install": install,
+        "command": ["benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])],
+    }
+
+
+def write(result: dict, out: Path) -> None:
+    from neighbor_grpo.io import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
+
+
+def measure(throughput, run, label: str, args, finetune: str, rewards, sync, budget: Budget, flops: dict,
+            peak_tflops, first: bool, estimate: float) -> dict:
+    """Time one built run and summarise it (throughput.summarize, plus per-phase MFU and both memory peaks)."""
+    measured = time_run(run, label, rewards, sync, args.device, args.warmup if first else args.later_warmup,
+                        args.iters, budget, 0.0 if first else estimate)
+    figures, details = throughput.summarize(run, flops["forward_per_sample"], peak_tflops, finetune,
+                                            args.gradient_checkpointing)
+    per_sample = flops["forward_per_sample"]
+    return {
+        "s_per_iter": figures["s_per_iter"], "rollout_images_per_s": figures["rollout_images_per_s"],
+        "train_samples_per_s": figures["train_samples_per_s"], **memory_figures(measured, args.device),
+        "mfu": figures["mfu"], **phase_figures(measured.records, per_sample, finetune, peak_tflops),
+        "achieved_tflops": overall_tflops(measured.records, per_sample, finetune),
+        "rollout_s": details["rollout_s"], "train_s": details["train_s"], "reward_s": details["reward_s"],
+        "iterations_timed": len(measured.records), "warmup_iterations": len(measured.warmup_records),
+        "measured_on_warmup": measured.measured_on_warmup, "cut_by_budget": measured.cut_by_budget,
+        "s_per_iter_each": details["s_per_iter_each"], "forwards": details["forwards"],
+        "forward_equivalents": details["forward_equivalents"], "model_flops_per_iter": details["model_flops_per_iter"],
+        "hfu": details["hfu"], "skipped_updates": details["skipped_updates"], "settings": details["settings"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    install = ensure_module("diffusers", args.wheel, args.install_target)
+    budget = Budget(args.budget_s, STARTED)
+    import throughput
+    from method_runs import TimedRewards, method_overrides, prepare_method, release
+
+    from neighbor_grpo.config import load_config
+    from neighbor_grpo.cost import count_forward_flops
+    from neighbor_grpo.hardware import bf16_peak_tflops
+    from neighbor_grpo.iteration import prompt_batch
+    from neighbor_grpo.plan.attention_flops import cpu_attention_flops
+    from neighbor_grpo.rewards import build_rewards
+
+    device, cuda = args.device, args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    reward = throughput.FALLBACK_REWARD
+    rewards = TimedRewards(build_rewards([{"name": reward}], device=device), sync)
+    peak_tflops, peak_source = bf16_peak_tflops(device, args.peak_tflops)
+    gpu_name = args.plan_gpu or planner_gpu(device)
+    flops: dict = {}
+    result = {
+        "complete": False, "environment": environment(args, device, install, argv),
+        "settings": {"arch": args.arch, "resolution": args.resolution, "group_size": args.group_size,
+                     "prompts_per_iteration": 1, "methods": list(args.methods), "finetune": list(args.finetune),
+                     "dtype": "bf16 weights + bf16 autocast" if cuda else "fp32", "reward": reward,
+                     "gradient_checkpointing": args.gradient_checkpointing, "warmup": args.warmup,
+                     "later_warmup": args.later_warmup, "iters": args.iters, "overrides": list(args.set),
+                     "planner": {"gpu": gpu_name, "gpus": args.gpus, "mfu": args.mfu}},
+        "model": model_description(args),
+        "flops": flops, "budget": {"budget_s": args.budget_s, "cut": False, "cuts": budget.cuts},
+        "runs": {}, "definitions": DEFINITIONS,
+    }
+    achieved = None  # model TFLOP/s of the runs so far: estimates the next run's first iteration
+    for finetune in args.finetune:
+        targs = throughput_args(throughput, args, finetune)
+        for method in args.methods:
+            label = f"{method}/{finetune}"
+            config = load_config(None, method_overrides(targs, method, device, reward))
+            prediction, why_not = predict(config, args, gpu_name, gpus=1)
+            entry = {"status": "measured", "measured": None, "predicted": prediction_summary(prediction, method),
+                     "prediction_note": why_not}
+            result["runs"][label] = entry
+            gate = full_finetune_gate(prediction, method, args, cuda) if finetune == "full" else None
+            if gate:
+                entry.update(status="skipped", reason=gate)
+                if args.gpus > 1:  # what sharding over the visible GPUs would need, for the record
+                    entry["predicted_fsdp"] = prediction_summary(predict(config, args, gpu_name, args.gpus)[0], method)
+                continue
+            first = not any(r["status"] == "measured" and r["measured"] for r in result["runs"].values())
+            estimate = estimated_iteration_s(config, 1, finetune, flops.get("forward_per_sample"), achieved) or 0.0
+            if not first and not budget.allows(estimate):
+                budget.cut(f"{label} (not started)", estimate)
+                entry.update(status="skipped", reason="time budget: " + budget.cuts[-1])
+                continue
+            run = None
+            try:
+                tick = time.perf_counter()
+                run, _ = prepare_method(targs, method, device, dtype, reward)
+                entry["build_s"] = time.perf_counter() - tick
+                if not flops:
+                    prompts, _ = prompt_batch(list(run.config.prompts.train), run.config.seed, 0, 1)
+                    with cpu_attention_flops():  # CPU attention is 0 FLOPs to stock torch; CUDA kernels are counted
+                        flops.update(count_forward_flops(run.adapter, run.parts.velocity or run.adapter.velocity,
+                                                         run.counter, prompts, args.group_size))
+                    flops.update(peak_tflops_bf16_dense=peak_tflops, peak_source=peak_source,
+                                 transformer_parameters=sum(p.numel() for p in run.adapter.net.parameters()))
+                run.net_samples_per_sample = run.reference.net_samples_per_sample = (
+                    flops["net_samples_at_batch"] / flops["batch"])
+                entry["measured"] = measure(throughput, run, label, args, finetune, rewards, sync, budget, flops,
+                                            peak_tflops, first, estimate)
+                achieved = entry["measured"]["achieved_tflops"] or achieved
+            except torch.cuda.OutOfMemoryError as error:
+                entry.update(status="out_of_memory", reason=str(error).splitlines()[0])
+            finally:
+                if run is not None:
+                    release(run, cuda)
+                run = None
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+            if not entry["measured"] and entry["status"] == "measured":
+                entry.update(status="skipped", reason="time budget: no iteration ran")
+            result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - STARTED)
+            write(result, args.out)
+    result["ratios"] = ratios(result["runs"], args.finetune)
+    result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - STARTED)
+    result["complete"] = True
+    write(result, args.out)
+    print_report(result, args.out)
+    return result
+
+
+def model_description(args) -> dict:
+    from neighbor_grpo.models.architectures import DIFFUSERS_ARCHS
+
+    spec = DIFFUSERS_ARCHS[args.arch]
+    tokens, width, pooled = spec["text"]
+    return {
+        "transformer": f"diffusers FluxTransformer2DModel, {'a tiny config' if args.tiny else 'FLUX.1-dev config'} "
+                       "(neighbor_grpo.models.architectures.DIFFUSERS_ARCHS), random weights built on the device",
+        "transformer_config": spec["transformer"],
+        "text_encoders": f"stand-in: fixed random prompt embeddings {tokens} x {width}, pooled {pooled} (T5-XXL and "
+                         "CLIP-L output shapes); encoders run once per prompt and are cached, so not timed",
+        "vae": "AutoencoderKL with FLUX's VAE config, random weights" if not args.tiny else "a tiny AutoencoderKL",
+    }
+
+
+def ratios(runs: dict, finetunes) -> dict:
+    """DanceGRPO's s/iter over Neighbor GRPO's, measured and predicted, per fine-tuning mode."""
+    out = {}
+    for finetune in finetunes:
+        ours, dance = runs.get(f"neighbor_grpo/{finetune}"), runs.get(f"dance_grpo/{finetune}")
+        if not ours or not dance:
+            continue
+        measured = (dance["measured"]["s_per_iter"] / ours["measured"]["s_per_iter"]
+                    if ours.get("measured") and dance.get("measured") else None)
+        predicted = None
+        if ours.get("predicted") and dance.get("predicted"):
+            a, b = dance["predicted"].get("s_per_iter"), ours["predicted"].get("s_per_iter")
+            predicted = a / b if a and b else None
+        out[f"dance_over_neighbor_s_per_iter/{finetune}"] = {"measured": measured, "predicted": predicted}
+    return out
+
+
+def print_report(result: dict, out: Path) -> None:
+    env = result["environment"]
+    print(f"\n{env['gpu'] or env['device']}: torch {env['torch']}, diffusers {env['diffusers']}; "
+          f"{result['budget']['elapsed_s']:.0f} s of {result['budget']['budget_s']:.0f} s"
+          + (f" (budget cut {len(result['budget']['cuts'])} time(s))" if result["budget"]["cut"] else ""))
+    print("| run | status | s/iter | pred s/iter | img/s | peak alloc GB | pred peak GB | MFU rollout | MFU train |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(value, pattern="{:.3g}"):
+        return "-" if value is None else pattern.format(value)
+
+    for label, entry in result["runs"].items():
+        m, p = entry.get("measured") or {}, entry.get("predicted") or {}
+        print(f"| {label} | {entry['status']} | {fmt(m.get('s_per_iter'))} | {fmt(p.get('s_per_iter'))} "
+              f"| {fmt(m.get('rollout_images_per_s'))} | {fmt(m.get('peak_memory_allocated_gb'))} "
+              f"| {fmt(p.get('peak_memory_gb'))} | {fmt(m.get('mfu_rollout'), '{:.1%}')} "
+              f"| {fmt(m.get('mfu_train'), '{:.1%}')} |")
+    for label, entry in result["runs"].items():
+        if entry.get("reason"):
+            print(f"{label}: {entry['reason']}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
