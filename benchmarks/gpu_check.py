@@ -183,10 +183,13 @@ def write(result: dict, out: Path) -> None:
 
 
 def measure(throughput, run, label: str, args, finetune: str, rewards, sync, budget: Budget, flops: dict,
-            peak_tflops, first: bool, estimate: float) -> dict:
-    """Time one built run and summarise it (throughput.summarize, plus per-phase MFU and both memory peaks)."""
+            peak_tflops, first: bool, estimate: float) -> dict | None:
+    """Time one built run and summarise it (throughput.summarize, plus per-phase MFU and both memory peaks); None
+    when the budget let no iteration run."""
     measured = time_run(run, label, rewards, sync, args.device, args.warmup if first else args.later_warmup,
-                        args.iters, budget, 0.0 if first else estimate)
+                        args.iters, budget, None if first else estimate)
+    if not measured.records:
+        return None
     figures, details = throughput.summarize(run, flops["forward_per_sample"], peak_tflops, finetune,
                                             args.gradient_checkpointing)
     per_sample = flops["forward_per_sample"]
@@ -204,10 +207,12 @@ def measure(throughput, run, label: str, args, finetune: str, rewards, sync, bud
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, started: float | None = None) -> dict:
+    """The check; its budget counts from `started` (the script: its first line; a caller: this call)."""
+    started = time.perf_counter() if started is None else started
     args = parse_args(argv)
     install = ensure_module("diffusers", args.wheel, args.install_target)
-    budget = Budget(args.budget_s, STARTED)
+    budget = Budget(args.budget_s, started)
     import throughput
     from method_runs import TimedRewards, method_overrides, prepare_method, release
 
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
                     flops["net_samples_at_batch"] / flops["batch"])
                 entry["measured"] = measure(throughput, run, label, args, finetune, rewards, sync, budget, flops,
                                             peak_tflops, first, estimate)
-                achieved = entry["measured"]["achieved_tflops"] or achieved
+                achieved = (entry["measured"] or {}).get("achieved_tflops") or achieved
             except torch.cuda.OutOfMemoryError as error:
                 entry.update(status="out_of_memory", reason=str(error).splitlines()[0])
             finally:
@@ -288,10 +293,10 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.empty_cache()
             if not entry["measured"] and entry["status"] == "measured":
                 entry.update(status="skipped", reason="time budget: no iteration ran")
-            result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - STARTED)
+            result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - started)
             write(result, args.out)
     result["ratios"] = ratios(result["runs"], args.finetune)
-    result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - STARTED)
+    result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - started)
     result["complete"] = True
     write(result, args.out)
     print_report(result, args.out)
@@ -354,4 +359,4 @@ def print_report(result: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(started=STARTED)

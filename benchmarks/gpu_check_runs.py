@@ -85,16 +85,16 @@ def measured_iteration(run: MethodRun, rewards, sync, device: str, track_cpu_mem
 
 
 def time_run(run: MethodRun, label: str, rewards, sync, device: str, warmup: int, iters: int, budget: Budget,
-             first_estimate_s: float) -> Measured:
+             first_estimate_s: float | None) -> Measured:
     """Warm-up, then timed iterations, each started only if the last one's length (the first: `first_estimate_s`)
-    fits in the budget; the first iteration of the whole check always runs (first_estimate_s 0). On CPU the first
+    fits in the budget; the first iteration of the whole check always runs (first_estimate_s None). On CPU the first
     iteration measures memory and is never timed (warm-up at least 1)."""
     measured = Measured()
     if not device.startswith("cuda"):
         warmup = max(warmup, 1)
     estimate = first_estimate_s
     for index in range(warmup + iters):
-        if not budget.allows(estimate):
+        if estimate is not None and not budget.allows(estimate):
             budget.cut(f"{label} iteration {index + 1} of {warmup + iters}", estimate)
             measured.cut_by_budget = True
             break
