@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
         "runs": {}, "definitions": DEFINITIONS,
     }
     achieved = None  # model TFLOP/s of the runs so far: estimates the next run's first iteration
+    build_s = 0.0  # the last model build's seconds: estimates the next one's
     for finetune in args.finetune:
         targs = throughput_args(throughput, args, finetune)
         for method in args.methods:
@@ -261,15 +262,15 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
                 continue
             first = not any(r["status"] == "measured" and r["measured"] for r in result["runs"].values())
             estimate = estimated_iteration_s(config, 1, finetune, flops.get("forward_per_sample"), achieved) or 0.0
-            if not first and not budget.allows(estimate):
-                budget.cut(f"{label} (not started)", estimate)
+            if not first and not budget.allows(estimate + build_s):  # building the model is part of the run
+                budget.cut(f"{label} (not started)", estimate + build_s)
                 entry.update(status="skipped", reason="time budget: " + budget.cuts[-1])
                 continue
             run = None
             try:
                 tick = time.perf_counter()
                 run, _ = prepare_method(targs, method, device, dtype, reward)
-                entry["build_s"] = time.perf_counter() - tick
+                entry["build_s"] = build_s = time.perf_counter() - tick
                 if not flops:
                     prompts, _ = prompt_batch(list(run.config.prompts.train), run.config.seed, 0, 1)
                     with cpu_attention_flops():  # CPU attention is 0 FLOPs to stock torch; CUDA kernels are counted
