@@ -37,7 +37,9 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_check_plan import full_finetune_gate, planner_gpu, predict, prediction_summary  # noqa: E402
+from gpu_check_plan import (Predictions, full_finetune_gate, planner_gpu, prediction_config,  # noqa: E402
+                            prediction_key, prediction_summary)
+from gpu_check_report import model_description, print_report, ratios  # noqa: E402
 from gpu_check_runs import (Budget, estimated_iteration_s, memory_figures, overall_tflops, phase_figures,  # noqa: E402
                             time_run)
 
@@ -126,7 +128,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recompute activations in backward (default on for FLUX.1-dev, off for --tiny)")
     parser.add_argument("--force-full", action="store_true", help="run full fine-tuning even without a prediction that it fits")
     parser.add_argument("--gpus", type=int, help="GPUs for the planner's FSDP prediction (default: the visible ones)")
-    parser.add_argument("--plan-gpu", help="the planner's GPU name (default: from the device name)")
+    parser.add_argument("--plan-gpu", nargs="+", help="the planner's GPU name (default: from the device name); "
+                        "--predict-only takes several")
+    parser.add_argument("--predictions", help="a file --predict-only wrote: predictions read instead of computed")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="write the planner's predictions for every run to --out and stop (no GPU needed)")
     parser.add_argument("--mfu", type=float, default=0.4, help="the MFU the planner predicts at (0.4)")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if the table lacks it")
     parser.add_argument("--device", help="cuda (default when available) or cpu (--tiny only)")
@@ -136,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.arch = "tiny-flux" if args.tiny else "flux-dev"
     args.resolution = args.resolution or (32 if args.tiny else 720)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not args.tiny and not args.device.startswith("cuda"):
+    if not args.tiny and not args.device.startswith("cuda") and not args.predict_only:
         parser.error("FLUX.1-dev needs a CUDA GPU (bf16, ~24 GB of weights); on a CPU use --tiny")
     if args.iters < 1 or args.warmup < 0 or args.later_warmup < 0 or args.budget_s < 0:
         parser.error("--iters must be >= 1, --warmup/--later-warmup >= 0, --budget-s >= 0")
@@ -207,6 +213,52 @@ def measure(throughput, run, label: str, args, finetune: str, rewards, sync, bud
     }
 
 
+def planned_runs(throughput, args, reward: str) -> list[tuple[str, str, str, argparse.Namespace, object]]:
+    """(label, method, finetune, throughput settings, config) of every run, in the order they run."""
+    from method_runs import method_overrides
+
+    from neighbor_grpo.config import load_config
+
+    runs = []
+    for finetune in args.finetune:
+        targs = throughput_args(throughput, args, finetune)
+        for method in args.methods:
+            config = load_config(None, method_overrides(targs, method, args.device, reward))
+            runs.append((f"{method}/{finetune}", method, finetune, targs, config))
+    return runs
+
+
+def prediction_jobs(runs, args, gpu_names: list[str]) -> list[tuple]:
+    """(key, planner config, gpus, gpu) per run and GPU name: full fine-tunes first (their prediction decides whether
+    they run), and on several GPUs also the FSDP prediction of each full fine-tune."""
+    cuda = args.device.startswith("cuda") or args.predict_only
+    jobs = []
+    for finetune in ("full", "lora"):
+        for label, _, run_finetune, _, config in runs:
+            if run_finetune != finetune:
+                continue
+            planner_config = prediction_config(config, args.arch, args.resolution, cuda)
+            for gpu in gpu_names:
+                jobs.append((prediction_key(label, 1, gpu), planner_config, 1, gpu))
+                if finetune == "full" and args.gpus > 1:
+                    jobs.append((prediction_key(label, args.gpus, gpu), planner_config, args.gpus, gpu))
+    return jobs
+
+
+def count_flops(run, args, flops: dict, peak_tflops, peak_source) -> None:
+    """FLOPs of one velocity-net forward at the rollout batch, counted once on the first model built."""
+    from neighbor_grpo.cost import count_forward_flops
+    from neighbor_grpo.iteration import prompt_batch
+    from neighbor_grpo.plan.attention_flops import cpu_attention_flops
+
+    prompts, _ = prompt_batch(list(run.config.prompts.train), run.config.seed, 0, 1)
+    with cpu_attention_flops():  # CPU attention is 0 FLOPs to stock torch; the CUDA kernels are counted
+        flops.update(count_forward_flops(run.adapter, run.parts.velocity or run.adapter.velocity, run.counter,
+                                         prompts, args.group_size))
+    flops.update(peak_tflops_bf16_dense=peak_tflops, peak_source=peak_source,
+                 transformer_parameters=sum(p.numel() for p in run.adapter.net.parameters()))
+
+
 def main(argv: list[str] | None = None, started: float | None = None) -> dict:
     """The check; its budget counts from `started` (the script: its first line; a caller: this call)."""
     started = time.perf_counter() if started is None else started
@@ -214,22 +266,23 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
     install = ensure_module("diffusers", args.wheel, args.install_target)
     budget = Budget(args.budget_s, started)
     import throughput
-    from method_runs import TimedRewards, method_overrides, prepare_method, release
+    from method_runs import TimedRewards, prepare_method, release
 
-    from neighbor_grpo.config import load_config
-    from neighbor_grpo.cost import count_forward_flops
     from neighbor_grpo.hardware import bf16_peak_tflops
-    from neighbor_grpo.iteration import prompt_batch
-    from neighbor_grpo.plan.attention_flops import cpu_attention_flops
     from neighbor_grpo.rewards import build_rewards
 
     device, cuda = args.device, args.device.startswith("cuda")
+    reward = throughput.FALLBACK_REWARD
+    runs = planned_runs(throughput, args, reward)
+    gpu_names = args.plan_gpu or [planner_gpu(device)]
+    saved = json.loads(Path(args.predictions).read_text())["predictions"] if args.predictions else None
+    if args.predict_only:
+        return write_predictions(Predictions(prediction_jobs(runs, args, gpu_names), args.mfu), args, argv, install)
+    predictions = Predictions(prediction_jobs(runs, args, gpu_names[:1]), args.mfu, saved, background=cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    reward = throughput.FALLBACK_REWARD
     rewards = TimedRewards(build_rewards([{"name": reward}], device=device), sync)
     peak_tflops, peak_source = bf16_peak_tflops(device, args.peak_tflops)
-    gpu_name = args.plan_gpu or planner_gpu(device)
     flops: dict = {}
     result = {
         "complete": False, "environment": environment(args, device, install, argv),
@@ -238,29 +291,30 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
                      "dtype": "bf16 weights + bf16 autocast" if cuda else "fp32", "reward": reward,
                      "gradient_checkpointing": args.gradient_checkpointing, "warmup": args.warmup,
                      "later_warmup": args.later_warmup, "iters": args.iters, "overrides": list(args.set),
-                     "planner": {"gpu": gpu_name, "gpus": args.gpus, "mfu": args.mfu}},
+                     "planner": {"gpu": gpu_names[0], "gpus": args.gpus, "mfu": args.mfu,
+                                 "predictions_file": args.predictions}},
         "model": model_description(args),
         "flops": flops, "budget": {"budget_s": args.budget_s, "cut": False, "cuts": budget.cuts},
         "runs": {}, "definitions": DEFINITIONS,
     }
     achieved = None  # model TFLOP/s of the runs so far: estimates the next run's first iteration
     build_s = 0.0  # the last model build's seconds: estimates the next one's
-    for finetune in args.finetune:
-        targs = throughput_args(throughput, args, finetune)
-        for method in args.methods:
-            label = f"{method}/{finetune}"
-            config = load_config(None, method_overrides(targs, method, device, reward))
-            prediction, why_not = predict(config, args, gpu_name, gpus=1)
-            entry = {"status": "measured", "measured": None, "predicted": prediction_summary(prediction, method),
-                     "prediction_note": why_not}
-            result["runs"][label] = entry
-            gate = full_finetune_gate(prediction, method, args, cuda) if finetune == "full" else None
-            if gate:
-                entry.update(status="skipped", reason=gate)
-                if args.gpus > 1:  # what sharding over the visible GPUs would need, for the record
-                    entry["predicted_fsdp"] = prediction_summary(predict(config, args, gpu_name, args.gpus)[0], method)
-                continue
-            first = not any(r["status"] == "measured" and r["measured"] for r in result["runs"].values())
+    try:
+        for label, method, finetune, targs, config in runs:
+            entry = result["runs"][label] = {"status": "measured", "measured": None, "predicted": None,
+                                             "prediction_note": None}
+            if finetune == "full":  # the prediction decides whether it runs
+                prediction, entry["prediction_note"] = predictions.get(prediction_key(label, 1, gpu_names[0]),
+                                                                       budget.left())
+                entry["predicted"] = prediction_summary(prediction, method)
+                gate = full_finetune_gate(prediction, method, args, cuda)
+                if gate:
+                    entry.update(status="skipped", reason=gate)
+                    if args.gpus > 1:  # what sharding over the visible GPUs would take, for the record
+                        fsdp = predictions.get(prediction_key(label, args.gpus, gpu_names[0]), budget.left())[0]
+                        entry["predicted_fsdp"] = prediction_summary(fsdp, method)
+                    continue
+            first = not any(r["measured"] for r in result["runs"].values())
             estimate = estimated_iteration_s(config, 1, finetune, flops.get("forward_per_sample"), achieved) or 0.0
             if not first and not budget.allows(estimate + build_s):  # building the model is part of the run
                 budget.cut(f"{label} (not started)", estimate + build_s)
@@ -272,12 +326,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
                 run, _ = prepare_method(targs, method, device, dtype, reward)
                 entry["build_s"] = build_s = time.perf_counter() - tick
                 if not flops:
-                    prompts, _ = prompt_batch(list(run.config.prompts.train), run.config.seed, 0, 1)
-                    with cpu_attention_flops():  # CPU attention is 0 FLOPs to stock torch; CUDA kernels are counted
-                        flops.update(count_forward_flops(run.adapter, run.parts.velocity or run.adapter.velocity,
-                                                         run.counter, prompts, args.group_size))
-                    flops.update(peak_tflops_bf16_dense=peak_tflops, peak_source=peak_source,
-                                 transformer_parameters=sum(p.numel() for p in run.adapter.net.parameters()))
+                    count_flops(run, args, flops, peak_tflops, peak_source)
                 run.net_samples_per_sample = run.reference.net_samples_per_sample = (
                     flops["net_samples_at_batch"] / flops["batch"])
                 entry["measured"] = measure(throughput, run, label, args, finetune, rewards, sync, budget, flops,
@@ -296,6 +345,13 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
                 entry.update(status="skipped", reason="time budget: no iteration ran")
             result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - started)
             write(result, args.out)
+        for label, entry in result["runs"].items():  # the predictions not needed before, as far as time allows
+            if entry["predicted"] is None and entry["prediction_note"] is None:
+                prediction, entry["prediction_note"] = predictions.get(prediction_key(label, 1, gpu_names[0]),
+                                                                       budget.left())
+                entry["predicted"] = prediction_summary(prediction, label.split("/")[0])
+    finally:
+        predictions.close()
     result["ratios"] = ratios(result["runs"], args.finetune)
     result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - started)
     result["complete"] = True
@@ -304,59 +360,18 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
     return result
 
 
-def model_description(args) -> dict:
-    from neighbor_grpo.models.architectures import DIFFUSERS_ARCHS
-
-    spec = DIFFUSERS_ARCHS[args.arch]
-    tokens, width, pooled = spec["text"]
-    return {
-        "transformer": f"diffusers FluxTransformer2DModel, {'a tiny config' if args.tiny else 'FLUX.1-dev config'} "
-                       "(neighbor_grpo.models.architectures.DIFFUSERS_ARCHS), random weights built on the device",
-        "transformer_config": spec["transformer"],
-        "text_encoders": f"stand-in: fixed random prompt embeddings {tokens} x {width}, pooled {pooled} (T5-XXL and "
-                         "CLIP-L output shapes); encoders run once per prompt and are cached, so not timed",
-        "vae": "AutoencoderKL with FLUX's VAE config, random weights" if not args.tiny else "a tiny AutoencoderKL",
-    }
-
-
-def ratios(runs: dict, finetunes) -> dict:
-    """DanceGRPO's s/iter over Neighbor GRPO's, measured and predicted, per fine-tuning mode."""
-    out = {}
-    for finetune in finetunes:
-        ours, dance = runs.get(f"neighbor_grpo/{finetune}"), runs.get(f"dance_grpo/{finetune}")
-        if not ours or not dance:
-            continue
-        measured = (dance["measured"]["s_per_iter"] / ours["measured"]["s_per_iter"]
-                    if ours.get("measured") and dance.get("measured") else None)
-        predicted = None
-        if ours.get("predicted") and dance.get("predicted"):
-            a, b = dance["predicted"].get("s_per_iter"), ours["predicted"].get("s_per_iter")
-            predicted = a / b if a and b else None
-        out[f"dance_over_neighbor_s_per_iter/{finetune}"] = {"measured": measured, "predicted": predicted}
-    return out
-
-
-def print_report(result: dict, out: Path) -> None:
-    env = result["environment"]
-    print(f"\n{env['gpu'] or env['device']}: torch {env['torch']}, diffusers {env['diffusers']}; "
-          f"{result['budget']['elapsed_s']:.0f} s of {result['budget']['budget_s']:.0f} s"
-          + (f" (budget cut {len(result['budget']['cuts'])} time(s))" if result["budget"]["cut"] else ""))
-    print("| run | status | s/iter | pred s/iter | img/s | peak alloc GB | pred peak GB | MFU rollout | MFU train |")
-    print("|---|---|---|---|---|---|---|---|---|")
-
-    def fmt(value, pattern="{:.3g}"):
-        return "-" if value is None else pattern.format(value)
-
-    for label, entry in result["runs"].items():
-        m, p = entry.get("measured") or {}, entry.get("predicted") or {}
-        print(f"| {label} | {entry['status']} | {fmt(m.get('s_per_iter'))} | {fmt(p.get('s_per_iter'))} "
-              f"| {fmt(m.get('rollout_images_per_s'))} | {fmt(m.get('peak_memory_allocated_gb'))} "
-              f"| {fmt(p.get('peak_memory_gb'))} | {fmt(m.get('mfu_rollout'), '{:.1%}')} "
-              f"| {fmt(m.get('mfu_train'), '{:.1%}')} |")
-    for label, entry in result["runs"].items():
-        if entry.get("reason"):
-            print(f"{label}: {entry['reason']}")
-    print(f"wrote {out}")
+def write_predictions(predictions: Predictions, args, argv, install: dict) -> dict:
+    """--predict-only: every run's prediction (for each --plan-gpu) in one file for --predictions; no GPU needed."""
+    result = {"predictions": {job[0]: list(predictions.get(job[0], 0.0)) for job in predictions.jobs},
+              "settings": {"arch": args.arch, "resolution": args.resolution, "group_size": args.group_size,
+                           "methods": list(args.methods), "finetune": list(args.finetune), "mfu": args.mfu,
+                           "overrides": list(args.set)},
+              "environment": {"torch": torch.__version__, "install": install,
+                              "command": ["benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]}}
+    write(result, args.out)
+    missing = [key for key, (prediction, _) in result["predictions"].items() if prediction is None]
+    print(f"wrote {len(result['predictions'])} predictions to {args.out}" + (f"; none for {missing}" if missing else ""))
+    return result
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@ a full fine-tune is run at all, and the planner's name for this GPU (benchmarks/
 
 from __future__ import annotations
 
+import json
+import queue
+import time
+
 import torch
 
 # neighbor_grpo.hardware's card names -> the planner's GPU names (memory decides between the A100 sizes)
@@ -23,17 +27,83 @@ def planner_gpu(device: str) -> str:
     return DEFAULT_PLANNER_GPU
 
 
-def predict(config, args, gpu: str, gpus: int) -> tuple[dict | None, str | None]:
-    """neighbor_grpo.plan.planner.plan for the run's config, or None and why not (a planner failure must never
-    lose the measurements)."""
+def prediction_config(config, arch: str, resolution: int, cuda: bool):
+    """The run's config as the planner reads it: the architecture it runs (a name the planner ships) at the
+    resolution and dtype measured."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config.model.path = arch
+    config.model.height = config.model.width = resolution
+    config.model.dtype = "bfloat16" if cuda else "float32"
+    return config
+
+
+def predict(config, gpus: int, gpu: str, mfu: float) -> tuple[dict | None, str | None]:
+    """neighbor_grpo.plan.planner.plan for one config, or None and why not (a planner failure must never lose the
+    measurements)."""
     try:
         from neighbor_grpo.plan.planner import plan
     except ImportError as error:
         return None, f"no planner in this checkout (neighbor_grpo.plan.planner.plan: {error})"
     try:
-        return plan(config, gpus=gpus, gpu=gpu, mfu=args.mfu), None
+        return json.loads(json.dumps(plan(config, gpus=gpus, gpu=gpu, mfu=mfu), default=str)), None
     except Exception as error:  # noqa: BLE001  (recorded, not hidden: the JSON says why there is no prediction)
         return None, f"plan() failed: {type(error).__name__}: {error}"
+
+
+def prediction_key(label: str, gpus: int, gpu: str) -> str:
+    """'neighbor_grpo/lora@1xh200': a run, on how many of which GPU."""
+    return f"{label}@{gpus}x{gpu}"
+
+
+def _plan_worker(jobs: list, mfu: float, results) -> None:
+    for key, config, gpus, gpu in jobs:
+        results.put((key, *predict(config, gpus, gpu, mfu)))
+
+
+class Predictions:
+    """The planner's predictions for the check's runs: read from a file made beforehand (`--predictions`, written by
+    `--predict-only`), else computed in the order the jobs were given, inline (`background` false: the CPU check)
+    or in one spawned process (the GPU check: the planner's CPU tracing overlaps the GPU runs instead of eating
+    the time budget). `get` waits at most `timeout` seconds; `close` stops a planner still running."""
+
+    def __init__(self, jobs: list, mfu: float, saved: dict | None = None, background: bool = False):
+        self.done: dict = {key: tuple(answer) for key, answer in (saved or {}).items() if answer[0] is not None}
+        self.jobs = [job for job in jobs if job[0] not in self.done]
+        self.mfu, self.process, self.results = mfu, None, None
+        if background and self.jobs:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")
+            self.results = context.Queue()
+            self.process = context.Process(target=_plan_worker, args=(self.jobs, mfu, self.results), daemon=True)
+            self.process.start()
+
+    def get(self, key: str, timeout: float) -> tuple[dict | None, str | None]:
+        if key in self.done:
+            return self.done[key]
+        if self.process is None:
+            for job in self.jobs:
+                if job[0] == key:
+                    self.done[key] = predict(job[1], job[2], job[3], self.mfu)
+                    return self.done[key]
+            return None, f"no prediction was asked for {key}"
+        deadline = time.perf_counter() + max(timeout, 0.0)
+        while key not in self.done:
+            try:
+                found, *answer = self.results.get(timeout=max(deadline - time.perf_counter(), 0.01))
+            except queue.Empty:
+                return None, (f"the planner had not finished {key} when the time budget ran out (precompute with "
+                              "--predict-only and pass --predictions)")
+            self.done[found] = tuple(answer)
+        return self.done[key]
+
+    def close(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        self.process = None
 
 
 def prediction_summary(prediction: dict | None, method: str) -> dict | None:

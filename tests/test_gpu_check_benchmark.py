@@ -177,3 +177,39 @@ def test_flux_dev_needs_a_gpu(gpu_check, capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args([])
     assert "use --tiny" in capsys.readouterr().err
+
+
+def test_predictions_from_a_file_decide_the_full_fine_tune(gpu_check, tmp_path, single_thread):
+    """A --predictions file (as --predict-only writes it) is used as it is: a full fine-tune predicted not to fit
+    is skipped with the predicted peak; the LoRA run carries its prediction beside its measurement."""
+    plan = {"algorithms": {"neighbor_grpo": {"s_per_iter": 0.25, "peak_memory_gb": 3.5, "fits": True}}}
+    too_big = {"algorithms": {"neighbor_grpo": {"s_per_iter": 0.5, "peak_memory_gb": 97.0, "fits": False}}}
+    saved = tmp_path / "predictions.json"
+    saved.write_text(json.dumps({"predictions": {"neighbor_grpo/lora@1xh200": [plan, None],
+                                                 "neighbor_grpo/full@1xh200": [too_big, None]}}))
+    out = tmp_path / "with_predictions.json"
+    result = gpu_check.main([*TINY, "--methods", "neighbor_grpo", "--iters", "1", "--plan-gpu", "h200",
+                             "--predictions", str(saved), "--out", str(out)])
+    lora, full = result["runs"]["neighbor_grpo/lora"], result["runs"]["neighbor_grpo/full"]
+    assert lora["status"] == "measured" and lora["predicted"]["s_per_iter"] == 0.25
+    assert lora["predicted"]["peak_memory_gb"] == 3.5 and lora["predicted"]["plan"] == plan
+    assert full["status"] == "skipped" and "does not fit" in full["reason"] and "97.0 GB" in full["reason"]
+    assert full["measured"] is None and full["predicted"]["fits"] is False
+    assert result["settings"]["planner"]["predictions_file"] == str(saved)
+
+
+def test_background_predictions_wait_then_answer_like_inline_ones(gpu_check):
+    from gpu_check_plan import Predictions, predict, prediction_config
+
+    from neighbor_grpo.config import load_config
+
+    config = prediction_config(load_config(None, ["algorithm=neighbor_grpo"]), "tiny-flux", 32, cuda=False)
+    job = ("neighbor_grpo/lora@1xh100-80gb", config, 1, "h100-80gb")
+    background = Predictions([job], 0.4, background=True)
+    try:
+        prediction, note = background.get(job[0], timeout=0.0)  # the spawned planner cannot have answered yet
+        assert prediction is None and "had not finished" in note and "--predict-only" in note
+        assert background.get(job[0], timeout=120.0) == predict(config, 1, "h100-80gb", 0.4)
+    finally:
+        background.close()
+    assert background.process is None
