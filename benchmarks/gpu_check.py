@@ -32,6 +32,7 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
         "flops": flops, "budget": {"budget_s": args.budget_s, "cut": False, "cuts": budget.cuts},
         "runs": {}, "definitions": DEFINITIONS,
     }
+    write(result, args.out)  # the environment, even if the first run fails
     achieved = None  # model TFLOP/s of the runs so far: estimates the next run's first iteration
     build_s = 0.0  # the last model build's seconds: estimates the next one's
     try:
@@ -334,6 +336,9 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
                 achieved = (entry["measured"] or {}).get("achieved_tflops") or achieved
             except torch.cuda.OutOfMemoryError as error:
                 entry.update(status="out_of_memory", reason=str(error).splitlines()[0])
+            except Exception as error:  # noqa: BLE001  (one device call is all there may be: record it, go on)
+                entry.update(status="error", reason=f"{type(error).__name__}: {error}".splitlines()[0],
+                             traceback=traceback.format_exc()[-3000:])
             finally:
                 if run is not None:
                     release(run, cuda)
