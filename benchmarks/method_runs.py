@@ -11,7 +11,7 @@ import torch
 from neighbor_grpo.compare import MAIN_TABLE, PAPER_SETTINGS
 from neighbor_grpo.config import load_config
 from neighbor_grpo.cost import CountedReference
-from neighbor_grpo.iteration import ModelCallCounter, train_iteration
+from neighbor_grpo.iteration import ModelCallCounter, train_iteration, training_counter
 from neighbor_grpo.models.architectures import build_adapter
 from neighbor_grpo.parts import build_training_parts
 
@@ -99,7 +99,7 @@ def prepare_method(args, method: str, device: str, dtype: torch.dtype, reward: s
         config.speed.gradient_checkpointing = True
         checkpointing = f"{type(adapter).__name__}.enable_gradient_checkpointing() (speed.gradient_checkpointing)"
     parts = build_training_parts(config, adapter)
-    counter = ModelCallCounter(adapter.net)
+    counter = training_counter(adapter, parts)  # CountedReference leaves out what this counter saw of the reference
     run = MethodRun(method, config, adapter, parts, counter, CountedReference(parts.reference_velocity, counter))
     return run, checkpointing
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.cost import (analytic_forward_counts, analytic_fpe, backward_factor, cost_note, count_forward_flops,
-                                forward_equivalents)
+from neighbor_grpo.cost import (backward_factor, config_schedule, cost_note, count_forward_flops, forward_equivalents,
+                                schedule_forward_counts)
 from neighbor_grpo.iteration import prompt_batch
 from neighbor_grpo.hardware import bf16_peak_tflops, device_description
 from neighbor_grpo.models.architectures import ARCHS, checkpoint_blocks
@@ -42,10 +42,10 @@ DEFINITIONS = {
     "rollout_images_per_s": "P*G images / rollout seconds (iteration start to the trainer's after_rollout hook: "
                             "sampling, decoding and reward)",
     "train_samples_per_s": "with-grad per-sample forwards (trained (sample, step) units) / seconds after the rollout",
-    "forward_equivalents": "per-sample forwards of the velocity net (iteration.ModelCallCounter, no-grad and with-grad) "
-                           "plus the reference model's forwards (counted here: a full fine-tune's reference is a frozen "
-                           "copy the counter does not see); a trained sample also costs its backward: 2 forwards for a "
-                           "full fine-tune, about 1 for LoRA (input gradients only)",
+    "forward_equivalents": "per-sample forwards of the velocity net, no-grad and with-grad (iteration.training_counter: "
+                           "the policy, a full fine-tune's frozen reference copy and the algorithm's own networks); a "
+                           "trained sample also costs its backward: 2 forwards for a full fine-tune, about 1 for LoRA "
+                           "(input gradients only)",
     "model_flops": "FlopCounterMode count of one velocity-net forward at the rollout batch shape (matmuls, convolutions, "
                    "attention; not the text encoder, VAE or reward), per sample, times forward_equivalents",
     "mfu": "model FLOPs per second / the card's dense bf16 peak; gradient-checkpointing recomputation is not model "
@@ -85,9 +85,9 @@ def summarize(run: MethodRun, flops_per_sample: float, peak_tflops: float | None
         "peak_mem_gb": peak_mem / 1e9 if peak_mem is not None else None,
         "mfu": model_flops / s_per_iter / peak if peak else None,
     }
-    analytic = analytic_forward_counts(run.config, run.config.prompts_per_iteration)
-    if analytic:  # in samples the net sees, like the counter (SD3's CFG doubles them)
-        analytic = {k: v * run.net_samples_per_sample for k, v in analytic.items()}
+    # the algorithm's call schedule, in samples the net sees like the counter (SD3's CFG doubles them)
+    analytic = schedule_forward_counts(config_schedule(run.config))
+    analytic = {k: v * run.net_samples_per_sample for k, v in analytic.items()}
     details = {
         "iterations_timed": len(records), "s_per_iter_each": [r.seconds for r in records],
         "rollout_s": median([r.rollout_s for r in records]), "train_s": median([r.train_s for r in records]),
@@ -98,7 +98,8 @@ def summarize(run: MethodRun, flops_per_sample: float, peak_tflops: float | None
                      "other_no_grad": median([r.other_forwards for r in records])},
         "forward_equivalents": fpe,
         "analytic_forwards": analytic,
-        "analytic_forward_equivalents": analytic_fpe(analytic, finetune) if analytic else None,
+        "analytic_forward_equivalents": forward_equivalents(analytic["rollout"] + analytic["other"] + analytic["reference"],
+                                                            analytic["train"], finetune),
         "images_per_iter": records[0].images if records else None,
         "model_flops_per_iter": model_flops, "recompute_flops_per_iter": recompute_flops,
         "hfu": (model_flops + recompute_flops) / s_per_iter / peak if peak else None,

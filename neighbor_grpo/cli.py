@@ -1,4 +1,4 @@
-"""The `ngrpo` command: demo, pretrain, train, sample, eval, config."""
+"""The `ngrpo` command: demo, pretrain, train, sample, eval, compare, plan, config."""
 
 from __future__ import annotations
 
@@ -96,6 +96,19 @@ def _cmd_compare(args) -> None:
                       progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]))
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
+
+
+def _cmd_plan(args) -> int:
+    from neighbor_grpo.config import load_config
+    from neighbor_grpo.plan.planner import plan, stderr_progress
+    from neighbor_grpo.plan.report import render
+
+    if args.config and "=" in args.config and not Path(args.config).is_file():
+        args.overrides, args.config = [args.config, *args.overrides], None  # overrides without a YAML file
+    result = plan(load_config(args.config, args.overrides), gpus=args.gpus, gpu=args.gpu, mfu=args.mfu,
+                  progress=None if args.quiet else stderr_progress)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0 if result["fits"] else 3
 
 
 def _cmd_config(args) -> None:
@@ -229,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-progress", action="store_true")
     cmp.set_defaults(func=_cmd_compare)
 
+    pln = sub.add_parser("plan", help="predict peak GPU memory, FLOPs by phase and s/iter of a config (and of every "
+                                      "baseline) without weights or a GPU; exit 3 if it does not fit")
+    pln.add_argument("config", nargs="?", help="YAML config file (optional)")
+    pln.add_argument("overrides", nargs="*", help="key=value overrides; model.path=arch:flux-dev (flux-schnell, "
+                     "sd35-medium, sd35-large) or a local diffusers folder (config.json files only)")
+    pln.add_argument("--gpus", type=int, default=1, help="processes/GPUs (default 1)")
+    pln.add_argument("--gpu", default="h100-80gb", help="h100-80gb (default), h200, a100-80gb, a100-40gb, b200, ...")
+    pln.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for s/iter (default 0.4)")
+    pln.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pln.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    pln.set_defaults(func=_cmd_plan)
+
     cfg = sub.add_parser("config", help="print the reference of every config key (markdown)")
     cfg.set_defaults(func=_cmd_config)
     return parser
@@ -248,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         with interrupted:
             args = build_parser().parse_args(argv)
             command = args.command
-            args.func(args)
+            code = args.func(args)
     except KeyboardInterrupt:
         return report_interrupt(command, debug)
     except BrokenPipeError:
@@ -264,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         if interrupted.seen:  # Ctrl-C inside an import (torch's) can surface as another error: it is still Ctrl-C
             return report_interrupt(command, debug)
         return report_failure(command, error, debug)
-    return 0
+    return code or 0  # a command's own exit status (`ngrpo plan`: 3 when the run does not fit)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from neighbor_grpo import benchmark_rules as rules
 from neighbor_grpo.config import load_config
 from neighbor_grpo.cost import backward_factor, cost_note, forward_equivalents
 from neighbor_grpo.io import atomic_write_text
-from neighbor_grpo.iteration import ModelCallCounter, train_iteration
+from neighbor_grpo.iteration import train_iteration, training_counter
 from neighbor_grpo.monitors import evaluate, generate
 from neighbor_grpo.parts import build_training_parts, load_model, read_prompts
 
@@ -146,7 +146,7 @@ def run_method(overrides: list[str], lr: float, budget_fe: float, points: list[f
     config = load_config(None, common + overrides + [f"optim.lr={lr}", f"seed={seed}"])
     adapter = load_model(base_path, device, progress=False)
     parts = build_training_parts(config, adapter)
-    counter = ModelCallCounter(adapter.net, parts.reference_net)
+    counter = training_counter(adapter, parts)  # the algorithm's own networks too (an old policy, an EMA copy)
     prompts = read_prompts(config)
     curve: list[dict] = []
     state = {"fe": 0.0, "iteration": 0, "train_s": 0.0}

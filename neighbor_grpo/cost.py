@@ -1,5 +1,6 @@
 """Training cost in forward-pass equivalents, defined once (trainer counters, `ngrpo compare`, throughput.py), the
-forwards an algorithm's settings imply, and the FLOPs of one velocity-net forward.
+forwards an algorithm's call schedule implies (each algorithm's `call_schedule`), and the FLOPs of one
+velocity-net forward.
 
 A forward-equivalent is one per-sample forward pass of the velocity net. A with-grad forward is followed by its
 backward: a full fine-tune's backward computes gradients of the inputs and of the weights (about 2 forwards), a
@@ -14,7 +15,8 @@ import contextlib
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from neighbor_grpo.algorithms.common import repeat_cond
+from neighbor_grpo.algorithms import ALGORITHMS
+from neighbor_grpo.algorithms.common import Phase, repeat_cond
 
 BACKWARD_FACTORS = {"full": 2.0, "lora": 1.0}
 
@@ -62,39 +64,30 @@ class CountedReference:
         return counts
 
 
-def analytic_forward_counts(config, prompts: int) -> dict | None:
-    """Per-iteration forwards the settings imply, for Neighbor GRPO, DanceGRPO, DiffusionNFT and AWM (None for the
-    others):
-    Neighbor GRPO: rollout P*G*N, trained P*B*K (+ as many reference forwards when ref_beta > 0);
-    DanceGRPO: rollout P*G*N, trained P*G*int(fraction * (N - 1)) (the last step is never trained)."""
-    c = config.algorithm_config
-    if config.algorithm == "neighbor_grpo":
-        if c.rollout_solver not in ("euler", "dpm++2m"):
-            return None  # one model evaluation per step only for these solvers
-        trained = prompts * min(c.num_anchors, c.group_size) * c.trained_steps
-        reference = trained if c.ref_beta > 0 else 0
-        other = trained if c.old_policy == "recompute" else 0
-        return {"rollout": prompts * c.group_size * c.rollout_steps, "train": trained, "reference": reference,
-                "other": other}
-    if config.algorithm == "dance_grpo":
-        steps = max(1, int(c.train_step_fraction * (c.rollout_steps - 1)))
-        trained = prompts * c.group_size * steps
-        return {"rollout": prompts * c.group_size * c.rollout_steps, "train": trained, "reference": 0,
-                "other": trained if c.old_policy == "recompute" else 0}
-    if config.algorithm in ("diffusion_nft", "awm"):
-        # forward-process methods (competitors.md 1.4, 2.3): per sample and training time one trained forward, one
-        # reference forward when kl_beta > 0, and one of the extra network (DiffusionNFT's old policy always, AWM's
-        # EMA policy when ema_beta > 0)
-        samples = prompts * c.group_size
-        times = c.training_times if config.algorithm == "diffusion_nft" else c.num_times
-        extra = 1 if config.algorithm == "diffusion_nft" or c.ema_beta > 0 else 0
-        return {"rollout": samples * c.rollout_steps, "train": samples * times,
-                "reference": samples * times if c.kl_beta > 0 else 0, "other": samples * times * extra}
-    return None
+def config_schedule(config, prompts: int | None = None, iteration: int = 0) -> list[Phase]:
+    """The velocity-net calls one iteration of `config` makes (its algorithm's `call_schedule`), with the trainer's
+    rollout chunks and micro-batches, for `prompts` prompts on one process (default: prompts_per_iteration)."""
+    algorithm = ALGORITHMS[config.algorithm](config.algorithm_config, seed=config.seed)
+    return algorithm.call_schedule(config.prompts_per_iteration if prompts is None else prompts,
+                                   rollout_chunk=config.speed.rollout_chunk, micro_batch=config.speed.micro_batch,
+                                   iteration=iteration)
 
 
-def analytic_fpe(counts: dict, finetune: str) -> float:
-    return forward_equivalents(counts["rollout"] + counts["other"] + counts["reference"], counts["train"], finetune)
+def schedule_forward_counts(schedule: list[Phase]) -> dict[str, int]:
+    """Per-sample forwards of a schedule in the throughput benchmark's four kinds: the rollout, the with-grad
+    (trained) forwards, the reference's, and every other no-grad forward (old policy, an EMA copy)."""
+    counts = {"rollout": 0, "train": 0, "reference": 0, "other": 0}
+    for phase in schedule:
+        kind = ("train" if phase.grad else "rollout" if phase.name == "rollout"
+                else "reference" if phase.network == "reference" else "other")
+        counts[kind] += phase.samples
+    return counts
+
+
+def schedule_forward_equivalents(schedule: list[Phase], finetune: str) -> float:
+    """Forward-equivalents of one iteration from its call schedule (as the counters measure them)."""
+    return forward_equivalents(sum(p.samples for p in schedule if not p.grad), sum(p.samples for p in schedule if p.grad),
+                               finetune)
 
 
 def count_forward_flops(adapter, velocity, calls, prompts: list[str], group_size: int) -> dict:

@@ -58,6 +58,12 @@ class ModelCallCounter:
             handle.remove()
 
 
+def training_counter(adapter, parts: TrainingParts) -> ModelCallCounter:
+    """A counter on every network an iteration evaluates: the policy, a full fine-tune's frozen reference copy and
+    the algorithm's own networks (the trainer, `ngrpo compare` and the throughput benchmark all count with it)."""
+    return ModelCallCounter(adapter.net, parts.reference_net, *parts.algorithm_nets.values())
+
+
 def is_finite(*values: torch.Tensor | float) -> bool:
     return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
 

@@ -16,7 +16,8 @@ from neighbor_grpo.config import TrainConfig, to_dict
 from neighbor_grpo.cost import forward_equivalents
 from neighbor_grpo.distributed import (Processes, any_process, check_batch_fits, init_processes, joins_process_group,
                                        main_process_first, sum_over_processes)
-from neighbor_grpo.iteration import ModelCallCounter, prompt_batch, train_iteration  # noqa: F401  (public API)
+from neighbor_grpo.iteration import (ModelCallCounter, prompt_batch, train_iteration,  # noqa: F401  (public API)
+                                     training_counter)
 from neighbor_grpo.parts import build_training_parts, load_model, model_shift, read_prompts  # noqa: F401
 from neighbor_grpo.prompts import resolve_prompt_sets
 from neighbor_grpo.resume import lower_lr_command
@@ -74,7 +75,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         run.attach(adapter, parts, rewards, heldout_prompts, monitors)
         start = run.restore() if run.resuming else 0
         run.open_log(start)
-        calls = ModelCallCounter(adapter.net, parts.reference_net, *parts.algorithm_nets.values())
+        calls = training_counter(adapter, parts)
         eval_before = run.evaluate_before(start)
         calls.reset()
         bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc="align", unit="it",

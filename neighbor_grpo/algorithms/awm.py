@@ -16,7 +16,8 @@ import torch
 
 from neighbor_grpo.algorithm_settings import AWMConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages
-from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, gather_members
+from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, gather_members,
+                                             members_per_minibatch, per_call, rollout_phase, solver_evaluations)
 from neighbor_grpo.algorithms.forward_process import (ROLE_TIMES, IterationSteps, clean_sample_rollout,
                                                       member_minibatches, member_velocity, noised,
                                                       sample_generators, soft_update, std_normalised_advantages,
@@ -102,6 +103,23 @@ class AWM:
         c = self.config
         return clean_sample_rollout(velocity, cond, prompts, prompt_indices, iteration, latent_shape, device, candidates,
                                     self.seed, c.group_size, c.rollout_steps, c.shift, c.rollout_solver)
+
+    def call_schedule(self, prompts: int, *, rollout_chunk: int | None = None, micro_batch: int | None = None,
+                      iteration: int = 0) -> list[Phase]:
+        """One iteration's velocity-net calls (common.Phase; competitors.md 2.3): the ODE rollout by the trained net;
+        at each of the T training times of every sample the trained forward, the reference's when kl_beta > 0 and
+        the EMA policy's when ema_beta > 0, each one call per (minibatch, time, micro-batch) on its members."""
+        c = self.config
+        strata(c.rollout_steps, c.timestep_fraction, c.num_times, c.time_sampler)  # the loss's own check of T
+        units = prompts * c.group_size * c.num_times
+        batch = per_call(prompts, micro_batch) * members_per_minibatch(c.group_size, c.num_minibatches)
+        phases = [rollout_phase(prompts, c.group_size, solver_evaluations(c.rollout_solver, c.rollout_steps),
+                                rollout_chunk), Phase("train", units, batch, True, "policy")]
+        if c.kl_beta > 0:
+            phases.append(Phase("reference", units, batch, False, "reference"))
+        if c.ema_beta > 0:
+            phases.append(Phase("ema", units, batch, False, "ema_policy"))
+        return phases
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         return std_normalised_advantages(rewards, self.config.global_std, self.config.adv_eps)

@@ -42,6 +42,42 @@ class Phase:
     network: str   # "policy", "reference", or a name from the algorithm's `networks`
 
 
+# ---- call schedules: what every algorithm's `call_schedule` is built from ---------------------------------------
+# `samples` counts per sample the algorithm asks for; an adapter that batches more through the net (SD3's
+# classifier-free guidance: 2 per sample) multiplies them itself. A schedule is one process's: `prompts` are the
+# prompts (groups) that process rolls out and trains. `rollout_chunk` and `micro_batch` are the trainer's
+# `speed.rollout_chunk` and `speed.micro_batch` (iteration.train_iteration and accumulate_gradients), which cut
+# the rollout and each loss/backward pass into calls of at most that many prompts; `batch` is the largest call.
+
+def per_call(prompts: int, limit: int | None) -> int:
+    """Prompts one call sees: all `prompts`, or at most `limit` (speed.rollout_chunk or speed.micro_batch)."""
+    return prompts if not limit else min(limit, prompts)
+
+
+def solver_evaluations(solver: str, steps: int) -> int:
+    """Velocity evaluations of one ODE solve of `steps` steps into s = 0 (solvers.py): one per step for Euler and
+    DPM-Solver++(2M); Heun's two per step, less the one it skips on the last step into s = 0."""
+    if steps < 1:
+        raise ValueError(f"rollout_steps must be >= 1 for a call schedule; got {steps}")
+    if solver in ("euler", "dpm++2m"):
+        return steps
+    if solver == "heun":
+        return 2 * steps - 1
+    raise ValueError(f"rollout_solver: no call schedule for solver {solver!r}; expected euler, heun or dpm++2m")
+
+
+def rollout_phase(prompts: int, group_size: int, evaluations: int, rollout_chunk: int | None,
+                  network: str = "policy") -> Phase:
+    """The rollout: every candidate through `evaluations` no-grad calls, a chunk of whole groups per call."""
+    return Phase("rollout", prompts * group_size * evaluations, per_call(prompts, rollout_chunk) * group_size, False,
+                 network)
+
+
+def members_per_minibatch(group_size: int, num_minibatches: int) -> int:
+    """The most candidates of a group in one minibatch (torch.tensor_split puts the remainder first)."""
+    return -(-group_size // max(1, num_minibatches))
+
+
 @dataclass
 class Minibatch:
     """One optimizer step's share of the trained (prompt, candidate, step) units."""

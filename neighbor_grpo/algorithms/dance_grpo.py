@@ -12,9 +12,10 @@ import torch
 
 from neighbor_grpo.algorithm_settings import DanceGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages, std_advantages
-from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn
-from neighbor_grpo.algorithms.sde import (ROLE_TRAIN_STEPS, dance_grpo_mean_std, dance_grpo_sde_step, sde_old_policy,
-                                          rollout_noises, sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
+from neighbor_grpo.algorithms.common import Minibatch, Phase, Rollout, VelocityFn
+from neighbor_grpo.algorithms.sde import (ROLE_TRAIN_STEPS, dance_grpo_mean_std, dance_grpo_sde_step, sde_call_schedule,
+                                          sde_old_policy, rollout_noises, sde_minibatches, sde_policy_loss, sde_rollout,
+                                          sde_steps)
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.noise import keyed_generator
 
@@ -27,6 +28,16 @@ class DanceGRPO:
     def __init__(self, config: DanceGRPOConfig = DanceGRPOConfig(), seed: int = 0):
         self.config = config
         self.seed = seed
+
+    def call_schedule(self, prompts: int, *, rollout_chunk: int | None = None, micro_batch: int | None = None,
+                      iteration: int = 0) -> list[Phase]:
+        """One iteration's velocity-net calls (common.Phase; sde.sde_call_schedule): N rollout evaluations and
+        int(train_step_fraction x (N - 1)) trained steps (see minibatches); no reference (no KL term)."""
+        c = self.config
+        stochastic = c.rollout_steps - 1
+        trained = min(stochastic, max(1, int(c.train_step_fraction * stochastic)))
+        return sde_call_schedule(prompts, c.group_size, c.rollout_steps, trained, c.num_minibatches, c.minibatch_by,
+                                 c.old_policy, False, rollout_chunk, micro_batch)
 
     def _mean_std(self, x: torch.Tensor, v: torch.Tensor, j: int, rollout: Rollout) -> tuple[torch.Tensor, float]:
         return dance_grpo_mean_std(x, v, float(rollout.sigmas[j]), float(rollout.sigmas[j + 1]), self.config.eta)

@@ -15,7 +15,8 @@ import torch
 
 from neighbor_grpo.algorithm_settings import DiffusionNFTConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages
-from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, gather_members
+from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, gather_members,
+                                             members_per_minibatch, per_call, rollout_phase, solver_evaluations)
 from neighbor_grpo.algorithms.forward_process import (ROLE_TIMES, IterationSteps, clean_sample_rollout,
                                                       member_minibatches, member_velocity, noised,
                                                       sample_generators, soft_update, std_normalised_advantages,
@@ -111,6 +112,23 @@ class DiffusionNFT:
         sampler = self._old(velocity) if c.rollout_policy == "old" else velocity
         return clean_sample_rollout(sampler, cond, prompts, prompt_indices, iteration, latent_shape, device, candidates,
                                     self.seed, c.group_size, c.rollout_steps, c.shift, c.rollout_solver)
+
+    def call_schedule(self, prompts: int, *, rollout_chunk: int | None = None, micro_batch: int | None = None,
+                      iteration: int = 0) -> list[Phase]:
+        """One iteration's velocity-net calls (common.Phase; competitors.md 1.4): the ODE rollout by the old policy
+        (rollout_policy 'old') or the trained net; at each of the K_t training times of every sample, the old
+        policy's no-grad forward, the trained forward and, when kl_beta > 0, the reference's, each one call per
+        (minibatch, time, micro-batch) on the minibatch's members."""
+        c = self.config
+        units = prompts * c.group_size * c.training_times
+        batch = per_call(prompts, micro_batch) * members_per_minibatch(c.group_size, c.num_minibatches)
+        rollout_net = "old_policy" if c.rollout_policy == "old" else "policy"
+        phases = [rollout_phase(prompts, c.group_size, solver_evaluations(c.rollout_solver, c.rollout_steps),
+                                rollout_chunk, rollout_net),
+                  Phase("old_policy", units, batch, False, "old_policy"), Phase("train", units, batch, True, "policy")]
+        if c.kl_beta > 0:
+            phases.append(Phase("reference", units, batch, False, "reference"))
+        return phases
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         return std_normalised_advantages(rewards, self.config.global_std, self.config.adv_eps)

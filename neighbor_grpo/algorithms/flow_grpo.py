@@ -14,12 +14,12 @@ import torch
 
 from neighbor_grpo.algorithm_settings import FlowGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import center_in_group, clip_advantages
-from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, batched_velocity, gather_members
+from neighbor_grpo.algorithms.common import Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_members
 from neighbor_grpo.algorithms.grpo_guard import grad_reweight, ratio_norm_log_ratio
 from neighbor_grpo.algorithms.sde import (ROLE_WINDOW, cps_code_log_prob, cps_mean_std, cps_sde_step,
                                           flow_grpo_mean_std, flow_grpo_noise_scale, flow_grpo_sde_step,
-                                          gaussian_log_prob, sde_old_policy, rollout_noises, sde_minibatches,
-                                          sde_policy_loss, sde_rollout, sde_steps)
+                                          gaussian_log_prob, sde_call_schedule, sde_old_policy, rollout_noises,
+                                          sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.noise import keyed_generator
 
@@ -46,6 +46,28 @@ class FlowGRPO:
         start = int(torch.randint(0, end - c.fast_window_size + 1, (), generator=generator))
         mask[start: start + c.fast_window_size] = True
         return mask
+
+    def stochastic_steps(self) -> int:
+        """How many steps sde_mask makes stochastic: all but the last, or Flow-GRPO-Fast's whole window."""
+        c, N = self.config, self.config.rollout_steps
+        if c.fast_window_size <= 0:
+            return N - 1
+        end = c.fast_window_end if c.fast_window_end is not None else N // 2
+        if not c.fast_window_size <= end <= N:
+            raise ValueError(f"flow_grpo.fast_window_end: expected fast_window_size ({c.fast_window_size}) <= end "
+                             f"<= rollout_steps ({N}); got {end}")
+        return c.fast_window_size
+
+    def call_schedule(self, prompts: int, *, rollout_chunk: int | None = None, micro_batch: int | None = None,
+                      iteration: int = 0) -> list[Phase]:
+        """One iteration's velocity-net calls (common.Phase; sde.sde_call_schedule): N rollout evaluations, the first
+        int(train_step_fraction x stochastic steps) trained, the reference's KL when kl_beta > 0 (CPS and
+        GRPO-Guard add no forward: RatioNorm's mu_old comes from the stored velocities)."""
+        c = self.config
+        stochastic = self.stochastic_steps()
+        trained = min(stochastic, max(1, int(c.train_step_fraction * stochastic))) if stochastic else 0
+        return sde_call_schedule(prompts, c.group_size, c.rollout_steps, trained, c.num_minibatches, c.minibatch_by,
+                                 c.old_policy, c.kl_beta > 0, rollout_chunk, micro_batch)
 
     def _mean_std(self, x: torch.Tensor, v: torch.Tensor, j: int, rollout: Rollout) -> tuple[torch.Tensor, float]:
         s, s_next, s_1 = (float(rollout.sigmas[k]) for k in (j, j + 1, 1))

@@ -14,10 +14,10 @@ import torch
 
 from neighbor_grpo.algorithm_settings import MixGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages, std_advantages
-from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn
+from neighbor_grpo.algorithms.common import Minibatch, Phase, Rollout, VelocityFn
 from neighbor_grpo.algorithms.sde import (dance_grpo_mean_std, dance_grpo_sde_step, euler_ode_step, flow_grpo_mean_std,
-                                          flow_grpo_sde_step, sde_old_policy, rollout_noises, sde_minibatches,
-                                          sde_policy_loss, sde_rollout, sde_steps)
+                                          flow_grpo_sde_step, sde_call_schedule, sde_old_policy, rollout_noises,
+                                          sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
 from neighbor_grpo.flow import predict_x0, sigma_grid
 
 
@@ -92,6 +92,22 @@ class MixGRPO:
         c = self.config
         return window_steps(iteration, c.rollout_steps, c.window_size, c.window_stride, c.window_interval, c.window_roll_back)
 
+    def rollout_grid(self, iteration: int) -> torch.Tensor:
+        """The rollout's flow times: the full grid, or Flash's grid compressed after the window."""
+        c = self.config
+        if c.flash:
+            return flash_grid(c.rollout_steps, c.shift or 1.0, self.window(iteration)[-1], c.flash_compress_ratio)
+        return sigma_grid(c.rollout_steps, shift=c.shift or 1.0)
+
+    def call_schedule(self, prompts: int, *, rollout_chunk: int | None = None, micro_batch: int | None = None,
+                      iteration: int = 0) -> list[Phase]:
+        """One iteration's velocity-net calls (common.Phase; sde.sde_call_schedule): one rollout evaluation per
+        step of the grid (Flash: fewer after the window) and every window step trained; both depend on where the
+        window is at `iteration`. No reference (the reference's kl_coeff is not a reference-model KL)."""
+        c = self.config
+        return sde_call_schedule(prompts, c.group_size, len(self.rollout_grid(iteration)) - 1, len(self.window(iteration)),
+                                 c.num_minibatches, c.minibatch_by, c.old_policy, False, rollout_chunk, micro_batch)
+
     def _mean_std(self, x: torch.Tensor, v: torch.Tensor, j: int, rollout: Rollout) -> tuple[torch.Tensor, float]:
         s, s_next = float(rollout.sigmas[j]), float(rollout.sigmas[j + 1])
         if self.config.sde == "dance_grpo":
@@ -107,12 +123,8 @@ class MixGRPO:
         if c.sde not in ("flow_grpo", "dance_grpo"):
             raise ValueError(f"sde must be 'flow_grpo' or 'dance_grpo'; got {c.sde!r}")
         window = self.window(iteration)
-        if c.flash:
-            sigmas = flash_grid(c.rollout_steps, c.shift or 1.0, window[-1], c.flash_compress_ratio)
-            ode_step = flash_ode_step(window[-1])
-        else:
-            sigmas, ode_step = sigma_grid(c.rollout_steps, shift=c.shift or 1.0), euler_ode_step
-        sigmas = sigmas.to(device)
+        ode_step = flash_ode_step(window[-1]) if c.flash else euler_ode_step
+        sigmas = self.rollout_grid(iteration).to(device)
         num_steps = len(sigmas) - 1
         mask = torch.zeros(num_steps, dtype=torch.bool, device=device)
         mask[window] = True

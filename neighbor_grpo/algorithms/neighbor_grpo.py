@@ -14,8 +14,8 @@ import torch
 
 from neighbor_grpo.algorithm_settings import NeighborGRPOConfig  # noqa: F401  (re-exported)
 from neighbor_grpo.advantages import clip_advantages, quasi_norm_advantages
-from neighbor_grpo.algorithms.common import (Minibatch, Rollout, VelocityFn, batched_velocity, gather_members,
-                                             pick_steps, repeat_cond)
+from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_members,
+                                             per_call, pick_steps, repeat_cond, rollout_phase, solver_evaluations)
 from neighbor_grpo.flow import sigma_grid
 from neighbor_grpo.noise import keyed_generator, neighbor_noises
 from neighbor_grpo.solvers import integrate
@@ -123,6 +123,25 @@ class NeighborGRPO:
                     index = batch.members.view(*batch.members.shape, *([1] * (x.dim() - 2))).expand_as(x)
                     velocities[j].scatter_(1, index.to(x.device), v)
         return rollout._replace(velocities=velocities)
+
+    def call_schedule(self, prompts: int, *, rollout_chunk: int | None = None, micro_batch: int | None = None,
+                      iteration: int = 0) -> list[Phase]:
+        """One iteration's velocity-net calls (common.Phase): the ODE rollout of all P*G candidates; at each of the
+        K trained steps one with-grad call on the P*B anchors per micro-batch, the reference at the same states
+        when ref_beta > 0, and with old_policy 'recompute' a no-grad pass over all anchors and steps before the
+        first update (on the whole batch, not micro-batched: prepare_old_policy gets every prompt)."""
+        c = self.config
+        steps = c.rollout_steps if c.step_selection == "all" else c.trained_steps  # as pick_steps
+        anchors = min(c.num_anchors, c.group_size)
+        units, batch = prompts * anchors * steps, per_call(prompts, micro_batch) * anchors
+        phases = [rollout_phase(prompts, c.group_size, solver_evaluations(c.rollout_solver, c.rollout_steps),
+                                rollout_chunk)]
+        if c.old_policy == "recompute":
+            phases.append(Phase("old_policy", units, prompts * anchors, False, "policy"))
+        phases.append(Phase("train", units, batch, True, "policy"))
+        if c.ref_beta > 0:
+            phases.append(Phase("reference", units, batch, False, "reference"))
+        return phases
 
     # -- 5, 6: leaping policy and clipped loss --
     def loss(self, velocity: VelocityFn, rollout: Rollout, advantages: torch.Tensor, batch: Minibatch,

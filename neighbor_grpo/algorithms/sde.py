@@ -14,8 +14,9 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from neighbor_grpo.algorithms.common import (Minibatch, Rollout, VelocityFn, batched_velocity, gather_groups,
-                                             gather_members, repeat_cond)
+from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_groups,
+                                             gather_members, members_per_minibatch, per_call, repeat_cond,
+                                             rollout_phase)
 from neighbor_grpo.flow import predict_x0
 from neighbor_grpo.noise import independent_noises, keyed_generator
 
@@ -232,6 +233,28 @@ def sde_minibatches(steps: list[int], rollout: Rollout, num_minibatches: int, mi
                           for index in rollout.prompt_indices])  # (P, G)
     slices = orders.tensor_split(num_minibatches, dim=1)
     return [Minibatch(steps=list(steps), members=chunk.sort(dim=1).values) for chunk in slices]
+
+
+def sde_call_schedule(prompts: int, group_size: int, rollout_steps: int, trained_steps: int, num_minibatches: int,
+                      minibatch_by: str, old_policy: str, reference: bool, rollout_chunk: int | None,
+                      micro_batch: int | None) -> list[Phase]:
+    """The SDE baselines' velocity-net calls in one iteration (common.Phase): one rollout evaluation per step;
+    every candidate trained at `trained_steps` steps, one with-grad call per (minibatch, step, micro-batch) on
+    its members; the reference at the same states when the loss has a KL; with old_policy 'recompute', the same
+    units once without grad on the whole batch (prepare_old_policy is not micro-batched)."""
+    if minibatch_by not in ("samples", "steps"):
+        raise ValueError(f"minibatch_by must be 'samples' or 'steps'; got {minibatch_by!r}")
+    members = members_per_minibatch(group_size, num_minibatches) if minibatch_by == "samples" else group_size
+    units, batch = prompts * group_size * trained_steps, per_call(prompts, micro_batch) * members
+    phases = [rollout_phase(prompts, group_size, rollout_steps, rollout_chunk)]
+    if trained_steps == 0:
+        return phases
+    if old_policy == "recompute":
+        phases.append(Phase("old_policy", units, prompts * members, False, "policy"))
+    phases.append(Phase("train", units, batch, True, "policy"))
+    if reference:
+        phases.append(Phase("reference", units, batch, False, "reference"))
+    return phases
 
 
 # ---- the policy of one stored transition, and the PPO-clipped loss -----------------------------------------

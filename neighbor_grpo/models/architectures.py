@@ -96,13 +96,16 @@ def random_text_embeddings(tokens: int, width: int, pooled: int, device, dtype):
     return encode
 
 
-def build_diffusers_adapter(arch: str, resolution: int, device: str, dtype: torch.dtype):
-    """The project's FluxAdapter / SD3Adapter around a random-weight pipeline built in memory (nothing downloaded)."""
+def build_diffusers_adapter(arch: str, resolution: int, device: str, dtype: torch.dtype, spec: dict | None = None,
+                            options: dict | None = None):
+    """The project's FluxAdapter / SD3Adapter around a random-weight pipeline built in memory (nothing downloaded).
+    `spec` replaces DIFFUSERS_ARCHS[arch] (the planner's shipped configs; FLUX when `arch` names it), `options`
+    are model options (ModelConfig keys) on top of dtype and resolution. On device "meta" nothing is allocated."""
     import diffusers
 
     from neighbor_grpo.models.diffusers_common import model_options
 
-    spec = DIFFUSERS_ARCHS[arch]
+    spec = spec or DIFFUSERS_ARCHS[arch]
     flux = "flux" in arch
     if flux:
         from neighbor_grpo.models.flux import FluxAdapter as adapter_class
@@ -124,7 +127,7 @@ def build_diffusers_adapter(arch: str, resolution: int, device: str, dtype: torc
         pipeline = diffusers.StableDiffusion3Pipeline(scheduler=scheduler, vae=vae, transformer=transformer,
                                                       text_encoder_3=torch.nn.Identity(), tokenizer_3=None, **encoders)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    options = model_options({"dtype": dtype_name, "height": resolution, "width": resolution})
+    options = model_options({**(options or {}), "dtype": dtype_name, "height": resolution, "width": resolution})
     adapter = adapter_class(pipeline, Path("."), options, torch.device(device), loras=[])
     adapter.encode_new_prompts = random_text_embeddings(*spec["text"], device, dtype)
     return adapter

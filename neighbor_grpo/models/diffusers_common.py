@@ -108,7 +108,10 @@ def quiet_loading():
 @torch.no_grad()
 def _parameters_fingerprint(module: torch.nn.Module) -> torch.Tensor:
     """Each parameter's sum and sum of squares in float64, on the CPU: any training step changes it. (In-place
-    version counters do not: the fused AdamW kernel updates the weights without bumping them.)"""
+    version counters do not: the fused AdamW kernel updates the weights without bumping them.) Empty for a model
+    on the meta device (`ngrpo plan` builds one to trace shapes; it is never saved)."""
+    if any(p.is_meta for p in module.parameters()):  # the planner's shapes-only model: no values to fingerprint
+        return torch.zeros(0, 2, dtype=torch.float64)
     sums = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in module.parameters()]
     return torch.stack(sums).cpu() if sums else torch.zeros(0, 2, dtype=torch.float64)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 class PromptCache:
@@ -29,4 +30,9 @@ class PromptCache:
         return torch.tensor([self.rows[p] for p in prompts], dtype=torch.long)
 
     def gather(self, name: str, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return torch.stack([self.tensors[name][i] for i in rows.tolist()]).to(device=device, dtype=dtype)
+        cache = self.tensors[name]
+        if is_fake(rows):  # the planner traces a call whose rows are made inside it (SD3's CFG): no values to read
+            stacked = torch.stack(cache)
+            return stacked.index_select(0, rows.to(stacked.device, torch.long)).to(device=device, dtype=dtype)
+        # real rows: only the rows asked for are stacked (stacking the whole cache would copy gigabytes per call)
+        return torch.stack([cache[i] for i in rows.tolist()]).to(device=device, dtype=dtype)

@@ -12,6 +12,7 @@ import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -39,16 +40,24 @@ def tensor_bytes(tensors) -> int:
 
 
 class LiveBytes(TorchDispatchMode):
-    """Live and peak bytes of the storages created while active, on top of `baseline` (what already exists: the
-    parameters, say). A storage counts once from its first appearance as an op's output until it is freed."""
+    """FLOPs (as FlopCounterMode counts them) and live and peak bytes of the storages created while active, on top of `baseline` (what already exists: the
+    parameters, say). A storage counts once from its first appearance as an op's output until it is freed.
+    `existing` tensors (the weights, the inputs) are never counted: an op's output can be a view of one of them
+    (`aten.t` of a weight inside `linear`), which is not a new allocation."""
 
-    def __init__(self, baseline: int = 0):
+    def __init__(self, baseline: int = 0, existing=()):
         super().__init__()
         self.live = self.peak = baseline
+        self.flops = 0  # FlopCounterMode's formulas (its registry), counted here: FlopCounterMode's own module
+        # tracker keeps the tensors of checkpointed blocks alive under fake tensors, which would inflate the peak
         self._alive: dict[int, weakref.ref] = {}
+        self._existing = {id(t.untyped_storage()): t for t in existing}  # kept alive: their ids stay theirs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        formula = flop_counter.flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **(kwargs or {}), out_val=out)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t.untyped_storage())
@@ -56,7 +65,7 @@ class LiveBytes(TorchDispatchMode):
 
     def _track(self, storage) -> None:
         key = id(storage)
-        if key in self._alive:
+        if key in self._alive or key in self._existing:
             return
         nbytes = storage.nbytes()
         self.live += nbytes

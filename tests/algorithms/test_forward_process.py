@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from neighbor_grpo.config import load_config
-from neighbor_grpo.cost import analytic_forward_counts, analytic_fpe, forward_equivalents
+from neighbor_grpo.cost import config_schedule, forward_equivalents, schedule_forward_counts, schedule_forward_equivalents
 from neighbor_grpo.iteration import ModelCallCounter, train_iteration
 from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
 from neighbor_grpo.parts import build_training_parts
@@ -74,7 +74,7 @@ def test_resume_is_exact(tmp_path, name, single_thread):
 
 def iteration_counts(name: str, overrides: list[str]) -> tuple[int, int]:
     """(no-grad, with-grad) per-sample forwards of one iteration through the real iteration code; they equal the
-    counts cost.analytic_forward_counts derives from the settings."""
+    counts the algorithm's call schedule declares."""
     config = load_config(None, settings(name) + overrides)
     adapter = tiny_adapter()
     parts = build_training_parts(config, adapter)
@@ -82,9 +82,9 @@ def iteration_counts(name: str, overrides: list[str]) -> tuple[int, int]:
     train_iteration(config, adapter, brightness_rewards(), parts.algorithm, parts.optimizer, parts.params, parts.ema,
                     parts.reference_velocity, ["0", "1", "2"], 0, lambda event: None, parts=parts)
     no_grad, with_grad = calls.reset()
-    implied = analytic_forward_counts(config, prompts=config.prompts_per_iteration)
+    implied = schedule_forward_counts(config_schedule(config))
     assert implied["train"] == with_grad and implied["rollout"] + implied["reference"] + implied["other"] == no_grad
-    assert analytic_fpe(implied, "full") == forward_equivalents(no_grad, with_grad, "full")
+    assert schedule_forward_equivalents(config_schedule(config), "full") == forward_equivalents(no_grad, with_grad, "full")
     return no_grad, with_grad
 
 

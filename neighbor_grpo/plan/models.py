@@ -1,0 +1,104 @@
+"""Which model a plan is for, from `model.path`: a shipped architecture (`arch:flux-dev`, `arch:flux-schnell`,
+`arch:sd35-medium`, `arch:sd35-large`), a local diffusers folder (its config.json files are read, never its
+weights), or the built-in model (`builtin:digits`, traced for real: it is small). The traced models (meta-built,
+LoRA and checkpointing applied, made fake) are built once per setting and reused within one plan."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from neighbor_grpo.plan.architectures import COMPONENTS, MODELS, build_on_meta, parameter_count
+
+ARCH_PREFIX = "arch:"
+
+
+@dataclass
+class ModelSpec:
+    name: str                 # "flux-dev", a folder, "builtin:digits"
+    kind: str                 # "diffusers" or "builtin"
+    flux: bool = False
+    spec: dict = field(default_factory=dict)  # models.architectures.DIFFUSERS_ARCHS-style: transformer, vae, text
+    text_encoders: dict = field(default_factory=dict)  # name -> parameter count
+
+    @property
+    def arch(self) -> str:
+        """The name build_diffusers_adapter takes (FLUX when it contains 'flux')."""
+        return "flux" if self.flux else "sd3"
+
+
+def text_shape(flux: bool, max_sequence_length: int | None) -> tuple[int, int, int]:
+    """(tokens, width, pooled) of the cached prompt embeddings: FLUX T5 tokens x 4096 and CLIP-L's pooled 768;
+    SD3 77 CLIP tokens + T5 tokens, 4096 wide, pooled CLIP-L + CLIP-G 2048."""
+    if flux:
+        return (max_sequence_length or 512, 4096, 768)
+    return (77 + (max_sequence_length or 256), 4096, 2048)
+
+
+def vae_config(flux: bool) -> dict:
+    from neighbor_grpo.models.architectures import DIFFUSERS_ARCHS
+
+    return DIFFUSERS_ARCHS["flux-dev" if flux else "sd35-medium"]["vae"]
+
+
+def shipped_model(name: str, options: dict) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"model.path: unknown architecture {name!r}; choose from "
+                         f"{', '.join(ARCH_PREFIX + m for m in MODELS)}")
+    transformer, *encoders = MODELS[name]
+    flux = name.startswith("flux")
+    config = dict(COMPONENTS[transformer].config)
+    spec = {"transformer": config, "vae": vae_config(flux), "text": text_shape(flux, options.get("max_sequence_length"))}
+    return ModelSpec(name, "diffusers", flux, spec, {e: parameter_count(build_on_meta(e)) for e in encoders})
+
+
+def folder_model(folder: Path, options: dict) -> ModelSpec:
+    """A local diffusers folder: its transformer/ and vae/ config.json (no weights are read) and its text encoders'."""
+    from neighbor_grpo.models.diffusers_common import read_model_index
+
+    pipeline = read_model_index(folder)
+    if pipeline not in ("FluxPipeline", "StableDiffusion3Pipeline"):
+        raise ValueError(f"{folder / 'model_index.json'}: _class_name is {pipeline!r}; the planner knows FluxPipeline "
+                         "and StableDiffusion3Pipeline")
+    flux = pipeline == "FluxPipeline"
+
+    def read(sub: str) -> dict:
+        path = folder / sub / "config.json"
+        try:
+            return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: expected the component's config.json ({error})") from None
+
+    spec = {"transformer": read("transformer"), "vae": read("vae"),
+            "text": text_shape(flux, options.get("max_sequence_length"))}
+    encoders = {}
+    for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if (folder / sub / "config.json").is_file():
+            encoders[sub] = encoder_parameters(folder / sub)
+    return ModelSpec(str(folder), "diffusers", flux, spec, encoders)
+
+
+def encoder_parameters(folder: Path) -> int:
+    """A text encoder's parameter count, built on meta from its config.json."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0], transformers.AutoModel)
+    with torch.device("meta"):
+        model = model_class(config) if model_class is not transformers.AutoModel else transformers.AutoModel.from_config(config)
+    return parameter_count(model)
+
+
+def resolve_model(path: str, options: dict) -> ModelSpec:
+    if path.startswith(ARCH_PREFIX):
+        return shipped_model(path.removeprefix(ARCH_PREFIX), options)
+    if path.startswith("builtin:"):
+        return ModelSpec(path, "builtin")
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        return folder_model(folder, options)
+    raise ValueError(f"model.path: {path!r} is not a model the planner can read; use {ARCH_PREFIX}NAME "
+                     f"({', '.join(MODELS)}), a local diffusers folder (model_index.json), or builtin:digits")

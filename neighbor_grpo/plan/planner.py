@@ -1,0 +1,349 @@
+"""`plan(config, gpus, gpu, mfu)`: peak memory per GPU with its breakdown, FLOPs per iteration by phase, and the
+predicted seconds per iteration, for the configured run and every baseline at its paper settings, without weights
+and without a GPU (docs/planning.md).
+
+The iteration is composed from the algorithm's own `call_schedule` (its velocity-net calls, common.Phase) plus the
+VAE decode and the rewards of the rollout's samples; each call is traced once at its shape (trace.py) and the
+persistent memory comes from memory.py. Phases run one after another, so the peak is the largest phase's
+activations on top of what persists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import torch
+
+from neighbor_grpo.plan import memory
+from neighbor_grpo.plan.models import ModelSpec, resolve_model
+from neighbor_grpo.plan.rewards import reward_estimate
+from neighbor_grpo.plan.trace import Trace, make_traceable, meta_adapter, trace_decode, trace_velocity
+
+GIB = 2**30
+# name -> (memory in GiB as torch.cuda reports it, key of hardware.BF16_DENSE_PEAK_TFLOPS); an "80 GB" card
+# holds 79.2 GiB (H100 SXM: 85,031,714,816 bytes), the H200 139.8 GiB
+GPUS = {"h100-80gb": (79.2, "h100"), "h100-pcie": (79.2, "h100 pcie"), "h100-nvl": (93.1, "h100 nvl"),
+        "h200": (139.8, "h200"), "h800": (79.2, "h800"), "b200": (178.4, "b200"), "a100-80gb": (79.2, "a100"),
+        "a100-40gb": (39.4, "a100"), "l40s": (44.4, "l40s"), "l4": (22.0, "l4"), "rtx-4090": (23.6, "rtx 4090"),
+        "rtx-3090": (23.6, "rtx 3090")}
+# What a process holds on the GPU besides its tensors: the CUDA context and kernels (~0.5-1 GiB with torch's
+# libraries loaded), cuBLAS/cuDNN workspaces, the caching allocator's fragmentation; NCCL's buffers with >1 GPU.
+ALLOWANCE_GIB = 2.0
+NCCL_ALLOWANCE_GIB = 1.0
+MARGIN = 1.1  # "fits": predicted peak x MARGIN + allowance <= GPU memory
+
+
+def gpu_spec(gpu: str) -> tuple[float, float]:
+    """(memory bytes, dense bf16 peak FLOP/s) of a GPU name."""
+    from neighbor_grpo.hardware import BF16_DENSE_PEAK_TFLOPS
+
+    if gpu not in GPUS:
+        raise ValueError(f"--gpu: unknown {gpu!r}; choose from {', '.join(GPUS)}")
+    gib, key = GPUS[gpu]
+    return gib * GIB, dict(BF16_DENSE_PEAK_TFLOPS)[key] * 1e12
+
+
+def allowance_bytes(gpus: int) -> int:
+    return int((ALLOWANCE_GIB + (NCCL_ALLOWANCE_GIB if gpus > 1 else 0)) * GIB)
+
+
+class Tracer:
+    """The traced models and calls of one plan invocation, each built or traced once (FLUX takes 15-30 s a trace)."""
+
+    def __init__(self, model: ModelSpec, progress=None):
+        self.model = model
+        self.progress = progress or (lambda message: None)
+        self.models: dict = {}
+        self.traces: dict = {}
+
+    def traced_model(self, config):
+        from neighbor_grpo.parts import lora_targets, load_model
+
+        key = model_key(config)
+        if key not in self.models:
+            self.progress(f"building {self.model.name} ({describe_key(key)})")
+            if self.model.kind == "builtin":
+                adapter = load_model(self.model.name, "cpu", progress=False, options=config.model)
+            else:
+                options = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in ("path", "dtype", "height", "width")}
+                adapter = meta_adapter(self.model.arch, self.model.spec, resolution(config, self.model), gpu_dtype(config), options)
+            lora = None
+            if config.optim.finetune == "lora":
+                lora = {"rank": config.optim.lora_rank, "alpha": config.optim.lora_alpha,
+                        "targets": lora_targets(config, adapter)}
+            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing)
+        return self.models[key]
+
+    def call(self, config, kind: str, network: str, grad: bool, batch: int, exact: bool) -> Trace:
+        """The trace of one call; `exact` False reuses a trace of the same call at another batch, scaled."""
+        traced = self.traced_model(config)
+        precision = config.speed.mixed_precision
+        network = "reference" if network == "reference" else "policy"  # other networks: copies of the policy
+        base = (model_key(config), kind, network, grad, precision)
+        if (*base, batch) in self.traces:
+            return self.traces[(*base, batch)]
+        if not exact:
+            near = [k for k in self.traces if k[:-1] == base]
+            if near:
+                return self.traces[min(near, key=lambda k: abs(k[-1] - batch))].scaled(batch)
+        what = "VAE decode" if kind == "decode" else f"{network} {'forward+backward' if grad else 'forward'}"
+        self.progress(f"tracing {what} at batch {batch}")
+        if kind == "decode":
+            trace = trace_decode(traced, batch)
+        else:
+            trace = trace_velocity(traced, batch, grad, network, precision)
+        self.progress(f"  {trace.flops / 1e12:.2f} TFLOP, peak {trace.peak_bytes / GIB:.2f} GiB, {trace.seconds:.1f} s")
+        self.traces[(*base, batch)] = trace
+        return trace
+
+
+def model_key(config) -> tuple:
+    o = config.optim
+    lora = (o.lora_rank, o.lora_alpha, tuple(o.lora_targets)) if o.finetune == "lora" else None
+    m = config.model
+    return (lora, config.speed.gradient_checkpointing, m.dtype, m.height, m.width, m.cfg_scale, m.forward_batch_size,
+            m.decode_batch_size, m.max_sequence_length, m.vae_tiling)
+
+
+def describe_key(key: tuple) -> str:
+    return f"{'LoRA' if key[0] else 'full'}, checkpointing {'on' if key[1] else 'off'}"
+
+
+def gpu_dtype(config) -> torch.dtype:
+    """model.dtype as the adapter resolves it on a CUDA device ('auto' is bfloat16 there)."""
+    from neighbor_grpo.models.diffusers_common import resolve_dtype
+
+    return resolve_dtype(config.model.dtype, torch.device("cuda"))
+
+
+def resolution(config, model: ModelSpec) -> int:
+    height, width = config.model.height, config.model.width
+    if height and width and height != width:
+        raise ValueError("the planner traces square images: set model.height = model.width")
+    return height or width or 1024
+
+
+def local_prompts(prompts: int, gpus: int) -> tuple[int, float]:
+    """Prompts one process rolls out, and the share of them it holds when a group is split over processes."""
+    if prompts >= gpus:
+        return math.ceil(prompts / gpus), 1.0
+    return 1, prompts / gpus
+
+
+def schedule(config, prompts: int):
+    from neighbor_grpo.algorithms import ALGORITHMS
+
+    algorithm = ALGORITHMS[config.algorithm](config.algorithm_config, seed=config.seed)
+    if not hasattr(algorithm, "call_schedule"):
+        raise ValueError(f"algorithm {config.algorithm!r} declares no call_schedule(prompts); the planner needs it")
+    return algorithm, algorithm.call_schedule(prompts, rollout_chunk=config.speed.rollout_chunk,
+                                              micro_batch=config.speed.micro_batch)
+
+
+def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bool = True) -> dict:
+    """One configuration's plan (no baselines, no fit options)."""
+    memory_bytes, peak_flops = gpu_spec(gpu)
+    prompts, share = local_prompts(config.prompts_per_iteration, gpus)
+    algorithm, phases = schedule(config, prompts)
+    traced = tracer.traced_model(config)
+    group = config.algorithm_config.group_size
+    samples = max(1, round(prompts * group * share))
+    flops, peaks, calls = {}, {}, {}
+    for phase in phases:
+        n = max(1, round(phase.samples * share))
+        batch = max(1, min(n, round(phase.batch * share)))
+        trace = tracer.call(config, "velocity", phase.network, phase.grad, batch, exact)
+        flops[phase.name] = flops.get(phase.name, 0) + trace.flops * n / batch
+        peaks[phase.name] = max(peaks.get(phase.name, (0, 0)), (trace.peak_bytes, trace.grad_bytes))
+        calls[phase.name] = calls.get(phase.name, 0) + n
+    decode = tracer.call(config, "decode", "vae", False, samples, exact)
+    flops["decode"], peaks["decode"] = decode.flops, (decode.peak_bytes, 0)
+    rewards = [reward_estimate(r.name, r.kwargs) for r in config.rewards]
+    height = resolution(config, tracer.model) if tracer.model.kind == "diffusers" else 0
+    images = memory.image_bytes(samples, height, height) if height else 0
+    flops["reward"] = sum(r.flops_per_image for r in rewards) * samples
+    peaks["reward"] = (images + sum(r.activation_bytes for r in rewards), 0)
+    persistent = persistent_memory(config, traced, tracer.model, algorithm, gpus, samples)
+    peak_phase, peak = phase_peak(persistent, peaks, config, traced.adapter.net, gpus)
+    total_flops = sum(flops.values())
+    no_grad = sum(n for p, n in calls.items() if not any(ph.grad for ph in phases if ph.name == p))
+    with_grad = sum(calls.values()) - no_grad
+    from neighbor_grpo.cost import forward_equivalents
+
+    fe = forward_equivalents(no_grad, with_grad, config.optim.finetune)
+    seconds = total_flops / (peak_flops * mfu)
+    fits = peak * MARGIN + allowance_bytes(gpus) <= memory_bytes
+    return {"algorithm": config.algorithm, "prompts_per_gpu": prompts * share, "samples_per_gpu": samples,
+            "phases": [dataclasses.asdict(p) for p in phases],
+            "flops_per_gpu": {k: float(v) for k, v in flops.items()}, "flops_total_per_gpu": float(total_flops),
+            "flops_all_gpus": float(total_flops * gpus),
+            "forward_equivalents_per_sample": fe / samples,
+            "seconds_per_iteration": seconds,
+            "memory_gib": {**{k: v / GIB for k, v in persistent.items()},
+                           "activations_peak": (peak - sum(persistent.values())) / GIB,
+                           "peak_phase": peak_phase, "total": peak / GIB},
+            "trainable_parameters": sum(p.numel() for p in traced.adapter.net.parameters() if p.requires_grad),
+            "fits": bool(fits), "gpu_memory_gib": memory_bytes / GIB}
+
+
+def persistent_memory(config, traced, model: ModelSpec, algorithm, gpus: int, samples: int) -> dict:
+    """Bytes that live through the whole iteration on one GPU, by what they are."""
+    net = traced.adapter.net
+    fsdp = config.speed.parallel == "fsdp" and gpus > 1
+    shards = gpus if fsdp else 1
+    c = config.algorithm_config
+    needs_reference = getattr(c, "ref_beta", 0) > 0 or getattr(c, "kl_beta", 0) > 0
+    dtype_bytes = torch.finfo(gpu_dtype(config)).bits // 8
+    m = config.model
+    out = {"weights": memory.sharded(memory.weight_bytes(net), shards),
+           "gradients": memory.sharded(memory.gradient_bytes(net), shards),
+           "optimizer_state": memory.sharded(memory.optimizer_state_bytes(net, config.speed.optimizer), shards),
+           "ema": memory.sharded(memory.ema_bytes(net, config.optim.ema_decay), shards),
+           "reference_copy": memory.sharded(memory.reference_copy_bytes(net, config.optim.finetune, needs_reference), shards),
+           "algorithm_networks": memory.sharded(memory.algorithm_network_bytes(net, getattr(algorithm, "networks", ())), shards),
+           "ddp_buckets": memory.ddp_bucket_bytes(net, gpus, fsdp)}
+    latent = traced.adapter.latent_shape()
+    out["trajectories"] = memory.trajectory_bytes(config.algorithm, c.rollout_steps, samples, latent)
+    if model.kind == "diffusers":
+        tokens, width, pooled = model.spec["text"]
+        cached = len(set(config.prompts.train)) + len(set(config.prompts.eval)) if config.prompts.file is None else 0
+        out["text_encoders"] = 0 if m.offload_text_encoders else sum(model.text_encoders.values()) * dtype_bytes
+        out["prompt_cache"] = 0 if m.prompt_cache_on_cpu else memory.prompt_cache_bytes(max(cached, 1), tokens, width, pooled, dtype_bytes)
+        vae = traced.adapter.pipeline.vae
+        out["vae"] = 0 if m.offload_vae else memory.tensors_bytes(vae.parameters())
+    out["rewards"] = sum(reward_estimate(r.name, r.kwargs).weight_bytes for r in config.rewards)
+    return out
+
+
+def phase_peak(persistent: dict, peaks: dict, config, net, gpus: int) -> tuple[str, int]:
+    """The largest phase: persistent bytes plus the phase's own peak. A training pass starts with no gradients
+    (zero_grad(set_to_none)) and its trace includes the ones it makes: with FSDP only a shard of them stays."""
+    fsdp = config.speed.parallel == "fsdp" and gpus > 1
+    gather = memory.fsdp_gather_bytes(net, gpus, fsdp)
+    base = sum(persistent.values())
+    best = ("", 0)
+    for name, (peak, grads) in peaks.items():
+        if grads:
+            total = base - persistent["gradients"] + peak - grads + memory.sharded(grads, gpus if fsdp else 1) + gather
+        else:
+            total = base + peak + (gather if name not in ("decode", "reward") else 0)
+        best = max(best, (name, int(total)), key=lambda item: item[1])
+    return best
+
+
+def stderr_progress(message: str) -> None:
+    print(f"ngrpo plan: {message}", file=sys.stderr, flush=True)
+
+
+# ---- the public entry: the run, its baselines, and what would make it fit ----------------------------------------
+
+def with_overrides(config, overrides: list[str]):
+    """The config with key=value overrides applied and validated (as `ngrpo train` would read them)."""
+    from neighbor_grpo.config import apply_overrides, from_dict, to_dict, validate
+
+    changed = from_dict(type(config), apply_overrides(to_dict(config), overrides))
+    validate(changed)
+    return changed
+
+
+def baselines(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, reference: dict) -> list[dict]:
+    """Every method of compare.PAPER_SETTINGS on the same model, resolution and speed settings; the cost ratio is
+    per-iteration FLOPs over Neighbor GRPO's at its paper settings."""
+    from neighbor_grpo.compare import PAPER_SETTINGS, REFERENCE_METHOD
+
+    rows = []
+    for method, settings in PAPER_SETTINGS.items():
+        try:
+            result = plan_core(with_overrides(config, settings), tracer, gpus, gpu, mfu, exact=False)
+        except ValueError as error:  # e.g. an algorithm without a call schedule yet
+            rows.append({"method": method, "error": str(error)})
+            continue
+        rows.append({"method": method, "flops_per_gpu": result["flops_total_per_gpu"],
+                     "seconds_per_iteration": result["seconds_per_iteration"],
+                     "forward_equivalents_per_sample": result["forward_equivalents_per_sample"],
+                     "peak_gib": result["memory_gib"]["total"], "fits": result["fits"]})
+    anchor = next((r for r in rows if r["method"] == REFERENCE_METHOD and "error" not in r), None)
+    for row in rows:
+        if anchor and "error" not in row:
+            row["cost_ratio_vs_neighbor_grpo"] = row["flops_per_gpu"] / anchor["flops_per_gpu"]
+    return rows
+
+
+def fit_candidates(config, gpus: int) -> list[tuple[str, list[str], int]]:
+    """(label, overrides, gpus) of each option that lowers memory and is not already on."""
+    options = []
+    if config.optim.finetune == "full":
+        options.append(("LoRA", ["optim.finetune=lora"], gpus))
+    if not config.speed.gradient_checkpointing:
+        options.append(("gradient checkpointing", ["speed.gradient_checkpointing=true"], gpus))
+    if gpu_dtype(config) == torch.float32:
+        options.append(("bf16 weights", ["model.dtype=bfloat16"], gpus))
+    if config.speed.micro_batch != 1:
+        options.append(("micro-batch of 1 prompt", ["speed.micro_batch=1"], gpus))
+    if config.speed.rollout_chunk != 1:
+        options.append(("roll out 1 prompt at a time", ["speed.rollout_chunk=1"], gpus))
+    if config.model.forward_batch_size not in (1, 2, 3, 4) and config.model.path.startswith(("arch:", "/", ".")):
+        options.append(("velocity calls of at most 4 samples", ["model.forward_batch_size=4"], gpus))
+    for flag in ("offload_text_encoders", "prompt_cache_on_cpu", "offload_vae"):
+        if not getattr(config.model, flag):
+            options.append((f"model.{flag}", [f"model.{flag}=true"], gpus))
+    if config.speed.optimizer == "adamw":
+        options.append(("8-bit AdamW", ["speed.optimizer=adamw8bit"], gpus))
+    for more in (2, 4, 8, 16, 32, 64):
+        if more > gpus:
+            options.append((f"FSDP over {more} GPUs", ["speed.parallel=fsdp"], more))
+    return options
+
+
+def fit_options(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, result: dict) -> list[dict]:
+    """Each single option that would make the run fit, with its predicted peak; FSDP only at the fewest GPUs that
+    fit. Offloading optimizer state to the CPU is modelled but not supported by the trainer yet."""
+    found, fsdp_done = [], False
+    for label, overrides, n in fit_candidates(config, gpus):
+        if fsdp_done and label.startswith("FSDP"):
+            continue
+        try:
+            changed = plan_core(with_overrides(config, overrides), tracer, n, gpu, mfu, exact=False)
+        except ValueError:
+            continue
+        if changed["fits"]:
+            found.append({"option": label, "overrides": overrides, "gpus": n, "peak_gib": changed["memory_gib"]["total"]})
+            fsdp_done = fsdp_done or label.startswith("FSDP")
+    offloaded = result["memory_gib"]["total"] - result["memory_gib"]["optimizer_state"]
+    if offloaded * MARGIN + allowance_bytes(gpus) / GIB <= result["gpu_memory_gib"]:
+        found.append({"option": "optimizer state offloaded to the CPU (not supported by the trainer yet)",
+                      "overrides": [], "gpus": gpus, "peak_gib": offloaded})
+    return found
+
+
+def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progress=None) -> dict:
+    """The plan of `config` (a TrainConfig) on `gpus` GPUs of kind `gpu` at model FLOPs utilisation `mfu`: a
+    JSON-able dict with the run's per-GPU memory breakdown, FLOPs by phase, seconds per iteration, every baseline
+    side by side and, when it does not fit, the options that would make it fit."""
+    check_torch()
+    if gpus < 1:
+        raise ValueError(f"--gpus: expected an integer >= 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu: expected a share in (0, 1], got {mfu}")
+    memory_bytes, peak_flops = gpu_spec(gpu)
+    model = resolve_model(config.model.path, dataclasses.asdict(config.model))
+    tracer = Tracer(model, progress)
+    result = plan_core(config, tracer, gpus, gpu, mfu)
+    out = {"model": model.name, "gpu": gpu, "gpus": gpus, "mfu": mfu, "gpu_peak_tflops": peak_flops / 1e12,
+           "allowance_gib": allowance_bytes(gpus) / GIB, "margin": MARGIN,
+           "resolution": resolution(config, model) if model.kind == "diffusers" else None,
+           "finetune": config.optim.finetune, **result}
+    out["baselines"] = baselines(config, tracer, gpus, gpu, mfu, result)
+    out["fit_options"] = [] if result["fits"] else fit_options(config, tracer, gpus, gpu, mfu, result)
+    out["unknown_rewards"] = [r.name for r in config.rewards if not reward_estimate(r.name, r.kwargs).known]
+    return out
+
+
+def check_torch() -> None:
+    from packaging.version import Version
+
+    if Version(torch.__version__.split("+")[0]) < Version("2.6"):
+        raise RuntimeError(f"ngrpo plan needs torch >= 2.6 (fake tensors of meta-built models); this is torch "
+                           f"{torch.__version__}")
