@@ -30,16 +30,18 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_check_plan import (Predictions, full_finetune_gate, planner_gpu, prediction_config,  # noqa: E402
-                            prediction_key, prediction_summary)
+from gpu_check_plan import (Predictions, comparison, full_finetune_gate, planner_gpu,  # noqa: E402
+                            planner_model_path, prediction_config, prediction_key, prediction_summary)
 from gpu_check_report import model_description, print_report, ratios  # noqa: E402
 from gpu_check_runs import (Budget, estimated_iteration_s, memory_figures, overall_tflops, phase_figures,  # noqa: E402
                             time_run)
@@ -210,6 +212,7 @@ def measure(throughput, run, label: str, args, finetune: str, rewards, sync, bud
         "measured_on_warmup": measured.measured_on_warmup, "cut_by_budget": measured.cut_by_budget,
         "s_per_iter_each": details["s_per_iter_each"], "forwards": details["forwards"],
         "forward_equivalents": details["forward_equivalents"], "model_flops_per_iter": details["model_flops_per_iter"],
+        "velocity_flops_executed": details["model_flops_per_iter"] + details["recompute_flops_per_iter"],
         "hfu": details["hfu"], "skipped_updates": details["skipped_updates"], "settings": details["settings"],
     }
 
@@ -225,25 +228,43 @@ def planned_runs(throughput, args, reward: str) -> list[tuple[str, str, str, arg
         targs = throughput_args(throughput, args, finetune)
         for method in args.methods:
             config = load_config(None, method_overrides(targs, method, args.device, reward))
+            config.speed.gradient_checkpointing = args.gradient_checkpointing  # as prepare_method sets it
             runs.append((f"{method}/{finetune}", method, finetune, targs, config))
     return runs
 
 
-def prediction_jobs(runs, args, gpu_names: list[str]) -> list[tuple]:
-    """(key, planner config, gpus, gpu) per run and GPU name: full fine-tunes first (their prediction decides whether
-    they run), and on several GPUs also the FSDP prediction of each full fine-tune."""
+def prediction_jobs(runs, args, model_path: str, gpu_names: list[str]) -> list[tuple]:
+    """(key, planner config, gpus, gpu): one plan per fine-tuning mode, of the first method's config (the plan's
+    baselines hold the other methods); full fine-tuning first (its prediction decides whether it runs), and on
+    several GPUs also its FSDP plan over them."""
+    from neighbor_grpo.models.architectures import DIFFUSERS_ARCHS
+
     cuda = args.device.startswith("cuda") or args.predict_only
+    tokens = DIFFUSERS_ARCHS[args.arch]["text"][0]
     jobs = []
     for finetune in ("full", "lora"):
-        for label, _, run_finetune, _, config in runs:
-            if run_finetune != finetune:
-                continue
-            planner_config = prediction_config(config, args.arch, args.resolution, cuda)
-            for gpu in gpu_names:
-                jobs.append((prediction_key(label, 1, gpu), planner_config, 1, gpu))
-                if finetune == "full" and args.gpus > 1:
-                    jobs.append((prediction_key(label, args.gpus, gpu), planner_config, args.gpus, gpu))
+        config = next((c for _, _, f, _, c in runs if f == finetune), None)
+        if config is None:
+            continue
+        planner_config = prediction_config(config, model_path, tokens, args.resolution, cuda)
+        for gpu in gpu_names:
+            jobs.append((prediction_key(finetune, 1, gpu), planner_config, 1, gpu))
+            if finetune == "full" and args.gpus > 1:
+                sharded = prediction_config(planner_config, model_path, tokens, args.resolution, cuda)
+                sharded.speed.parallel = "fsdp"
+                jobs.append((prediction_key(finetune, args.gpus, gpu), sharded, args.gpus, gpu))
     return jobs
+
+
+def fill_prediction(result: dict, entry: dict, predictions: Predictions, key: str, method: str, timeout: float) -> None:
+    """The run's prediction (and the whole plan, once per key, under result['plans']) and measured / predicted."""
+    plan, entry["prediction_note"] = predictions.get(key, timeout)
+    if plan is not None:
+        result["plans"][key] = plan
+    entry["predicted"] = prediction_summary(plan, method, key)
+    if entry["predicted"] is None and plan is not None:
+        entry["prediction_note"] = f"plans[{key!r}] has no row for {method}"
+    entry["measured_over_predicted"] = comparison(entry["measured"], entry["predicted"])
 
 
 def count_flops(run, args, flops: dict, peak_tflops, peak_source) -> None:
@@ -267,6 +288,26 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
     install = ensure_module("diffusers", args.wheel, args.install_target)
     budget = Budget(args.budget_s, started)
     import throughput
+
+    runs = planned_runs(throughput, args, throughput.FALLBACK_REWARD)
+    gpu_names = args.plan_gpu or [planner_gpu(args.device)]
+    saved = json.loads(Path(args.predictions).read_text())["predictions"] if args.predictions else None
+    folder = tempfile.mkdtemp(prefix="gpu_check_model-")  # the tiny model's config files, for the planner
+    model_path = planner_model_path(args.arch, Path(folder))
+    try:
+        if args.predict_only:
+            jobs = prediction_jobs(runs, args, model_path, gpu_names)
+            return write_predictions(Predictions(jobs, args.mfu), args, argv, install)
+        predictions = Predictions(prediction_jobs(runs, args, model_path, gpu_names[:1]), args.mfu, saved,
+                                  background=args.device.startswith("cuda"))
+        return measure_all(args, argv, started, install, budget, throughput, runs, predictions, gpu_names[0])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure_all(args, argv, started: float, install: dict, budget: Budget, throughput, runs, predictions,
+                gpu_name: str) -> dict:
+    """Every run in turn, under the budget, each beside its prediction; the JSON rewritten after each."""
     from method_runs import TimedRewards, prepare_method, release
 
     from neighbor_grpo.hardware import bf16_peak_tflops
@@ -274,12 +315,6 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
 
     device, cuda = args.device, args.device.startswith("cuda")
     reward = throughput.FALLBACK_REWARD
-    runs = planned_runs(throughput, args, reward)
-    gpu_names = args.plan_gpu or [planner_gpu(device)]
-    saved = json.loads(Path(args.predictions).read_text())["predictions"] if args.predictions else None
-    if args.predict_only:
-        return write_predictions(Predictions(prediction_jobs(runs, args, gpu_names), args.mfu), args, argv, install)
-    predictions = Predictions(prediction_jobs(runs, args, gpu_names[:1]), args.mfu, saved, background=cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     rewards = TimedRewards(build_rewards([{"name": reward}], device=device), sync)
@@ -292,11 +327,11 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
                      "dtype": "bf16 weights + bf16 autocast" if cuda else "fp32", "reward": reward,
                      "gradient_checkpointing": args.gradient_checkpointing, "warmup": args.warmup,
                      "later_warmup": args.later_warmup, "iters": args.iters, "overrides": list(args.set),
-                     "planner": {"gpu": gpu_names[0], "gpus": args.gpus, "mfu": args.mfu,
+                     "planner": {"gpu": gpu_name, "gpus": args.gpus, "mfu": args.mfu,
                                  "predictions_file": args.predictions}},
         "model": model_description(args),
         "flops": flops, "budget": {"budget_s": args.budget_s, "cut": False, "cuts": budget.cuts},
-        "runs": {}, "definitions": DEFINITIONS,
+        "runs": {}, "plans": {}, "definitions": DEFINITIONS,
     }
     write(result, args.out)  # the environment, even if the first run fails
     achieved = None  # model TFLOP/s of the runs so far: estimates the next run's first iteration
@@ -304,17 +339,18 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
     try:
         for label, method, finetune, targs, config in runs:
             entry = result["runs"][label] = {"status": "measured", "measured": None, "predicted": None,
-                                             "prediction_note": None}
+                                             "prediction_note": None, "measured_over_predicted": None}
             if finetune == "full":  # the prediction decides whether it runs
-                prediction, entry["prediction_note"] = predictions.get(prediction_key(label, 1, gpu_names[0]),
-                                                                       budget.left())
-                entry["predicted"] = prediction_summary(prediction, method)
-                gate = full_finetune_gate(prediction, method, args, cuda)
+                key = prediction_key(finetune, 1, gpu_name)
+                fill_prediction(result, entry, predictions, key, method, budget.left())
+                gate = full_finetune_gate(result["plans"].get(key), method, args, cuda)
                 if gate:
                     entry.update(status="skipped", reason=gate)
                     if args.gpus > 1:  # what sharding over the visible GPUs would take, for the record
-                        fsdp = predictions.get(prediction_key(label, args.gpus, gpu_names[0]), budget.left())[0]
-                        entry["predicted_fsdp"] = prediction_summary(fsdp, method)
+                        key = prediction_key(finetune, args.gpus, gpu_name)
+                        fsdp, _ = predictions.get(key, budget.left())
+                        result["plans"][key] = fsdp
+                        entry["predicted_fsdp"] = prediction_summary(fsdp, method, key)
                     continue
             first = not any(r["measured"] for r in result["runs"].values())
             estimate = estimated_iteration_s(config, 1, finetune, flops.get("forward_per_sample"), achieved) or 0.0
@@ -351,10 +387,9 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
             result["budget"].update(cut=bool(budget.cuts), elapsed_s=time.perf_counter() - started)
             write(result, args.out)
         for label, entry in result["runs"].items():  # the predictions not needed before, as far as time allows
-            if entry["predicted"] is None and entry["prediction_note"] is None:
-                prediction, entry["prediction_note"] = predictions.get(prediction_key(label, 1, gpu_names[0]),
-                                                                       budget.left())
-                entry["predicted"] = prediction_summary(prediction, label.split("/")[0])
+            method, finetune = label.split("/")
+            fill_prediction(result, entry, predictions, prediction_key(finetune, 1, gpu_name), method,
+                            budget.left())
     finally:
         predictions.close()
     result["ratios"] = ratios(result["runs"], args.finetune)
@@ -367,7 +402,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
 
 def write_predictions(predictions: Predictions, args, argv, install: dict) -> dict:
     """--predict-only: every run's prediction (for each --plan-gpu) in one file for --predictions; no GPU needed."""
-    result = {"predictions": {job[0]: list(predictions.get(job[0], 0.0)) for job in predictions.jobs},
+    result = {"predictions": {job[0]: list(predictions.get(job[0], float("inf"))) for job in predictions.jobs},
               "settings": {"arch": args.arch, "resolution": args.resolution, "group_size": args.group_size,
                            "methods": list(args.methods), "finetune": list(args.finetune), "mfu": args.mfu,
                            "overrides": list(args.set)},

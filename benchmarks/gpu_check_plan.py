@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,15 +28,32 @@ def planner_gpu(device: str) -> str:
     return DEFAULT_PLANNER_GPU
 
 
-def prediction_config(config, arch: str, resolution: int, cuda: bool):
-    """The run's config as the planner reads it: the architecture it runs (a name the planner ships) at the
-    resolution and dtype measured."""
+def planner_model_path(arch: str, folder: Path) -> str:
+    """model.path naming the measured architecture to the planner: a shipped one (`arch:flux-dev`), or, for the tiny
+    FLUX the planner does not ship, a diffusers folder holding only its config.json files (written into `folder`)."""
+    from neighbor_grpo.models.architectures import DIFFUSERS_ARCHS
+
+    if arch == "flux-dev":
+        return "arch:flux-dev"
+    spec = DIFFUSERS_ARCHS[arch]
+    for name, values in (("model_index.json", {"_class_name": "FluxPipeline"}),
+                         ("transformer/config.json", spec["transformer"]), ("vae/config.json", spec["vae"])):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(values))
+    return str(folder)
+
+
+def prediction_config(config, model_path: str, text_tokens: int, resolution: int, cuda: bool):
+    """The run's config as the planner reads it: the architecture measured, at its resolution, dtype and prompt
+    length, and without text encoders on the GPU (the check's stand-ins are cached random embeddings)."""
     import copy
 
     config = copy.deepcopy(config)
-    config.model.path = arch
+    config.model.path = model_path
     config.model.height = config.model.width = resolution
     config.model.dtype = "bfloat16" if cuda else "float32"
+    config.model.max_sequence_length = text_tokens
+    config.model.offload_text_encoders = True
     return config
 
 
@@ -52,9 +70,9 @@ def predict(config, gpus: int, gpu: str, mfu: float) -> tuple[dict | None, str |
         return None, f"plan() failed: {type(error).__name__}: {error}"
 
 
-def prediction_key(label: str, gpus: int, gpu: str) -> str:
-    """'neighbor_grpo/lora@1xh200': a run, on how many of which GPU."""
-    return f"{label}@{gpus}x{gpu}"
+def prediction_key(finetune: str, gpus: int, gpu: str) -> str:
+    """'lora@1xh200': the plan of one fine-tuning mode (every method: the plan's baselines), on N GPUs of a kind."""
+    return f"{finetune}@{gpus}x{gpu}"
 
 
 def _plan_worker(jobs: list, mfu: float, results) -> None:
@@ -84,6 +102,9 @@ class Predictions:
         if key in self.done:
             return self.done[key]
         if self.process is None:
+            if timeout <= 0:
+                return None, (f"the time budget was spent before the planner ran {key} (precompute with "
+                              "--predict-only and pass --predictions)")
             for job in self.jobs:
                 if job[0] == key:
                     self.done[key] = predict(job[1], job[2], job[3], self.mfu)
@@ -106,14 +127,41 @@ class Predictions:
         self.process = None
 
 
-def prediction_summary(prediction: dict | None, method: str) -> dict | None:
-    """The figures a measurement is compared with: predicted s/iter, peak memory per GPU (GB) and whether it fits,
-    FLOPs per phase; the planner's whole answer is kept under `plan`."""
-    if prediction is None:
+def prediction_summary(plan: dict | None, method: str, key: str) -> dict | None:
+    """The figures a measurement is compared with, for `method`: from the plan itself when it is that method's
+    (with FLOPs and memory by phase), else from its row in the plan's baselines (same model and settings, the
+    method's paper settings). Memory in GiB as the planner gives it, and in GB (1e9 bytes) like the measurements."""
+    if plan is None:
         return None
-    entry = prediction.get("algorithms", {}).get(method, prediction)
-    return {"s_per_iter": entry.get("s_per_iter"), "peak_memory_gb": entry.get("peak_memory_gb"),
-            "fits": entry.get("fits"), "flops": entry.get("flops"), "plan": prediction}
+    if plan.get("algorithm") == method:
+        figures = {"s_per_iter": plan["seconds_per_iteration"], "peak_memory_gib": plan["memory_gib"]["total"],
+                   "fits": plan["fits"], "flops_per_iter": plan["flops_total_per_gpu"],
+                   "flops_by_phase": plan["flops_per_gpu"], "memory_gib": plan["memory_gib"],
+                   "source": f"plans[{key!r}]"}
+    else:
+        row = next((r for r in plan.get("baselines", []) if r.get("method") == method and "error" not in r), None)
+        if row is None:
+            return None
+        figures = {"s_per_iter": row["seconds_per_iteration"], "peak_memory_gib": row["peak_gib"], "fits": row["fits"],
+                   "flops_per_iter": row["flops_per_gpu"], "flops_by_phase": None, "memory_gib": None,
+                   "source": f"plans[{key!r}].baselines ({method} at its paper settings)"}
+    figures["peak_memory_gb"] = figures["peak_memory_gib"] * 2**30 / 1e9
+    return figures
+
+
+def comparison(measured: dict | None, predicted: dict | None) -> dict | None:
+    """Measured over predicted: seconds per iteration, peak memory (allocated, the planner's live-tensor peak), and
+    velocity-net FLOPs with checkpointing's recomputation (the planner counts the FLOPs the GPU executes)."""
+    if not measured or not predicted:
+        return None
+    out = {"s_per_iter": measured["s_per_iter"] / predicted["s_per_iter"],
+           "peak_memory": (measured["peak_memory_allocated_gb"] / predicted["peak_memory_gb"]
+                           if measured["peak_memory_allocated_gb"] else None)}
+    phases = predicted.get("flops_by_phase")
+    if phases:
+        velocity = sum(v for k, v in phases.items() if k not in ("decode", "reward"))
+        out["velocity_flops"] = measured["velocity_flops_executed"] / velocity if velocity else None
+    return out
 
 
 def full_finetune_gate(prediction: dict | None, method: str, args, cuda: bool) -> str | None:
@@ -121,14 +169,17 @@ def full_finetune_gate(prediction: dict | None, method: str, args, cuda: bool) -
     one GPU (the check runs one process; FSDP over several GPUs is the planner's prediction only)."""
     if args.force_full:
         return None
-    summary = prediction_summary(prediction, method)
+    summary = prediction_summary(prediction, method, "")
     if summary is None or summary["fits"] is None:
         if not cuda:
             return None  # the tiny CPU model fits anywhere
         return "no planner prediction that a full fine-tune fits on this GPU (pass --force-full to try anyway)"
     if summary["fits"]:
         return None
-    peak = summary["peak_memory_gb"]
+    peak = f"{summary['peak_memory_gib']:.1f} GiB"
+    if prediction.get("gpu_memory_gib"):  # the planner's rule: peak x margin + allowance <= the GPU's memory
+        peak += (f" x {prediction.get('margin')} + {prediction.get('allowance_gib')} GiB allowance > "
+                 f"{prediction['gpu_memory_gib']} GiB")
     where = f"{args.gpus} GPUs with FSDP are predicted separately (predicted_fsdp); " if args.gpus > 1 else ""
-    return (f"the planner predicts a full fine-tune does not fit on one GPU (peak {peak} GB); {where}"
+    return (f"the planner predicts a full fine-tune does not fit on one GPU (peak {peak}); {where}"
             "gpu_check runs one process")

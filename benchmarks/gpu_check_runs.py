@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from method_runs import MethodRun, run_iteration  # noqa: E402  (benchmarks/ is on sys.path: gpu_check.py)
-from neighbor_grpo.cost import analytic_forward_counts, backward_factor
+from neighbor_grpo.cost import backward_factor, config_schedule, schedule_forward_counts
 
 
 class Budget:
@@ -165,10 +165,11 @@ def memory_figures(measured: Measured, device: str) -> dict:
 
 def estimated_iteration_s(config, prompts: int, finetune: str, flops_per_sample: float | None,
                           achieved_tflops: float | None) -> float | None:
-    """A run's first iteration, before it starts: its FLOPs from the settings (cost.analytic_forward_counts) at the
-    model FLOP rate the earlier runs achieved. None when either is unknown (the run then starts if time is left)."""
-    counts = analytic_forward_counts(config, prompts)
-    if not counts or not flops_per_sample or not achieved_tflops:
+    """A run's first iteration, before it starts: its FLOPs from its algorithm's call schedule (cost.config_schedule)
+    at the model FLOP rate the earlier runs achieved. None when either is unknown (the run then starts if time is
+    left)."""
+    counts = schedule_forward_counts(config_schedule(config, prompts))
+    if not flops_per_sample or not achieved_tflops:
         return None
     forwards = counts["rollout"] + counts["reference"] + counts["other"] + (1 + backward_factor(finetune)) * counts["train"]
     return forwards * flops_per_sample / (achieved_tflops * 1e12)

@@ -67,15 +67,18 @@ def test_every_field_is_there_and_positive(result):
         assert measured["peak_memory_reserved_gb"] is None  # no caching allocator on a CPU
         assert measured["iterations_timed"] == 1 and measured["warmup_iterations"] == 1  # CPU: memory in the warm-up
         assert not measured["cut_by_budget"] and not measured["measured_on_warmup"]
-        assert "predicted" in entry
-        if entry["predicted"] is None:  # a prediction, or the reason there is none
-            assert entry["prediction_note"]
-        else:
-            assert finite_positive(entry["predicted"]["s_per_iter"])
-            assert finite_positive(entry["predicted"]["peak_memory_gb"])
+        predicted = entry["predicted"]  # the planner's, for the tiny FLUX's config files
+        assert predicted is not None, entry["prediction_note"]
+        assert entry["prediction_note"] is None and predicted["fits"] is True
+        for key in ("s_per_iter", "peak_memory_gb", "peak_memory_gib", "flops_per_iter"):
+            assert finite_positive(predicted[key]), (label, key)
+        for key in ("s_per_iter", "peak_memory", *(["velocity_flops"] if predicted["flops_by_phase"] else [])):
+            assert finite_positive(entry["measured_over_predicted"][key]), (label, key)
     assert result["budget"]["cut"] is False and result["budget"]["cuts"] == []
     for finetune in ("lora", "full"):
-        assert finite_positive(result["ratios"][f"dance_over_neighbor_s_per_iter/{finetune}"]["measured"])
+        ratio = result["ratios"][f"dance_over_neighbor_s_per_iter/{finetune}"]
+        assert finite_positive(ratio["measured"]) and finite_positive(ratio["predicted"])
+    assert set(result["plans"]) == {"lora@1xh100-80gb", "full@1xh100-80gb"}
 
 
 def test_forwards_follow_the_settings(result):
@@ -158,17 +161,42 @@ def test_a_missing_module_without_a_usable_wheel_is_a_clear_error(gpu_check, tmp
         gpu_check.ensure_module("ngrpo_not_installed_anywhere", str(tmp_path))
 
 
+def plan_of(method: str, seconds: float, peak_gib: float, fits: bool, dance_peak_gib: float = 5.0) -> dict:
+    """A plan in the shape neighbor_grpo.plan.planner.plan returns (the fields the check reads)."""
+    return {"algorithm": method, "seconds_per_iteration": seconds, "memory_gib": {"total": peak_gib, "weights": 1.0},
+            "fits": fits, "flops_total_per_gpu": 3e12, "flops_per_gpu": {"rollout": 2e12, "train": 1e12, "decode": 1e9},
+            "gpu_memory_gib": 139.8, "margin": 1.1, "allowance_gib": 2.0,
+            "baselines": [{"method": "dance_grpo", "seconds_per_iteration": 4 * seconds, "peak_gib": dance_peak_gib,
+                           "fits": dance_peak_gib < 100, "flops_per_gpu": 12e12}]}
+
+
+def test_the_prediction_of_each_method_comes_from_the_plan_or_its_baselines(gpu_check):
+    from gpu_check_plan import comparison, prediction_summary
+
+    plan = plan_of("neighbor_grpo", 2.0, 30.0, True, dance_peak_gib=31.0)
+    ours, dance = prediction_summary(plan, "neighbor_grpo", "lora@1xh200"), prediction_summary(plan, "dance_grpo", "k")
+    assert ours["s_per_iter"] == 2.0 and ours["flops_by_phase"]["rollout"] == 2e12 and ours["fits"] is True
+    assert ours["peak_memory_gb"] == pytest.approx(30.0 * 2**30 / 1e9)
+    assert dance["s_per_iter"] == 8.0 and dance["peak_memory_gib"] == 31.0 and dance["flops_by_phase"] is None
+    assert prediction_summary(plan, "mix_grpo", "k") is None and prediction_summary(None, "dance_grpo", "k") is None
+    measured = {"s_per_iter": 3.0, "peak_memory_allocated_gb": ours["peak_memory_gb"] / 2,
+                "velocity_flops_executed": 1.5e12}
+    assert comparison(measured, ours) == pytest.approx({"s_per_iter": 1.5, "peak_memory": 0.5, "velocity_flops": 0.5})
+
+
 def test_full_finetune_runs_only_where_predicted_to_fit(gpu_check):
     from gpu_check_plan import full_finetune_gate
 
     args = SimpleNamespace(force_full=False, gpus=1)
-    fits = {"algorithms": {"dance_grpo": {"fits": True, "peak_memory_gb": 70.0, "s_per_iter": 9.0}}}
-    too_big = {"algorithms": {"dance_grpo": {"fits": False, "peak_memory_gb": 131.5, "s_per_iter": 9.0}}}
-    assert full_finetune_gate(fits, "dance_grpo", args, cuda=True) is None
-    assert "131.5 GB" in full_finetune_gate(too_big, "dance_grpo", args, cuda=True)
-    assert "--force-full" in full_finetune_gate(None, "dance_grpo", args, cuda=True)
-    assert full_finetune_gate(None, "dance_grpo", args, cuda=False) is None  # the tiny CPU model
-    assert full_finetune_gate(too_big, "dance_grpo", SimpleNamespace(force_full=True, gpus=1), cuda=True) is None
+    fits = plan_of("neighbor_grpo", 9.0, 70.0, True)
+    too_big = plan_of("neighbor_grpo", 9.0, 131.5, False)
+    assert full_finetune_gate(fits, "neighbor_grpo", args, cuda=True) is None
+    reason = full_finetune_gate(too_big, "neighbor_grpo", args, cuda=True)
+    assert "does not fit" in reason and "131.5 GiB x 1.1 + 2.0 GiB allowance > 139.8 GiB" in reason
+    assert full_finetune_gate(too_big, "dance_grpo", args, cuda=True) is None  # its baselines row: 5 GiB fits
+    assert "--force-full" in full_finetune_gate(None, "neighbor_grpo", args, cuda=True)
+    assert full_finetune_gate(None, "neighbor_grpo", args, cuda=False) is None  # the tiny CPU model
+    assert full_finetune_gate(too_big, "neighbor_grpo", SimpleNamespace(force_full=True, gpus=1), cuda=True) is None
 
 
 def test_flux_dev_needs_a_gpu(gpu_check, capsys):
@@ -182,18 +210,19 @@ def test_flux_dev_needs_a_gpu(gpu_check, capsys):
 def test_predictions_from_a_file_decide_the_full_fine_tune(gpu_check, tmp_path, single_thread):
     """A --predictions file (as --predict-only writes it) is used as it is: a full fine-tune predicted not to fit
     is skipped with the predicted peak; the LoRA run carries its prediction beside its measurement."""
-    plan = {"algorithms": {"neighbor_grpo": {"s_per_iter": 0.25, "peak_memory_gb": 3.5, "fits": True}}}
-    too_big = {"algorithms": {"neighbor_grpo": {"s_per_iter": 0.5, "peak_memory_gb": 97.0, "fits": False}}}
+    lora, too_big = plan_of("neighbor_grpo", 0.25, 0.5, True), plan_of("neighbor_grpo", 0.5, 197.0, False)
     saved = tmp_path / "predictions.json"
-    saved.write_text(json.dumps({"predictions": {"neighbor_grpo/lora@1xh200": [plan, None],
-                                                 "neighbor_grpo/full@1xh200": [too_big, None]}}))
+    saved.write_text(json.dumps({"predictions": {"lora@1xh200": [lora, None], "full@1xh200": [too_big, None]}}))
     out = tmp_path / "with_predictions.json"
     result = gpu_check.main([*TINY, "--methods", "neighbor_grpo", "--iters", "1", "--plan-gpu", "h200",
                              "--predictions", str(saved), "--out", str(out)])
-    lora, full = result["runs"]["neighbor_grpo/lora"], result["runs"]["neighbor_grpo/full"]
-    assert lora["status"] == "measured" and lora["predicted"]["s_per_iter"] == 0.25
-    assert lora["predicted"]["peak_memory_gb"] == 3.5 and lora["predicted"]["plan"] == plan
-    assert full["status"] == "skipped" and "does not fit" in full["reason"] and "97.0 GB" in full["reason"]
+    run, full = result["runs"]["neighbor_grpo/lora"], result["runs"]["neighbor_grpo/full"]
+    assert run["status"] == "measured" and run["predicted"]["s_per_iter"] == 0.25
+    assert run["predicted"]["peak_memory_gib"] == 0.5 and result["plans"]["lora@1xh200"] == lora
+    ratio = run["measured_over_predicted"]
+    assert ratio["s_per_iter"] == pytest.approx(run["measured"]["s_per_iter"] / 0.25)
+    assert ratio["velocity_flops"] == pytest.approx(run["measured"]["velocity_flops_executed"] / 3e12)
+    assert full["status"] == "skipped" and "does not fit" in full["reason"] and "197.0 GiB" in full["reason"]
     assert full["measured"] is None and full["predicted"]["fits"] is False
     assert result["settings"]["planner"]["predictions_file"] == str(saved)
 
@@ -203,13 +232,16 @@ def test_background_predictions_wait_then_answer_like_inline_ones(gpu_check):
 
     from neighbor_grpo.config import load_config
 
-    config = prediction_config(load_config(None, ["algorithm=neighbor_grpo"]), "tiny-flux", 32, cuda=False)
-    job = ("neighbor_grpo/lora@1xh100-80gb", config, 1, "h100-80gb")
+    # an unknown GPU makes plan() fail at once: the answer (None and why) must come back from the spawned process
+    config = prediction_config(load_config(None, ["algorithm=neighbor_grpo"]), "builtin:digits", 16, 16, cuda=False)
+    job = ("lora@1xno-such-gpu", config, 1, "no-such-gpu")
     background = Predictions([job], 0.4, background=True)
     try:
         prediction, note = background.get(job[0], timeout=0.0)  # the spawned planner cannot have answered yet
         assert prediction is None and "had not finished" in note and "--predict-only" in note
-        assert background.get(job[0], timeout=120.0) == predict(config, 1, "h100-80gb", 0.4)
+        answer = background.get(job[0], timeout=120.0)
+        assert answer == predict(config, 1, "no-such-gpu", 0.4)
+        assert answer[0] is None and "unknown 'no-such-gpu'" in answer[1]
     finally:
         background.close()
     assert background.process is None
