@@ -115,7 +115,7 @@ def build_diffusers_adapter(arch: str, resolution: int, device: str, dtype: torc
         torch.manual_seed(0)
         transformer_class = diffusers.FluxTransformer2DModel if flux else diffusers.SD3Transformer2DModel
         transformer = transformer_class(**spec["transformer"])
-        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"])
+        vae = diffusers.AutoencoderKL(**{"in_channels": 3, "out_channels": 3, **spec["vae"]})
     scheduler = (diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                            max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
                  if flux else diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))

@@ -39,6 +39,16 @@ def tensor_bytes(tensors) -> int:
     return sum(storages.values())
 
 
+def decompose_like_flop_counter(mode, func, args, kwargs):
+    """What FlopCounterMode does first: a composite op that reaches the mode whole (matmul, linear under
+    torch.inference_mode, which skips the autograd keys that decompose them) runs as its decomposition, inside the
+    mode, so its matmuls are counted; NotImplemented when the op has none."""
+    if isinstance(func, torch._ops.HigherOrderOperator) or func is torch.ops.prim.device.default:
+        return NotImplemented
+    with mode:
+        return func.decompose(*args, **(kwargs or {}))
+
+
 class LiveBytes(TorchDispatchMode):
     """FLOPs (as FlopCounterMode counts them) and live and peak bytes of the storages created while active, on top of `baseline` (what already exists: the
     parameters, say). A storage counts once from its first appearance as an op's output until it is freed.
@@ -54,6 +64,9 @@ class LiveBytes(TorchDispatchMode):
         self._existing = {id(t.untyped_storage()): t for t in existing}  # kept alive: their ids stay theirs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        decomposed = decompose_like_flop_counter(self, func, args, kwargs)
+        if decomposed is not NotImplemented:
+            return decomposed
         out = func(*args, **(kwargs or {}))
         formula = flop_counter.flop_registry.get(func._overloadpacket)
         if formula is not None:

@@ -30,12 +30,12 @@ class ModelSpec:
         return "flux" if self.flux else "sd3"
 
 
-def text_shape(flux: bool, max_sequence_length: int | None) -> tuple[int, int, int]:
-    """(tokens, width, pooled) of the cached prompt embeddings: FLUX T5 tokens x 4096 and CLIP-L's pooled 768;
-    SD3 77 CLIP tokens + T5 tokens, 4096 wide, pooled CLIP-L + CLIP-G 2048."""
-    if flux:
-        return (max_sequence_length or 512, 4096, 768)
-    return (77 + (max_sequence_length or 256), 4096, 2048)
+def text_shape(flux: bool, transformer: dict, max_sequence_length: int | None, clip_tokens: int = 77) -> tuple:
+    """(tokens, width, pooled) of the cached prompt embeddings, as the adapters make them: FLUX the T5 tokens
+    (512 unless model.max_sequence_length), SD3 the CLIP tokens + the T5 tokens (256); the width the transformer's
+    joint_attention_dim, the pooled width its pooled_projection_dim."""
+    tokens = (max_sequence_length or 512) if flux else clip_tokens + (max_sequence_length or 256)
+    return (tokens, int(transformer["joint_attention_dim"]), int(transformer["pooled_projection_dim"]))
 
 
 def vae_config(flux: bool) -> dict:
@@ -51,7 +51,8 @@ def shipped_model(name: str, options: dict) -> ModelSpec:
     transformer, *encoders = MODELS[name]
     flux = name.startswith("flux")
     config = dict(COMPONENTS[transformer].config)
-    spec = {"transformer": config, "vae": vae_config(flux), "text": text_shape(flux, options.get("max_sequence_length"))}
+    spec = {"transformer": config, "vae": vae_config(flux),
+            "text": text_shape(flux, config, options.get("max_sequence_length"))}
     return ModelSpec(name, "diffusers", flux, spec, {e: parameter_count(build_on_meta(e)) for e in encoders})
 
 
@@ -72,8 +73,11 @@ def folder_model(folder: Path, options: dict) -> ModelSpec:
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"{path}: expected the component's config.json ({error})") from None
 
-    spec = {"transformer": read("transformer"), "vae": read("vae"),
-            "text": text_shape(flux, options.get("max_sequence_length"))}
+    transformer = read("transformer")
+    tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+    clip_tokens = json.loads(tokenizer.read_text()).get("model_max_length", 77) if tokenizer.is_file() else 77
+    spec = {"transformer": transformer, "vae": read("vae"),
+            "text": text_shape(flux, transformer, options.get("max_sequence_length"), min(int(clip_tokens), 77))}
     encoders = {}
     for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if (folder / sub / "config.json").is_file():

@@ -19,7 +19,7 @@ import torch
 from neighbor_grpo.plan import memory
 from neighbor_grpo.plan.models import ModelSpec, resolve_model
 from neighbor_grpo.plan.rewards import reward_estimate
-from neighbor_grpo.plan.trace import Trace, make_traceable, meta_adapter, trace_decode, trace_velocity
+from neighbor_grpo.plan.trace import PLAN_PROMPT, Trace, make_traceable, meta_adapter, trace_decode, trace_velocity
 
 GIB = 2**30
 # name -> (memory in GiB as torch.cuda reports it, key of hardware.BF16_DENSE_PEAK_TFLOPS); an "80 GB" card
@@ -73,7 +73,8 @@ class Tracer:
             if config.optim.finetune == "lora":
                 lora = {"rank": config.optim.lora_rank, "alpha": config.optim.lora_alpha,
                         "targets": lora_targets(config, adapter)}
-            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing)
+            prompt = config.prompts.train[0] if config.prompts.train else PLAN_PROMPT  # the built-in model knows '0'..'9'
+            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing, prompt)
         return self.models[key]
 
     def call(self, config, kind: str, network: str, grad: bool, batch: int, exact: bool) -> Trace:
@@ -150,13 +151,21 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     traced = tracer.traced_model(config)
     group = config.algorithm_config.group_size
     samples = max(1, round(prompts * group * share))
-    flops, peaks, calls = {}, {}, {}
+    flops, peaks, calls, saved = {}, {}, {}, 0
     for phase in phases:
         n = max(1, round(phase.samples * share))
         batch = max(1, min(n, round(phase.batch * share)))
         trace = tracer.call(config, "velocity", phase.network, phase.grad, batch, exact)
         flops[phase.name] = flops.get(phase.name, 0) + trace.flops * n / batch
         peaks[phase.name] = max(peaks.get(phase.name, (0, 0)), (trace.peak_bytes, trace.grad_bytes))
+        if phase.grad:
+            saved = max(saved, trace.forward_bytes)
+    # a no-grad call of another network inside the loss (the reference, an algorithm's own network) runs while the
+    # with-grad pass's saved activations are alive; the rollout and an old-policy recompute run before the loss
+    for phase in phases:
+        if not phase.grad and phase.name != "rollout" and phase.network != "policy":
+            peak, grads = peaks[phase.name]
+            peaks[phase.name] = (peak + saved, grads)
         calls[phase.name] = calls.get(phase.name, 0) + n
     decode = tracer.call(config, "decode", "vae", False, samples, exact)
     flops["decode"], peaks["decode"] = decode.flops, (decode.peak_bytes, 0)

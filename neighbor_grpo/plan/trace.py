@@ -34,6 +34,7 @@ class Trace:
     batch: int
     grad_bytes: int = 0
     seconds: float = 0.0
+    forward_bytes: int = 0  # with-grad: bytes alive after the forward (what autograd saved), before the backward
 
     def scaled(self, batch: int) -> "Trace":
         """The same call at another batch: FLOPs are exactly linear in the batch (every counted op is per sample),
@@ -43,7 +44,7 @@ class Trace:
             return self
         factor = batch / self.batch
         return Trace(round(self.flops * factor), round((self.peak_bytes - self.grad_bytes) * factor) + self.grad_bytes,
-                     batch, self.grad_bytes, 0.0)
+                     batch, self.grad_bytes, 0.0, round(self.forward_bytes * factor))
 
 
 @dataclass
@@ -102,11 +103,11 @@ def existing_tensors(model: TracedModel, *inputs: torch.Tensor) -> list[torch.Te
 
 
 def counted(model: TracedModel, run, inputs: tuple) -> tuple[int, int, float]:
-    """FLOPs and peak new bytes of `run()` under the fake mode."""
+    """FLOPs and peak new bytes of `run(tracker)` under the fake mode."""
     start = time.perf_counter()
     live = LiveBytes(0, existing_tensors(model, *inputs))
     with model.mode, cpu_attention_flops(True), live:
-        run()
+        run(live)
     return int(live.flops), int(live.peak), time.perf_counter() - start
 
 
@@ -132,15 +133,16 @@ def trace_velocity(model: TracedModel, batch: int, grad: bool, network: str = "p
         s = torch.tensor(0.5)
     cond = model.cond.repeat(batch)
     params = [p for p in adapter.net.parameters() if p.requires_grad]
-    grad_bytes = 0
+    grad_bytes = forward_bytes = 0
 
-    def run():
-        nonlocal grad_bytes
+    def run(tracker):
+        nonlocal grad_bytes, forward_bytes
         if not grad:
             with torch.no_grad():
                 velocity(x, s, cond)
             return
         out = velocity(x, s, cond)
+        forward_bytes = tracker.live
         out.float().square().mean().backward()
         grad_bytes = tensor_bytes(p.grad for p in params if p.grad is not None)
 
@@ -149,7 +151,7 @@ def trace_velocity(model: TracedModel, batch: int, grad: bool, network: str = "p
     finally:
         for p in params:
             p.grad = None
-    return Trace(flops, peak, batch, grad_bytes, seconds)
+    return Trace(flops, peak, batch, grad_bytes, seconds, forward_bytes)
 
 
 def trace_decode(model: TracedModel, batch: int) -> Trace:
@@ -157,5 +159,5 @@ def trace_decode(model: TracedModel, batch: int) -> Trace:
     adapter, mode = model.adapter, model.mode
     with mode:
         latents = torch.randn(batch, *adapter.latent_shape())
-    flops, peak, seconds = counted(model, lambda: adapter.decode(latents), (latents,))
+    flops, peak, seconds = counted(model, lambda tracker: adapter.decode(latents), (latents,))
     return Trace(flops, peak, batch, 0, seconds)
