@@ -136,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--predictions", help="a file --predict-only wrote: predictions read instead of computed")
     parser.add_argument("--predict-only", action="store_true",
                         help="write the planner's predictions for every run to --out and stop (no GPU needed)")
+    parser.add_argument("--plans-in-background", choices=("auto", "on", "off"), default="auto",
+                        help="plan in a spawned process while the runs go on (auto: on a GPU)")
     parser.add_argument("--mfu", type=float, default=0.4, help="the MFU the planner predicts at (0.4)")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if the table lacks it")
     parser.add_argument("--device", help="cuda (default when available) or cpu (--tiny only)")
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> dict:
             jobs = prediction_jobs(runs, args, model_path, gpu_names)
             return write_predictions(Predictions(jobs, args.mfu), args, argv, install)
         predictions = Predictions(prediction_jobs(runs, args, model_path, gpu_names[:1]), args.mfu, saved,
-                                  background=args.device.startswith("cuda"))
+                                  background=args.plans_in_background == "on" or (
+                                      args.plans_in_background == "auto" and args.device.startswith("cuda")))
         return measure_all(args, argv, started, install, budget, throughput, runs, predictions, gpu_names[0])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
