@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -225,6 +226,23 @@ def test_predictions_from_a_file_decide_the_full_fine_tune(gpu_check, tmp_path, 
     assert full["status"] == "skipped" and "does not fit" in full["reason"] and "197.0 GiB" in full["reason"]
     assert full["measured"] is None and full["predicted"]["fits"] is False
     assert result["settings"]["planner"]["predictions_file"] == str(saved)
+
+
+def test_predict_only_writes_what_predictions_reads(gpu_check, tmp_path, single_thread):
+    saved = tmp_path / "predictions.json"
+    written = gpu_check.main([*TINY, "--predict-only", "--finetune", "lora", "--plan-gpu", "h100-80gb", "h200",
+                              "--out", str(saved)])
+    plans = json.loads(saved.read_text())["predictions"]
+    assert plans == json.loads(json.dumps(written["predictions"]))
+    assert set(plans) == {"lora@1xh100-80gb", "lora@1xh200"}
+    for plan, note in plans.values():
+        assert note is None and plan["algorithm"] == "neighbor_grpo" and plan["finetune"] == "lora"
+        assert plan["model"].startswith(tempfile.gettempdir()) and plan["resolution"] == 32  # the tiny FLUX's folder
+    assert plans["lora@1xh200"][0]["gpu_memory_gib"] > plans["lora@1xh100-80gb"][0]["gpu_memory_gib"]
+    result = gpu_check.main([*TINY, "--methods", "neighbor_grpo", "--finetune", "lora", "--iters", "1",
+                             "--plan-gpu", "h200", "--predictions", str(saved), "--out", str(tmp_path / "r.json")])
+    assert result["plans"]["lora@1xh200"] == plans["lora@1xh200"][0]
+    assert result["runs"]["neighbor_grpo/lora"]["predicted"]["s_per_iter"] == plans["lora@1xh200"][0]["seconds_per_iteration"]
 
 
 def test_background_predictions_wait_then_answer_like_inline_ones(gpu_check):
