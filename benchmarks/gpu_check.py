@@ -25,13 +25,10 @@ STARTED = time.perf_counter()  # the budget counts from here: imports and the in
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -40,6 +37,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gpu_check_install import ensure_module  # noqa: E402
 from gpu_check_plan import (Predictions, comparison, full_finetune_gate, planner_gpu,  # noqa: E402
                             planner_model_path, prediction_config, prediction_key, prediction_summary)
 from gpu_check_report import model_description, print_report, ratios  # noqa: E402
@@ -65,49 +63,6 @@ DEFINITIONS = {
     "predicted": "neighbor_grpo.plan.planner.plan(config, gpus, gpu, mfu) for the same settings, or null with the "
                  "reason",
 }
-
-
-# ---- installing the carried diffusers wheel -----------------------------------------------------------------------
-
-def find_wheel(path: str, module: str) -> Path:
-    """`path` itself, or the one wheel of `module` in the folder `path`."""
-    where = Path(path)
-    if where.is_dir():
-        wheels = sorted(where.glob(f"{module.replace('-', '_')}-*.whl"))
-        if len(wheels) != 1:
-            raise SystemExit(f"gpu_check: --wheel {path}: expected exactly one {module}-*.whl in this folder, "
-                             f"found {[w.name for w in wheels]}")
-        return wheels[0]
-    if not where.is_file() or where.suffix != ".whl":
-        raise SystemExit(f"gpu_check: --wheel {path}: no such .whl file or folder")
-    return where
-
-
-def ensure_module(module: str, wheel: str | None, target: str | None = None) -> dict:
-    """Import `module`, installing `wheel` with `pip install --no-deps --no-index` first when it is missing (into
-    `target` and onto sys.path when given, else into this Python's environment). Returns what was done."""
-    tick = time.perf_counter()
-    if importlib.util.find_spec(module) is not None:
-        return {"action": "none (already importable)", "wheel": None, "seconds": 0.0}
-    if not wheel:
-        raise SystemExit(f"gpu_check: {module} is not installed here; carry its wheel and pass --wheel PATH "
-                         f"(made with: pip download {module}==VERSION --no-deps -d benchmarks/wheels)")
-    path = find_wheel(wheel, module)
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
-               "--disable-pip-version-check", str(path)]
-    if target:
-        command += ["--target", target]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-        raise SystemExit(f"gpu_check: --wheel {path}: pip install failed ({last})")
-    if target and target not in sys.path:
-        sys.path.insert(0, target)
-    importlib.invalidate_caches()
-    if importlib.util.find_spec(module) is None:
-        raise SystemExit(f"gpu_check: --wheel {path}: installed, but {module} still does not import")
-    return {"action": "pip install --no-deps --no-index", "wheel": str(path), "target": target,
-            "seconds": time.perf_counter() - tick}
 
 
 # ---- the command --------------------------------------------------------------------------------------------------
