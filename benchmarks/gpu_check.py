@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_check_install import ensure_module  # noqa: E402
-from gpu_check_plan import (Predictions, comparison, full_finetune_gate, planner_gpu,  # noqa: E402
+from gpu_check_plan import (Predictions, comparison, full_finetune_gate, mfu_from_plan, planner_gpu,  # noqa: E402
                             planner_model_path, prediction_config, prediction_key, prediction_summary)
 from gpu_check_report import model_description, print_report, ratios  # noqa: E402
 from gpu_check_runs import (Budget, estimated_iteration_s, memory_figures, overall_tflops, phase_figures,  # noqa: E402
@@ -222,6 +222,8 @@ def fill_prediction(result: dict, entry: dict, predictions: Predictions, key: st
     if entry["predicted"] is None and plan is not None:
         entry["prediction_note"] = f"plans[{key!r}] has no row for {method}"
     entry["measured_over_predicted"] = comparison(entry["measured"], entry["predicted"])
+    entry["mfu_from_plan"] = mfu_from_plan(entry["measured"], entry["predicted"],
+                                           result["flops"].get("peak_tflops_bf16_dense"))
 
 
 def count_flops(run, args, flops: dict, peak_tflops, peak_source) -> None:

@@ -164,6 +164,19 @@ def comparison(measured: dict | None, predicted: dict | None) -> dict | None:
     return out
 
 
+def mfu_from_plan(measured: dict | None, predicted: dict | None, peak_tflops: float | None) -> dict | None:
+    """MFU per phase with the planner's FLOPs (what the GPU executes: checkpointing's recomputation, the VAE decode
+    and the reward in the rollout) over the measured phase seconds."""
+    phases = (predicted or {}).get("flops_by_phase")
+    if not measured or not phases or not peak_tflops:
+        return None
+    rollout = sum(v for k, v in phases.items() if k in ("rollout", "decode", "reward"))
+    train = sum(v for k, v in phases.items() if k not in ("rollout", "decode", "reward"))
+    peak = peak_tflops * 1e12
+    return {"rollout": rollout / measured["rollout_s"] / peak if measured["rollout_s"] else None,
+            "train": train / measured["train_s"] / peak if measured["train_s"] else None}
+
+
 def full_finetune_gate(prediction: dict | None, method: str, args, cuda: bool) -> str | None:
     """Why a full fine-tune is not run here, or None to run it: only where the planner predicts it fits on this
     one GPU (the check runs one process; FSDP over several GPUs is the planner's prediction only)."""

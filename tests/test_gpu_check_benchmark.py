@@ -75,6 +75,14 @@ def test_every_field_is_there_and_positive(result):
             assert finite_positive(predicted[key]), (label, key)
         for key in ("s_per_iter", "peak_memory", *(["velocity_flops"] if predicted["flops_by_phase"] else [])):
             assert finite_positive(entry["measured_over_predicted"][key]), (label, key)
+        if predicted["flops_by_phase"]:  # the plan's own method: MFU per phase with the planner's FLOPs too
+            phases = predicted["flops_by_phase"]
+            rollout = phases["rollout"] + phases["decode"] + phases["reward"]
+            assert entry["mfu_from_plan"]["rollout"] == pytest.approx(
+                rollout / measured["rollout_s"] / (PEAK_TFLOPS * 1e12))
+            assert finite_positive(entry["mfu_from_plan"]["train"])
+        else:
+            assert entry["mfu_from_plan"] is None
     assert result["budget"]["cut"] is False and result["budget"]["cuts"] == []
     for finetune in ("lora", "full"):
         ratio = result["ratios"][f"dance_over_neighbor_s_per_iter/{finetune}"]
