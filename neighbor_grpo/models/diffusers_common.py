@@ -92,10 +92,8 @@ def quiet_loading():
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    diffusers_on = diffusers_logging.is_progress_bar_enabled()
-    transformers_on = transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    diffusers_on, transformers_on = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar(), transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
@@ -108,12 +106,11 @@ def quiet_loading():
 @torch.no_grad()
 def _parameters_fingerprint(module: torch.nn.Module) -> torch.Tensor:
     """Each parameter's sum and sum of squares in float64, on the CPU: any training step changes it. (In-place
-    version counters do not: the fused AdamW kernel updates the weights without bumping them.) Empty for a model
-    on the meta device (`ngrpo plan` builds one to trace shapes; it is never saved)."""
-    if any(p.is_meta for p in module.parameters()):  # the planner's shapes-only model: no values to fingerprint
+    version counters do not: the fused AdamW kernel updates the weights without bumping them.)"""
+    params = list(module.parameters())
+    if not params or any(p.is_meta for p in params):  # none, or `ngrpo plan`'s shapes-only model (never saved)
         return torch.zeros(0, 2, dtype=torch.float64)
-    sums = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in module.parameters()]
-    return torch.stack(sums).cpu() if sums else torch.zeros(0, 2, dtype=torch.float64)
+    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).cpu()
 
 
 class DiffusersAdapter:

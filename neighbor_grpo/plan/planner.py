@@ -133,6 +133,10 @@ def local_prompts(prompts: int, gpus: int) -> tuple[int, float]:
     return 1, prompts / gpus
 
 
+def per_chunk(prompts: int, limit: int | None) -> int:
+    return prompts if not limit else min(limit, prompts)
+
+
 def schedule(config, prompts: int):
     from neighbor_grpo.algorithms import ALGORITHMS
 
@@ -167,11 +171,14 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
             peak, grads = peaks[phase.name]
             peaks[phase.name] = (peak + saved, grads)
         calls[phase.name] = calls.get(phase.name, 0) + n
-    decode = tracer.call(config, "decode", "vae", False, samples, exact)
-    flops["decode"], peaks["decode"] = decode.flops, (decode.peak_bytes, 0)
-    rewards = [reward_estimate(r.name, r.kwargs) for r in config.rewards]
+    # the iteration decodes (and scores) chunk by chunk (speed.rollout_chunk) and keeps every chunk's images
+    chunk = max(1, min(samples, round(per_chunk(prompts, config.speed.rollout_chunk) * group * share)))
+    decode = tracer.call(config, "decode", "vae", False, chunk, exact)
     height = resolution(config, tracer.model) if tracer.model.kind == "diffusers" else 0
     images = memory.image_bytes(samples, height, height) if height else 0
+    flops["decode"] = decode.flops * samples / chunk
+    peaks["decode"] = (decode.peak_bytes + images * (samples - chunk) // samples, 0)
+    rewards = [reward_estimate(r.name, r.kwargs) for r in config.rewards]
     flops["reward"] = sum(r.flops_per_image for r in rewards) * samples
     peaks["reward"] = (images + sum(r.activation_bytes for r in rewards), 0)
     persistent = persistent_memory(config, traced, tracer.model, algorithm, gpus, samples)
@@ -217,13 +224,22 @@ def persistent_memory(config, traced, model: ModelSpec, algorithm, gpus: int, sa
     out["trajectories"] = memory.trajectory_bytes(config.algorithm, c.rollout_steps, samples, latent)
     if model.kind == "diffusers":
         tokens, width, pooled = model.spec["text"]
-        cached = len(set(config.prompts.train)) + len(set(config.prompts.eval)) if config.prompts.file is None else 0
+        cached = cached_prompts(config)
         out["text_encoders"] = 0 if m.offload_text_encoders else sum(model.text_encoders.values()) * dtype_bytes
         out["prompt_cache"] = 0 if m.prompt_cache_on_cpu else memory.prompt_cache_bytes(max(cached, 1), tokens, width, pooled, dtype_bytes)
         vae = traced.adapter.pipeline.vae
         out["vae"] = 0 if m.offload_vae else memory.tensors_bytes(vae.parameters())
     out["rewards"] = sum(reward_estimate(r.name, r.kwargs).weight_bytes for r in config.rewards)
     return out
+
+
+def cached_prompts(config) -> int:
+    """Prompts whose embeddings the cache holds by the end of the run: the held-out ones (encoded up front) and
+    every training prompt seen, at most iterations x prompts_per_iteration of them."""
+    from neighbor_grpo.prompts import resolve_prompt_sets
+
+    train, held_out = resolve_prompt_sets(config.prompts)
+    return min(len(set(train)), config.iterations * config.prompts_per_iteration) + len(set(held_out) - set(train))
 
 
 def phase_peak(persistent: dict, peaks: dict, config, net, gpus: int) -> tuple[str, int]:
@@ -327,10 +343,11 @@ def fit_options(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, result:
     return found
 
 
-def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progress=None) -> dict:
+def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progress=None, tracer=None) -> dict:
     """The plan of `config` (a TrainConfig) on `gpus` GPUs of kind `gpu` at model FLOPs utilisation `mfu`: a
     JSON-able dict with the run's per-GPU memory breakdown, FLOPs by phase, seconds per iteration, every baseline
-    side by side and, when it does not fit, the options that would make it fit."""
+    side by side and, when it does not fit, the options that would make it fit. `tracer` (a Tracer of the same
+    model) shares its traces between several plans."""
     check_torch()
     if gpus < 1:
         raise ValueError(f"--gpus: expected an integer >= 1, got {gpus}")
@@ -338,7 +355,7 @@ def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progre
         raise ValueError(f"--mfu: expected a share in (0, 1], got {mfu}")
     memory_bytes, peak_flops = gpu_spec(gpu)
     model = resolve_model(config.model.path, dataclasses.asdict(config.model))
-    tracer = Tracer(model, progress)
+    tracer = tracer if tracer is not None and tracer.model.name == model.name else Tracer(model, progress)
     result = plan_core(config, tracer, gpus, gpu, mfu)
     out = {"model": model.name, "gpu": gpu, "gpus": gpus, "mfu": mfu, "gpu_peak_tflops": peak_flops / 1e12,
            "allowance_gib": allowance_bytes(gpus) / GIB, "margin": MARGIN,

@@ -10,6 +10,14 @@ MEMORY_LINES = [("weights", "weights (trained net)"), ("gradients", "gradients")
                 ("trajectories", "stored trajectories"), ("activations_peak", "activations (peak phase)")]
 
 
+def flops_text(flops: float) -> str:
+    """FLOPs in the unit that reads best (PFLOP for FLUX iterations, GFLOP for the tiny test models)."""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:8.2f} {unit}"
+    return f"{flops / 1e6:8.2f} MFLOP"
+
+
 def render(result: dict) -> str:
     r = result
     gib = r["memory_gib"]
@@ -28,17 +36,17 @@ def render(result: dict) -> str:
     lines += ["", "FLOPs per iteration per GPU:"]
     total = r["flops_total_per_gpu"]
     for phase, flops in r["flops_per_gpu"].items():
-        lines.append(f"  {phase:12s} {flops / 1e15:10.2f} PFLOP  {flops / total:6.1%}")
-    lines.append(f"  {'total':12s} {total / 1e15:10.2f} PFLOP  (all GPUs {r['flops_all_gpus'] / 1e15:.2f})")
+        lines.append(f"  {phase:12s} {flops_text(flops)}  {flops / total:6.1%}")
+    lines.append(f"  {'total':12s} {flops_text(total)}  (all GPUs {flops_text(r['flops_all_gpus']).strip()})")
     lines.append(f"forward-equivalents per sample: {r['forward_equivalents_per_sample']:.2f}")
-    lines.append(f"predicted: {r['seconds_per_iteration']:.1f} s/iteration at {r['mfu']:.0%} MFU")
+    lines.append(f"predicted: {r['seconds_per_iteration']:.3g} s/iteration at {r['mfu']:.0%} MFU")
     lines += ["", "every method at its paper settings (same model, resolution, speed settings):",
               f"  {'method':16s} {'s/iter':>8s} {'FE/sample':>10s} {'peak GiB':>9s} {'fits':>5s} {'cost vs NGRPO':>14s}"]
     for row in r["baselines"]:
         if "error" in row:
             lines.append(f"  {row['method']:16s} {row['error']}")
             continue
-        lines.append(f"  {row['method']:16s} {row['seconds_per_iteration']:8.1f} {row['forward_equivalents_per_sample']:10.1f} "
+        lines.append(f"  {row['method']:16s} {row['seconds_per_iteration']:8.3g} {row['forward_equivalents_per_sample']:10.1f} "
                      f"{row['peak_gib']:9.1f} {'yes' if row['fits'] else 'no':>5s} "
                      f"{row.get('cost_ratio_vs_neighbor_grpo', float('nan')):13.2f}x")
     if r["unknown_rewards"]:
