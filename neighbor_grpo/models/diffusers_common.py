@@ -136,7 +136,8 @@ class DiffusersAdapter:
         self.net = transformer
         # component by component, so offloaded text encoders never visit the accelerator at load time
         transformer.to(device)
-        pipeline.vae.to(torch.device("cpu") if options["offload_vae"] else device)
+        if not any(p.is_meta for p in pipeline.vae.parameters()):  # `ngrpo plan`'s shapes-only VAE has no data to move
+            pipeline.vae.to(torch.device("cpu") if options["offload_vae"] else device)
         if options["vae_tiling"]:
             pipeline.vae.enable_tiling()
         encoder_home = torch.device("cpu") if options["offload_text_encoders"] else device

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from neighbor_grpo.cli import main
+from neighbor_grpo.config import load_config
 from neighbor_grpo.plan import planner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -99,3 +100,30 @@ def test_old_torch_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(planner.torch, "__version__", "2.5.1+cpu")
     assert main(["plan", "model.path=arch:flux-dev", "--quiet"]) == 1
     assert "ngrpo plan needs torch >= 2.6" in capsys.readouterr().err
+
+
+def test_every_option_at_once_is_offered_where_no_single_one_fits(small_flux, monkeypatch, capsys):
+    """On a card that no single option makes room on, the plan lists all of them together (checkpointing, micro-
+    batches and rollout chunks of one prompt, offloads...) when that fits, and that combination does fit."""
+    args = ["plan", *run_args(small_flux), "rewards=[{name: jpeg_compressibility}]"]
+    monkeypatch.setitem(planner.GPUS, "test-big", (80.0, "h100"))
+    assert main([*args, "--gpu", "test-big", "--quiet", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    singles = []
+    for label, overrides, gpus in planner.fit_candidates(load_config(None, run_args(small_flux)), 1, True):
+        if gpus == 1 and label != "LoRA":
+            assert main([*args, *overrides, "--gpu", "test-big", "--quiet", "--json"]) == 0
+            singles.append(json.loads(capsys.readouterr().out)["memory_gib"]["total"])
+    every = [o for label, group, n in planner.fit_candidates(load_config(None, run_args(small_flux)), 1, True)
+             if n == 1 and label != "LoRA" for o in group]
+    assert main([*args, *every, "--gpu", "test-big", "--quiet", "--json"]) == 0
+    combined = json.loads(capsys.readouterr().out)["memory_gib"]["total"]
+    assert combined < min(singles) < base["memory_gib"]["total"]
+    room = (combined + min(singles)) / 2  # between the combination and the best single option
+    monkeypatch.setitem(planner.GPUS, "test-tight", (room * planner.MARGIN + base["allowance_gib"], "h100"))
+    assert main([*args, "--gpu", "test-tight", "--quiet", "--json"]) == 3
+    options = json.loads(capsys.readouterr().out)["fit_options"]
+    together = [o for o in options if o["option"].startswith("all of: ")]
+    assert len(together) == 1 and together[0]["gpus"] == 1
+    assert together[0]["peak_gib"] == pytest.approx(combined, rel=0.05)
+    assert all(o["gpus"] > 1 or o is together[0] or "not supported" in o["option"] for o in options)
