@@ -134,8 +134,7 @@ class DiffusersAdapter:
         transformer = pipeline.transformer
         transformer.requires_grad_(True)  # full fine-tune trains every weight; LoRA (peft) freezes them again
         self.net = transformer
-        # component by component, so offloaded text encoders never visit the accelerator at load time
-        transformer.to(device)
+        transformer.to(device)  # component by component: offloaded parts never visit the accelerator at load time
         if not any(p.is_meta for p in pipeline.vae.parameters()):  # `ngrpo plan`'s shapes-only VAE has no data to move
             pipeline.vae.to(torch.device("cpu") if options["offload_vae"] else device)
         if options["vae_tiling"]:
