@@ -268,14 +268,20 @@ def plot_report(results: dict, folder: Path, stem: str) -> None:
     _save(plt, fig, folder / f"{stem}_overoptimization.png")
 
 
-def render(source: str | Path, out: str | Path, frozen_target: float | None = None) -> dict:
+def render(source: str | Path, out: str | Path, frozen_target: float | None = None, reference: str | None = None) -> dict:
     """Re-derive the numbers, table and plots from saved runs: a finished results JSON, or the `.partial.json` of
-    an interrupted one (only the seeds every method finished are used; the settings record which)."""
+    an interrupted one (only the seeds every method finished are used; the settings record which). `reference`
+    pairs every ratio and "no worse" against another row (recorded in the rules as a re-reading)."""
     import json
 
     from neighbor_grpo.io import atomic_write_text
 
     results = json.loads(Path(source).read_text())
+    if reference is not None:
+        if reference not in results["runs"]:
+            raise ValueError(f"--reference: {reference!r} is not a row of {source}; choose from {list(results['runs'])}")
+        recorded = results["rules"]["reference_method"]
+        results["rules"] = {**results["rules"], "reference_method": reference, "recorded_reference_method": recorded}
     finished = [s for s in results["settings"]["seeds"] if all(str(s) in by_seed for by_seed in results["runs"].values())]
     if not finished:
         raise ValueError(f"{source}: no seed has finished runs of every method yet")
@@ -295,5 +301,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="re-render ngrpo compare's table and plots from saved runs")
     parser.add_argument("source", help="results JSON or its .partial.json")
     parser.add_argument("--out", required=True, help="results JSON to write (table and plots beside it)")
+    parser.add_argument("--reference", help="pair every ratio against this row instead of the recorded one")
+    parser.add_argument("--frozen-target", type=float, help="report against this gold target")
     args = parser.parse_args()
-    print(markdown_report(render(args.source, args.out)))
+    print(markdown_report(render(args.source, args.out, args.frozen_target, args.reference)))

@@ -76,3 +76,19 @@ def test_without_a_throughput_measurement_the_runs_own_seconds_stand_in():
     del old["selection"]
     old.update(summarize(old, frozen_target=0.4))
     assert old["methods"]["theirs"]["lr"] == 3e-4 and "lr by proxy AUC" in markdown_report(old)
+
+
+def test_a_re_reading_pairs_against_another_row_and_says_so(tmp_path):
+    import json
+
+    from neighbor_grpo.compare_report import render
+
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps({**_results(), "command": "ngrpo compare ..."}))
+    again = render(source, tmp_path / "again.json", reference="theirs")
+    assert again["rules"]["reference_method"] == "theirs" and again["rules"]["recorded_reference_method"] == "ours"
+    ours = again["comparisons"]["ours"]
+    assert ours["fe_per_iter_ratio"] == pytest.approx(1 / 3)  # now "ours" is the X paired against "theirs"
+    assert "paired against theirs" in (tmp_path / "again.md").read_text()
+    with pytest.raises(ValueError, match="--reference: 'nobody' is not a row"):
+        render(source, tmp_path / "bad.json", reference="nobody")
