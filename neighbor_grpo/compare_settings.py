@@ -51,6 +51,12 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     # rollouts after 200 steps; the section's defaults (docs/algorithms.md)
     "dgpo": ["algorithm=dgpo"],
 }
+# The authors' group size as a second row where it differs from the benchmark's G 12 (issue #16; spec
+# competitors.md 1.3, 2.2, 3.3 pickscore_sd3_fast_nocfg, 4.3, 5.2 pickscore_sd3_4gpu): the row's settings plus G.
+AUTHORS_GROUP_SIZE: dict[str, int] = {"diffusion_nft": 24, "awm": 24, "flow_grpo_cps": 18, "grpo_guard": 24, "dgpo": 24}
+for _method, _size in AUTHORS_GROUP_SIZE.items():
+    _section = next(o.split("=", 1)[1] for o in PAPER_SETTINGS[_method] if o.startswith("algorithm="))
+    PAPER_SETTINGS[f"{_method}_g{_size}"] = [*PAPER_SETTINGS[_method], f"{_section}.group_size={_size}"]
 MAIN_TABLE = ("neighbor_grpo", "neighbor_grpo_defaults", "flow_grpo", "dance_grpo", "mix_grpo", "mix_grpo_flash")
 REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
 

@@ -2,11 +2,14 @@
 
 import json
 
+import re
+
 import pytest
 
 from neighbor_grpo import benchmark_rules as rules
 from neighbor_grpo.cli import main
 from neighbor_grpo.compare import ABLATIONS, PAPER_SETTINGS, equal_steps_overrides
+from neighbor_grpo.compare_settings import AUTHORS_GROUP_SIZE
 from neighbor_grpo.config import load_config
 
 BUDGET = 8000.0
@@ -138,7 +141,8 @@ def test_every_method_and_ablation_builds_the_config_it_names():
     algorithm_of = {"neighbor_grpo": "neighbor_grpo", "neighbor_grpo_defaults": "neighbor_grpo", "flow_grpo": "flow_grpo", "dance_grpo": "dance_grpo",
                     "mix_grpo": "mix_grpo", "mix_grpo_flash": "mix_grpo", "flow_grpo_cps": "flow_grpo",
                     "grpo_guard": "flow_grpo", "diffusion_nft": "diffusion_nft", "awm": "awm",
-                    "dgpo": "dgpo"}
+                    "dgpo": "dgpo", "diffusion_nft_g24": "diffusion_nft", "awm_g24": "awm",
+                    "flow_grpo_cps_g18": "flow_grpo", "grpo_guard_g24": "flow_grpo", "dgpo_g24": "dgpo"}
     assert set(PAPER_SETTINGS) == set(algorithm_of)
     for name, overrides in PAPER_SETTINGS.items():
         config = load_config(None, overrides)
@@ -150,6 +154,10 @@ def test_every_method_and_ablation_builds_the_config_it_names():
         assert short.algorithm == config.algorithm
         if name.startswith("mix_grpo"):
             assert short.mix_grpo.window_size == 4  # min(4, 8 - 2)
+        authors = re.fullmatch(r"(.+)_g(\d+)", name)  # the authors' group size as a second row
+        size = int(authors.group(2)) if authors else 12
+        assert authors is None or AUTHORS_GROUP_SIZE[authors.group(1)] == size
+        assert _setting(config, f"{algorithm_of[name]}.group_size") == size, name
     assert load_config(None, equal_steps_overrides("mix_grpo", 5)).mix_grpo.window_size == 3
     for ablation, variants in ABLATIONS.items():
         for label, overrides in variants.items():
