@@ -33,7 +33,8 @@ from neighbor_grpo.compare_settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, 
 
 
 def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_per_run: int, eval_samples: int,
-                    methods: list[str], workers: int = 1, throughput_iters: int = 6, throughput_warmup: int = 1) -> None:
+                    methods: list[str], workers: int = 1, throughput_iters: int = 6, throughput_warmup: int = 1,
+                    reference: str = REFERENCE_METHOD) -> None:
     """One-line errors naming the flag, before anything runs."""
     if not budget_fe > 0:
         raise ValueError(f"--budget-fe: expected > 0 forward-equivalents, got {budget_fe:g}")
@@ -48,8 +49,9 @@ def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_
     unknown = [n for n in methods if n not in PAPER_SETTINGS]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {list(PAPER_SETTINGS)}")
-    if REFERENCE_METHOD not in methods:
-        raise ValueError(f"--methods: must include {REFERENCE_METHOD} (every comparison is paired against it)")
+    if reference not in methods:
+        raise ValueError(f"--methods: must include {reference} (every comparison is paired against it; --reference "
+                         f"names another row)")
     if len(set(methods)) != len(methods):
         raise ValueError(f"--methods: expected distinct names, got {methods}")
     if workers < 1:
@@ -115,7 +117,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             eval_samples: int = 32, frozen_target: str | Path | None = None, equal_steps: int | None = None,
             ablation: str | None = None, device: str | None = None, base_path: str = "builtin:digits",
             overwrite: bool = False, progress: bool = True, command: str | None = None, workers: int = 1,
-            grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1) -> dict:
+            grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1,
+            reference: str = REFERENCE_METHOD) -> dict:
     """Run the comparison; write the results JSON, a markdown table, PNG plots and every run's final weights
     (`<stem>_models/`) next to `out`."""
     from neighbor_grpo.compare_grid import run_table
@@ -127,8 +130,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     names = list(methods or MAIN_TABLE)
     seeds, lrs = [int(s) for s in seeds], [float(lr) for lr in lrs]
     check_arguments(budget_fe, seeds, lrs, evals_per_run, eval_samples, names, workers, throughput_iters,
-                    throughput_warmup)
-    table, reference = {n: PAPER_SETTINGS[n] for n in names}, REFERENCE_METHOD
+                    throughput_warmup, reference)
+    table = {n: PAPER_SETTINGS[n] for n in names}
     if equal_steps is not None:
         if equal_steps < 2:
             raise ValueError(f"--equal-steps: expected >= 2 rollout steps, got {equal_steps}")

@@ -141,6 +141,8 @@ def test_help_documents_every_new_flag():
     (["--base", "builtin:nope"], "--base 'builtin:nope': unknown built-in model"),
     (["--base", "no/such/folder"], "--base 'no/such/folder': expected builtin:NAME or a model folder"),
     (["--lrs", "1e-4", "1e-4"], "--lrs: expected distinct learning rates"),
+    (["--methods", "awm", "dgpo"], "--methods: must include neighbor_grpo (every comparison is paired against it"),
+    (["--methods", "neighbor_grpo", "awm", "--reference", "dgpo"], "--methods: must include dgpo"),
     # DanceGRPO's 6432 forward-equivalents per iteration: known from its settings, refused before any run
     (["--methods", "neighbor_grpo", "dance_grpo", "--budget-fe", "12000"],
      "--budget-fe: dance_grpo costs 6432 forward-equivalents per iteration, so 12000 gives it 2 held-out"),
