@@ -126,7 +126,8 @@ class DiffusionNFT:
         rollout_net = "old_policy" if c.rollout_policy == "old" else "policy"
         phases = [rollout_phase(prompts, c.group_size, solver_evaluations(c.rollout_solver, c.rollout_steps),
                                 rollout_chunk, rollout_net),
-                  Phase("old_policy", units, batch, False, "old_policy"), Phase("train", units, batch, True, "policy", c.training_times)]
+                  Phase("old_policy", units, batch, False, "old_policy"),
+                  Phase("train", units, batch, True, "policy", c.training_times)]
         if c.kl_beta > 0:
             phases.append(Phase("reference", units, batch, False, "reference"))
         return phases
