@@ -108,13 +108,14 @@ class AWM:
                       iteration: int = 0) -> list[Phase]:
         """One iteration's velocity-net calls (common.Phase; competitors.md 2.3): the ODE rollout by the trained net;
         at each of the T training times of every sample the trained forward, the reference's when kl_beta > 0 and
-        the EMA policy's when ema_beta > 0, each one call per (minibatch, time, micro-batch) on its members."""
+        the EMA policy's when ema_beta > 0, each one call per (minibatch, time, micro-batch) on its members; the
+        loss sums the T times before one backward, so their T trained calls are held together."""
         c = self.config
         strata(c.rollout_steps, c.timestep_fraction, c.num_times, c.time_sampler)  # the loss's own check of T
         units = prompts * c.group_size * c.num_times
         batch = per_call(prompts, micro_batch) * members_per_minibatch(c.group_size, c.num_minibatches)
         phases = [rollout_phase(prompts, c.group_size, solver_evaluations(c.rollout_solver, c.rollout_steps),
-                                rollout_chunk), Phase("train", units, batch, True, "policy")]
+                                rollout_chunk), Phase("train", units, batch, True, "policy", c.num_times)]
         if c.kl_beta > 0:
             phases.append(Phase("reference", units, batch, False, "reference"))
         if c.ema_beta > 0:

@@ -40,6 +40,9 @@ class Phase:
     batch: int     # samples per call: the shape to trace at
     grad: bool     # a with-grad forward (followed by its backward) or a no-grad one
     network: str   # "policy", "reference", or a name from the algorithm's `networks`
+    # with-grad: calls whose saved activations are alive together before one backward (a loss summed over the
+    # minibatch's steps or training times, then backpropagated once): the planner holds that many at the peak
+    held: int = 1
 
 
 # ---- call schedules: what every algorithm's `call_schedule` is built from ---------------------------------------

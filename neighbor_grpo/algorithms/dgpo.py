@@ -143,13 +143,16 @@ class DGPO:
         """One iteration's velocity-net calls (common.Phase; competitors.md 5.3): the ODE rollout by the trained net,
         or by the EMA-old once past switch_ema_ref steps; at each of the M training times every member of every
         group through the trained forward, the reference's (unless use_ema_ref with kl_beta 0) and the EMA-old's
-        (gate on, or use_ema_ref), one call per (time, micro-batch of whole groups)."""
+        (gate on, or use_ema_ref), one call per (time, micro-batch of whole groups); a minibatch's times are held
+        together before its backward."""
         c = self.config
         units = prompts * c.group_size * c.num_times
         batch = per_call(prompts, micro_batch) * c.group_size
         sampler = "ema_old" if self.rolls_out_with_old(iteration) else "policy"
+        held = -(-c.num_times // max(1, c.num_minibatches))  # a minibatch's times, summed before its backward
         phases = [rollout_phase(prompts, c.group_size, solver_evaluations(c.rollout_solver, c.rollout_steps),
-                                rollout_chunk, sampler), Phase("train", units, batch, True, "policy")]
+                                rollout_chunk, sampler),
+                  Phase("train", units, batch, True, "policy", held)]
         if self._uses_reference():
             phases.append(Phase("reference", units, batch, False, "reference"))
         if self._uses_old():

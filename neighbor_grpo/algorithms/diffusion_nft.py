@@ -118,14 +118,16 @@ class DiffusionNFT:
         """One iteration's velocity-net calls (common.Phase; competitors.md 1.4): the ODE rollout by the old policy
         (rollout_policy 'old') or the trained net; at each of the K_t training times of every sample, the old
         policy's no-grad forward, the trained forward and, when kl_beta > 0, the reference's, each one call per
-        (minibatch, time, micro-batch) on the minibatch's members."""
+        (minibatch, time, micro-batch) on the minibatch's members; the loss sums the K_t times before one backward,
+        so their K_t trained calls are held together."""
         c = self.config
         units = prompts * c.group_size * c.training_times
         batch = per_call(prompts, micro_batch) * members_per_minibatch(c.group_size, c.num_minibatches)
         rollout_net = "old_policy" if c.rollout_policy == "old" else "policy"
         phases = [rollout_phase(prompts, c.group_size, solver_evaluations(c.rollout_solver, c.rollout_steps),
                                 rollout_chunk, rollout_net),
-                  Phase("old_policy", units, batch, False, "old_policy"), Phase("train", units, batch, True, "policy")]
+                  Phase("old_policy", units, batch, False, "old_policy"),
+                  Phase("train", units, batch, True, "policy", c.training_times)]
         if c.kl_beta > 0:
             phases.append(Phase("reference", units, batch, False, "reference"))
         return phases

@@ -240,8 +240,9 @@ def sde_call_schedule(prompts: int, group_size: int, rollout_steps: int, trained
                       micro_batch: int | None) -> list[Phase]:
     """The SDE baselines' velocity-net calls in one iteration (common.Phase): one rollout evaluation per step;
     every candidate trained at `trained_steps` steps, one with-grad call per (minibatch, step, micro-batch) on
-    its members; the reference at the same states when the loss has a KL; with old_policy 'recompute', the same
-    units once without grad on the whole batch (prepare_old_policy is not micro-batched)."""
+    its members, a minibatch's steps held together before its backward; the reference at the same states when
+    the loss has a KL; with old_policy 'recompute', the same units once without grad on the whole batch
+    (prepare_old_policy is not micro-batched)."""
     if minibatch_by not in ("samples", "steps"):
         raise ValueError(f"minibatch_by must be 'samples' or 'steps'; got {minibatch_by!r}")
     if old_policy not in ("rollout", "recompute"):
@@ -253,7 +254,10 @@ def sde_call_schedule(prompts: int, group_size: int, rollout_steps: int, trained
         return phases
     if old_policy == "recompute":
         phases.append(Phase("old_policy", units, prompts * members, False, "policy"))
-    phases.append(Phase("train", units, batch, True, "policy"))
+    # sde_policy_loss sums every step of the minibatch before its one backward: with 'samples' all trained steps'
+    # graphs are alive together (in every micro-batch pass), with 'steps' one
+    held = trained_steps if minibatch_by == "samples" else 1
+    phases.append(Phase("train", units, batch, True, "policy", held))
     if reference:
         phases.append(Phase("reference", units, batch, False, "reference"))
     return phases

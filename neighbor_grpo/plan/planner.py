@@ -161,12 +161,12 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
         batch = max(1, min(n, round(phase.batch * share)))
         trace = tracer.call(config, "velocity", phase.network, phase.grad, batch, exact)
         flops[phase.name] = flops.get(phase.name, 0) + trace.flops * n / batch
-        peaks[phase.name] = max(peaks.get(phase.name, (0, 0)), (trace.peak_bytes, trace.grad_bytes))
+        peaks[phase.name] = max(peaks.get(phase.name, (0, 0)), (held_peak(trace, phase.held), trace.grad_bytes))
         calls[phase.name] = calls.get(phase.name, 0) + n
         if phase.grad:
-            saved = max(saved, trace.forward_bytes)
+            saved = max(saved, trace.forward_bytes * phase.held)
     # a no-grad call of another network inside the loss (the reference, an algorithm's own network) runs while the
-    # with-grad pass's saved activations are alive; the rollout and an old-policy recompute run before the loss
+    # with-grad passes' saved activations are alive; the rollout and an old-policy recompute run before the loss
     for phase in phases:
         if not phase.grad and phase.name != "rollout" and phase.network != "policy":
             peak, grads = peaks[phase.name]
@@ -202,6 +202,13 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
                            "peak_phase": peak_phase, "total": peak / GIB},
             "trainable_parameters": sum(p.numel() for p in traced.adapter.net.parameters() if p.requires_grad),
             "fits": bool(fits), "gpu_memory_gib": memory_bytes / GIB}
+
+
+def held_peak(trace: Trace, held: int) -> int:
+    """A with-grad call's peak when `held` such calls' saved activations are alive before one backward (a loss summed
+    over steps): the traced call's forward + backward peak on top of the other held - 1 calls' saved bytes (autograd
+    runs one call's backward at a time, freeing its saved tensors; the gradients are shared)."""
+    return trace.peak_bytes + (held - 1) * trace.forward_bytes
 
 
 def persistent_memory(config, traced, model: ModelSpec, algorithm, gpus: int, samples: int) -> dict:

@@ -99,6 +99,56 @@ def test_schedule_is_what_an_iteration_runs(case, speed, single_thread):
     assert measure(config) == declared(config)
 
 
+def held_per_backward(config, monkeypatch) -> list[int]:
+    """The policy's with-grad calls made before each backward() of one real iteration: the calls whose saved
+    activations are alive together (what Phase.held declares)."""
+    adapter = DigitsAdapter.create(DigitsNetConfig(hidden=16, depth=1, cond_dim=8), seed=0)
+    parts = build_training_parts(config, adapter)
+    alive, held = [0], []
+
+    def count(module, inputs, output):
+        alive[0] += torch.is_grad_enabled()
+
+    backward = torch.Tensor.backward
+
+    def counted_backward(self, *args, **kwargs):
+        held.append(alive[0])
+        alive[0] = 0
+        return backward(self, *args, **kwargs)
+
+    handle = adapter.net.register_forward_hook(count)
+    monkeypatch.setattr(torch.Tensor, "backward", counted_backward)
+    try:
+        _, skipped = train_iteration(config, adapter, brightness_rewards(), parts.algorithm, parts.optimizer,
+                                     parts.params, parts.ema, parts.reference_velocity, PROMPTS, 0, lambda event: None,
+                                     parts=parts)
+    finally:
+        handle.remove()
+    assert skipped == ""
+    return held
+
+
+# settings that change how many trained calls one backward holds
+HELD_CHANGES = {"flow_grpo-by-steps": ["algorithm=flow_grpo", "flow_grpo.minibatch_by=steps"],
+                "dance_grpo-all-steps": ["algorithm=dance_grpo", "dance_grpo.train_step_fraction=1.0"],
+                "dgpo-2-minibatches": ["algorithm=dgpo", "dgpo.num_times=4", "dgpo.num_minibatches=2"],
+                "awm-1-time": ["algorithm=awm", "awm.num_times=1"],
+                "diffusion_nft-half": ["algorithm=diffusion_nft", "diffusion_nft.timestep_fraction=0.5"]}
+
+
+@pytest.mark.parametrize("speed", [(), CHUNKED], ids=["whole", "chunked"])
+@pytest.mark.parametrize("case", sorted({**CASES, **HELD_CHANGES}))
+def test_held_is_what_one_backward_holds(case, speed, monkeypatch, single_thread):
+    """Phase.held of the with-grad phase: the most with-grad policy calls a real iteration makes between two
+    backward() calls (the planner holds that many calls' saved activations at the peak), whole or micro-batched."""
+    config = small_config({**CASES, **HELD_CHANGES}[case], speed=speed)
+    held = held_per_backward(config, monkeypatch)
+    trained = [phase for phase in config_schedule(config) if phase.grad]
+    assert len(trained) == 1 and held, (trained, held)
+    assert max(held) == trained[0].held, held
+    assert sum(held) == trained[0].samples // trained[0].batch  # every trained call is before some backward
+
+
 def chunked_config(name: str, extra: tuple[str, ...] = ()):
     return small_config([f"algorithm={name}"], extra, CHUNKED)
 

@@ -62,14 +62,22 @@ def profiled_peak(run) -> int:
     return peak
 
 
-def test_predicted_peak_within_15_percent_of_a_real_iteration(tmp_path):
+COMMON = ["model.height=128", "model.width=128", "model.dtype=float32", "model.max_sequence_length=64",
+          "prompts_per_iteration=2", "prompts.train=[a cat, a dog]", "prompts.eval=[a cat, a dog]",
+          "rewards=[{name: jpeg_compressibility}]"]
+# DanceGRPO: 3 trained steps in each of 2 minibatches, summed before one backward (Phase.held = 3): the SDE losses'
+# saved activations of several with-grad calls are alive together (issue #17: predicted 5.5x too low before)
+METHODS = {"neighbor_grpo": ["neighbor_grpo.group_size=4", "neighbor_grpo.rollout_steps=2"],
+           "dance_grpo": ["algorithm=dance_grpo", "dance_grpo.group_size=4", "dance_grpo.rollout_steps=4",
+                          "dance_grpo.train_step_fraction=1.0", "dance_grpo.num_minibatches=2"]}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_predicted_peak_within_15_percent_of_a_real_iteration(method, tmp_path):
     folder = build_small_flux(tmp_path / "flux")
-    config = load_config(None, [f"model.path={folder}", "model.height=128", "model.width=128", "model.dtype=float32",
-                                "model.max_sequence_length=64", "prompts_per_iteration=2",
-                                "prompts.train=[a cat, a dog]", "prompts.eval=[a cat, a dog]",
-                                "neighbor_grpo.group_size=4", "neighbor_grpo.rollout_steps=2",
-                                "rewards=[{name: jpeg_compressibility}]"])
-    predicted = plan(config, gpus=1, gpu="h100-80gb")["memory_gib"]["total"] * GIB
+    config = load_config(None, [f"model.path={folder}", *COMMON, *METHODS[method]])
+    result = plan(config, gpus=1, gpu="h100-80gb")
+    predicted = result["memory_gib"]["total"] * GIB
     adapter = load_adapter(folder, options=config.model)
     parts = build_training_parts(config, adapter)
     rewards = WeightedRewards({"red": tiny_diffusers.cheap_reward}, {"red": 1.0})
@@ -81,4 +89,6 @@ def test_predicted_peak_within_15_percent_of_a_real_iteration(tmp_path):
     iteration(0)  # the optimizer's moments and the gradients exist from the first step on
     measured = resident_bytes(adapter, parts) + profiled_peak(lambda: iteration(1))
     assert measured >= 200 * 2**20
+    assert result["memory_gib"]["peak_phase"] in ("train", "reference")  # the with-grad pass, or a call inside it
+    print(f"{method}: predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert predicted == pytest.approx(measured, rel=0.15), (predicted / 2**20, measured / 2**20)
