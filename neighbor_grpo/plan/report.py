@@ -44,13 +44,14 @@ def render(result: dict) -> str:
     lines.append(f"  {'total':12s} {flops_text(total)}  (all GPUs {flops_text(r['flops_all_gpus']).strip()})")
     lines.append(f"forward-equivalents per sample: {r['forward_equivalents_per_sample']:.2f}")
     lines.append(f"predicted: {r['seconds_per_iteration']:.3g} s/iteration at {r['mfu']:.0%} MFU")
+    width = max([16] + [len(row["method"]) for row in r["baselines"]])
     lines += ["", "every method at its paper settings (same model, resolution, speed settings):",
-              f"  {'method':16s} {'s/iter':>8s} {'FE/sample':>10s} {'peak GiB':>9s} {'fits':>5s} {'cost vs NGRPO':>14s}"]
+              f"  {'method':{width}s} {'s/iter':>8s} {'FE/sample':>10s} {'peak GiB':>9s} {'fits':>5s} {'cost vs NGRPO':>14s}"]
     for row in r["baselines"]:
         if "error" in row:
-            lines.append(f"  {row['method']:16s} {row['error']}")
+            lines.append(f"  {row['method']:{width}s} {row['error']}")
             continue
-        lines.append(f"  {row['method']:16s} {seconds_text(row['seconds_per_iteration'])} {row['forward_equivalents_per_sample']:10.1f} "
+        lines.append(f"  {row['method']:{width}s} {seconds_text(row['seconds_per_iteration'])} {row['forward_equivalents_per_sample']:10.1f} "
                      f"{row['peak_gib']:9.1f} {'yes' if row['fits'] else 'no':>5s} "
                      f"{row.get('cost_ratio_vs_neighbor_grpo', float('nan')):13.2f}x")
     if r["unknown_rewards"]:
