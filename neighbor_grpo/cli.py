@@ -95,7 +95,7 @@ def _cmd_compare(args) -> None:
                       device=args.device, base_path=args.base, overwrite=args.overwrite,
                       progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]), workers=args.workers,
                       grid=not args.no_grid, throughput_iters=args.throughput_iters,
-                      throughput_warmup=args.throughput_warmup, reference=args.reference)
+                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--reference", default="neighbor_grpo", metavar="ROW",
                      help="the row every ratio and 'no worse' verdict is paired against (default neighbor_grpo, the "
                           "paper's settings; e.g. neighbor_grpo_defaults); must be one of --methods")
+    cmp.add_argument("--no-x3", action="store_true",
+                     help="keep the lr x knob grid but never extend the lr grid by the x3 point")
     cmp.add_argument("--no-grid", action="store_true",
                      help="tune the lr only: every method at its reference knob value, no x3 rule (cheap runs)")
     cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo neighbor_grpo_defaults "

@@ -118,7 +118,7 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             ablation: str | None = None, device: str | None = None, base_path: str = "builtin:digits",
             overwrite: bool = False, progress: bool = True, command: str | None = None, workers: int = 1,
             grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1,
-            reference: str = REFERENCE_METHOD) -> dict:
+            reference: str = REFERENCE_METHOD, x3: bool = True) -> dict:
     """Run the comparison; write the results JSON, a markdown table, PNG plots and every run's final weights
     (`<stem>_models/`) next to `out`."""
     from neighbor_grpo.compare_grid import run_table
@@ -175,7 +175,7 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                      "lrs": lrs, "seeds": seeds, "methods": list(table), "overrides": table,
                      "knobs": {row: [{k: e[k] for k in ("label", "key", "value")} for e in entries]
                                for row, entries in knobs.items()},
-                     "grid": grid, "reference_ema": ema, "equal_steps": equal_steps, "ablation": ablation,
+                     "grid": grid, "x3": grid and x3, "reference_ema": ema, "equal_steps": equal_steps, "ablation": ablation,
                      "workers": workers, "threads_per_run": 1,
                      "evals_per_run": evals_per_run, "eval_samples_per_prompt": eval_samples, "proxy": "digit_prob",
                      "gold": GOLD_REWARD, "finetune": finetune, "backward_factor": backward_factor(finetune),
@@ -184,7 +184,7 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                   "no_worse_margin": rules.NO_WORSE_MARGIN, "confidence": rules.CONFIDENCE,
                   "selection": f"lr x knob grid on seed {seeds[0]}, highest area under the held-out proxy curve"
                                + (" (never the gold); a chosen lr at an end of the lr grid adds the next x3 point "
-                                  "at the chosen knob, then re-selects" if grid else " (never the gold)"),
+                                  "at the chosen knob, then re-selects" if grid and x3 else " (never the gold)"),
                   "reference_method": reference},
         "eval_points": points,
     }
@@ -195,7 +195,7 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     context = {"budget_fe": budget_fe, "points": points, "base_path": base_path, "device": device,
                "eval_prompts": [str(d) for d in range(10)], "eval_samples": eval_samples, "common": common}
     with RunPool(workers, context) as pool:
-        measured = run_table(pool, table, knobs, lrs, seeds, grid, ema, models_dir, log, partial)
+        measured = run_table(pool, table, knobs, lrs, seeds, grid and x3, ema, models_dir, log, partial)
         results = {**header, **measured}
         if throughput_iters > 0:
             log(f"throughput: {len(table)} rows interleaved, {workers} single-thread worker(s), "

@@ -72,7 +72,8 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
         return {"runs": runs, "selection": selection, "tuning_runs": tuning}
 
     def chosen(row: str, candidates: list[dict], extension: dict | None) -> list:
-        candidates = sorted(candidates, key=lambda c: (c["lr"], c["knob_index"]))  # not in finishing order
+        # grid order, then the x3 point (not the order the workers finished them in)
+        candidates = sorted(candidates, key=lambda c: (c["lr"] not in lrs, c["lr"], c["knob_index"]))
         best = select(candidates)
         knob = knobs[row][best["knob_index"]]
         selection[row] = {

@@ -180,7 +180,7 @@ def _selection_note(results: dict) -> str:
     s = results["settings"]
     if "selection" not in results:
         return f"lr by proxy AUC on seed {s['seeds'][0]} from {s['lrs']}"
-    x3 = " + the x3 rule" if s.get("grid") else ""
+    x3 = " + the x3 rule" if s.get("x3", s.get("grid")) else ""
     return f"lr from {s['lrs']}{x3} x each method's knob, chosen by proxy AUC on seed {s['seeds'][0]}"
 
 

@@ -152,3 +152,17 @@ def test_bad_new_flags_get_one_line_errors(tmp_path, capsys, argv, words):
     err = capsys.readouterr().err
     assert code == 2 and words in err and err.count("\n") == 1
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r_models").exists()
+
+
+def test_no_x3_keeps_the_grid_and_never_extends_it(builtin_models, tmp_path, single_thread):
+    from neighbor_grpo.compare import compare
+
+    out = tmp_path / "r.json"
+    compare(out, budget_fe=BUDGET, lrs=(1e-4, 3e-4), methods=["neighbor_grpo"], seeds=(0,), evals_per_run=3,
+            eval_samples=2, progress=False, throughput_iters=0, x3=False)
+    saved = json.loads(out.read_text())
+    selection = saved["selection"]["neighbor_grpo"]
+    assert len(selection["candidates"]) == 4 and selection["x3"] is None  # 2 lrs x 2 knobs, no extension
+    assert saved["settings"]["grid"] and not saved["settings"]["x3"]
+    assert selection["chosen_lr"] in (1e-4, 3e-4)
+    assert "x3 rule" not in out.with_suffix(".md").read_text().split("\n")[1]
