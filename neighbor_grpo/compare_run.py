@@ -5,7 +5,6 @@ process ran it, or what ran before)."""
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from neighbor_grpo.config import load_config
 from neighbor_grpo.cost import forward_equivalents
 from neighbor_grpo.io import save_safetensors, sha256_file
 from neighbor_grpo.iteration import train_iteration, training_counter
+from neighbor_grpo.lora import EMA
 from neighbor_grpo.monitors import evaluate, generate
 from neighbor_grpo.parts import build_training_parts, load_model, read_prompts
 
@@ -41,14 +41,14 @@ def load_rewards(device: str) -> tuple:
     return build_rewards([{"name": "digit_prob"}], device=device), load_gold(device)
 
 
-class ReferenceEMA:
+class ReferenceEMA(EMA):
     """A reference repository's evaluation EMA (flow_grpo/ema.py EMAModuleWrapper): at optimizer step k (from 0)
-    the decay is min((1 + k) / (10 + k), decay), applied every `every` steps. The interface of lora.EMA (update,
-    applied), so train_iteration steps it after every optimizer step; it never feeds back into training."""
+    the decay is min((1 + k) / (10 + k), decay), applied every `every` steps. lora.EMA's shadow and `applied`, so
+    train_iteration steps it after every optimizer step; it never feeds back into training."""
 
     def __init__(self, net: torch.nn.Module, decay: float, every: int):
-        self.decay, self.every, self.steps = decay, every, 0
-        self.shadow = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+        super().__init__(net, decay)
+        self.every, self.steps = every, 0
 
     def current_decay(self, step: int) -> float:
         return min((1 + step) / (10 + step), self.decay)
@@ -61,21 +61,6 @@ class ReferenceEMA:
                 if name in self.shadow:
                     self.shadow[name].lerp_(param.detach(), weight)
         self.steps += 1
-
-    @contextlib.contextmanager
-    def applied(self, net: torch.nn.Module):
-        """The EMA weights swapped into `net` inside the block."""
-        params = dict(net.named_parameters())
-        backup = {n: params[n].detach().clone() for n in self.shadow}
-        with torch.no_grad():
-            for n, value in self.shadow.items():
-                params[n].copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, value in backup.items():
-                    params[n].copy_(value)
 
 
 class DistanceProbe:

@@ -51,12 +51,18 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     # rollouts after 200 steps; the section's defaults (docs/algorithms.md)
     "dgpo": ["algorithm=dgpo"],
 }
+
+
+def section_of(method: str) -> str:
+    """The config section (= algorithm name) a row of PAPER_SETTINGS trains with."""
+    return next(o.split("=", 1)[1] for o in PAPER_SETTINGS[method] if o.startswith("algorithm="))
+
+
 # The authors' group size as a second row where it differs from the benchmark's G 12 (issue #16; spec
 # competitors.md 1.3, 2.2, 3.3 pickscore_sd3_fast_nocfg, 4.3, 5.2 pickscore_sd3_4gpu): the row's settings plus G.
 AUTHORS_GROUP_SIZE: dict[str, int] = {"diffusion_nft": 24, "awm": 24, "flow_grpo_cps": 18, "grpo_guard": 24, "dgpo": 24}
 for _method, _size in AUTHORS_GROUP_SIZE.items():
-    _section = next(o.split("=", 1)[1] for o in PAPER_SETTINGS[_method] if o.startswith("algorithm="))
-    PAPER_SETTINGS[f"{_method}_g{_size}"] = [*PAPER_SETTINGS[_method], f"{_section}.group_size={_size}"]
+    PAPER_SETTINGS[f"{_method}_g{_size}"] = [*PAPER_SETTINGS[_method], f"{section_of(_method)}.group_size={_size}"]
 MAIN_TABLE = ("neighbor_grpo", "neighbor_grpo_defaults", "flow_grpo", "dance_grpo", "mix_grpo", "mix_grpo_flash")
 REFERENCE_METHOD = "neighbor_grpo"  # every paired ratio and "no worse" verdict is against this one
 
@@ -160,7 +166,7 @@ def knob_grid(method: str, settings: list[str], latent_elements: int) -> list[di
 
 def equal_steps_overrides(method: str, steps: int) -> list[str]:
     """The same method with `steps` rollout steps."""
-    section = next(o.split("=", 1)[1] for o in PAPER_SETTINGS[method] if o.startswith("algorithm="))
+    section = section_of(method)
     extra = [f"{section}.rollout_steps={steps}"]
     if section == "mix_grpo":
         extra.append(f"mix_grpo.window_size={min(4, steps - 2)}")

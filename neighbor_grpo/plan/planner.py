@@ -304,13 +304,13 @@ def fit_candidates(config, gpus: int, diffusers: bool) -> list[tuple[str, list[s
     return options
 
 
-def combined_option(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, found: list[dict]) -> list[dict]:
+def combined_option(config, tracer: Tracer, candidates: list, gpus: int, gpu: str, mfu: float,
+                    found: list[dict]) -> list[dict]:
     """Where no single option fits on these GPUs, every memory-lowering option on them at once (the usual answer
     at FLUX scale: checkpointing, micro-batches and rollout chunks of one prompt, offloads), if that fits."""
     if any(option["gpus"] == gpus for option in found):
         return []
-    singles = [(label, overrides) for label, overrides, n in fit_candidates(config, gpus, tracer.model.kind == "diffusers")
-               if n == gpus and label != "LoRA"]
+    singles = [(label, overrides) for label, overrides, n in candidates if n == gpus and label != "LoRA"]
     if len(singles) < 2:
         return []
     overrides = [o for _, group in singles for o in group]
@@ -328,7 +328,8 @@ def fit_options(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, result:
     """Each single option that would make the run fit, with its predicted peak; FSDP only at the fewest GPUs that
     fit. Offloading optimizer state to the CPU is modelled but not supported by the trainer yet."""
     found, fsdp_done = [], False
-    for label, overrides, n in fit_candidates(config, gpus, tracer.model.kind == "diffusers"):
+    candidates = fit_candidates(config, gpus, tracer.model.kind == "diffusers")
+    for label, overrides, n in candidates:
         if fsdp_done and label.startswith("FSDP"):
             continue
         try:
@@ -338,7 +339,7 @@ def fit_options(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, result:
         if changed["fits"]:
             found.append({"option": label, "overrides": overrides, "gpus": n, "peak_gib": changed["memory_gib"]["total"]})
             fsdp_done = fsdp_done or label.startswith("FSDP")
-    found += combined_option(config, tracer, gpus, gpu, mfu, found)
+    found += combined_option(config, tracer, candidates, gpus, gpu, mfu, found)
     offloaded = result["memory_gib"]["total"] - result["memory_gib"]["optimizer_state"]
     if offloaded * MARGIN + allowance_bytes(gpus) / GIB <= result["gpu_memory_gib"]:
         found.append({"option": "optimizer state offloaded to the CPU (not supported by the trainer yet)",
