@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -58,15 +57,11 @@ def resident_tensors(run: MethodRun) -> list[torch.Tensor]:
 
 
 def iteration_tracker(resident: list[torch.Tensor]):
-    """LiveBytes starting at the resident bytes, which already knows their storages: an in-place op on a weight or
-    an optimizer moment returns an existing storage, which must not be counted again."""
+    """LiveBytes starting at the resident bytes, which never counts their storages again (an in-place op on a
+    weight or an optimizer moment returns an existing storage)."""
     from neighbor_grpo.plan.live_bytes import LiveBytes, tensor_bytes
 
-    tracker = LiveBytes(tensor_bytes(resident))
-    for tensor in resident:
-        storage = tensor.untyped_storage()
-        tracker._alive.setdefault(id(storage), weakref.ref(storage))  # never freed during the iteration
-    return tracker
+    return LiveBytes(tensor_bytes(resident), existing=resident)
 
 
 def measured_iteration(run: MethodRun, rewards, sync, device: str, track_cpu_memory: bool):
