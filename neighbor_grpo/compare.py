@@ -25,6 +25,7 @@ from neighbor_grpo import benchmark_rules as rules
 from neighbor_grpo.config import load_config
 from neighbor_grpo.cost import backward_factor, cost_note
 from neighbor_grpo.io import atomic_write_text
+from neighbor_grpo.compare_report import compare_outputs  # noqa: F401  (re-exported)
 from neighbor_grpo.compare_workers import schedule
 from neighbor_grpo.compare_run import GOLD_REWARD, DistanceProbe, load_gold, run_method  # noqa: F401  (re-exported)
 from neighbor_grpo.compare_settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS,  # noqa: F401
@@ -232,9 +233,3 @@ def measure_throughput(pool, rows: dict[str, list[str]], workers: int, warmup: i
             "load_average_1min_before_after": [load_before, os.getloadavg()[0]],  # how shared the machine was
             "method": "single-thread workers side by side, rows interleaved per iteration (rotating order), "
                       "median of every timed iteration"}
-
-
-def compare_outputs(out: Path) -> list[Path]:
-    """Every file a comparison writes: the JSON, its .md, and its two plots in the same folder."""
-    return [out, out.with_suffix(".md"), out.parent / f"{out.stem}_curves.png",
-            out.parent / f"{out.stem}_overoptimization.png"]

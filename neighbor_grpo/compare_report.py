@@ -268,15 +268,27 @@ def plot_report(results: dict, folder: Path, stem: str) -> None:
     _save(plt, fig, folder / f"{stem}_overoptimization.png")
 
 
-def render(source: str | Path, out: str | Path, frozen_target: float | None = None, reference: str | None = None) -> dict:
+def compare_outputs(out: Path) -> list[Path]:
+    """Every file a comparison (or a re-reading of one) writes: the JSON, its .md, and its two plots beside it."""
+    return [out, out.with_suffix(".md"), out.parent / f"{out.stem}_curves.png",
+            out.parent / f"{out.stem}_overoptimization.png"]
+
+
+def render(source: str | Path, out: str | Path, frozen_target: float | None = None, reference: str | None = None,
+           overwrite: bool = False) -> dict:
     """Re-derive the numbers, table and plots from saved runs: a finished results JSON, or the `.partial.json` of
     an interrupted one (only the seeds every method finished are used; the settings record which). `reference`
     pairs every ratio and "no worse" against another row (recorded in the rules as a re-reading)."""
     import json
 
     from neighbor_grpo.io import atomic_write_text
+    from neighbor_grpo.ownership import check_file_outputs
 
-    results = json.loads(Path(source).read_text())
+    check_file_outputs(compare_outputs(Path(out)), overwrite)  # only the files it names are ever replaced
+    try:
+        results = json.loads(Path(source).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare ({error})") from None
     if reference is not None:
         if reference not in results["runs"]:
             raise ValueError(f"--reference: {reference!r} is not a row of {source}; choose from {list(results['runs'])}")
@@ -303,5 +315,13 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="results JSON to write (table and plots beside it)")
     parser.add_argument("--reference", help="pair every ratio against this row instead of the recorded one")
     parser.add_argument("--frozen-target", type=float, help="report against this gold target")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files --out names if they exist")
     args = parser.parse_args()
-    print(markdown_report(render(args.source, args.out, args.frozen_target, args.reference)))
+    from neighbor_grpo.ownership import OwnershipError
+
+    try:
+        print(markdown_report(render(args.source, args.out, args.frozen_target, args.reference, args.overwrite)))
+    except (ValueError, OwnershipError) as error:
+        parser.error(str(error))
+    except KeyError as error:
+        parser.error(f"{args.source!r}: expected a results JSON of ngrpo compare (it has no {error})")

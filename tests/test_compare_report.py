@@ -92,3 +92,22 @@ def test_a_re_reading_pairs_against_another_row_and_says_so(tmp_path):
     assert "paired against theirs" in (tmp_path / "again.md").read_text()
     with pytest.raises(ValueError, match="--reference: 'nobody' is not a row"):
         render(source, tmp_path / "bad.json", reference="nobody")
+
+
+def test_a_re_reading_never_replaces_a_file_without_overwrite(tmp_path):
+    import json
+
+    from neighbor_grpo.compare_report import render
+    from neighbor_grpo.ownership import OwnershipError
+
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(_results()))
+    mine = tmp_path / "mine.md"
+    mine.write_text("a user's notes")
+    with pytest.raises(OwnershipError, match="pass --overwrite"):
+        render(source, tmp_path / "mine.json")
+    assert mine.read_text() == "a user's notes"
+    with pytest.raises(ValueError, match="expected a results JSON of ngrpo compare"):
+        render(mine, tmp_path / "new.json")
+    render(source, tmp_path / "mine.json", overwrite=True)
+    assert mine.read_text() != "a user's notes"
