@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from neighbor_grpo.parts import load_model
+from neighbor_grpo.training.parts import load_model
 
 
 def median_ms(step, repeats: int, warmup: int = 5) -> float:

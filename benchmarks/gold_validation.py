@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.config import load_config
-from neighbor_grpo.io import atomic_write_text
-from neighbor_grpo.pretrain import ensure_base_model, ensure_classifier
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.runs.io import atomic_write_text
+from neighbor_grpo.builtin.pretrain import ensure_base_model, ensure_classifier
 from neighbor_grpo.rewards import gold_checks
 from neighbor_grpo.rewards.gold import ensure_gold, load_gold
-from neighbor_grpo.trainer import train
+from neighbor_grpo.training.trainer import train
 
 HACK_OVERRIDES = ["neighbor_grpo.ref_beta=0", "optim.lr=1e-3", "iterations=150", "seed=0",
                   "eval.monitor_rewards=[{name: digit_gold}]"]

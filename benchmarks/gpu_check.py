@@ -54,7 +54,7 @@ DEFINITIONS = {
                                 "peak live tensor bytes (LiveBytes) over the resident tensors",
     "peak_memory_reserved_gb": "CUDA: torch.cuda.max_memory_reserved (the caching allocator's pool); null on CPU",
     "mfu_rollout": "velocity-net FLOPs of the rollout (FlopCounterMode count per sample x counted forwards) / rollout "
-                   "seconds / the card's dense bf16 peak (neighbor_grpo.hardware); the VAE and reward are in the "
+                   "seconds / the card's dense bf16 peak (neighbor_grpo.plan.hardware); the VAE and reward are in the "
                    "seconds but not the FLOPs",
     "mfu_train": "((1 + b) x with-grad forwards + reference + old-policy forwards) x FLOPs per sample / seconds after "
                  "the rollout / peak; b = 1 for LoRA, 2 for a full fine-tune; checkpointing recomputation is not "
@@ -142,7 +142,7 @@ def environment(args, device: str, install: dict, argv) -> dict:
 
 
 def write(result: dict, out: Path) -> None:
-    from neighbor_grpo.io import atomic_write_text
+    from neighbor_grpo.runs.io import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
@@ -178,7 +178,7 @@ def planned_runs(throughput, args, reward: str) -> list[tuple[str, str, str, arg
     """(label, method, finetune, throughput settings, config) of every run, in the order they run."""
     from method_runs import method_overrides
 
-    from neighbor_grpo.config import load_config
+    from neighbor_grpo.config.train_config import load_config
 
     runs = []
     for finetune in args.finetune:
@@ -228,8 +228,8 @@ def fill_prediction(result: dict, entry: dict, predictions: Predictions, key: st
 
 def count_flops(run, args, flops: dict, peak_tflops, peak_source) -> None:
     """FLOPs of one velocity-net forward at the rollout batch, counted once on the first model built."""
-    from neighbor_grpo.cost import count_forward_flops
-    from neighbor_grpo.iteration import prompt_batch
+    from neighbor_grpo.training.cost import count_forward_flops
+    from neighbor_grpo.training.iteration import prompt_batch
     from neighbor_grpo.plan.attention_flops import cpu_attention_flops
 
     prompts, _ = prompt_batch(list(run.config.prompts.train), run.config.seed, 0, 1)
@@ -270,7 +270,7 @@ def measure_all(args, argv, started: float, install: dict, budget: Budget, throu
     """Every run in turn, under the budget, each beside its prediction; the JSON rewritten after each."""
     from method_runs import TimedRewards, prepare_method, release
 
-    from neighbor_grpo.hardware import bf16_peak_tflops
+    from neighbor_grpo.plan.hardware import bf16_peak_tflops
     from neighbor_grpo.rewards import build_rewards
 
     device, cuda = args.device, args.device.startswith("cuda")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-# neighbor_grpo.hardware's card names -> the planner's GPU names (memory decides between the A100 sizes)
+# neighbor_grpo.plan.hardware's card names -> the planner's GPU names (memory decides between the A100 sizes)
 PLANNER_GPUS = (("h200", "h200"), ("h100", "h100-80gb"), ("a100", "a100-80gb"))
 DEFAULT_PLANNER_GPU = "h100-80gb"
 

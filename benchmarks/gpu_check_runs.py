@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from method_runs import MethodRun, run_iteration  # noqa: E402  (benchmarks/ is on sys.path: gpu_check.py)
-from neighbor_grpo.cost import backward_factor, config_schedule, schedule_forward_counts
+from neighbor_grpo.training.cost import backward_factor, config_schedule, schedule_forward_counts
 
 
 class Budget:

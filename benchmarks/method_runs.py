@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neighbor_grpo.compare import LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS
-from neighbor_grpo.config import load_config
-from neighbor_grpo.cost import CountedReference
-from neighbor_grpo.iteration import ModelCallCounter, train_iteration, training_counter
+from neighbor_grpo.bench.compare import LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.training.cost import CountedReference
+from neighbor_grpo.training.iteration import ModelCallCounter, train_iteration, training_counter
 from neighbor_grpo.models.architectures import build_adapter
-from neighbor_grpo.parts import build_training_parts
+from neighbor_grpo.training.parts import build_training_parts
 
 # Every method at its paper's settings; Neighbor GRPO also without the library's reference anchoring (the paper
 # has none: its cost figures are for the leaping-policy loss alone).

@@ -4,7 +4,7 @@
 
 Fills a metrics.csv with `--rows` rows of the trainer's columns (TensorBoard off), then times `--repeat` more
 `MetricsLog.log` calls and prints the median and mean milliseconds per call. `--module` times another copy of
-logs.py (e.g. `git show REV:neighbor_grpo/logs.py > /tmp/old_logs.py`) for a before/after comparison.
+logs.py (e.g. `git show REV:neighbor_grpo/training/logs.py > /tmp/old_logs.py`) for a before/after comparison.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ COLUMNS = ["reward_mean", "reward_std", "reward/digit_prob", "loss", "ratio_mean
 
 def metrics_log_class(module: str | None):
     if module is None:
-        from neighbor_grpo.logs import MetricsLog
+        from neighbor_grpo.training.logs import MetricsLog
 
         return MetricsLog
     spec = importlib.util.spec_from_file_location("timed_logs", module)
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--folder", help="where to write (default: a temporary folder)")
-    parser.add_argument("--module", help="a logs.py to time instead of neighbor_grpo.logs")
+    parser.add_argument("--module", help="a logs.py to time instead of neighbor_grpo.training.logs")
     args = parser.parse_args()
     MetricsLog = metrics_log_class(args.module)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
@@ -57,7 +57,7 @@ def main() -> None:
             log.log(iteration, row(iteration))
             times.append((time.perf_counter() - tick) * 1e3)
         lines = (Path(folder) / "metrics.csv").read_text().count("\n")
-    print(f"{args.module or 'neighbor_grpo.logs'}: {lines - 1} rows at the end; per log() call median "
+    print(f"{args.module or 'neighbor_grpo.training.logs'}: {lines - 1} rows at the end; per log() call median "
           f"{statistics.median(times):.3f} ms, mean {statistics.mean(times):.3f} ms over {args.repeat} calls")
 
 

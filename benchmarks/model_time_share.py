@@ -86,7 +86,7 @@ def measure(arch: str, warmup: int, iters: int, extra: list[str]) -> dict:
     args = throughput.parse_args(["--arch", arch, "--methods", "neighbor_grpo", "--device", "cpu", *extra])
     reward = args.reward or throughput.DEFAULT_REWARD.get(arch, throughput.FALLBACK_REWARD)
     if reward == "digit_prob":
-        from neighbor_grpo.pretrain import ensure_classifier
+        from neighbor_grpo.builtin.pretrain import ensure_classifier
 
         ensure_classifier(progress=False)
     from neighbor_grpo.rewards import build_rewards

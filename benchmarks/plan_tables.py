@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from neighbor_grpo.config import load_config
+from neighbor_grpo.config.train_config import load_config
 from neighbor_grpo.plan.models import resolve_model
 from neighbor_grpo.plan.planner import Tracer, plan, stderr_progress
 

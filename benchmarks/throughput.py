@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.cost import (backward_factor, config_schedule, cost_note, count_forward_flops, forward_equivalents,
+from neighbor_grpo.training.cost import (backward_factor, config_schedule, cost_note, count_forward_flops, forward_equivalents,
                                 schedule_forward_counts)
-from neighbor_grpo.iteration import prompt_batch
-from neighbor_grpo.hardware import bf16_peak_tflops, device_description
+from neighbor_grpo.training.iteration import prompt_batch
+from neighbor_grpo.plan.hardware import bf16_peak_tflops, device_description
 from neighbor_grpo.models.architectures import ARCHS, checkpoint_blocks
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     reward = args.reward or DEFAULT_REWARD.get(args.arch, FALLBACK_REWARD)
     if reward == "digit_prob":
-        from neighbor_grpo.pretrain import ensure_classifier
+        from neighbor_grpo.builtin.pretrain import ensure_classifier
 
         ensure_classifier(progress=False)
     from neighbor_grpo.rewards import build_rewards

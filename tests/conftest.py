@@ -22,7 +22,7 @@ def isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def builtin_models(isolated_cache):
     """The built-in base model and reward classifier, built once per session with the default settings."""
-    from neighbor_grpo.pretrain import ensure_base_model, ensure_classifier
+    from neighbor_grpo.builtin.pretrain import ensure_base_model, ensure_classifier
 
     classifier_dir, accuracy = ensure_classifier(progress=False)
     base_dir = ensure_base_model(progress=False)
@@ -34,7 +34,7 @@ def single_thread():
     """One intra-op thread for modules that ask for it: tiny tensors gain nothing from threads, on a busy 2-core
     machine OpenMP spinning made the same test take 1.5 s or 17 s, and the fault tests compare bitwise with a
     single-threaded subprocess. Restored afterwards."""
-    from neighbor_grpo.demo import torch_threads
+    from neighbor_grpo.builtin.demo import torch_threads
 
     with torch_threads(1):
         yield

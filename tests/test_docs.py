@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from neighbor_grpo.cli import main
-from neighbor_grpo.config import config_reference
+from neighbor_grpo.config.train_config import config_reference
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 REGENERATE = "docs/config.md is stale: regenerate the table with `ngrpo config` (see the note at its end)"
@@ -70,8 +70,8 @@ def test_every_row_of_the_reference_table_has_four_cells(capsys):
 def test_design_page_gives_the_real_defaults():
     """docs/design.md's "[D] choices" table: a row naming one config key starts with its default (numbers), and
     the demo value it quotes for reference anchoring is the demo config's."""
-    from neighbor_grpo.config import load_config
-    from neighbor_grpo.demo import DEMO_CONFIG
+    from neighbor_grpo.config.train_config import load_config
+    from neighbor_grpo.builtin.demo import DEMO_CONFIG
 
     design = (DOC.parent / "design.md").read_text(encoding="utf-8")
     defaults = {key: value for key, _, value, _ in config_reference()}

@@ -14,15 +14,15 @@ from typing import Sequence
 
 import torch
 
-from neighbor_grpo.algorithm_settings import AWMConfig  # noqa: F401  (re-exported)
-from neighbor_grpo.advantages import clip_advantages
+from neighbor_grpo.config.algorithm_settings import AWMConfig  # noqa: F401  (re-exported)
+from neighbor_grpo.maths.advantages import clip_advantages
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, gather_members,
                                              members_per_minibatch, per_call, rollout_phase, solver_evaluations)
 from neighbor_grpo.algorithms.forward_process import (ROLE_TIMES, IterationSteps, clean_sample_rollout,
                                                       member_minibatches, member_velocity, noised,
                                                       sample_generators, soft_update, std_normalised_advantages,
                                                       training_noises)
-from neighbor_grpo.noise import keyed_generator
+from neighbor_grpo.maths.noise import keyed_generator
 
 ERR_FLOOR = 1e-10  # the reference's offset inside the robust weightings
 

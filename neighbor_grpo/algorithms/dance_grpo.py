@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from neighbor_grpo.algorithm_settings import DanceGRPOConfig  # noqa: F401  (re-exported)
-from neighbor_grpo.advantages import clip_advantages, std_advantages
+from neighbor_grpo.config.algorithm_settings import DanceGRPOConfig  # noqa: F401  (re-exported)
+from neighbor_grpo.maths.advantages import clip_advantages, std_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Phase, Rollout, VelocityFn
 from neighbor_grpo.algorithms.sde import (ROLE_TRAIN_STEPS, dance_grpo_mean_std, dance_grpo_sde_step, sde_call_schedule,
                                           sde_old_policy, rollout_noises, sde_minibatches, sde_policy_loss, sde_rollout,
                                           sde_steps)
-from neighbor_grpo.flow import sigma_grid
-from neighbor_grpo.noise import keyed_generator
+from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.maths.noise import keyed_generator
 
 
 class DanceGRPO:

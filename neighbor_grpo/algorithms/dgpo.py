@@ -17,13 +17,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from neighbor_grpo.algorithm_settings import DGPOConfig  # noqa: F401  (re-exported)
-from neighbor_grpo.advantages import clip_advantages
+from neighbor_grpo.config.algorithm_settings import DGPOConfig  # noqa: F401  (re-exported)
+from neighbor_grpo.maths.advantages import clip_advantages
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, gather_members, per_call,
                                              rollout_phase, solver_evaluations)
 from neighbor_grpo.algorithms.forward_process import (IterationSteps, clean_sample_rollout, member_velocity, noised,
                                                       soft_update, std_normalised_advantages)
-from neighbor_grpo.noise import keyed_generator
+from neighbor_grpo.maths.noise import keyed_generator
 
 GRID_START = 0.999  # the reference's flow sigmas: shift(1 - linspace(1, 1/1000, N + 1)) reversed, so s_0 = shift(0.999)
 ROLE_TIMES = 7_400_001   # the iteration's M training grid indices (one draw, shared by every sample)

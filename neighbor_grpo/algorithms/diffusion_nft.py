@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from neighbor_grpo.algorithm_settings import DiffusionNFTConfig  # noqa: F401  (re-exported)
-from neighbor_grpo.advantages import clip_advantages
+from neighbor_grpo.config.algorithm_settings import DiffusionNFTConfig  # noqa: F401  (re-exported)
+from neighbor_grpo.maths.advantages import clip_advantages
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, gather_members,
                                              members_per_minibatch, per_call, rollout_phase, solver_evaluations)
 from neighbor_grpo.algorithms.forward_process import (ROLE_TIMES, IterationSteps, clean_sample_rollout,

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from neighbor_grpo.algorithm_settings import FlowGRPOConfig  # noqa: F401  (re-exported)
-from neighbor_grpo.advantages import center_in_group, clip_advantages
+from neighbor_grpo.config.algorithm_settings import FlowGRPOConfig  # noqa: F401  (re-exported)
+from neighbor_grpo.maths.advantages import center_in_group, clip_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_members
 from neighbor_grpo.algorithms.grpo_guard import grad_reweight, ratio_norm_log_ratio
 from neighbor_grpo.algorithms.sde import (ROLE_WINDOW, cps_code_log_prob, cps_mean_std, cps_sde_step,
                                           flow_grpo_mean_std, flow_grpo_noise_scale, flow_grpo_sde_step,
                                           gaussian_log_prob, sde_call_schedule, sde_old_policy, rollout_noises,
                                           sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
-from neighbor_grpo.flow import sigma_grid
-from neighbor_grpo.noise import keyed_generator
+from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.maths.noise import keyed_generator
 
 
 class FlowGRPO:

@@ -11,11 +11,11 @@ from typing import Sequence
 
 import torch
 
-from neighbor_grpo.advantages import center_in_group
+from neighbor_grpo.maths.advantages import center_in_group
 from neighbor_grpo.algorithms.common import Minibatch, Rollout, VelocityFn, repeat_cond
-from neighbor_grpo.flow import sigma_grid
-from neighbor_grpo.noise import independent_noises, keyed_generator
-from neighbor_grpo.solvers import integrate
+from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.maths.noise import independent_noises, keyed_generator
+from neighbor_grpo.maths.solvers import integrate
 
 ROLE_MEMBERS = 7_200_001     # which candidates go into which minibatch
 ROLE_TIMES = 7_200_002       # a sample's training times

@@ -12,13 +12,13 @@ import math
 
 import torch
 
-from neighbor_grpo.algorithm_settings import MixGRPOConfig  # noqa: F401  (re-exported)
-from neighbor_grpo.advantages import clip_advantages, std_advantages
+from neighbor_grpo.config.algorithm_settings import MixGRPOConfig  # noqa: F401  (re-exported)
+from neighbor_grpo.maths.advantages import clip_advantages, std_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Phase, Rollout, VelocityFn
 from neighbor_grpo.algorithms.sde import (dance_grpo_mean_std, dance_grpo_sde_step, euler_ode_step, flow_grpo_mean_std,
                                           flow_grpo_sde_step, sde_call_schedule, sde_old_policy, rollout_noises,
                                           sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
-from neighbor_grpo.flow import predict_x0, sigma_grid
+from neighbor_grpo.maths.flow import predict_x0, sigma_grid
 
 
 def window_steps(iteration: int, num_steps: int, size: int, stride: int = 1, interval: int = 25,

@@ -12,13 +12,13 @@ from typing import Sequence
 
 import torch
 
-from neighbor_grpo.algorithm_settings import NeighborGRPOConfig  # noqa: F401  (re-exported)
-from neighbor_grpo.advantages import clip_advantages, quasi_norm_advantages
+from neighbor_grpo.config.algorithm_settings import NeighborGRPOConfig  # noqa: F401  (re-exported)
+from neighbor_grpo.maths.advantages import clip_advantages, quasi_norm_advantages
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_members,
                                              per_call, pick_steps, repeat_cond, rollout_phase, solver_evaluations)
-from neighbor_grpo.flow import sigma_grid
-from neighbor_grpo.noise import keyed_generator, neighbor_noises
-from neighbor_grpo.solvers import integrate
+from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.maths.noise import keyed_generator, neighbor_noises
+from neighbor_grpo.maths.solvers import integrate
 
 ROLE_ANCHORS, ROLE_STEPS = 7_000_001, 7_000_002
 

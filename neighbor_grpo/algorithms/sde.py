@@ -17,8 +17,8 @@ import torch
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_groups,
                                              gather_members, members_per_minibatch, per_call, repeat_cond,
                                              rollout_phase)
-from neighbor_grpo.flow import predict_x0
-from neighbor_grpo.noise import independent_noises, keyed_generator
+from neighbor_grpo.maths.flow import predict_x0
+from neighbor_grpo.maths.noise import independent_noises, keyed_generator
 
 ROLE_SDE_NOISE = 7_100_001   # candidate stream of the per-step SDE noises
 ROLE_GROUP_NOISE = 7_100_002  # candidate slot of the one initial noise a group shares (DanceGRPO, MixGRPO)

@@ -8,9 +8,9 @@ load directly: `load_adapter` dispatches on model_index.json's `_class_name`.
 
 from __future__ import annotations
 
-from neighbor_grpo.lora import net_swapped  # noqa: F401  (re-exported: the adapters' one seam)
-from neighbor_grpo.exports import verify_manifest
-from neighbor_grpo.plugins import resolve_plugin
+from neighbor_grpo.models.lora import net_swapped  # noqa: F401  (re-exported: the adapters' one seam)
+from neighbor_grpo.runs.exports import verify_manifest
+from neighbor_grpo.config.plugins import resolve_plugin
 import inspect
 import json
 from pathlib import Path
@@ -92,7 +92,7 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu", options
 
 def _finite(adapter: FlowAdapter, folder: Path) -> FlowAdapter:
     """The adapter, if its weights are all finite: NaN/inf weights would only give NaN samples."""
-    from neighbor_grpo.guards import all_finite
+    from neighbor_grpo.training.guards import all_finite
 
     if not all_finite(adapter.net.parameters()):
         raise ValueError(f"checkpoint {str(folder)!r}: its weights hold NaN/inf; not a usable model (export a finite "

@@ -23,7 +23,7 @@ def build_adapter(arch: str, resolution: int, device: str, dtype: torch.dtype):
     tiny-flux: the same code with tiny configs, for CPU runs. Random weights cost the same FLOPs as trained ones.
     """
     if arch in ("builtin", "builtin-unet"):
-        from neighbor_grpo.pretrain import ensure_builtin_model
+        from neighbor_grpo.builtin.pretrain import ensure_builtin_model
 
         adapter = load_adapter(str(ensure_builtin_model(arch.replace("builtin", "digits"), progress=False)), device=device)
     elif arch == "tiny-digits":

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from neighbor_grpo.io import atomic_write_text
+from neighbor_grpo.runs.io import atomic_write_text
 from neighbor_grpo.models.model_card import LORA_FILE, model_card
 from neighbor_grpo.models.prompt_cache import PromptCache
 
@@ -40,7 +40,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def model_options(options, saved: dict | None = None) -> dict:
     """The adapter's settings: ModelConfig defaults, then what an export's model.json recorded, then `options`
     (a full ModelConfig from a run's config wins entirely; a dict, e.g. CLI flags, overrides only its keys)."""
-    from neighbor_grpo.config import ModelConfig
+    from neighbor_grpo.config.train_config import ModelConfig
 
     values = dataclasses.asdict(ModelConfig())
     values.update({k: v for k, v in (saved or {}).items() if k in values})
@@ -264,7 +264,7 @@ class DiffusersAdapter:
     def load_lora(self, path: str | Path) -> None:
         """Merge a diffusers-format LoRA (a folder holding pytorch_lora_weights.safetensors, or a .safetensors file)
         into the transformer, with diffusers' own loader (so any LoRA format diffusers reads works)."""
-        from neighbor_grpo.lora import is_lora
+        from neighbor_grpo.models.lora import is_lora
 
         path = Path(path)
         if is_lora(self.net):
@@ -295,7 +295,7 @@ class DiffusersAdapter:
         (`Pipeline.from_pretrained(folder)`), a LoRA merged in. Always: model.json (adapter, base folder, LoRAs,
         options; `load_adapter(folder)` rebuilds the model) and a model card README.md. Built in a temporary
         sibling folder and moved into place."""
-        from neighbor_grpo.lora import is_lora
+        from neighbor_grpo.models.lora import is_lora
 
         folder = Path(folder)
         tmp = folder.with_name(f".tmp-save-{folder.name}-{os.getpid()}")
@@ -348,7 +348,7 @@ class DiffusersAdapter:
                                               transformer_lora_adapter_metadata=metadata)
 
     def _save_pipeline(self, folder: Path) -> None:
-        from neighbor_grpo.lora import is_lora, merged_copy
+        from neighbor_grpo.models.lora import is_lora, merged_copy
 
         transformer = merged_copy(self.net) if is_lora(self.net) else self._transformer()
         if hasattr(transformer, "get_base_model"):

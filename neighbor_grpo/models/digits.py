@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from neighbor_grpo.data import prompt_to_label
-from neighbor_grpo.io import atomic_write_text, load_safetensors, save_safetensors
+from neighbor_grpo.builtin.data import prompt_to_label
+from neighbor_grpo.runs.io import atomic_write_text, load_safetensors, save_safetensors
 from neighbor_grpo.models import register_model_adapter
 
 
@@ -133,7 +133,7 @@ class DigitsAdapter:
 
     def reference_images(self) -> torch.Tensor:
         """Held-out real digits as decoded images (the realism monitor compares samples with these)."""
-        from neighbor_grpo.data import load_digits_images, train_test_split
+        from neighbor_grpo.builtin.data import load_digits_images, train_test_split
 
         if getattr(self, "_reference", None) is None:
             images, labels = load_digits_images(self.net_config.latent_size)
@@ -148,7 +148,7 @@ class DigitsAdapter:
 
     def save(self, folder: str | Path, extra: dict | None = None) -> None:
         """The current weights as a standalone model; a LoRA is merged in and also saved alone (lora.safetensors)."""
-        from neighbor_grpo.lora import is_lora, lora_state_dict, merged_copy
+        from neighbor_grpo.models.lora import is_lora, lora_state_dict, merged_copy
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ MARGIN = 1.1  # "fits": predicted peak x MARGIN + allowance <= GPU memory
 
 def gpu_spec(gpu: str) -> tuple[float, float]:
     """(memory bytes, dense bf16 peak FLOP/s) of a GPU name."""
-    from neighbor_grpo.hardware import BF16_DENSE_PEAK_TFLOPS
+    from neighbor_grpo.plan.hardware import BF16_DENSE_PEAK_TFLOPS
 
     if gpu not in GPUS:
         raise ValueError(f"--gpu: unknown {gpu!r}; choose from {', '.join(GPUS)}")

@@ -1,6 +1,6 @@
 """What stays in GPU memory for a whole iteration, per GPU, each term a small function of shapes and the config.
 
-What the trainer actually keeps (neighbor_grpo.parts, speed, lora, parallel):
+What the trainer actually keeps (neighbor_grpo.training.parts, speed, lora, parallel):
 - the trained net in `model.dtype` (bfloat16 on CUDA by default); LoRA adapters in float32 (peft keeps them so);
 - gradients of the trainable parameters in their dtype; torch AdamW's two moments per trainable parameter in the
   parameter's dtype (`adamw8bit`: one byte each). No fp32 master copy: mixed precision is autocast over the

@@ -34,7 +34,7 @@ class Tracer:
         self.traces: dict = {}
 
     def traced_model(self, config):
-        from neighbor_grpo.parts import lora_targets, load_model
+        from neighbor_grpo.training.parts import lora_targets, load_model
 
         key = model_key(config)
         if key not in self.models:
@@ -161,7 +161,7 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     total_flops = sum(flops.values())
     no_grad = sum(n for p, n in calls.items() if not any(ph.grad for ph in phases if ph.name == p))
     with_grad = sum(calls.values()) - no_grad
-    from neighbor_grpo.cost import forward_equivalents
+    from neighbor_grpo.training.cost import forward_equivalents
 
     fe = forward_equivalents(no_grad, with_grad, config.optim.finetune)
     seconds = total_flops / (peak_flops * mfu)
@@ -218,7 +218,7 @@ def persistent_memory(config, traced, model: ModelSpec, algorithm, gpus: int, sa
 def cached_prompts(config) -> int:
     """Prompts whose embeddings the cache holds by the end of the run: the held-out ones (encoded up front) and
     every training prompt seen, at most iterations x prompts_per_iteration of them."""
-    from neighbor_grpo.prompts import resolve_prompt_sets
+    from neighbor_grpo.config.prompts import resolve_prompt_sets
 
     train, held_out = resolve_prompt_sets(config.prompts)
     return min(len(set(train)), config.iterations * config.prompts_per_iteration) + len(set(held_out) - set(train))
@@ -248,7 +248,7 @@ def stderr_progress(message: str) -> None:
 
 def with_overrides(config, overrides: list[str]):
     """The config with key=value overrides applied and validated (as `ngrpo train` would read them)."""
-    from neighbor_grpo.config import apply_overrides, from_dict, to_dict, validate
+    from neighbor_grpo.config.train_config import apply_overrides, from_dict, to_dict, validate
 
     changed = from_dict(type(config), apply_overrides(to_dict(config), overrides))
     validate(changed)
@@ -258,7 +258,7 @@ def with_overrides(config, overrides: list[str]):
 def baselines(config, tracer: Tracer, gpus: int, gpu: str, mfu: float) -> list[dict]:
     """Every method of compare.PAPER_SETTINGS on the same model, resolution and speed settings; the cost ratio is
     per-iteration FLOPs over Neighbor GRPO's at its paper settings."""
-    from neighbor_grpo.compare import PAPER_SETTINGS, REFERENCE_METHOD
+    from neighbor_grpo.bench.compare import PAPER_SETTINGS, REFERENCE_METHOD
 
     rows = []
     for method, settings in PAPER_SETTINGS.items():

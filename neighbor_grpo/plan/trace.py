@@ -73,8 +73,8 @@ def make_traceable(adapter, lora: dict | None, checkpointing: bool, prompt: str 
     """LoRA (rank, alpha, targets) and gradient checkpointing applied as the trainer applies them; a meta-built
     diffusers adapter's transformer and VAE are then made fake (the prompt is encoded before, outside the mode).
     Any other adapter (the built-in model: small) is traced for real."""
-    from neighbor_grpo.lora import apply_lora
-    from neighbor_grpo.speed import enable_gradient_checkpointing
+    from neighbor_grpo.models.lora import apply_lora
+    from neighbor_grpo.training.speed import enable_gradient_checkpointing
 
     if lora:
         adapter.net = apply_lora(adapter.net, lora["rank"], lora["alpha"], lora["targets"])
@@ -114,8 +114,8 @@ def counted(model: TracedModel, run, inputs: tuple) -> tuple[int, int, float]:
 def velocity_fn(model: TracedModel, network: str, mixed_precision: str):
     """v(x, s, cond) of `network` as the trainer builds it: the policy, or the reference (LoRA: adapters off; a full
     fine-tune's frozen copy costs the policy's no-grad forward, so it is traced as that), under autocast."""
-    from neighbor_grpo.lora import make_reference_velocity
-    from neighbor_grpo.speed import autocast_velocity
+    from neighbor_grpo.models.lora import make_reference_velocity
+    from neighbor_grpo.training.speed import autocast_velocity
 
     adapter = model.adapter
     base = make_reference_velocity(adapter, None) if network == "reference" and model.lora else adapter.velocity

@@ -6,7 +6,7 @@ factory by dotted path (`package.module:make_reward`) in the config. Several rew
 
 from __future__ import annotations
 
-from neighbor_grpo.plugins import resolve_plugin
+from neighbor_grpo.config.plugins import resolve_plugin
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from neighbor_grpo.io import save_safetensors
+from neighbor_grpo.runs.io import save_safetensors
 from neighbor_grpo.rewards import register_reward
 from neighbor_grpo.rewards.clip_rewards import CLIP_HOW_TO, clip_image_embeddings, load_clip_model
 from neighbor_grpo.rewards.image_transforms import ImageTransform, centre_crop_transform

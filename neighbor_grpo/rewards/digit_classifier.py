@@ -10,9 +10,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from neighbor_grpo.cache import cache_root, settings_key
-from neighbor_grpo.data import prompt_to_label
-from neighbor_grpo.io import atomic_write_text, load_safetensors, save_safetensors
+from neighbor_grpo.builtin.cache import cache_root, settings_key
+from neighbor_grpo.builtin.data import prompt_to_label
+from neighbor_grpo.runs.io import atomic_write_text, load_safetensors, save_safetensors
 from neighbor_grpo.rewards import register_reward
 
 

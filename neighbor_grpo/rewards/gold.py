@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neighbor_grpo.data import gold_split_b, load_digits_images, prompt_to_label
+from neighbor_grpo.builtin.data import gold_split_b, load_digits_images, prompt_to_label
 from neighbor_grpo.rewards import register_reward
 
 
@@ -115,7 +115,7 @@ def _data_key(features: np.ndarray, labels: np.ndarray, settings: GoldSettings) 
 
 def ensure_gold(settings: GoldSettings = GoldSettings()) -> Path:
     """The cached gold folder (fitted on first use, published atomically), verified against its fingerprint."""
-    from neighbor_grpo.pretrain import _publish, cache_root
+    from neighbor_grpo.builtin.pretrain import _publish, cache_root
 
     features, labels = _b_features(settings)
     folder = cache_root() / f"digit-gold-{_data_key(features, labels, settings)}"

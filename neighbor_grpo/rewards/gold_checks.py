@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neighbor_grpo.data import DIGIT_PROMPTS, load_digits_images, train_test_split
+from neighbor_grpo.builtin.data import DIGIT_PROMPTS, load_digits_images, train_test_split
 
 THRESHOLDS = {"gold_class_accuracy_on_a": 0.95, "typical_share_on_a": 0.9, "spearman_proxy_gold_base": 0.5,
               "hack_proxy_minus_gold": 0.3}
@@ -63,7 +63,7 @@ def spearman(x, y) -> float:
 def proxy_and_gold_on_base(base_dir: str | Path, classifier_dir: str | Path, gold) -> dict[str, np.ndarray]:
     """Per-image proxy (digit_prob) and gold components on the base model's samples (SPEARMAN_SAMPLES)."""
     from neighbor_grpo.models import load_adapter
-    from neighbor_grpo.monitors import generate
+    from neighbor_grpo.training.monitors import generate
     from neighbor_grpo.rewards.digit_classifier import make_digit_probability_reward
 
     adapter = load_adapter(base_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.io import save_safetensors
+from neighbor_grpo.runs.io import save_safetensors
 from neighbor_grpo.rewards import register_reward
 from neighbor_grpo.rewards.clip_rewards import CLIP_H_HOW_TO, ClipSimilarity, load_tokenizer
 from neighbor_grpo.rewards.image_transforms import letterbox_transform

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from neighbor_grpo.io import save_safetensors
+from neighbor_grpo.runs.io import save_safetensors
 from neighbor_grpo.rewards import register_reward
 from neighbor_grpo.rewards.aesthetic import AestheticHead
 from neighbor_grpo.rewards.image_transforms import centre_crop_transform

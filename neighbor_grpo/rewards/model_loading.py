@@ -42,7 +42,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     which refuses arbitrary objects); a `state_dict` wrapper and DataParallel's `module.` prefix are removed."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from neighbor_grpo.io import load_safetensors
+        from neighbor_grpo.runs.io import load_safetensors
 
         state = load_safetensors(path)
     else:

@@ -9,9 +9,9 @@ import torch
 from neighbor_grpo.algorithms.awm import (AWM, AWMConfig, awm_policy_loss, ema_decay, strata, stratified_indices,
                                           weighted_error)
 from neighbor_grpo.algorithms.common import Minibatch, Rollout
-from neighbor_grpo.config import ConfigError, load_config
-from neighbor_grpo.flow import sigma_grid
-from neighbor_grpo.noise import keyed_generator
+from neighbor_grpo.config.train_config import ConfigError, load_config
+from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.maths.noise import keyed_generator
 
 D = 64
 

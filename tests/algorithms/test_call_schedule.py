@@ -15,12 +15,12 @@ import torch
 
 from neighbor_grpo.algorithms import ALGORITHMS, FlowGRPO, FlowGRPOConfig, NeighborGRPO, NeighborGRPOConfig
 from neighbor_grpo.algorithms.common import solver_evaluations
-from neighbor_grpo.compare import PAPER_SETTINGS
-from neighbor_grpo.config import load_config
-from neighbor_grpo.cost import CountedReference, config_schedule, forward_equivalents, schedule_forward_equivalents
-from neighbor_grpo.iteration import ModelCallCounter, train_iteration, training_counter
+from neighbor_grpo.bench.compare import PAPER_SETTINGS
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.training.cost import CountedReference, config_schedule, forward_equivalents, schedule_forward_equivalents
+from neighbor_grpo.training.iteration import ModelCallCounter, train_iteration, training_counter
 from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
-from neighbor_grpo.parts import build_training_parts
+from neighbor_grpo.training.parts import build_training_parts
 from neighbor_grpo.rewards import WeightedRewards
 
 PROMPTS = [str(digit) for digit in range(10)]

@@ -166,11 +166,11 @@ def test_off_policy_clip_binds_with_the_code_log_prob():
 
 
 def test_two_iterations_train_on_the_built_in_model(tmp_path):
-    from neighbor_grpo.config import load_config
-    from neighbor_grpo.logs import read_metrics
+    from neighbor_grpo.config.train_config import load_config
+    from neighbor_grpo.training.logs import read_metrics
     from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
     from neighbor_grpo.rewards import WeightedRewards
-    from neighbor_grpo.trainer import train
+    from neighbor_grpo.training.trainer import train
 
     config = load_config(None, ["algorithm=flow_grpo", "iterations=2", "prompts_per_iteration=2", "eval.every=2",
                                 "eval.samples_per_prompt=2", "flow_grpo.group_size=4", "flow_grpo.rollout_steps=6",

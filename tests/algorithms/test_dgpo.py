@@ -14,9 +14,9 @@ from neighbor_grpo.algorithms.dgpo import (DGPO, GRID_START, DGPOConfig, dgpo_po
                                            flow_matching_losses, gated, group_preference_nll, group_scores,
                                            group_weights, likelihood_ratio, overconfident, training_indices,
                                            training_noises)
-from neighbor_grpo.config import ConfigError, load_config
-from neighbor_grpo.flow import sigma_grid
-from neighbor_grpo.noise import keyed_generator
+from neighbor_grpo.config.train_config import ConfigError, load_config
+from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.maths.noise import keyed_generator
 
 P, G, D = 3, 5, 16
 

@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from neighbor_grpo.cli import main
-from neighbor_grpo.config import load_config
-from neighbor_grpo.cost import config_schedule, forward_equivalents, schedule_forward_equivalents
-from neighbor_grpo.iteration import ModelCallCounter, train_iteration
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.training.cost import config_schedule, forward_equivalents, schedule_forward_equivalents
+from neighbor_grpo.training.iteration import ModelCallCounter, train_iteration
 from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
-from neighbor_grpo.parts import build_training_parts
+from neighbor_grpo.training.parts import build_training_parts
 from neighbor_grpo.rewards import WeightedRewards
-from neighbor_grpo.trainer import train
+from neighbor_grpo.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,8 +11,8 @@ from neighbor_grpo.algorithms.diffusion_nft import (DiffusionNFT, DiffusionNFTCo
                                                     nft_policy_loss, old_policy_decay, optimality_probability,
                                                     regression_error, training_times)
 from neighbor_grpo.algorithms.forward_process import sample_generators, soft_update, training_noises
-from neighbor_grpo.config import ConfigError, load_config
-from neighbor_grpo.flow import sigma_grid
+from neighbor_grpo.config.train_config import ConfigError, load_config
+from neighbor_grpo.maths.flow import sigma_grid
 
 D = 64
 
@@ -163,7 +163,7 @@ def test_bad_settings_name_the_field(override):
 
 def test_old_and_current_policy_agree_bitwise_before_the_first_update():
     from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
-    from neighbor_grpo.parts import build_training_parts
+    from neighbor_grpo.training.parts import build_training_parts
 
     adapter = DigitsAdapter.create(DigitsNetConfig(hidden=16, depth=1, cond_dim=8), seed=0)
     parts = build_training_parts(load_config(None, ["algorithm=diffusion_nft"]), adapter)

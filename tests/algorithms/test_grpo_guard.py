@@ -13,7 +13,7 @@ import torch
 from neighbor_grpo.algorithms.flow_grpo import FlowGRPO, FlowGRPOConfig
 from neighbor_grpo.algorithms.grpo_guard import grad_reweight, ratio_norm_bias, ratio_norm_log_ratio
 from neighbor_grpo.algorithms.sde import flow_grpo_mean_std, gaussian_log_prob, ppo_clipped_loss
-from neighbor_grpo.config import ConfigError, load_config
+from neighbor_grpo.config.train_config import ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 from tiny_velocity import LATENT, TinyVelocity  # tests/algorithms/tiny_velocity.py
@@ -166,11 +166,11 @@ def test_config_refuses_cps_with_either_guard_flag():
 
 
 def test_two_iterations_train_on_the_built_in_model(tmp_path):
-    from neighbor_grpo.compare import PAPER_SETTINGS
-    from neighbor_grpo.logs import read_metrics
+    from neighbor_grpo.bench.compare import PAPER_SETTINGS
+    from neighbor_grpo.training.logs import read_metrics
     from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig
     from neighbor_grpo.rewards import WeightedRewards
-    from neighbor_grpo.trainer import train
+    from neighbor_grpo.training.trainer import train
 
     config = load_config(None, PAPER_SETTINGS["grpo_guard"] + [
         "iterations=2", "prompts_per_iteration=2", "eval.every=2", "eval.samples_per_prompt=2", "flow_grpo.group_size=4",

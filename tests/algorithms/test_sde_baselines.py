@@ -14,8 +14,8 @@ from neighbor_grpo.algorithms.flow_grpo import FlowGRPO, FlowGRPOConfig
 from neighbor_grpo.algorithms.mix_grpo import MixGRPO, MixGRPOConfig, dpmpp_2m_step, window_steps
 from neighbor_grpo.algorithms.sde import (dance_grpo_sde_step, flow_grpo_sde_step, gaussian_log_prob,
                                           transition_log_prob)
-from neighbor_grpo.flow import predict_x0, sigma_grid
-from neighbor_grpo.solvers import dpmpp_2m
+from neighbor_grpo.maths.flow import predict_x0, sigma_grid
+from neighbor_grpo.maths.solvers import dpmpp_2m
 
 LATENT = (1, 4, 4)
 P = 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neighbor_grpo.models import DigitsAdapter, DigitsNetConfig, load_adapter
-from neighbor_grpo.monitors import evaluate
+from neighbor_grpo.training.monitors import evaluate
 from neighbor_grpo.rewards import build_rewards
 
 

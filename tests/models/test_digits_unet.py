@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neighbor_grpo.config import load_config
-from neighbor_grpo.flow import interpolate
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.maths.flow import interpolate
 from neighbor_grpo.models import DigitsUNet, DigitsUNetAdapter, DigitsUNetConfig, load_adapter
 from neighbor_grpo.models.digits_unet import forward_flops_per_sample
-from neighbor_grpo.pretrain import UNetBaseModelSettings, default_base_dir, ensure_builtin_model, train_base_model
+from neighbor_grpo.builtin.pretrain import UNetBaseModelSettings, default_base_dir, ensure_builtin_model, train_base_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -108,7 +108,7 @@ def test_default_width_costs_15_to_20_mflop_per_sample():
 
 
 def flow_matching_loss(adapter, seed=0):
-    from neighbor_grpo.data import load_digits_images
+    from neighbor_grpo.builtin.data import load_digits_images
 
     images, labels = load_digits_images(8)
     generator = torch.Generator().manual_seed(seed)
@@ -135,9 +135,9 @@ def test_builtin_name_has_its_own_cache_folder_and_unknown_names_are_refused():
 
 
 def test_two_neighbor_grpo_iterations_train_the_tiny_unet(tmp_path):
-    from neighbor_grpo.io import load_safetensors
+    from neighbor_grpo.runs.io import load_safetensors
     from neighbor_grpo.rewards import WeightedRewards
-    from neighbor_grpo.trainer import train
+    from neighbor_grpo.training.trainer import train
 
     tiny_adapter().save(tmp_path / "model")
     overrides = [f"model.path={tmp_path / 'model'}", "iterations=2", "prompts_per_iteration=2",

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from neighbor_grpo.config import load_config
-from neighbor_grpo.flow import sigma_grid
-from neighbor_grpo.lora import apply_lora
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.models.lora import apply_lora
 from neighbor_grpo.models import FluxAdapter, load_adapter
 from neighbor_grpo.models.diffusers_common import LORA_FILE
 from neighbor_grpo.rewards import WeightedRewards
-from neighbor_grpo.solvers import integrate
-from neighbor_grpo.trainer import train
+from neighbor_grpo.maths.solvers import integrate
+from neighbor_grpo.training.trainer import train
 
 import tiny_diffusers
 
@@ -274,7 +274,7 @@ def test_exports_stack_on_earlier_loras(flux_folder, tmp_path):
 
 def test_sample_cli_with_base_folder_and_lora(flux_folder, tmp_path):
     from neighbor_grpo.cli import main
-    from neighbor_grpo.monitors import generate
+    from neighbor_grpo.training.monitors import generate
 
     adapter = randomized_lora(load_adapter(flux_folder, options=SIZE), seed=3)
     adapter.save(tmp_path / "lora")

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from neighbor_grpo.config import load_config
-from neighbor_grpo.flow import sigma_grid
-from neighbor_grpo.lora import apply_lora
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.models.lora import apply_lora
 from neighbor_grpo.models import SD3Adapter, load_adapter
 from neighbor_grpo.models.diffusers_common import LORA_FILE
 from neighbor_grpo.rewards import WeightedRewards
-from neighbor_grpo.solvers import integrate
-from neighbor_grpo.trainer import train
+from neighbor_grpo.maths.solvers import integrate
+from neighbor_grpo.training.trainer import train
 
 import tiny_diffusers
 

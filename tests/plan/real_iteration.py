@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from neighbor_grpo.plan.attention_flops import cpu_attention_flops
 from neighbor_grpo.plan.live_bytes import decompose_like_flop_counter
-from neighbor_grpo.trainer import build_training_parts, train_iteration
+from neighbor_grpo.training.trainer import build_training_parts, train_iteration
 
 
 class PhaseFlops(TorchDispatchMode):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from neighbor_grpo.cli import main
-from neighbor_grpo.config import load_config
+from neighbor_grpo.config.train_config import load_config
 from neighbor_grpo.plan import planner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

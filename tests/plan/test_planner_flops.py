@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from neighbor_grpo.algorithms.common import Phase
-from neighbor_grpo.config import load_config
-from neighbor_grpo.cost import schedule_forward_equivalents
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.training.cost import schedule_forward_equivalents
 from neighbor_grpo.models import load_adapter
 from neighbor_grpo.plan.planner import plan
 from neighbor_grpo.rewards import WeightedRewards
@@ -68,7 +68,7 @@ def test_planned_flops_equal_a_real_iteration_per_phase(folders, kind, algorithm
 
 
 def test_builtin_model_phases(monkeypatch):
-    from neighbor_grpo.parts import load_model
+    from neighbor_grpo.training.parts import load_model
 
     config = load_config(None, ["prompts_per_iteration=2", "prompts.train=['1', '7']", "neighbor_grpo.group_size=4",
                                 "neighbor_grpo.ref_beta=1.0", "optim.finetune=lora", "rewards=[{name: jpeg_compressibility}]"])

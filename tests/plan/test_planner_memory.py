@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from neighbor_grpo.config import load_config
+from neighbor_grpo.config.train_config import load_config
 from neighbor_grpo.models import load_adapter
 from neighbor_grpo.plan.live_bytes import tensor_bytes
 from neighbor_grpo.plan.planner import GIB, plan
 from neighbor_grpo.rewards import WeightedRewards
-from neighbor_grpo.trainer import build_training_parts, train_iteration
+from neighbor_grpo.training.trainer import build_training_parts, train_iteration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 import tiny_diffusers  # noqa: E402

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from neighbor_grpo import pretrain
-from neighbor_grpo.data import gold_split_b, load_digits_images, train_test_split
+from neighbor_grpo.builtin import pretrain
+from neighbor_grpo.builtin.data import gold_split_b, load_digits_images, train_test_split
 from neighbor_grpo.rewards import build_rewards, gold_checks
 from neighbor_grpo.rewards.gold import GoldSettings, ensure_gold, load_gold, loo_nn_radius, shifted_copies, user_view
 

@@ -1,0 +1,235 @@
+"""Side-by-side comparison of Neighbor GRPO and the SDE baselines at an equal forward-equivalent budget.
+
+Every method starts from the same base model, trains on the same proxy reward (the digit classifier) and prompts,
+for the same budget of forward-equivalents (neighbor_grpo.training.cost). Held-out evaluations (ODE sampler, seeds never
+trained on) run at the same forward-equivalent points for every method (benchmark_rules.evaluation_points) and
+score the proxy, the gold (never trained on, never used to select anything), the hacking monitors and the
+distance from the base model. What runs: compare_settings; one run: compare_run; the tuning grid, the x3 rule and
+the seeds: compare_grid; where runs execute: compare_workers; seconds per iteration: compare_throughput. The rules
+that turn curves into a table live in benchmark_rules; the table, the intervals and the plots in compare_report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from neighbor_grpo.bench import rules as rules
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.training.cost import backward_factor, cost_note
+from neighbor_grpo.runs.io import atomic_write_text
+from neighbor_grpo.bench.report import compare_outputs  # noqa: F401  (re-exported)
+from neighbor_grpo.bench.workers import schedule
+from neighbor_grpo.bench.method_run import GOLD_REWARD, DistanceProbe, load_gold, run_method  # noqa: F401  (re-exported)
+from neighbor_grpo.bench.settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS,  # noqa: F401
+                                            REFERENCE_EMA, REFERENCE_METHOD, REFERENCE_OPTIMIZER, equal_steps_overrides,
+                                            knob_grid)
+
+
+def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_per_run: int, eval_samples: int,
+                    methods: list[str], workers: int = 1, throughput_iters: int = 6, throughput_warmup: int = 1,
+                    reference: str = REFERENCE_METHOD) -> None:
+    """One-line errors naming the flag, before anything runs."""
+    if not budget_fe > 0:
+        raise ValueError(f"--budget-fe: expected > 0 forward-equivalents, got {budget_fe:g}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds: expected distinct integers >= 0, got {seeds}")
+    if not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs):
+        raise ValueError(f"--lrs: expected distinct learning rates > 0, got {lrs}")
+    if evals_per_run < rules.FINAL_EVALUATIONS:
+        raise ValueError(f"--evals-per-run: expected >= {rules.FINAL_EVALUATIONS}, got {evals_per_run}")
+    if eval_samples < 2:
+        raise ValueError(f"--eval-samples: expected >= 2 samples per prompt (diversity needs pairs), got {eval_samples}")
+    unknown = [n for n in methods if n not in PAPER_SETTINGS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(PAPER_SETTINGS)}")
+    if reference not in methods:
+        raise ValueError(f"--methods: must include {reference} (every comparison is paired against it; --reference "
+                         f"names another row)")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods: expected distinct names, got {methods}")
+    if workers < 1:
+        raise ValueError(f"--workers: expected >= 1 worker processes, got {workers}")
+    if throughput_iters < 0:
+        raise ValueError(f"--throughput-iters: expected >= 0 timed iterations (0 skips the measurement), got "
+                         f"{throughput_iters}")
+    if throughput_warmup < 0:
+        raise ValueError(f"--throughput-warmup: expected >= 0 iterations, got {throughput_warmup}")
+
+
+def resolve_base(base_path: str, progress: bool) -> str:
+    """A built-in model (`builtin:NAME`, pretrained and cached on first use) or a model folder; the reward
+    classifier the proxy needs is built on first use too."""
+    from neighbor_grpo.builtin.pretrain import BUILTIN_MODELS, ensure_builtin_model, ensure_classifier
+
+    if base_path.startswith("builtin:"):
+        name = base_path.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"--base {base_path!r}: unknown built-in model; expected one of "
+                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)} or a model folder")
+        ensure_classifier(progress=progress)
+        return str(ensure_builtin_model(name, progress=progress))
+    if not (Path(base_path) / "model.json").is_file():
+        raise ValueError(f"--base {base_path!r}: expected builtin:NAME or a model folder of ngrpo (with model.json)")
+    ensure_classifier(progress=progress)
+    return base_path
+
+
+def check_evaluations(table: dict[str, list[str]], points: list[float], common: list[str]) -> None:
+    """Refuse, before any run, a budget that gives a row fewer than 3 held-out evaluations, where its cost per
+    iteration is what its call schedule implies (at its first iteration: MixGRPO's window moves)."""
+    from neighbor_grpo.training.cost import config_schedule, schedule_forward_equivalents
+
+    for row, overrides in table.items():
+        config = load_config(None, common + overrides)
+        per_iteration = schedule_forward_equivalents(config_schedule(config), config.optim.finetune)
+        evaluations = len({math.ceil(p / per_iteration - 1e-9) for p in points})
+        if evaluations < rules.FINAL_EVALUATIONS:
+            raise ValueError(f"--budget-fe: {row} costs {per_iteration:.0f} forward-equivalents per iteration, so "
+                             f"{points[-1]:g} gives it {evaluations} held-out evaluations; expected >= "
+                             f"{rules.FINAL_EVALUATIONS} (raise --budget-fe to >= {3 * per_iteration:.0f})")
+
+
+def latent_elements(base_path: str) -> int:
+    """D: the number of latent elements of the base model's samples (the clip scaling's D)."""
+    from neighbor_grpo.training.parts import load_model
+
+    return math.prod(load_model(base_path, "cpu", progress=False).latent_shape())
+
+
+def read_frozen_target(path: str | Path) -> float:
+    """The gold target frozen in an earlier results JSON (later tables report against it)."""
+    try:
+        return float(json.loads(Path(path).read_text())["target"]["gold"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--frozen-target {str(path)!r}: expected a results JSON of ngrpo compare with "
+                         f"target.gold ({error})") from None
+
+
+def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] = (1e-4, 3e-4),
+            methods: list[str] | None = None, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), evals_per_run: int = 24,
+            eval_samples: int = 32, frozen_target: str | Path | None = None, equal_steps: int | None = None,
+            ablation: str | None = None, device: str | None = None, base_path: str = "builtin:digits",
+            overwrite: bool = False, progress: bool = True, command: str | None = None, workers: int = 1,
+            grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1,
+            reference: str = REFERENCE_METHOD, x3: bool = True) -> dict:
+    """Run the comparison; write the results JSON, a markdown table, PNG plots and every run's final weights
+    (`<stem>_models/`) next to `out`."""
+    from neighbor_grpo.bench.grid import run_table
+    from neighbor_grpo.bench.report import markdown_report, plot_report, summarize
+    from neighbor_grpo.bench.workers import RunPool
+    from neighbor_grpo.parallel.distributed import check_device
+    from neighbor_grpo.runs.ownership import check_file_outputs, check_folder_target, write_marker
+
+    names = list(methods or MAIN_TABLE)
+    seeds, lrs = [int(s) for s in seeds], [float(lr) for lr in lrs]
+    check_arguments(budget_fe, seeds, lrs, evals_per_run, eval_samples, names, workers, throughput_iters,
+                    throughput_warmup, reference)
+    table = {n: PAPER_SETTINGS[n] for n in names}
+    if equal_steps is not None:
+        if equal_steps < 2:
+            raise ValueError(f"--equal-steps: expected >= 2 rollout steps, got {equal_steps}")
+        table = {n: equal_steps_overrides(n, equal_steps) for n in names}
+    if ablation is not None:  # Neighbor GRPO's variants, paired against the first (the defaults where listed)
+        if ablation not in ABLATIONS:
+            raise ValueError(f"--ablation: unknown {ablation!r}; choose from {list(ABLATIONS)}")
+        table = {label: LIBRARY_DEFAULTS + extra for label, extra in ABLATIONS[ablation].items()}
+        reference = next(iter(table))
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(out)!r}: expected a .json file (the .md table and plots are written beside it)")
+    check_file_outputs(compare_outputs(out), overwrite)  # only the files it names are ever replaced
+    models_dir = out.parent / f"{out.stem}_models"
+    check_folder_target(models_dir, overwrite, "--out")  # refused now, not after an hour of runs
+    frozen = read_frozen_target(frozen_target) if frozen_target else None
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device, "--device")
+    common = [f"device={device}", "prompts_per_iteration=8"]
+    points = rules.evaluation_points(budget_fe, evals_per_run)
+    check_evaluations(table, points, common)
+    base_path = resolve_base(base_path, progress)
+    elements = latent_elements(base_path)
+    knobs = {row: knob_grid(row, overrides, elements)[:None if grid else 1] for row, overrides in table.items()}
+    ema = {row: REFERENCE_EMA[row] for row in table if row in REFERENCE_EMA}
+    for folder in (out.parent, models_dir):
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            write_marker(folder, "compare")
+    partial_path = out.with_name(out.stem + ".partial.json")
+
+    def log(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+
+    finetune = load_config(None, common).optim.finetune
+    header = {
+        "command": command,
+        "settings": {"device": device, "base": base_path, "latent_elements": elements, "budget_fe": budget_fe,
+                     "lrs": lrs, "seeds": seeds, "methods": list(table), "overrides": table,
+                     "knobs": {row: [{k: e[k] for k in ("label", "key", "value")} for e in entries]
+                               for row, entries in knobs.items()},
+                     "grid": grid, "x3": grid and x3, "reference_ema": ema, "equal_steps": equal_steps, "ablation": ablation,
+                     "workers": workers, "threads_per_run": 1,
+                     "evals_per_run": evals_per_run, "eval_samples_per_prompt": eval_samples, "proxy": "digit_prob",
+                     "gold": GOLD_REWARD, "finetune": finetune, "backward_factor": backward_factor(finetune),
+                     "cost_note": cost_note(finetune)},
+        "rules": {"final_evaluations": rules.FINAL_EVALUATIONS, "target_fraction": rules.TARGET_FRACTION,
+                  "no_worse_margin": rules.NO_WORSE_MARGIN, "confidence": rules.CONFIDENCE,
+                  "selection": f"lr x knob grid on seed {seeds[0]}, highest area under the held-out proxy curve"
+                               + (" (never the gold); a chosen lr at an end of the lr grid adds the next x3 point "
+                                  "at the chosen knob, then re-selects" if grid and x3 else " (never the gold)"),
+                  "reference_method": reference},
+        "eval_points": points,
+    }
+
+    def partial(state: dict) -> None:  # what is done so far survives an interrupted run
+        atomic_write_text(partial_path, json.dumps({**header, **state}))
+
+    context = {"budget_fe": budget_fe, "points": points, "base_path": base_path, "device": device,
+               "eval_prompts": [str(d) for d in range(10)], "eval_samples": eval_samples, "common": common}
+    with RunPool(workers, context) as pool:
+        measured = run_table(pool, table, knobs, lrs, seeds, grid and x3, ema, models_dir, log, partial)
+        results = {**header, **measured}
+        if throughput_iters > 0:
+            log(f"throughput: {len(table)} rows interleaved, {workers} single-thread worker(s), "
+                f"{throughput_warmup} warm-up + {throughput_iters} timed iterations each")
+            rows = {row: table[row] + measured["selection"][row]["chosen_overrides"]
+                    + [f"optim.lr={measured['selection'][row]['chosen_lr']!r}"] for row in table}
+            results["throughput"] = measure_throughput(pool, rows, workers, throughput_warmup, throughput_iters)
+    results.update(summarize(results, frozen))
+    results["wall_clock_s"] = time.perf_counter() - started
+    results["machine"] = {"cpus": os.cpu_count(), "load_average_1min_before_after": [load_before, os.getloadavg()[0]]}
+    plot_report(results, out.parent, out.stem)
+    atomic_write_text(out.with_suffix(".md"), markdown_report(results) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=2))
+    partial_path.unlink(missing_ok=True)
+    return results
+
+
+def measure_throughput(pool, rows: dict[str, list[str]], workers: int, warmup: int, iters: int) -> dict:
+    """Every row's median s/iter over the timed iterations of `workers` single-thread workers side by side."""
+    pooled: dict[str, list[float]] = {name: [] for name in rows}
+
+    def finished(job, seconds) -> list:
+        for name, values in seconds.items():
+            pooled[name].extend(values)
+        return []
+
+    jobs = [((0, k), {"kind": "throughput", "rows": rows, "offset": k, "warmup": warmup, "iters": iters, "order": k})
+            for k in range(workers)]
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    schedule(pool, jobs, finished)
+    return {"s_per_iter": {name: statistics.median(values) for name, values in pooled.items()},
+            "seconds_each": pooled, "workers": workers, "threads_per_worker": 1, "warmup": warmup,
+            "iters_per_worker": iters, "wall_clock_s": time.perf_counter() - started,
+            "load_average_1min_before_after": [load_before, os.getloadavg()[0]],  # how shared the machine was
+            "method": "single-thread workers side by side, rows interleaved per iteration (rotating order), "
+                      "median of every timed iteration"}

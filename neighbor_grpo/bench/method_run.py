@@ -1,0 +1,154 @@
+"""One run of `ngrpo compare`: a method at one (lr, knob, seed) trained to the forward-equivalent budget, with
+held-out evaluations at the shared points, the reference's evaluation EMA scored at the last points, and its final
+weights written with their sha256. Runs are independent: a run's numbers depend only on its spec (never on which
+process ran it, or what ran before)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from neighbor_grpo.config.train_config import load_config
+from neighbor_grpo.training.cost import forward_equivalents
+from neighbor_grpo.runs.io import save_safetensors, sha256_file
+from neighbor_grpo.training.iteration import train_iteration, training_counter
+from neighbor_grpo.models.lora import EMA
+from neighbor_grpo.training.monitors import evaluate, generate
+from neighbor_grpo.training.parts import build_training_parts, load_model, read_prompts
+
+GOLD_REWARD = "digit_gold"
+PROBE_SEED = 20260  # the fixed held-out states of the distance from the base (the same for every method and seed)
+PROBE_PER_PROMPT = 8
+EMA_EVALUATIONS = 3  # the EMA weights are scored at the last evaluations, those the final value averages
+
+
+def load_gold(device: str):
+    """The gold reward object (with `components`), built from the reward registry."""
+    from neighbor_grpo.rewards import REWARDS, build_rewards
+
+    if GOLD_REWARD not in REWARDS:
+        raise RuntimeError(f"gold reward {GOLD_REWARD!r} is not registered; the comparison scores every method on it")
+    return build_rewards([{"name": GOLD_REWARD}], device=device).rewards[GOLD_REWARD]
+
+
+def load_rewards(device: str) -> tuple:
+    """(proxy, gold): the trained-on reward and the held-out gold."""
+    from neighbor_grpo.rewards import build_rewards
+
+    return build_rewards([{"name": "digit_prob"}], device=device), load_gold(device)
+
+
+class ReferenceEMA(EMA):
+    """A reference repository's evaluation EMA (flow_grpo/ema.py EMAModuleWrapper): at optimizer step k (from 0)
+    the decay is min((1 + k) / (10 + k), decay), applied every `every` steps. lora.EMA's shadow and `applied`, so
+    train_iteration steps it after every optimizer step; it never feeds back into training."""
+
+    def __init__(self, net: torch.nn.Module, decay: float, every: int):
+        super().__init__(net, decay)
+        self.every, self.steps = every, 0
+
+    def current_decay(self, step: int) -> float:
+        return min((1 + step) / (10 + step), self.decay)
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module) -> None:
+        if (self.steps + 1) % self.every == 0:
+            weight = 1.0 - self.current_decay(self.steps)
+            for name, param in net.named_parameters():
+                if name in self.shadow:
+                    self.shadow[name].lerp_(param.detach(), weight)
+        self.steps += 1
+
+
+class DistanceProbe:
+    """Distance from the base model: mean over fixed held-out states of ||v_theta - v_ref||^2 / latent dims.
+    States are points on straight paths from the base model's held-out samples to fixed noise, at fixed sigmas."""
+
+    def __init__(self, adapter, prompts: list[str], seed: int, shift: float):
+        latents, _ = generate(adapter, prompts, PROBE_PER_PROMPT, seed, "dpm++2m", 8, shift)  # the base model's
+        generator = torch.Generator().manual_seed(PROBE_SEED)
+        x0 = latents.flatten(0, 1).float().cpu()
+        noise = torch.randn(x0.shape, generator=generator)
+        sigmas = 0.05 + 0.9 * torch.rand(x0.shape[0], generator=generator)
+        s = sigmas.view(-1, *[1] * (x0.dim() - 1))
+        self.states = ((1 - s) * x0 + s * noise).to(latents)
+        self.sigmas = sigmas.to(latents)
+        self.cond = adapter.encode_prompts([p for p in prompts for _ in range(PROBE_PER_PROMPT)])
+        self.reference = self._velocity(adapter.velocity)
+
+    @torch.no_grad()
+    def _velocity(self, velocity) -> torch.Tensor:
+        return velocity(self.states, self.sigmas, self.cond).float()
+
+    def __call__(self, adapter) -> float:
+        return float((self._velocity(adapter.velocity) - self.reference).pow(2).mean())
+
+
+def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift) -> dict:
+    metrics, images = evaluate(adapter, proxy, prompts, samples, seed, "dpm++2m", 8, shift)
+    flat = images.flatten(0, 1).clamp(0, 1)
+    parts = gold.components(flat, [p for p in prompts for _ in range(samples)])
+    return {"proxy": metrics["reward"], **{k: float(v.float().mean()) for k, v in parts.items()},
+            "out_of_range": metrics["out_of_range"], "diversity": metrics["diversity"],
+            "realism": metrics.get("realism_nn_dist"), "distance": probe(adapter)}
+
+
+def run_method(spec: dict, context: dict, proxy, gold) -> dict:
+    """Train spec["overrides"] at spec["lr"] and spec["seed"] until context["budget_fe"] forward-equivalents; a
+    held-out evaluation at the first iteration boundary at or past each of context["points"] (points passed within
+    one iteration share one evaluation). With spec["ema"] = (decay, every), the reference's EMA weights are scored
+    too at the evaluations from the third-last point on; with spec["model_path"], the final live weights are
+    written there (safetensors) and their sha256 recorded."""
+    started, seed = time.perf_counter(), spec["seed"]
+    torch.manual_seed(seed)  # nothing should read the global generator; if something does, it reads the same
+    config = load_config(None, context["common"] + spec["overrides"] + [f"optim.lr={spec['lr']!r}", f"seed={seed}"])
+    adapter = load_model(context["base_path"], config.device, progress=False)
+    parts = build_training_parts(config, adapter)
+    ema = ReferenceEMA(adapter.net, *spec["ema"]) if spec.get("ema") else None
+    counter = training_counter(adapter, parts)  # the algorithm's own networks too (an old policy, an EMA copy)
+    prompts = read_prompts(config)
+    points, budget = context["points"], context["budget_fe"]
+    ema_from = points[-min(EMA_EVALUATIONS, len(points))]
+    curve: list[dict] = []
+    state = {"fe": 0.0, "iteration": 0, "train_s": 0.0}
+
+    def held_out(probe) -> None:
+        counter.reset()
+        args = (proxy, gold, probe, context["eval_prompts"], context["eval_samples"], config.eval.seed, parts.shift)
+        record = {**state, **heldout_record(adapter, *args)}
+        if ema is not None and state["fe"] >= ema_from:
+            with ema.applied(adapter.net):
+                record["ema"] = heldout_record(adapter, *args)
+        counter.reset()  # evaluation is not training cost
+        curve.append(record)
+
+    probe = DistanceProbe(adapter, context["eval_prompts"], config.eval.seed, parts.shift)
+    held_out(probe)
+    s_per_iter: list[float] = []
+    pending = list(points)
+    while state["fe"] < budget:
+        tick = time.perf_counter()
+        train_iteration(config, adapter, proxy, parts.algorithm, parts.optimizer, parts.params, ema,
+                        parts.reference_velocity, prompts, state["iteration"], lambda point: None, parts=parts)
+        s_per_iter.append(time.perf_counter() - tick)
+        state["train_s"] += s_per_iter[-1]
+        no_grad, with_grad = counter.reset()
+        state["fe"] += forward_equivalents(no_grad, with_grad, config.optim.finetune)
+        state["iteration"] += 1
+        if pending and state["fe"] >= pending[0]:
+            held_out(probe)
+            pending = [p for p in pending if p > state["fe"]]
+    if pending or curve[-1]["iteration"] != state["iteration"]:
+        held_out(probe)
+    counter.remove()
+    run = {"lr": spec["lr"], "seed": seed, "knob": spec.get("knob"), "iterations": state["iteration"],
+           "median_s_per_iter": statistics.median(s_per_iter), "fe_per_iter": state["fe"] / state["iteration"],
+           "finetune": config.optim.finetune, "curve": curve, "run_s": time.perf_counter() - started}
+    if spec.get("model_path"):
+        path = Path(spec["model_path"])
+        save_safetensors(dict(adapter.net.state_dict()), path)
+        run["model"] = {"path": str(path), "sha256": sha256_file(path), "weights": "live (not EMA)"}
+    return run

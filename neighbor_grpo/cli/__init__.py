@@ -1,0 +1,9 @@
+"""The `ngrpo` command (`commands`: demo, pretrain, train, sample, eval, compare, plan, config), `ngrpo sample`
+and `ngrpo eval` (`sampling`), and how a command ends on a failure (`failures`).
+
+Layer 5 (docs/design.md), the top: may import everything. `python -m neighbor_grpo.cli` runs `main`.
+"""
+
+from neighbor_grpo.cli.commands import build_parser, main
+
+__all__ = ["build_parser", "main"]
