@@ -19,13 +19,13 @@ class RetryOnce:
     def __init__(self, name: str, reward):
         self.name, self.reward = name, reward
 
-    def __call__(self, images, prompts):
+    def __call__(self, images, prompts, **inputs):
         try:
-            return self.reward(images, prompts)
+            return self.reward(images, prompts, **inputs)
         except Exception as error:
             warnings.warn(f"reward {self.name!r} raised {type(error).__name__}: {error}; retrying once")
             try:
-                return self.reward(images, prompts)
+                return self.reward(images, prompts, **inputs)
             except Exception as again:
                 raise RewardFailed(f"reward {self.name!r} failed twice in a row ({type(again).__name__}: {again}); "
                                    "the run stops. Fix the reward, then continue with `ngrpo train --resume RUN` "

@@ -94,7 +94,8 @@ def score_chunk(adapter, rewards, rollout) -> tuple[dict[str, torch.Tensor], tor
     with torch.no_grad():
         images = adapter.decode(rollout.final.flatten(0, 1))
         try:
-            scores = rewards.score(images, [p for p in rollout.prompts for _ in range(g)])
+            group_ids = torch.tensor(rollout.prompt_indices, device=images.device).repeat_interleave(g)
+            scores = rewards.score(images, [p for p in rollout.prompts for _ in range(g)], group_ids=group_ids)
         except FloatingPointError as error:
             return {}, images, str(error)
     return {k: v.view(P, g) for k, v in scores.items()}, images, ""

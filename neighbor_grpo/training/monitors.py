@@ -83,7 +83,8 @@ def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: in
                                  f"{images.numel()} values)")
     flat = images.flatten(0, 1)
     flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    scores = {f"reward_{name}": value for name, value in rewards.score(flat, flat_prompts).items()}
+    group_ids = torch.arange(len(prompts), device=flat.device).repeat_interleave(samples_per_prompt)
+    scores = {f"reward_{name}": value for name, value in rewards.score(flat, flat_prompts, group_ids=group_ids).items()}
     scores["reward"] = rewards.total({name[len("reward_"):]: value for name, value in scores.items()})
     # the same flat keys as a run's held-out metrics (eval_before.json / eval_after.json), so they compare directly
     metrics = {name: float(value.mean()) for name, value in scores.items()}
