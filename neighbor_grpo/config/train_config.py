@@ -169,6 +169,9 @@ class SpeedConfig:
     rollout_chunk: int | None = None
     """Prompts (whole groups) rolled out and scored together; an iteration runs its rollouts chunk by chunk (null:
     all of the process's prompts at once). Lowers rollout memory; results equal to float rounding."""
+    async_scoring: bool = False
+    """Decode and score each chunk of groups (speed.rollout_chunk) in a worker thread while the next chunk rolls
+    out; results are identical to scoring in turn (bit for bit on CPU). Pays off with slow or remote rewards."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """With several processes (accelerate launch, torchrun): 'ddp' replicates the net and averages gradients,
     'fsdp' shards parameters, gradients and optimizer state (FSDP2, for full fine-tunes of large models); 'auto'
@@ -188,8 +191,9 @@ class TrainConfig:
     """Keys every random number: (seed, iteration, prompt index, candidate index)."""
     device: str = "cpu"
     """torch device for the model and rewards."""
-    reward_normalization: Literal["each", "sum"] = "each"
-    """[D] several rewards: normalise each inside its group before the weighted sum, or only the sum."""
+    reward_normalization: Literal["each", "sum", "advantages"] = "each"
+    """[D] several rewards: each reward's group advantages, weighted and summed ('each'); the group advantages of
+    the weighted sum ('sum'); or 'each' then normalised over the whole batch ('advantages', GDPO's form)."""
     checkpoint_every: int = 20
     """Write a resumable checkpoint every this many iterations (and at the end)."""
     keep_checkpoints: int = 2

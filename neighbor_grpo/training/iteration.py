@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -101,6 +102,34 @@ def score_chunk(adapter, rewards, rollout) -> tuple[dict[str, torch.Tensor], tor
     return {k: v.view(P, g) for k, v in scores.items()}, images, ""
 
 
+def rollouts_and_scores(chunks: list[range], roll, score, overlap: bool) -> tuple[list, list]:
+    """Each chunk rolled out, then scored: ([rollout], [(scores, images, fault)]). With `overlap`, a worker thread
+    decodes and scores chunk k while chunk k+1 rolls out. A rollout never reads a score and its noises come from
+    keys, so both orders compute the same numbers; in turn, scoring stops at the first NaN (the update is skipped
+    either way)."""
+    pieces, scored = [], []
+    if not overlap:
+        for chunk in chunks:
+            pieces.append(roll(chunk))
+            scored.append(score(pieces[-1]))
+            if scored[-1][2]:
+                break
+        return pieces, scored
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ngrpo-scoring") as worker:
+        futures = []
+        for chunk in chunks:
+            pieces.append(roll(chunk))
+            futures.append(worker.submit(score, pieces[-1]))
+            if any(f.done() and f.exception() is not None for f in futures):
+                break  # a reward that failed for good: no point rolling out more
+        try:
+            scored = [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()  # after a failure, chunks not started yet are not scored
+    return pieces, scored
+
+
 def concat_rollouts(pieces: list):
     """Chunks' rollouts -> one rollout over all their prompts (the inverse of `select_prompts`)."""
     if len(pieces) == 1:
@@ -140,16 +169,12 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
     # candidate numbers key the noises, so the blocks together roll out what one process would
     part = batch_part(count, group_size, processes.rank, processes.world_size)
     slots = part.prompts
-    pieces, chunk_scores, chunk_images, fault = [], [], [], ""
-    for chunk in group_chunks(slots, config.speed.rollout_chunk):
-        piece = rollout_chunk(algorithm, velocity, adapter, all_prompts[chunk.start:chunk.stop],
-                              all_indices[chunk.start:chunk.stop], iteration, part, processes.sharded)
-        scores, images, fault = score_chunk(adapter, rewards, piece)
-        pieces.append(piece)
-        chunk_scores.append(scores)
-        chunk_images.append(images)
-        if fault:
-            break
+    roll = lambda chunk: rollout_chunk(algorithm, velocity, adapter, all_prompts[chunk.start:chunk.stop],
+                                       all_indices[chunk.start:chunk.stop], iteration, part, processes.sharded)
+    pieces, scored = rollouts_and_scores(group_chunks(slots, config.speed.rollout_chunk), roll,
+                                         lambda piece: score_chunk(adapter, rewards, piece), config.speed.async_scoring)
+    chunk_scores, chunk_images, faults = (list(column) for column in zip(*scored))
+    fault = next((f for f in faults if f), "")
     if any_process(bool(fault), processes):  # every process skips together
         return {}, f"reward scores: {fault or 'non-finite on another process'}"
     rollout = concat_rollouts(pieces)
