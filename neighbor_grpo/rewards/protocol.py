@@ -93,7 +93,7 @@ def decode_images(value: object, encoding: str, field: str) -> torch.Tensor:
         arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     if len({a.shape for a in arrays}) != 1:
         raise ProtocolError(f"{field}: the images differ in size or channels; send one size per request")
-    return torch.from_numpy(np.stack(arrays)).float() / 255.0
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).float() / 255.0
 
 
 def encode_request(images: torch.Tensor, prompts: Sequence[str], encoding: str = "png",

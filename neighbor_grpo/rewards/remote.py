@@ -48,7 +48,7 @@ class RemoteReward:
         self.base = url.rstrip("/").removesuffix("/v1/score")
         self.url = f"{self.base}/v1/score"
         self.encoding, self.retries, self.backoff, self.metrics = encoding, retries, backoff, metrics
-        self.max_request_bytes = int(max_request_mb * 2**20)
+        self.max_request_mb, self.max_request_bytes = max_request_mb, int(max_request_mb * 2**20)
         headers = {"content-type": "application/json"}
         if token_env:
             token = os.environ.get(token_env)
@@ -87,8 +87,8 @@ class RemoteReward:
             body["metrics"] = True
         payload = json.dumps(body).encode()
         if len(payload) > self.max_request_bytes:
-            raise RemoteRewardError(f"remote reward {self.url}: request of {len(payload) / 2**20:.1f} MiB is over "
-                                    f"max_request_mb={self.max_request_bytes / 2**20:g}; raise it (and the server's "
+            raise RemoteRewardError(f"remote reward {self.url}: request of {len(payload)} bytes is over "
+                                    f"max_request_mb={self.max_request_mb:g}; raise it (and the server's "
                                     "--max-request-mb) or lower speed.rollout_chunk")
         reply = self._post(payload)
         try:
