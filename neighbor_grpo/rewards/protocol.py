@@ -31,7 +31,7 @@ class ProtocolError(ValueError):
     """A request or reply that does not follow the protocol; the message names the field and what was expected."""
 
 
-def _png_bytes(image: torch.Tensor) -> bytes:
+def png_bytes(image: torch.Tensor) -> bytes:
     from PIL import Image
 
     pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
@@ -46,7 +46,7 @@ def encode_images(images: torch.Tensor, encoding: str):
     if encoding == "png":
         if images.shape[1] not in (1, 3):
             raise ProtocolError(f"encoding 'png': images need 1 or 3 channels, got {images.shape[1]}; use float32")
-        return [base64.b64encode(_png_bytes(image)).decode("ascii") for image in images]
+        return [base64.b64encode(png_bytes(image)).decode("ascii") for image in images]
     if encoding == "float32":
         array = images.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
         return {"shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode("ascii")}

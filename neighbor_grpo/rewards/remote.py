@@ -90,40 +90,41 @@ class RemoteReward:
             raise RemoteRewardError(f"remote reward {self.url}: request of {len(payload)} bytes is over "
                                     f"max_request_mb={self.max_request_mb:g}; raise it (and the server's "
                                     "--max-request-mb) or lower speed.rollout_chunk")
-        reply = self._post(payload)
+        reply = post_with_retries(self.client, self.url, payload, self.retries, self.backoff, "remote reward")
         try:
             scores, self.last_metrics = decode_reply(reply, len(prompts))
         except ProtocolError as error:
             raise ProtocolError(f"remote reward {self.url}: reply {error}") from None
         return scores.to(images.device)
 
-    def _post(self, payload: bytes) -> object:
-        httpx = import_httpx()
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            try:
-                response = self.client.post(self.url, content=payload)
-            except httpx.TransportError as error:  # refused, reset, timed out: worth another try
-                if last:
-                    raise RemoteRewardError(f"remote reward {self.url}: {type(error).__name__} ({error or 'no reply'})"
-                                            f" after {self.retries + 1} attempts") from None
-                time.sleep(self.backoff * 2**attempt)
-                continue
-            if response.status_code == 200:
-                try:
-                    return response.json()
-                except ValueError:
-                    raise ProtocolError(f"remote reward {self.url}: reply is not JSON "
-                                        f"({response.text[:80]!r})") from None
-            detail = _detail(response)
-            if response.status_code not in RETRIED_STATUSES or last:
-                tries = f" after {attempt + 1} attempts" if response.status_code in RETRIED_STATUSES else ""
-                raise RemoteRewardError(f"remote reward {self.url}: HTTP {response.status_code} ({detail}){tries}")
-            time.sleep(max(self.backoff * 2**attempt, _retry_after(response)))
-        raise AssertionError("unreachable")
-
     def close(self) -> None:
         self.client.close()
+
+
+def post_with_retries(client, url: str, payload: bytes, retries: int, backoff: float, what: str) -> object:
+    """POST a JSON body; connection errors, timeouts and 408/429/5xx are retried `retries` times with back-off
+    (honouring Retry-After); the reply's JSON, or one line naming `what`, the URL and the status."""
+    httpx = import_httpx()
+    for attempt in range(retries + 1):
+        last = attempt == retries
+        try:
+            response = client.post(url, content=payload)
+        except httpx.TransportError as error:  # refused, reset, timed out: worth another try
+            if last:
+                raise RemoteRewardError(f"{what} {url}: {type(error).__name__} ({error or 'no reply'}) after "
+                                        f"{retries + 1} attempts") from None
+            time.sleep(backoff * 2**attempt)
+            continue
+        if response.status_code == 200:
+            try:
+                return response.json()
+            except ValueError:
+                raise ProtocolError(f"{what} {url}: reply is not JSON ({response.text[:80]!r})") from None
+        if response.status_code not in RETRIED_STATUSES or last:
+            tries = f" after {attempt + 1} attempts" if response.status_code in RETRIED_STATUSES else ""
+            raise RemoteRewardError(f"{what} {url}: HTTP {response.status_code} ({_detail(response)}){tries}")
+        time.sleep(max(backoff * 2**attempt, _retry_after(response)))
+    raise AssertionError("unreachable")
 
 
 def _detail(response) -> str:
