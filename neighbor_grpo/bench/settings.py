@@ -123,6 +123,9 @@ ABLATIONS: dict[str, dict[str, list[str]]] = {
     "clip": {f"eps_clip={e}": [f"neighbor_grpo.eps_clip={e}"] for e in (0.05, 0.2, 0.5)},
     "steps": {"random K=4": [], "first K=4": ["neighbor_grpo.step_selection=first"],
               "last K=4": ["neighbor_grpo.step_selection=last"], "all K=8": ["neighbor_grpo.step_selection=all"]},
+    # GDPO's batch-standardised advantages against the per-group ones (one reward here: 'each' = 'sum')
+    "reward_normalization": {"each": ["reward_normalization=each"],
+                             "advantages (GDPO)": ["reward_normalization=advantages"]},
 }
 
 

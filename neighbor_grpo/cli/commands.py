@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--frozen-target", metavar="RESULTS_JSON",
                      help="report against the gold target frozen in an earlier results JSON (and a recomputed one)")
     cmp.add_argument("--equal-steps", type=int, metavar="N", help="instead: every method with N rollout steps")
-    cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps"],
+    cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps",
+                                              "reward_normalization"],
                      help="instead: Neighbor GRPO's variants of one knob, paired against the first")
     cmp.add_argument("--device", help="default: cuda when available, else cpu")
     cmp.add_argument("--overwrite", action="store_true", help="replace existing results (the JSON, .md and plots)")
