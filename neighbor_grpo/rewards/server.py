@@ -50,7 +50,7 @@ def batch_scores(name: str, reward, jobs: list[Job]) -> list[tuple[torch.Tensor,
         ids.append(renumbered + offset)
         offset += int(renumbered.max()) + 1
     inputs["group_ids"] = torch.cat(ids)
-    if "source_images" in jobs[0].inputs:
+    if all("source_images" in job.inputs for job in jobs):  # always, when the reward needs them (checked per request)
         inputs["source_images"] = torch.cat([job.inputs["source_images"] for job in jobs])
     with torch.no_grad():
         scores = score_one(name, reward, images, prompts, inputs)
