@@ -204,3 +204,15 @@ def test_garbage_nan_and_slow_replies(tmp_path):
         with pytest.raises(RemoteRewardError, match=rf"^remote reward {url}/slow/v1/score: ReadTimeout .* after 2 attempts$"):
             remote(f"{url}/slow", needs=[], timeout=0.2, retries=1, backoff=0.01)(images, ["a", "b"])
         assert torch.equal(remote(f"{url}/slow", needs=[], timeout=5)(images, ["a", "b"]), torch.full((2,), 0.5))
+
+
+def test_serve_reward_refuses_bad_arguments_in_one_line(capsys):
+    from neighbor_grpo.cli import main
+
+    assert main(["serve-reward", "jpeg_compressibility", "quality"]) == 2
+    assert capsys.readouterr().err.strip() == ("ngrpo serve-reward: error: serve-reward: 'quality' is not key=value "
+                                               "(the reward's kwargs, e.g. path=/weights/PickScore)")
+    assert main(["serve-reward", "jpeg_compressibility", "--max-queue", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "ngrpo serve-reward: error: --max-queue: expected an integer >= 1, got 0"
+    assert main(["serve-reward", "jpeg_compressibility", "--token-env", "NGRPO_TEST_UNSET_TOKEN"]) == 2
+    assert "--token-env: the environment variable 'NGRPO_TEST_UNSET_TOKEN' is not set" in capsys.readouterr().err
