@@ -98,11 +98,14 @@ def make_app(reward, name: str, max_batch: int = 64, max_queue: int = 64, batch_
                 try:
                     results = await asyncio.to_thread(batch_scores, name, reward, same)
                 except Exception as error:  # the reward failed: every request of the batch hears why
-                    for job in same:
-                        job.done.set_exception(error)
-                    continue
+                    results = [error] * len(same)
                 for job, result in zip(same, results):
-                    job.done.set_result(result)
+                    if job.done.done():  # its client gave up (timed out, disconnected): nobody is waiting
+                        continue
+                    if isinstance(result, Exception):
+                        job.done.set_exception(result)
+                    else:
+                        job.done.set_result(result)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

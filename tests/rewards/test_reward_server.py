@@ -216,3 +216,17 @@ def test_serve_reward_refuses_bad_arguments_in_one_line(capsys):
     assert capsys.readouterr().err.strip() == "ngrpo serve-reward: error: --max-queue: expected an integer >= 1, got 0"
     assert main(["serve-reward", "jpeg_compressibility", "--token-env", "NGRPO_TEST_UNSET_TOKEN"]) == 2
     assert "--token-env: the environment variable 'NGRPO_TEST_UNSET_TOKEN' is not set" in capsys.readouterr().err
+
+
+def test_a_client_that_gives_up_does_not_stall_the_server():
+    """A request whose client times out while it waits (its handler is cancelled) is dropped; the worker goes on
+    and later requests are answered."""
+    reward = NetReward(delay=0.6)
+    images = torch.rand(1, 3, 8, 8)
+    with ServerThread(make_app(reward, "slow", max_batch=1, batch_wait_s=0.0)) as url:
+        impatient = [threading.Thread(target=lambda: pytest.raises(RemoteRewardError, remote(url, needs=[], timeout=0.2,
+                                                                                              retries=0), images, ["a"]))
+                     for _ in range(3)]
+        [t.start() for t in impatient]
+        [t.join() for t in impatient]
+        assert torch.equal(remote(url, needs=[], encoding="float32", timeout=30)(images, ["b"]), NetReward()(images, ["b"]))
