@@ -181,6 +181,11 @@ def make_vlm_judge(path: str | None = None, base_url: str | None = None, model: 
         raise ValueError(f"vlm_judge: ratings must be two or more distinct integers from 0 to 9, got {ratings}")
     if score_from not in ("logprobs", "answer"):
         raise ValueError(f"vlm_judge: score_from must be 'logprobs' or 'answer', got {score_from!r}")
+    try:
+        template.format(prompt="a prompt", low=min(ratings), high=max(ratings))
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"vlm_judge: template: only the placeholders {{prompt}}, {{low}} and {{high}} can be filled "
+                         f"(double other braces: {{{{ }}}}); got {type(error).__name__}: {error}") from None
     if (path is None) == (base_url is None):
         raise ValueError("vlm_judge: give either path (a local model folder, run in process) or base_url and model "
                          "(an OpenAI-compatible endpoint)")

@@ -83,6 +83,26 @@ def test_health_says_what_is_served_and_remote_mirrors_its_needs():
         assert remote(url).needs == ("group_ids",)
 
 
+def test_editing_rewards_get_their_source_images_and_metrics_come_back():
+    class Consistency(NetReward):
+        def extra_metrics(self, images, prompts):
+            return {"mean_brightness": float(images.mean())}
+
+    reward = Consistency(needs=("source_images",))
+    images, sources = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    with ServerThread(make_app(reward, "consistency")) as url:
+        client = remote(url, encoding="float32", metrics=True)
+        assert client.needs == ("source_images",)
+        weighted = build_rewards([{"name": "remote", "kwargs": {"url": url, "encoding": "float32", "metrics": True}}])
+        weighted.rewards["remote"] = client
+        scores = weighted.score(images, ["a"] * 3, source_images=sources)["remote"]
+        assert torch.equal(reward.calls[-1]["source_images"], sources) and scores.shape == (3,)
+        assert client.last_metrics == {"mean_brightness": pytest.approx(float(images.mean()), abs=1e-7)}
+        body = encode_request(images, ["a"] * 3, "float32")  # without the source images the reward needs
+        reply = httpx.post(f"{url}/v1/score", json=body)
+        assert reply.status_code == 422 and reply.json()["detail"].startswith("source_images: reward 'consistency' needs it")
+
+
 def test_bearer_token_size_limit_and_malformed_fields_are_refused_in_one_line(monkeypatch):
     app = make_app(NetReward(), "net", token="s3cret", max_request_bytes=20_000)
     with ServerThread(app) as url:

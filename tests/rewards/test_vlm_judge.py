@@ -153,5 +153,7 @@ def test_judge_settings_are_checked_in_one_line(tiny_vlm):
         build_rewards([{"name": "vlm_judge", "kwargs": {}}])
     with pytest.raises(ValueError, match=r"ratings must be two or more distinct integers from 0 to 9, got \[1, 10\]"):
         build_rewards([{"name": "vlm_judge", "kwargs": {"path": str(tiny_vlm["path"]), "ratings": [1, 10]}}])
+    with pytest.raises(ValueError, match=r"template: only the placeholders \{prompt\}, \{low\} and \{high\} can be filled"):
+        build_rewards([{"name": "vlm_judge", "kwargs": {"path": str(tiny_vlm["path"]), "template": "{score}"}}])
     with pytest.raises(ValueError, match="model is required"):
         build_rewards([{"name": "vlm_judge", "kwargs": {"base_url": "http://127.0.0.1:9/v1"}}])
