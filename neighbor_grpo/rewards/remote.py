@@ -56,6 +56,7 @@ class RemoteReward:
                 raise ValueError(f"remote reward {self.url}: token_env {token_env!r} is not set in the environment")
             headers["authorization"] = f"Bearer {token}"
         self.client = httpx.Client(timeout=timeout, headers=headers)
+        needs = (needs,) if isinstance(needs, str) else needs
         self.needs = tuple(needs) if needs is not None else self._served_needs()
         unknown = sorted(set(self.needs) - (REWARD_INPUTS.keys() - {"video"}))
         if unknown:
