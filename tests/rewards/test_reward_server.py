@@ -56,13 +56,17 @@ def test_float32_is_exact_and_png_is_the_reward_of_the_8_bit_images():
 
 def test_requests_of_several_clients_are_scored_in_one_call_and_keep_their_groups():
     reward = NetReward(needs=("group_ids",))
-    app = make_app(reward, "net", max_batch=64, batch_wait_s=0.5)
+    app = make_app(reward, "net", max_batch=64, batch_wait_s=2.0)
     batches = {n: (torch.rand(4, 3, 8, 8), ["p"] * 4) for n in range(3)}
     results = {}
     with ServerThread(app) as url:
+        clients = [remote(url, encoding="float32") for _ in range(3)]  # built (and /health read) before the race
+        together = threading.Barrier(3)
+
         def client(n):
             images, prompts = batches[n]
-            results[n] = remote(url, encoding="float32")(images, prompts, group_ids=torch.tensor([7, 7, 9, 9]))
+            together.wait()
+            results[n] = clients[n](images, prompts, group_ids=torch.tensor([7, 7, 9, 9]))
 
         threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
         [t.start() for t in threads]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import threading
+import time
 
 import pytest
 import torch
@@ -59,8 +60,11 @@ class Scripted:
             self.calls += 1
             if self.calls in self.nan_on:
                 scores = scores * float("nan")
-            if self.calls == self.die_after:
+            if self.calls == self.die_after:  # answer this request, but only once nothing listens any more
                 threading.Thread(target=self.server.stop).start()
+                deadline = time.monotonic() + 30
+                while any(s.is_serving() for s in self.server.server.servers) and time.monotonic() < deadline:
+                    time.sleep(0.01)
         return scores
 
 
