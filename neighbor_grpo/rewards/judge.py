@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -29,6 +30,7 @@ import torch
 from neighbor_grpo.rewards import register_reward
 from neighbor_grpo.rewards.model_loading import frozen, import_transformers, parse_dtype, require_path
 from neighbor_grpo.rewards.protocol import ProtocolError, png_bytes
+from neighbor_grpo.rewards.remote import import_httpx, post_with_retries
 
 TEMPLATE = ('The image was generated for the prompt: "{prompt}". How well does it show the prompt, and how good is '
             'it? Rate it from {low} (worst) to {high} (best). Answer with the number only.')
@@ -109,10 +111,6 @@ class EndpointJudge:
     def __init__(self, base_url: str, model: str, ratings: Sequence[int], template: str, score_from: str,
                  top_logprobs: int, timeout: float, retries: int, backoff: float, token_env: str | None,
                  concurrency: int):
-        from neighbor_grpo.rewards.remote import import_httpx
-
-        import os
-
         httpx = import_httpx()
         headers = {"content-type": "application/json"}
         if token_env:
@@ -133,26 +131,26 @@ class EndpointJudge:
         return body
 
     def score_one(self, picture, prompt: str) -> float:
-        from neighbor_grpo.rewards.remote import post_with_retries
-
         payload = json.dumps(self.request(picture, prompt)).encode()
         reply = post_with_retries(self.client, self.url, payload, self.retries, self.backoff, "vlm_judge")
+        field = "message.content" if self.score_from == "answer" else "logprobs.content[0].top_logprobs"
         try:
             choice = reply["choices"][0]
             if self.score_from == "answer":
                 return parse_answer(choice["message"]["content"], self.ratings)
-            top = choice["logprobs"]["content"][0]["top_logprobs"]
-            log_probs: dict[int, float] = {}
-            for entry in top:
-                token = str(entry["token"]).strip()
-                if token in {str(k) for k in self.ratings}:
-                    log_probs[int(token)] = float(torch.logsumexp(torch.tensor(
-                        [log_probs.get(int(token), -math.inf), float(entry["logprob"])]), 0))
+            spelled = {str(k): k for k in self.ratings}
+            per_rating: dict[int, list[float]] = {}
+            for entry in choice["logprobs"]["content"][0]["top_logprobs"]:  # "4" and " 4" both spell 4
+                rating = spelled.get(str(entry["token"]).strip())
+                if rating is not None:
+                    per_rating.setdefault(rating, []).append(float(entry["logprob"]))
         except (KeyError, IndexError, TypeError, ValueError):
-            raise ProtocolError(f"vlm_judge {self.url}: reply choices[0].logprobs.content[0].top_logprobs: expected "
-                                "a list of {token, logprob} (start the server with log-probabilities enabled, or "
-                                "score_from: answer)") from None
-        return expected_rating(log_probs)  # NaN when no rating token is among the top ones: the update is skipped
+            raise ProtocolError(f"vlm_judge {self.url}: reply choices[0].{field}: expected "
+                                + ("the answer text" if self.score_from == "answer" else
+                                   "a list of {token, logprob} (start the server with log-probabilities enabled, or "
+                                   "use score_from: answer)")) from None
+        # NaN when no rating token is among the top ones: the update is skipped
+        return expected_rating({k: float(torch.logsumexp(torch.tensor(v), 0)) for k, v in per_rating.items()})
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         pictures = images.detach().float().clamp(0, 1)
