@@ -3,8 +3,8 @@
 An adapter wraps a velocity network `net` (the module that is trained) and knows how to turn prompts into
 conditioning, latents into images, and how to save/load itself to a checkpoint folder holding
 `model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5,
-Qwen-Image)
-load directly: `load_adapter` dispatches on model_index.json's `_class_name`.
+Qwen-Image, and the editing models FLUX.1 Kontext and Qwen-Image-Edit) load directly: `load_adapter` dispatches on
+model_index.json's `_class_name`.
 """
 
 from __future__ import annotations
