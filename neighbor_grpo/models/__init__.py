@@ -62,6 +62,7 @@ def resolve_adapter_class(name: str) -> type:
 
 DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
 DIFFUSERS_PIPELINES["QwenImagePipeline"] = "qwen_image"
+DIFFUSERS_PIPELINES["FluxKontextPipeline"] = "flux_kontext"
 """diffusers pipeline class (model_index.json's _class_name) -> the adapter that loads such a folder."""
 
 
@@ -117,3 +118,4 @@ from neighbor_grpo.models.digits_unet import DigitsUNet, DigitsUNetAdapter, Digi
 from neighbor_grpo.models.flux import FluxAdapter  # noqa: E402,F401  (registers 'flux')
 from neighbor_grpo.models.sd3 import SD3Adapter  # noqa: E402,F401  (registers 'sd3')
 from neighbor_grpo.models.qwen_image import QwenImageAdapter  # noqa: E402,F401  (registers 'qwen_image')
+from neighbor_grpo.models.flux_kontext import FluxKontextAdapter  # noqa: E402,F401  (registers 'flux_kontext')
