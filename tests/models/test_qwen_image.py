@@ -106,7 +106,7 @@ def test_euler_rollout_equals_the_pipeline(qwen_folder):
     assert sigmas[-2] == pytest.approx(0.02, abs=1e-6)
     ours = our_latents(adapter, noise, sigmas)
     gap = (ours - theirs).abs().max()
-    assert gap <= 1e-5, gap  # measured 4.8e-7 on CPU fp32
+    assert gap <= 1e-5, gap  # measured 7.7e-7 on CPU fp32
     images = pipe(prompt=PROMPTS, negative_prompt=[" "] * 2, true_cfg_scale=4.0, height=32, width=32,
                   num_inference_steps=steps, max_sequence_length=256, output_type="pt",
                   latents=pipe._pack_latents(noise, 2, 4, 8, 8)).images
