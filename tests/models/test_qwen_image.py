@@ -190,3 +190,54 @@ def test_lora_round_trip_and_full_export(qwen_folder, tmp_path):
     for name, param in exported.transformer.named_parameters():
         assert torch.equal(param, dict(full.net.named_parameters())[name])
     assert json.loads((tmp_path / "full" / "model.json").read_text())["kind"] == "pipeline"
+
+
+def tiny_qwen_run(folder, *overrides):
+    return tiny_run_config(folder, "iterations=1", "model.height=32", "model.width=32", "model.max_sequence_length=256",
+                           "model.cfg_scale=1.0", *overrides)
+
+
+def trained(adapter) -> bool:
+    """Whether an optimizer step changed the trained weights (a LoRA's B matrices start at zero)."""
+    from neighbor_grpo.models.diffusers_common import _parameters_fingerprint
+    from neighbor_grpo.models.lora import is_lora
+
+    if is_lora(adapter.net):
+        return any(p.abs().max() > 0 for n, p in adapter.net.named_parameters() if "lora_B" in n)
+    return not torch.equal(_parameters_fingerprint(adapter._transformer()), adapter._pristine)
+
+
+def test_neighbor_grpo_full_finetune_exports_a_transformer(qwen_folder, tmp_path):
+    from diffusers import QwenImageTransformer2DModel
+
+    config = tiny_qwen_run(qwen_folder, "optim.finetune=full", "speed.gradient_checkpointing=true")
+    adapter = load_adapter(config.model.path, options=config.model)
+    result = train(config, tmp_path / "run", progress=False, adapter=adapter, rewards=REWARDS)
+    assert trained(adapter) and adapter.net.is_gradient_checkpointing
+    aligned = result.run_dir / "aligned"
+    assert json.loads((aligned / "model.json").read_text())["kind"] == "transformer"
+    exported = QwenImageTransformer2DModel.from_pretrained(aligned / "transformer")
+    for name, param in exported.named_parameters():
+        assert torch.equal(param, dict(adapter.net.named_parameters())[name])
+
+
+BASELINES = {"flow_grpo": [], "dance_grpo": [], "mix_grpo": ["mix_grpo.window_size=1"], "diffusion_nft": [],
+             "awm": ["awm.num_times=2"], "dgpo": ["dgpo.trunc_steps=1", "dgpo.num_times=2"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", sorted(BASELINES))
+def test_every_baseline_trains_one_iteration(qwen_folder, tmp_path, algorithm):
+    """Each baseline of the harness on Qwen-Image, one iteration (Flow-GRPO as a full fine-tune, the others LoRA)."""
+    import csv
+
+    finetune = "full" if algorithm == "flow_grpo" else "lora"
+    config = tiny_qwen_run(qwen_folder, f"algorithm={algorithm}", f"{algorithm}.group_size=4",
+                           f"{algorithm}.rollout_steps=3", f"{algorithm}.num_minibatches=1", f"optim.finetune={finetune}",
+                           *BASELINES[algorithm])
+    adapter = load_adapter(config.model.path, options=config.model)
+    result = train(config, tmp_path / "run", progress=False, adapter=adapter, rewards=REWARDS)
+    rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
+    losses = [float(r["loss"]) for r in rows if r.get("loss")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert trained(adapter)
