@@ -146,3 +146,22 @@ def test_lora_export_round_trip(kontext_folder, edits, tmp_path):
     assert (our_latents(adapter, prompts, noise, 2) - pipeline_latents(pipe, prompts, noise, 2)).abs().max() <= 1e-5
     reloaded = load_adapter(tmp_path / "lora")
     assert (our_latents(reloaded, prompts, noise, 2) - our_latents(adapter, prompts, noise, 2)).abs().max() <= 1e-5
+
+
+def test_neighbor_grpo_full_finetune_exports_a_transformer(kontext_folder, edits, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from test_qwen_image import trained
+
+    config = tiny_run_config(kontext_folder, "optim.finetune=full", "iterations=1", "model.guidance=2.5",
+                             "speed.gradient_checkpointing=true", f"prompts.file={edits / 'edits.jsonl'}",
+                             f"prompts.eval_file={edits / 'edits.jsonl'}")
+    adapter = load_adapter(config.model.path, options=config.model)
+    result = train(config, tmp_path / "run", progress=False, adapter=adapter,
+                   rewards=WeightedRewards({"red": tiny_diffusers.cheap_reward}))
+    assert trained(adapter)
+    aligned = result.run_dir / "aligned"
+    assert json.loads((aligned / "model.json").read_text())["kind"] == "transformer"
+    exported = FluxTransformer2DModel.from_pretrained(aligned / "transformer")
+    for name, param in exported.named_parameters():
+        assert torch.equal(param, dict(adapter.net.named_parameters())[name])
