@@ -27,7 +27,8 @@ DIGITS = [str(d) for d in range(10)]
 class ModelConfig:
     path: str = "builtin:digits"
     """A model checkpoint folder (model.json + weights), a local diffusers folder (model_index.json naming
-    FluxPipeline or StableDiffusion3Pipeline; nothing is downloaded), or 'builtin:digits' for the cached built-in
+    FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline or FluxKontextPipeline; nothing is downloaded), or
+    'builtin:digits' for the cached built-in
     base model (pretrained on first use); 'builtin:digits-unet' is its compute-bound conv U-Net sibling (~17 MFLOP
     per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -41,12 +42,13 @@ class ModelConfig:
     """FLUX.1: the guidance-embedding value (FLUX.1-dev's distilled guidance; no extra cost). Used in rollouts, the
     training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell) and by SD3."""
     cfg_scale: float = 4.5
-    """SD3/SD3.5: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every model call; 1
-    disables it). Used in rollouts, the training step and evaluation alike. Ignored by FLUX."""
+    """SD3/SD3.5 and Qwen-Image: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every
+    model call; 1 disables it; Qwen-Image's card uses 4.0). Used in rollouts, the training step and evaluation
+    alike. Ignored by FLUX.1 and FLUX.1 Kontext."""
     negative_prompt: str = ""
-    """SD3/SD3.5: the negative prompt of classifier-free guidance."""
+    """SD3/SD3.5 and Qwen-Image: the negative prompt of classifier-free guidance (Qwen-Image's card uses " ")."""
     max_sequence_length: int | None = None
-    """Diffusers models: T5 prompt tokens (null: 512 for FLUX, 256 for SD3)."""
+    """Diffusers models: prompt tokens (null: T5's 512 for FLUX, 256 for SD3; Qwen2.5-VL's 1024 for Qwen-Image)."""
     offload_text_encoders: bool = False
     """Diffusers models: keep the text encoders on the CPU and move them to the device only while new prompts are
     encoded (prompt embeddings are cached, so this is rare once the prompts have been seen)."""
@@ -90,7 +92,8 @@ class PromptsConfig:
     """Held-out evaluation prompts."""
     file: str | None = None
     """Optional prompt file replacing `train`: .txt (one per line), .jsonl (strings or objects with `field`) or
-    .csv/.tsv (the `field` column)."""
+    .csv/.tsv (the `field` column). Editing (FLUX.1 Kontext): a .jsonl whose every object also gives `image`, the
+    source image's path (relative to the file's folder); rewards may then ask for the source images."""
     field: str = "prompt"
     """The JSONL key or CSV column that holds the prompt."""
     eval_fraction: float = 0.0

@@ -22,6 +22,7 @@ class Component:
     published: float = 0.0  # published parameter count
     published_source: str = ""
     tolerance: float = 0.01  # relative gap allowed between the meta build's count and `published`
+    config_class: str = ""  # transformers config class; "" is T5Config for T5EncoderModel, else CLIPTextConfig
 
 
 FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -72,6 +73,33 @@ COMPONENTS: dict[str, Component] = {
              num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"),
         f"{HUB}/stabilityai/stable-diffusion-3.5-medium/blob/main/text_encoder_2/config.json (laion/CLIP-ViT-bigG-14)",
         695e6, "695 M: the OpenCLIP ViT-bigG/14 text tower (SDXL paper: 'OpenCLIP ViT-bigG' text encoder)"),
+    # Qwen-Image family (QwenImagePipeline; Qwen-Image-Edit(-Plus) share the transformer and the text encoder)
+    "qwen-image-transformer": Component(
+        "diffusers", "QwenImageTransformer2DModel",
+        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+        f"{HUB}/Qwen/Qwen-Image/blob/main/transformer/config.json", 20e9,
+        "20 B per the Qwen-Image model card and technical report ('a 20B MMDiT'); the config counts 20.43 B",
+        tolerance=0.03),
+    "qwen2.5-vl-7b": Component(
+        "transformers", "Qwen2_5_VLForConditionalGeneration",
+        dict(text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                              num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                              rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+             vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                                fullatt_block_indexes=[7, 15, 23, 31], in_chans=3, hidden_act="silu"),
+             vocab_size=152064, tie_word_embeddings=False, image_token_id=151655, video_token_id=151656,
+             vision_start_token_id=151652, vision_end_token_id=151653),
+        f"{HUB}/Qwen/Qwen-Image/blob/main/text_encoder/config.json (Qwen/Qwen2.5-VL-7B-Instruct)", 8.29e9,
+        "8.29 B: Qwen2.5-VL-7B-Instruct as its Hub page counts it (language model, vision tower and LM head)",
+        config_class="Qwen2_5_VLConfig"),
+    "flux-kontext-dev-transformer": Component(
+        "diffusers", "FluxTransformer2DModel", {**FLUX_TRANSFORMER, "guidance_embeds": True},
+        f"{HUB}/black-forest-labs/FLUX.1-Kontext-dev/blob/main/transformer/config.json", 12e9,
+        "12 B per the FLUX.1 Kontext [dev] model card (the FLUX.1-dev transformer; the image condition is more tokens)",
+        tolerance=0.01),
 }
 
 # Which components make up each model the planner knows (the text encoders run once per prompt).
@@ -100,6 +128,7 @@ def build_on_meta(name: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Mo
 
             model_class = getattr(transformers, component.class_name)
             config_class = transformers.T5Config if model_class is transformers.T5EncoderModel else transformers.CLIPTextConfig
+            config_class = getattr(transformers, component.config_class) if component.config_class else config_class
             return model_class(config_class(**component.config))
     finally:
         torch.set_default_dtype(previous)

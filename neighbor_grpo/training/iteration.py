@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from neighbor_grpo.maths.advantages import combine_reward_advantages
+from neighbor_grpo.config.prompts import load_source_images
 from neighbor_grpo.config.train_config import TrainConfig
 from neighbor_grpo.parallel.distributed import (SINGLE_PROCESS, BatchPart, Processes, all_true, any_process, batch_part,
                                        gather_block, global_means)
@@ -96,7 +97,10 @@ def score_chunk(adapter, rewards, rollout) -> tuple[dict[str, torch.Tensor], tor
         images = adapter.decode(rollout.final.flatten(0, 1))
         try:
             group_ids = torch.tensor(rollout.prompt_indices, device=images.device).repeat_interleave(g)
-            scores = rewards.score(images, [p for p in rollout.prompts for _ in range(g)], group_ids=group_ids)
+            prompts = [p for p in rollout.prompts for _ in range(g)]
+            sources = load_source_images(prompts, *images.shape[-2:])  # editing prompts carry theirs; else None
+            scores = rewards.score(images, prompts, source_images=None if sources is None else sources.to(images.device),
+                                   group_ids=group_ids)
         except FloatingPointError as error:
             return {}, images, str(error)
     return {k: v.view(P, g) for k, v in scores.items()}, images, ""

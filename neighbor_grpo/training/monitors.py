@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from neighbor_grpo.config.prompts import load_source_images
 from neighbor_grpo.maths.flow import sigma_grid
 from neighbor_grpo.maths.noise import independent_noises
 from neighbor_grpo.maths.solvers import integrate
@@ -56,12 +57,13 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
     return {"mean": float(values.mean()), "std": std, "ci95": 1.96 * std / math.sqrt(values.numel())}
 
 
-def monitor_scores(monitors, images: torch.Tensor, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def monitor_scores(monitors, images: torch.Tensor, prompts: Sequence[str], source_images: torch.Tensor | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Monitor rewards (eval.monitor_rewards): per-image scores as `monitor/<name>`, and each monitor's extra
     metrics (the gold's gold_class and typical, say) as `monitor/<name>/<metric>`. Nothing here feeds `reward`."""
     if monitors is None or not monitors.rewards:
         return {}, {}
-    scores = {f"monitor/{name}": value for name, value in monitors.score(images, prompts).items()}
+    scores = {f"monitor/{name}": value for name, value in monitors.score(images, prompts, source_images).items()}
     extra = {}
     for name, reward in monitors.rewards.items():
         if hasattr(reward, "extra_metrics"):
@@ -84,14 +86,17 @@ def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: in
     flat = images.flatten(0, 1)
     flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     group_ids = torch.arange(len(prompts), device=flat.device).repeat_interleave(samples_per_prompt)
-    scores = {f"reward_{name}": value for name, value in rewards.score(flat, flat_prompts, group_ids=group_ids).items()}
+    sources = load_source_images(flat_prompts, *flat.shape[-2:])  # editing prompts carry theirs; else None
+    sources = None if sources is None else sources.to(flat.device)
+    scores = {f"reward_{name}": value
+              for name, value in rewards.score(flat, flat_prompts, sources, group_ids=group_ids).items()}
     scores["reward"] = rewards.total({name[len("reward_"):]: value for name, value in scores.items()})
     # the same flat keys as a run's held-out metrics (eval_before.json / eval_after.json), so they compare directly
     metrics = {name: float(value.mean()) for name, value in scores.items()}
     for reward in rewards.rewards.values():
         if hasattr(reward, "extra_metrics"):
             metrics.update(reward.extra_metrics(flat.clamp(0, 1), flat_prompts))
-    monitored, monitor_extra = monitor_scores(monitors, flat, flat_prompts)
+    monitored, monitor_extra = monitor_scores(monitors, flat, flat_prompts, sources)
     scores.update(monitored)  # after the total: a monitor never enters `reward`
     metrics.update({name: float(value.mean()) for name, value in monitored.items()})
     metrics.update(monitor_extra)

@@ -17,6 +17,7 @@ from neighbor_grpo.parallel.wrapping import parallel_net, shard_in_place, veloci
 from neighbor_grpo.models.lora import EMA, apply_lora, make_net_velocity, make_reference_velocity
 from neighbor_grpo.models import load_adapter, model_default_shift
 from neighbor_grpo.config.prompts import resolve_prompt_sets
+from neighbor_grpo.rewards import check_reward_inputs
 from neighbor_grpo.training.speed import (allow_tf32, autocast_velocity, compile_in_place, enable_gradient_checkpointing,
                                  make_grad_scaler, make_optimizer)
 
@@ -60,6 +61,13 @@ def load_model(path: str, device: str, progress: bool = True, options=None):
 def read_prompts(config: TrainConfig) -> list[str]:
     """The training prompts: `prompts.train`, or `prompts.file` without its held-out split."""
     return resolve_prompt_sets(config.prompts)[0]
+
+
+def checked_prompt_sets(config: TrainConfig, rewards) -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts; a reward that needs what they lack (source images) stops the run here."""
+    train, held_out = resolve_prompt_sets(config.prompts)
+    check_reward_inputs(rewards, training=train, held_out=held_out)
+    return train, held_out
 
 
 def model_shift(config: TrainConfig, adapter) -> float:

@@ -18,8 +18,8 @@ from neighbor_grpo.parallel.distributed import (Processes, any_process, check_ba
                                        main_process_first, sum_over_processes)
 from neighbor_grpo.training.iteration import (ModelCallCounter, prompt_batch, train_iteration,  # noqa: F401  (public API)
                                      training_counter)
-from neighbor_grpo.training.parts import build_training_parts, load_model, model_shift, read_prompts  # noqa: F401
-from neighbor_grpo.config.prompts import resolve_prompt_sets
+from neighbor_grpo.training.parts import (build_training_parts, checked_prompt_sets, load_model, model_shift,  # noqa: F401
+                                          read_prompts)
 from neighbor_grpo.runs.resume import lower_lr_command
 from neighbor_grpo.rewards import build_rewards
 from neighbor_grpo.rewards.retry import RewardFailed, with_retries  # noqa: F401
@@ -67,7 +67,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                         if processes.is_main else None)
         adapter.net.to(device)
         run.save_base(adapter)
-        train_prompts, heldout_prompts = resolve_prompt_sets(config.prompts)  # the prompt file is read once
+        train_prompts, heldout_prompts = checked_prompt_sets(config, rewards)  # the prompt file is read once
         if callable(getattr(adapter, "cache_prompts", None)):  # encoded once now: offloaded text encoders stay off
             adapter.cache_prompts(heldout_prompts)
         parts = build_training_parts(config, adapter, processes)
