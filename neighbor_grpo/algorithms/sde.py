@@ -9,6 +9,7 @@ re-scoring a stored transition in the loss.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -240,7 +241,7 @@ def sde_call_schedule(prompts: int, group_size: int, rollout_steps: int, trained
                       micro_batch: int | None) -> list[Phase]:
     """The SDE baselines' velocity-net calls in one iteration (common.Phase): one rollout evaluation per step;
     every candidate trained at `trained_steps` steps, one with-grad call per (minibatch, step, micro-batch) on
-    its members, a minibatch's steps held together before its backward; the reference at the same states when
+    its members, each backpropagated before the next (step_losses); the reference at the same states when
     the loss has a KL; with old_policy 'recompute', the same units once without grad on the whole batch
     (prepare_old_policy is not micro-batched)."""
     if minibatch_by not in ("samples", "steps"):
@@ -254,10 +255,8 @@ def sde_call_schedule(prompts: int, group_size: int, rollout_steps: int, trained
         return phases
     if old_policy == "recompute":
         phases.append(Phase("old_policy", units, prompts * members, False, "policy"))
-    # sde_policy_loss sums every step of the minibatch before its one backward: with 'samples' all trained steps'
-    # graphs are alive together (in every micro-batch pass), with 'steps' one
-    held = trained_steps if minibatch_by == "samples" else 1
-    phases.append(Phase("train", units, batch, True, "policy", held))
+    # the trainer backpropagates each trained step on its own (step_losses): one call's graph alive at a time
+    phases.append(Phase("train", units, batch, True, "policy", held=1))
     if reference:
         phases.append(Phase("reference", units, batch, False, "reference"))
     return phases
@@ -299,6 +298,13 @@ def recompute_old_policy(velocity: VelocityFn, rollout: Rollout, batches: list[M
             index = batch.members.view(*batch.members.shape, *([1] * (v.dim() - 2))).expand_as(v)
             velocities[j].scatter_(1, index.to(v.device), v)
     return rollout._replace(log_probs=log_probs, velocities=velocities)
+
+
+def step_losses(batch: Minibatch) -> list[tuple[Minibatch, float]]:
+    """The minibatch's loss as a weighted sum of one-step losses (sde_policy_loss averages over its steps), for the
+    trainer to backpropagate one step at a time: the references call backward per timestep inside their gradient
+    accumulation, so only one step's activations are alive. Same gradient, up to float summation order."""
+    return [(dataclasses.replace(batch, steps=[j]), 1 / len(batch.steps)) for j in batch.steps]
 
 
 def ppo_clipped_loss(ratio: torch.Tensor, advantages: torch.Tensor, eps_clip: float) -> torch.Tensor:
