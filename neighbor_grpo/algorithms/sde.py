@@ -18,7 +18,7 @@ import torch
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_groups,
                                              gather_members, members_per_minibatch, per_call, repeat_cond,
                                              rollout_phase)
-from neighbor_grpo.maths.flow import predict_x0
+from neighbor_grpo.maths.flow import full_precision, predict_x0
 from neighbor_grpo.maths.noise import independent_noises, keyed_generator
 
 ROLE_SDE_NOISE = 7_100_001   # candidate stream of the per-step SDE noises
@@ -60,6 +60,7 @@ def flow_grpo_mean_std(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float
     """Flow-GRPO: mean = x (1 + sigma_t^2 dt / 2s) + v (1 + sigma_t^2 (1 - s) / 2s) dt, std = sigma_t sqrt(-dt)."""
     dt = s_next - s
     sigma_t = flow_grpo_noise_scale(s, noise_level, s_1)
+    x, v = full_precision(x), full_precision(v)
     mean = x * (1 + sigma_t**2 / (2 * s) * dt) + v * ((1 + sigma_t**2 * (1 - s) / (2 * s)) * dt)
     return mean, sigma_t * math.sqrt(-dt)
 
@@ -69,7 +70,7 @@ def flow_grpo_sde_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float
                        s_1: float | None = None) -> SDEStep:
     """Flow-GRPO's SDE step (Liu et al. 2025, Eq. 12 as in sd3_sde_with_logprob.py)."""
     mean, std = flow_grpo_mean_std(x, v, s, s_next, noise_level, s_1)
-    return SDEStep(_sample(mean, std, noise, generator), mean, std)
+    return SDEStep(_sample(mean, std, noise, generator).to(x.dtype), mean, std)
 
 
 # ---- DanceGRPO (Xue et al. 2025, fastvideo/train_grpo_flux.py, flux_step with sde_solver=True) -----------------
@@ -78,6 +79,7 @@ def dance_grpo_mean_std(x: torch.Tensor, v: torch.Tensor, s: float, s_next: floa
                         ) -> tuple[torch.Tensor, float]:
     """DanceGRPO: Euler mean plus -eta^2/2 * score * ds, score = -(x - (1 - s) x0hat) / s^2; std = eta sqrt(s - s_next)."""
     ds = s_next - s
+    x, v = full_precision(x), full_precision(v)
     x0 = predict_x0(x, v, s)
     score = -(x - (1 - s) * x0) / s**2
     mean = x + ds * v + (-0.5 * eta**2 * ds) * score
@@ -88,7 +90,7 @@ def dance_grpo_sde_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: floa
                         generator: torch.Generator | None = None, eta: float = 0.3) -> SDEStep:
     """DanceGRPO's SDE step (Xue et al. 2025, flux_step)."""
     mean, std = dance_grpo_mean_std(x, v, s, s_next, eta)
-    return SDEStep(_sample(mean, std, noise, generator), mean, std)
+    return SDEStep(_sample(mean, std, noise, generator).to(x.dtype), mean, std)
 
 
 # ---- CPS (Wang & Yu 2025, flow_grpo sd3_sde_with_logprob.py, sde_type 'cps'; spec competitors.md 3.1) ----------
@@ -122,6 +124,7 @@ def cps_code_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | tor
     """The reference's CPS log-prob -mean_d (sg(x_next) - mean)^2 ("remove all constants": no 1 / (2 sigma^2),
     so log rho_code = (2 sigma^2 / D) log rho_true, a step-dependent temperature). `std` is unused; it keeps the
     signature of gaussian_log_prob."""
+    x_next, mean = full_precision(x_next), full_precision(mean)
     return -((x_next.detach() - mean) ** 2).mean(dim=tuple(range(batch_dims, mean.dim())))
 
 
@@ -133,8 +136,10 @@ def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | tor
     Both references (Flow-GRPO's sde_step_with_logprob, DanceGRPO's flux_step) keep the -log(std) and
     -log(sqrt(2 pi)) terms; they do not depend on the parameters, so they cancel in the ratio but not in the
     logged log-probs. (MixGRPO's copy of the DanceGRPO step drops them by a stray line break; its Flow-GRPO
-    step, the one MixGRPO uses, keeps them.) x_next is detached as in both references.
+    step, the one MixGRPO uses, keeps them.) x_next is detached as in both references. Computed in float32 at
+    least (flow_grpo #177: log_prob NaN under bf16).
     """
+    x_next, mean = full_precision(x_next), full_precision(mean)
     std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
     log_prob = (-((x_next.detach() - mean) ** 2) / (2 * std**2) - torch.log(std)
                 - torch.log(torch.sqrt(torch.as_tensor(2 * math.pi, dtype=mean.dtype, device=mean.device))))
