@@ -105,6 +105,7 @@ def cps_mean_std(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, eta:
     """mean = (1 - s') x0hat + sqrt(s'^2 - sigma^2) epshat, x0hat = x - s v, epshat = x + (1 - s) v: the data
     coefficient 1 - s' and the total noise std sqrt(s'^2 - sigma^2 + sigma^2) = s' of the forward marginal."""
     sigma = cps_noise_std(s_next, eta)
+    x, v = full_precision(x), full_precision(v)
     x0hat, epshat = x - s * v, x + (1 - s) * v
     # max(.., 0): s'^2 - (s' sin)^2 can round a hair below 0 at eta 1
     mean = (1 - s_next) * x0hat + math.sqrt(max(s_next**2 - sigma**2, 0.0)) * epshat

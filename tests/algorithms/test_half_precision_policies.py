@@ -48,19 +48,24 @@ def as_float32(*tensors):
     return [t.float() for t in tensors]
 
 
-def assert_close_ratios(half: torch.Tensor, full: torch.Tensor):
-    assert (full - 1).abs().max() > 1e-3, "the case needs ratios away from 1"
-    assert torch.isfinite(half).all()
-    torch.testing.assert_close(half.float(), full, rtol=1e-3, atol=0)
-    assert half.dtype == torch.float32
+def assert_float32_policy(half: tuple, full: tuple):
+    """`half`, `full`: (new log-prob, old log-prob) from the bf16 inputs and from the same numbers in float32. The
+    ratios are finite and within 1e-3 (relative) of the float32 ones; the log-probs themselves are the float32
+    computation's (the same numbers in, the same float32 operations)."""
+    ratio_half, ratio_full = (half[0] - half[1]).exp(), (full[0] - full[1]).exp()
+    assert (ratio_full - 1).abs().max() > 1e-3, "the case needs ratios away from 1"
+    assert torch.isfinite(ratio_half).all()
+    torch.testing.assert_close(ratio_half.float(), ratio_full, rtol=1e-3, atol=0)
+    assert ratio_half.dtype == torch.float32
+    for got, want in zip(half, full):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def sde_ratio(mean_std, log_prob, x, v_old, v_new, z):
-    """pi_new(x_next) / pi_old(x_next) of the old policy's own step x_next = mean_old + std z."""
+def sde_log_probs(mean_std, log_prob, x, v_old, v_new, x_next):
+    """log pi_new(x_next), log pi_old(x_next) of a stored transition x -> x_next."""
     mean_old, std = mean_std(x, v_old)
-    x_next = (mean_old + std * z).to(x.dtype)  # stored in the rollout's dtype
     mean_new, _ = mean_std(x, v_new)
-    return (log_prob(x_next, mean_new, std) - log_prob(x_next, mean_old, std)).exp()
+    return log_prob(x_next, mean_new, std), log_prob(x_next, mean_old, std)
 
 
 MEAN_STDS = {
@@ -74,24 +79,26 @@ MEAN_STDS = {
 def test_sde_ratios_of_a_bf16_net_are_the_float32_ones(bf16_flux, name):
     x, v_old, v_new, z = bf16_flux
     mean_std, log_prob = MEAN_STDS[name]
-    half = sde_ratio(mean_std, log_prob, x, v_old, v_new, z)
-    full = sde_ratio(mean_std, log_prob, *as_float32(x, v_old, v_new, z))
-    assert_close_ratios(half, full)
+    mean_old, std = mean_std(x.float(), v_old.float())
+    x_next = (mean_old + std * z.float()).bfloat16()  # the old policy's step, stored in the rollout's dtype
+    half = sde_log_probs(mean_std, log_prob, x, v_old, v_new, x_next)
+    full = sde_log_probs(mean_std, log_prob, *as_float32(x, v_old, v_new, x_next))
+    assert_float32_policy(half, full)
 
 
-def leaping_ratio(x, v_old, v_new, candidates):
-    """Neighbor GRPO's pi_new / pi_old over each anchor's G candidates (every candidate an anchor)."""
+def leaping_log_probs(x, v_old, v_new, candidates):
+    """Neighbor GRPO's log pi_new and log pi_old over each anchor's G candidates (every candidate an anchor)."""
     anchors = x.view(P, G, *x.shape[1:])
     old = squared_distances(candidates, leap(anchors, v_old.view_as(anchors), S, S_NEXT))
     new = squared_distances(candidates, leap(anchors, v_new.view_as(anchors), S, S_NEXT))
     tau = temperature(old, 0.1, None)
-    return (leaping_log_policy(new, tau) - leaping_log_policy(old, tau)).exp()
+    return leaping_log_policy(new, tau), leaping_log_policy(old, tau)
 
 
 def test_neighbor_grpo_ratios_of_a_bf16_net_are_the_float32_ones(bf16_flux):
     x, v_old, v_new, z = bf16_flux
     # the candidates' next states: the old policy's ODE step from nearby noises, stored in the rollout's dtype
     candidates = (x + (S_NEXT - S) * v_old + 0.05 * z).view(P, G, *x.shape[1:])
-    half = leaping_ratio(x, v_old, v_new, candidates)
-    full = leaping_ratio(*as_float32(x, v_old, v_new, candidates))
-    assert_close_ratios(half, full)
+    half = leaping_log_probs(x, v_old, v_new, candidates)
+    full = leaping_log_probs(*as_float32(x, v_old, v_new, candidates))
+    assert_float32_policy(half, full)
