@@ -40,7 +40,7 @@ def _sample(mean: torch.Tensor, std: float, noise: torch.Tensor | None, generato
         if generator is None:
             raise ValueError("pass the step noise z or a keyed generator")
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
-    return mean + std * noise
+    return mean + std * noise.to(mean.dtype)  # std * z in the mean's (float32) precision, not a bf16 z's
 
 
 # ---- Flow-GRPO (Liu et al. 2025, flow_grpo/diffusers_patch/sd3_sde_with_logprob.py, sde_type 'sde') -----------

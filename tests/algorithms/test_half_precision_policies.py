@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from neighbor_grpo.algorithms.neighbor_grpo import leap, leaping_log_policy, squared_distances, temperature
-from neighbor_grpo.algorithms.sde import (cps_code_log_prob, cps_mean_std, dance_grpo_mean_std, flow_grpo_mean_std,
+from neighbor_grpo.algorithms.sde import (cps_code_log_prob, cps_mean_std, cps_sde_step, dance_grpo_mean_std,
+                                          dance_grpo_sde_step, flow_grpo_mean_std, flow_grpo_sde_step,
                                           gaussian_log_prob)
 from neighbor_grpo.models import load_adapter
 
@@ -102,3 +103,17 @@ def test_neighbor_grpo_ratios_of_a_bf16_net_are_the_float32_ones(bf16_flux):
     half = leaping_log_probs(x, v_old, v_new, candidates)
     full = leaping_log_probs(*as_float32(x, v_old, v_new, candidates))
     assert_float32_policy(half, full)
+
+
+@pytest.mark.parametrize("step", [
+    lambda x, v, z: flow_grpo_sde_step(x, v, S, S_NEXT, z, noise_level=0.7, s_1=S_1),
+    lambda x, v, z: dance_grpo_sde_step(x, v, S, S_NEXT, z, eta=0.3),
+    lambda x, v, z: cps_sde_step(x, v, S, S_NEXT, z, eta=0.8)], ids=["flow_grpo", "dance_grpo", "cps"])
+def test_sde_steps_keep_the_state_dtype_and_a_float32_mean(bf16_flux, step):
+    """A rollout of bf16 states stays bf16 (its states stack into one tensor); the step's mean, which the log-prob
+    is measured from, is float32 and equals the float32 computation's."""
+    x, v_old, _, z = bf16_flux
+    half, full = step(x, v_old, z), step(*as_float32(x, v_old, z))
+    assert half.x_next.dtype == torch.bfloat16 and half.mean.dtype == torch.float32
+    torch.testing.assert_close(half.mean, full.mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(half.x_next, full.x_next.bfloat16(), rtol=0, atol=0)
