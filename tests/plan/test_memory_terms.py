@@ -197,3 +197,19 @@ def test_peak_composes_held_calls_and_no_grad_calls_inside_the_loss(small_flux, 
     if activations is None:  # the train phase: - persistent gradients + 80 MB peak (its gradients included)
         activations = 80 - gib["gradients"] * GIB / MB
     assert gib["activations_peak"] * GIB / MB == pytest.approx(activations, rel=1e-9)
+
+
+def test_master_weights_plan_traces_bf16_compute_with_fp32_gradients(small_flux):
+    """The fp32-master plan traces its calls as the run makes them: under bf16 autocast over the fp32 net, with
+    fp32 gradients (4 bytes a trained parameter), counted once in the persistent memory."""
+    config = flux_config(small_flux, "optim.finetune=full")
+    model = resolve_model(config.model.path, dataclasses.asdict(config.model))
+    tracer = Tracer(model)
+    result = plan_core(config, tracer, 1, "h100-80gb", 0.4)
+    traced = tracer.traced_model(config)
+    n = sum(p.numel() for p in traced.adapter.net.parameters())
+    with_grad = [trace for key, trace in tracer.traces.items() if key[3]]
+    assert traced.master_weights and with_grad
+    assert all(key[4] == "bf16" for key in tracer.traces if key[1] == "velocity")  # speed.mixed_precision 'no'
+    assert all(trace.grad_bytes == 4 * n for trace in with_grad)
+    assert result["memory_gib"]["gradients"] * GIB == 4 * n
