@@ -186,7 +186,10 @@ class GivenTraces(Tracer):
      "reference", 20 + 2 * 60),
     # Flow-GRPO backpropagates step by step (held 1), no KL: the train call's own peak, on top of everything but
     # the gradients of the previous step (set to none) and with its own 1 MB of them
-    (("algorithm=flow_grpo", "flow_grpo.group_size=4", "flow_grpo.rollout_steps=4"), "train", None),
+    (("algorithm=flow_grpo", "flow_grpo.group_size=4", "flow_grpo.rollout_steps=4"), "train", 80),
+    # AWM without KL terms: the train call's peak on top of the other held call's 60 MB saved
+    (("algorithm=awm", "awm.group_size=4", "awm.rollout_steps=4", "awm.num_times=2", "awm.kl_beta=0",
+      "awm.ema_beta=0"), "train", 80 + 60),
 ])
 def test_peak_composes_held_calls_and_no_grad_calls_inside_the_loss(small_flux, overrides, phase, activations):
     config = flux_config(small_flux, "model.dtype=bfloat16", "optim.finetune=lora", *overrides)
@@ -194,8 +197,8 @@ def test_peak_composes_held_calls_and_no_grad_calls_inside_the_loss(small_flux, 
     result = plan_core(config, GivenTraces(model), 1, "h100-80gb", 0.4)
     gib = result["memory_gib"]
     assert gib["peak_phase"] == phase
-    if activations is None:  # the train phase: - persistent gradients + 80 MB peak (its gradients included)
-        activations = 80 - gib["gradients"] * GIB / MB
+    if phase == "train":  # the persistent gradients are replaced by the pass's own (part of its peak)
+        activations -= gib["gradients"] * GIB / MB
     assert gib["activations_peak"] * GIB / MB == pytest.approx(activations, rel=1e-9)
 
 
