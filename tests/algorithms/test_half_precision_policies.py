@@ -117,3 +117,17 @@ def test_sde_steps_keep_the_state_dtype_and_a_float32_mean(bf16_flux, step):
     assert half.x_next.dtype == torch.bfloat16 and half.mean.dtype == torch.float32
     torch.testing.assert_close(half.mean, full.mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(half.x_next, full.x_next.bfloat16(), rtol=0, atol=0)
+
+
+def test_log_probs_and_distances_of_bf16_arguments_are_computed_in_float32():
+    """Called with bf16 arguments directly (a plug-in's bf16 means or predictions), the Gaussian and CPS log-probs
+    and the squared distances equal the float32 computation on the same numbers."""
+    generator = torch.Generator().manual_seed(1)
+    x_next, mean = (torch.randn(P, G, 64, generator=generator).bfloat16() for _ in range(2))
+    for log_prob in (gaussian_log_prob, cps_code_log_prob):
+        half, full = log_prob(x_next, mean, 0.3, 2), log_prob(x_next.float(), mean.float(), 0.3, 2)
+        assert half.dtype == torch.float32
+        torch.testing.assert_close(half, full, rtol=1e-6, atol=1e-6)
+    half = squared_distances(x_next, mean[:, :2])
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, squared_distances(x_next.float(), mean[:, :2].float()), rtol=1e-6, atol=1e-6)
