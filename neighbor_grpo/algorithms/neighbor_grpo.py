@@ -16,7 +16,7 @@ from neighbor_grpo.config.algorithm_settings import NeighborGRPOConfig  # noqa: 
 from neighbor_grpo.maths.advantages import clip_advantages, quasi_norm_advantages
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_members,
                                              per_call, pick_steps, repeat_cond, rollout_phase, solver_evaluations)
-from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.maths.flow import full_precision, sigma_grid
 from neighbor_grpo.maths.noise import keyed_generator, neighbor_noises
 from neighbor_grpo.maths.solvers import integrate
 
@@ -24,13 +24,14 @@ ROLE_ANCHORS, ROLE_STEPS = 7_000_001, 7_000_002
 
 
 def leap(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
-    """One Euler step: xhat = x_j + (s_{j+1} - s_j) v."""
-    return x + (s_next - s) * v
+    """One Euler step: xhat = x_j + (s_{j+1} - s_j) v, in float32 at least (a bf16 net's v)."""
+    return full_precision(x) + (s_next - s) * full_precision(v)
 
 
 def squared_distances(candidates: torch.Tensor, predictions: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """dist(x_{j+1}^(i), xhat^(k)) for candidates (P, G, *latent), predictions (P, B, *latent) -> (P, B, G)."""
-    diff = candidates.unsqueeze(1) - predictions.unsqueeze(2)
+    """dist(x_{j+1}^(i), xhat^(k)) for candidates (P, G, *latent), predictions (P, B, *latent) -> (P, B, G), in
+    float32 at least: the softmax over them (leaping_log_policy) then is too."""
+    diff = full_precision(candidates).unsqueeze(1) - full_precision(predictions).unsqueeze(2)
     squared = diff.pow(2).flatten(3)
     if reduction == "mean":
         return squared.mean(-1)
@@ -173,7 +174,7 @@ class NeighborGRPO:
             if c.ref_beta > 0 and reference_velocity is not None:
                 with torch.no_grad():
                     v_ref = batched_velocity(reference_velocity, x, rollout.sigmas[j], rollout.cond)
-                step_loss = step_loss + c.ref_beta * (v - v_ref).pow(2).mean()
+                step_loss = step_loss + c.ref_beta * (full_precision(v) - full_precision(v_ref)).pow(2).mean()
             total = total + step_loss
             stats.append(policy_stats(log_ratio.detach(), log_pi_old, c.eps_clip, valid, tau))
         merged = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}

@@ -5,7 +5,8 @@
 - target: base + 0.8 x the best main-table method's mean final gain over the base (`frozen_target`);
 - time to target: linear interpolation between the two evaluations that bracket the first crossing; a run that
   never gets there is censored at its budget, a lower bound, never dropped (`crossing_point`);
-- lr selection: the highest area under the held-out proxy curve (`select_lr`), never the gold;
+- lr selection: the highest area under the held-out proxy curve (`area_under_curve`, applied by
+  bench.grid.select), never the gold;
 - intervals: 95% Student-t intervals over seeds, of paired log-ratios (`paired_ratio`) and of paired differences
   (`no_worse`).
 """
@@ -74,14 +75,6 @@ def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
         raise ValueError(f"an area needs >= 2 points, got {len(xs)}")
     area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))
     return area / (xs[-1] - xs[0])
-
-
-def select_lr(proxy_curves: dict[float, tuple[Sequence[float], Sequence[float]]]) -> float:
-    """The learning rate whose held-out proxy curve has the largest area (reaching a saturated 1.0 sooner counts,
-    so ties at the end are broken by speed). Ties left: the smaller lr."""
-    if not proxy_curves:
-        raise ValueError("lr selection needs at least one curve")
-    return max(sorted(proxy_curves), key=lambda lr: (area_under_curve(*proxy_curves[lr]), -lr))
 
 
 def _t_cdf(t: float, df: int) -> float:

@@ -33,7 +33,11 @@ class ModelConfig:
     per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Diffusers models: weight/compute dtype of transformer, text encoders and VAE ('auto': bfloat16 on CUDA,
-    float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft."""
+    float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft. A full
+    fine-tune at 'auto' on CUDA keeps the trained transformer, its gradients and AdamW moments in float32 (fp32
+    master weights) and computes in bf16; frozen copies, text encoders and VAE stay bf16. An explicit 'bfloat16'
+    is pure bf16 (half the optimizer memory, but an update smaller than 2^-9 of a weight rounds away: at lr 1e-6,
+    every weight above ~0.0005)."""
     height: int | None = None
     """Diffusers models: image height in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
     width: int | None = None
@@ -155,7 +159,8 @@ class EvalConfig:
 class SpeedConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast the velocity net's passes (rollouts, training, held-out samples) to bf16 or fp16; weights, optimizer
-    state and the loss stay fp32 (fp32 master weights). fp16 adds a gradient scaler, bf16 needs none."""
+    state and the loss stay in the weights' dtype (fp32 master weights for fp32 weights). fp16 adds a gradient
+    scaler, bf16 needs none. 'no' is bf16 for a full fine-tune with fp32 master weights (see model.dtype)."""
     tf32: bool = True
     """Allow TF32 matmuls and convolutions on CUDA (Ampere or newer); no effect on CPU."""
     gradient_checkpointing: bool = False

@@ -49,13 +49,16 @@ class Tracer:
                 lora = {"rank": config.optim.lora_rank, "alpha": config.optim.lora_alpha,
                         "targets": lora_targets(config, adapter)}
             prompt = config.prompts.train[0] if config.prompts.train else PLAN_PROMPT  # the built-in model knows '0'..'9'
-            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing, prompt)
+            master = master_weights(config, next(adapter.net.parameters()).dtype)
+            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing, prompt, master)
         return self.models[key]
 
     def call(self, config, kind: str, network: str, grad: bool, batch: int, exact: bool) -> Trace:
         """The trace of one call; `exact` False reuses a trace of the same call at another batch, scaled."""
+        from neighbor_grpo.training.speed import compute_precision
+
         traced = self.traced_model(config)
-        precision = config.speed.mixed_precision
+        precision = compute_precision(config.speed.mixed_precision, traced.master_weights)
         network = "reference" if network == "reference" else "policy"  # other networks: copies of the policy
         base = (model_key(config), kind, network, grad, precision)
         if (*base, batch) in self.traces:
@@ -92,6 +95,13 @@ def gpu_dtype(config) -> torch.dtype:
     from neighbor_grpo.models.diffusers_common import resolve_dtype
 
     return resolve_dtype(config.model.dtype, torch.device("cuda"))
+
+
+def master_weights(config, loaded: torch.dtype) -> bool:
+    """Whether the run on a CUDA GPU keeps fp32 master weights for a net loaded in `loaded` (training.speed)."""
+    from neighbor_grpo.training.speed import keeps_master_weights
+
+    return keeps_master_weights(config.model.dtype, "cuda", config.optim.finetune, loaded)
 
 
 def resolution(config, model: ModelSpec) -> int:
@@ -194,13 +204,14 @@ def persistent_memory(config, traced, model: ModelSpec, algorithm, gpus: int, sa
     c = config.algorithm_config
     needs_reference = getattr(c, "ref_beta", 0) > 0 or getattr(c, "kl_beta", 0) > 0
     dtype_bytes = torch.finfo(gpu_dtype(config)).bits // 8
+    copies = gpu_dtype(config) if traced.master_weights else None  # copied before the net is upcast to fp32
     m = config.model
     out = {"weights": memory.sharded(memory.weight_bytes(net), shards),
            "gradients": memory.sharded(memory.gradient_bytes(net), shards),
            "optimizer_state": memory.sharded(memory.optimizer_state_bytes(net, config.speed.optimizer), shards),
            "ema": memory.sharded(memory.ema_bytes(net, config.optim.ema_decay), shards),
-           "reference_copy": memory.sharded(memory.reference_copy_bytes(net, config.optim.finetune, needs_reference), shards),
-           "algorithm_networks": memory.sharded(memory.algorithm_network_bytes(net, getattr(algorithm, "networks", ())), shards),
+           "reference_copy": memory.sharded(memory.reference_copy_bytes(net, config.optim.finetune, needs_reference, copies), shards),
+           "algorithm_networks": memory.sharded(memory.algorithm_network_bytes(net, getattr(algorithm, "networks", ()), copies), shards),
            "ddp_buckets": memory.ddp_bucket_bytes(net, gpus, fsdp)}
     latent = traced.adapter.latent_shape()
     out["trajectories"] = memory.trajectory_bytes(config.algorithm, c.rollout_steps, samples, latent)
@@ -287,6 +298,9 @@ def fit_candidates(config, gpus: int, diffusers: bool) -> list[tuple[str, list[s
         options.append(("gradient checkpointing", ["speed.gradient_checkpointing=true"], gpus))
     if gpu_dtype(config) == torch.float32:
         options.append(("bf16 weights", ["model.dtype=bfloat16"], gpus))
+    elif diffusers and master_weights(config, gpu_dtype(config)):
+        options.append(("pure bf16 weights and AdamW state (loses updates below 2^-9 of a weight)",
+                        ["model.dtype=bfloat16"], gpus))
     if config.speed.micro_batch != 1:
         options.append(("micro-batch of 1 prompt", ["speed.micro_batch=1"], gpus))
     if config.speed.rollout_chunk != 1:

@@ -283,30 +283,36 @@ def accumulate_gradients(algorithm, velocity, rollout, advantages: torch.Tensor,
                          scaler=None, passes: int = 1) -> tuple[torch.Tensor, dict]:
     """The minibatch's loss over this process's groups, backpropagated in passes of `micro_batch` prompts
     (gradients accumulate; only the last pass synchronises them over processes). Every pass's loss is a mean over
-    its prompts, so weighting it by its prompt share gives exactly the one-pass gradient. At least `passes` passes:
-    a process with fewer prompts repeats its last one with weight 0, because FSDP gathers the weights in every
-    forward and all processes must take part. Returns the loss and the algorithm's stats, as means over this
-    process's groups."""
+    its prompts, so weighting it by its prompt share gives exactly the one-pass gradient. An algorithm with
+    `loss_parts(batch)` (the SDE baselines: one part per trained step) has each pass's loss backpropagated part by
+    part, so only one part's activations are alive at a time. At least `passes` passes: a process with fewer
+    prompts repeats its last one with weight 0, because FSDP gathers the weights in every forward and all
+    processes must take part. Returns the loss and the algorithm's stats, as means over this process's groups."""
     P = len(rollout.prompts)
     size = P if not micro_batch else min(micro_batch, P)
     chunks = [range(start, min(start + size, P)) for start in range(0, P, size)]
     chunks += [chunks[-1]] * (passes - len(chunks))  # the repeats carry weight 0 (below)
+    loss_parts = getattr(algorithm, "loss_parts", lambda whole: [(whole, 1.0)])
     total, stats = 0.0, {}
     for number, rows in enumerate(chunks):
-        part = len(rows) / P if number * size < P else 0.0
+        share = len(rows) / P if number * size < P else 0.0
         pieces = (rollout, advantages, batch) if len(chunks) == 1 else select_prompts(rollout, advantages, batch, rows)
-        with gradient_sync(module, enabled=number == len(chunks) - 1) if module is not None else contextlib.nullcontext():
-            loss, pass_stats = algorithm.loss(velocity, *pieces, reference_velocity)
-            scaled = loss * (weight * part)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if part == 0.0:
-            continue
-        total = total + loss.detach() * part
-        for key, value in pass_stats.items():
-            if key in MAX_OR_SHARED_STATS:
-                stats[key] = torch.maximum(torch.as_tensor(stats.get(key, value)), torch.as_tensor(value))
-            else:
-                stats[key] = stats.get(key, 0.0) + value * part
+        parts = loss_parts(pieces[2])
+        for index, (piece, piece_weight) in enumerate(parts):
+            last = number == len(chunks) - 1 and index == len(parts) - 1
+            part = share * piece_weight
+            with gradient_sync(module, enabled=last) if module is not None else contextlib.nullcontext():
+                loss, pass_stats = algorithm.loss(velocity, *pieces[:2], piece, reference_velocity)
+                scaled = loss * (weight * part)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if part == 0.0:
+                continue
+            total = total + loss.detach() * part
+            for key, value in pass_stats.items():
+                if key in MAX_OR_SHARED_STATS:
+                    stats[key] = torch.maximum(torch.as_tensor(stats.get(key, value)), torch.as_tensor(value))
+                else:
+                    stats[key] = stats.get(key, 0.0) + value * part
     return total, stats
 
 

@@ -18,8 +18,9 @@ from neighbor_grpo.models.lora import EMA, apply_lora, make_net_velocity, make_r
 from neighbor_grpo.models import load_adapter, model_default_shift
 from neighbor_grpo.config.prompts import resolve_prompt_sets
 from neighbor_grpo.rewards import check_reward_inputs
-from neighbor_grpo.training.speed import (allow_tf32, autocast_velocity, compile_in_place, enable_gradient_checkpointing,
-                                 make_grad_scaler, make_optimizer)
+from neighbor_grpo.training.speed import (allow_tf32, autocast_velocity, compile_in_place, compute_precision,
+                                          enable_gradient_checkpointing, keeps_master_weights, make_grad_scaler,
+                                          make_optimizer)
 
 
 @dataclass
@@ -98,8 +99,8 @@ def needs_reference(config: TrainConfig) -> bool:
 
 
 def build_training_parts(config: TrainConfig, adapter, processes: Processes = SINGLE_PROCESS) -> TrainingParts:
-    """LoRA (if asked), the reference velocity, speed settings, DDP/FSDP over `processes`, the optimizer over the
-    trainable parameters, EMA, the algorithm and its own networks."""
+    """LoRA (if asked), the reference velocity, fp32 master weights (speed.keeps_master_weights), speed settings,
+    DDP/FSDP over `processes`, the optimizer over the trainable parameters, EMA, the algorithm and its own networks."""
     speed = config.speed
     frozen = None
     if config.optim.finetune == "lora":
@@ -110,6 +111,10 @@ def build_training_parts(config: TrainConfig, adapter, processes: Processes = SI
         frozen = frozen_copy(adapter.net)
     # the algorithm's own networks start as copies of the policy: an old policy kept by soft update, an EMA copy
     algorithm_nets = {name: frozen_copy(adapter.net) for name in getattr(ALGORITHMS[config.algorithm], "networks", ())}
+    weights = next(adapter.net.parameters())
+    master = keeps_master_weights(config.model.dtype, weights.device.type, config.optim.finetune, weights.dtype)
+    if master:  # after the frozen copies were taken: they stay in the loaded dtype
+        adapter.net.float()
     allow_tf32(speed.tf32)
     if speed.gradient_checkpointing:
         enable_gradient_checkpointing(adapter)
@@ -129,7 +134,7 @@ def build_training_parts(config: TrainConfig, adapter, processes: Processes = SI
     shift = model_shift(config, adapter)
     algorithm = ALGORITHMS[config.algorithm](dataclasses.replace(config.algorithm_config, shift=shift), seed=config.seed)
     device = next(adapter.net.parameters()).device
-    precision = speed.mixed_precision
+    precision = compute_precision(speed.mixed_precision, master)
     if algorithm_nets:
         algorithm.attach({name: autocast_velocity(make_net_velocity(adapter, net), precision, device)
                           for name, net in algorithm_nets.items()}, algorithm_nets)
