@@ -415,6 +415,8 @@ def validate(config: TrainConfig) -> None:
     _check(n.tau_rel > 0, "neighbor_grpo.tau_rel", "a value > 0", n.tau_rel)
     _check(n.tau is None or n.tau > 0, "neighbor_grpo.tau", "null or a value > 0", n.tau)
     _check(n.distance_reduction in ("mean", "sum"), "neighbor_grpo.distance_reduction", "mean or sum", n.distance_reduction)
+    _check(n.policy_space in ("next_state", "x0"), "neighbor_grpo.policy_space", "next_state or x0", n.policy_space)
+    _check(n.x0_candidates in ("step", "final"), "neighbor_grpo.x0_candidates", "step or final", n.x0_candidates)
     _check(0 < n.eps_clip < 1, "neighbor_grpo.eps_clip", "a value in (0, 1)", n.eps_clip)
     _check(n.old_policy in ("rollout", "recompute"), "neighbor_grpo.old_policy", "rollout or recompute", n.old_policy)
     _check(n.ref_beta >= 0, "neighbor_grpo.ref_beta", "a value >= 0", n.ref_beta)
