@@ -37,14 +37,16 @@ class ModelConfig:
     """Diffusers models: image height in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
     width: int | None = None
     """Diffusers models: image width in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
+    num_frames: int | None = None
+    """Video models (Wan): frames per video, 4k + 1 for Wan's VAE (null: the pipeline's default, 81)."""
     guidance: float = 3.5
     """FLUX.1: the guidance-embedding value (FLUX.1-dev's distilled guidance; no extra cost). Used in rollouts, the
     training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell) and by SD3."""
     cfg_scale: float = 4.5
-    """SD3/SD3.5: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every model call; 1
-    disables it). Used in rollouts, the training step and evaluation alike. Ignored by FLUX."""
+    """SD3/SD3.5 and Wan: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every model
+    call; 1 disables it). Used in rollouts, the training step and evaluation alike. Ignored by FLUX."""
     negative_prompt: str = ""
-    """SD3/SD3.5: the negative prompt of classifier-free guidance."""
+    """SD3/SD3.5 and Wan: the negative prompt of classifier-free guidance."""
     max_sequence_length: int | None = None
     """Diffusers models: T5 prompt tokens (null: 512 for FLUX, 256 for SD3)."""
     offload_text_encoders: bool = False
@@ -491,6 +493,7 @@ def _validate_model(m: ModelConfig) -> None:
     for name in ("height", "width"):
         value = getattr(m, name)
         _check(value is None or (value >= 16 and value % 16 == 0), f"model.{name}", "null or a multiple of 16", value)
+    _check(m.num_frames is None or m.num_frames >= 1, "model.num_frames", "null or a frame count >= 1", m.num_frames)
     _check(m.guidance >= 0, "model.guidance", "a value >= 0", m.guidance)
     _check(m.cfg_scale >= 0, "model.cfg_scale", "a value >= 0 (<= 1 disables classifier-free guidance)", m.cfg_scale)
     _check(m.max_sequence_length is None or 1 <= m.max_sequence_length <= 512, "model.max_sequence_length",

@@ -2,7 +2,7 @@
 
 An adapter wraps a velocity network `net` (the module that is trained) and knows how to turn prompts into
 conditioning, latents into images, and how to save/load itself to a checkpoint folder holding
-`model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5)
+`model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5, Wan)
 load directly: `load_adapter` dispatches on model_index.json's `_class_name`.
 """
 
@@ -59,7 +59,7 @@ def resolve_adapter_class(name: str) -> type:
     return resolve_plugin(name, MODEL_ADAPTERS, "model adapter", "package.module:Class")
 
 
-DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
 """diffusers pipeline class (model_index.json's _class_name) -> the adapter that loads such a folder."""
 
 
@@ -114,3 +114,4 @@ from neighbor_grpo.models.digits import DigitsAdapter, DigitsFlowNet, DigitsNetC
 from neighbor_grpo.models.digits_unet import DigitsUNet, DigitsUNetAdapter, DigitsUNetConfig  # noqa: E402,F401
 from neighbor_grpo.models.flux import FluxAdapter  # noqa: E402,F401  (registers 'flux')
 from neighbor_grpo.models.sd3 import SD3Adapter  # noqa: E402,F401  (registers 'sd3')
+from neighbor_grpo.models.wan import WanAdapter  # noqa: E402,F401  (registers 'wan')

@@ -97,6 +97,14 @@ class MetricsLog:
             self.writer.close()
 
 
+def frame_tiles(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
+    """Videos (P, S, T, C, H, W) -> (P, S * k, C, H, W): k <= `frames` evenly spaced frames of each sample (first and
+    last included), the samples one after another along the row."""
+    T = videos.shape[2]
+    picked = torch.linspace(0, T - 1, min(frames, T)).round().long().unique()
+    return videos[:, :, picked].flatten(1, 2)
+
+
 def save_grid(images: torch.Tensor, path: Path, row_labels: list[str] | None = None, scale: int = 4,
               max_tile: int = 256) -> None:
     """A PNG grid of raw images (P, S, C, H, W) in [0, 1] (clamped), one row per prompt. Small images are enlarged
@@ -104,6 +112,8 @@ def save_grid(images: torch.Tensor, path: Path, row_labels: list[str] | None = N
     (text prompts) above it, cut to the row's width."""
     from PIL import Image, ImageDraw
 
+    if images.dim() == 6:  # videos (P, S, T, C, H, W): a few frames of each, side by side
+        images = frame_tiles(images)
     P, S, C, H, W = images.shape
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     factor = min(float(scale), max_tile / max(H, W))
