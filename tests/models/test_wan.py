@@ -111,7 +111,9 @@ def test_pipeline_parity_with_cfg_and_exported_lora(version, wan21, wan22, tmp_p
     reference = theirs(pipe, noise, steps, 5.0)
     ours = our_latents(adapter, noise, PROMPTS, grid)
     print(f"Wan {version} latent parity (CFG 5, LoRA): {float((ours - reference).abs().max()):.3g}")
-    assert (ours - reference).abs().max() < 1e-5  # measured 0 on CPU fp32 (same ops, same order)
+    # measured 1.9e-6 (2.1) and 2.4e-6 (2.2) on CPU fp32: CFG's two halves run as one batch here, as two calls
+    # in the pipeline (0 without CFG)
+    assert (ours - reference).abs().max() < 1e-5
     video = theirs(pipe, noise, steps, 5.0, output_type="pt")
     assert video.shape == (2, FRAMES, 3, 16, 16)
     assert (adapter.decode(ours).clamp(0, 1) - video).abs().max() < 1e-5
