@@ -139,6 +139,7 @@ def _add_model_flags(cmd) -> None:
     cmd.add_argument("--height", type=int, help="diffusers models: image height in pixels (a multiple of 16)")
     cmd.add_argument("--width", type=int, help="diffusers models: image width in pixels (a multiple of 16)")
     cmd.add_argument("--resolution", type=int, help="diffusers models: height and width at once")
+    cmd.add_argument("--num-frames", type=int, help="video models (Wan): frames per video, 4k + 1 (default 81)")
     cmd.add_argument("--guidance", type=float, help="FLUX.1: guidance-embedding value (default 3.5)")
     cmd.add_argument("--cfg-scale", type=float, help="SD3: classifier-free guidance scale (default 4.5; 1 disables)")
     cmd.add_argument("--negative-prompt", help="SD3: negative prompt of classifier-free guidance (default '')")
@@ -195,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--steps", type=int, default=8)
     smp.add_argument("--shift", type=float, help="grid shift (default: the model's own; 1 for the built-in model)")
     smp.add_argument("--device", default="cpu")
-    smp.add_argument("--out", required=True, help=".png or .npz")
+    smp.add_argument("--out", required=True, help=".png (grid; for videos a row of frames per sample), .npz, or for "
+                                                  "video models .mp4/.gif (one file per sample: NAME-0.mp4, ...)")
+    smp.add_argument("--fps", type=int, default=16, help="frame rate of .mp4/.gif videos (Wan 2.1: 16)")
     smp.add_argument("--prompt", required=True)
     smp.add_argument("--num", type=int, default=8)
     smp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

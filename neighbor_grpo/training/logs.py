@@ -144,6 +144,33 @@ def save_grid(images: torch.Tensor, path: Path, row_labels: list[str] | None = N
     atomic_write_bytes(path, buffer.getvalue())
 
 
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def save_video(video: torch.Tensor, path: Path, fps: int = 16) -> None:
+    """One video (T, C, H, W) in [0, 1] (clamped) as an MP4 (H.264 through imageio's ffmpeg plugin) or an animated GIF,
+    by the path's suffix; written to a temporary sibling and moved into place."""
+    try:
+        import imageio.v3 as iio
+    except ImportError as error:
+        raise ImportError('writing .mp4/.gif needs imageio: pip install "neighbor-grpo[video]"') from error
+    path = Path(path)
+    if path.suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: expected a file ending in .mp4 or .gif")
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (T, H, W, C)
+    if frames.shape[-1] == 1:
+        frames = frames.repeat(3, axis=-1)
+    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}{path.suffix}")
+    try:
+        if path.suffix == ".gif":
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+        else:  # libx264 wants even sides; macro_block_size 1 keeps small test videos as they are
+            iio.imwrite(tmp, frames, extension=".mp4", plugin="FFMPEG", fps=fps, macro_block_size=1)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, xlabel: str, ylabel: str, title: str) -> None:
     """A PNG line plot, one line per named curve."""
     import matplotlib

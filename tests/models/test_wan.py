@@ -248,3 +248,35 @@ def test_bad_video_options(wan21):
         load_adapter(wan21, options={**SIZE, "num_frames": 8})
     with pytest.raises(ValueError, match="model.height"):
         load_adapter(wan21, options={**SIZE, "height": 24})
+
+
+def test_sample_cli_writes_videos_and_a_frame_grid(wan21, tmp_path):
+    import imageio.v3 as iio
+    from PIL import Image
+
+    from neighbor_grpo.cli import main
+    from neighbor_grpo.training.monitors import generate
+
+    common = ["sample", "--checkpoint", str(wan21), "--resolution", "16", "--num-frames", str(FRAMES),
+              "--max-sequence-length", "8", "--cfg-scale", "1", "--prompt", "a red cat", "--num", "2", "--steps", "2",
+              "--solver", "euler"]
+    assert main([*common, "--out", str(tmp_path / "clip.mp4"), "--fps", "8"]) == 0
+    assert main([*common, "--out", str(tmp_path / "clip.gif")]) == 0
+    assert main([*common, "--out", str(tmp_path / "frames.png")]) == 0
+    adapter = load_adapter(wan21, options={**SIZE, "cfg_scale": 1.0})
+    _, expected = generate(adapter, ["a red cat"], 2, 0, "euler", 2, adapter.default_shift())
+    for k in range(2):
+        gif = iio.imread(tmp_path / f"clip-{k}.gif")  # (T, H, W, 3), palette-quantised
+        assert gif.shape == (FRAMES, 16, 16, 3)
+        mp4 = iio.imread(tmp_path / f"clip-{k}.mp4", plugin="FFMPEG")
+        assert mp4.shape == (FRAMES, 16, 16, 3)
+        frames = expected[0, k].clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255
+        # mean error per 8-bit value, measured 0.25 (GIF palette) and 4.7 (H.264, yuv420 on 16 px frames); a flat
+        # frame at the video's mean is 9.6 away
+        assert np.abs(gif.astype(float) - frames).mean() < 1.0
+        assert np.abs(mp4.astype(float) - frames).mean() < 6.5
+    with Image.open(tmp_path / "frames.png") as grid:  # 2 rows of 9 frames (enlarged 4x)
+        assert grid.width > 9 * 64 and 2 * 64 < grid.height < 3 * 64
+    assert main([*common, "--out", str(tmp_path / "clip.mp4")]) == 2  # exists: refused without --overwrite
+    assert main(["sample", "--checkpoint", str(wan21), "--resolution", "16", "--num-frames", "8", "--prompt", "a",
+                 "--out", str(tmp_path / "bad.mp4")]) == 2
