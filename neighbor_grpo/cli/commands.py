@@ -1,4 +1,4 @@
-"""The `ngrpo` command: demo, pretrain, train, sample, eval, compare, plan, config."""
+"""The `ngrpo` command: demo, pretrain, distill, train, sample, eval, compare, plan, config."""
 
 from __future__ import annotations
 
@@ -60,6 +60,34 @@ def _cmd_pretrain(args) -> None:
                 shutil.copytree(source, folder.path / name)
             out = folder.commit()
         print(f"copied to {out}/base (a --checkpoint for sample/eval) and {out}/reward (digit_prob kwargs.path)")
+
+
+def _cmd_distill(args) -> None:
+    import json as json_module
+    import shutil
+
+    from neighbor_grpo.builtin.distill import ReflowSettings, ensure_reflow_model
+    from neighbor_grpo.runs.ownership import check_folder_target
+    from neighbor_grpo.runs.runfolder import RunFolder
+
+    for name in ("pairs", "teacher_steps", "train_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.out:  # refused before minutes of distillation, not after
+        check_folder_target(args.out, args.overwrite)
+    settings = ReflowSettings(pairs=args.pairs, teacher_steps=args.teacher_steps, train_steps=args.train_steps,
+                              seed=args.seed)
+    folder = ensure_reflow_model(progress=not args.no_progress, settings=settings)
+    meta = json_module.loads((folder / "model.json").read_text())
+    print(f"few-step student: {folder} ({meta['reflow_seconds']} s to build)")
+    for steps, error in meta["few_step_error"].items():
+        print(f"  {steps} Euler step(s): mean squared distance to the teacher's {args.teacher_steps}-step samples "
+              f"{error['teacher']:.4f} (teacher) -> {error['student']:.4f} (student)")
+    if args.out:
+        with RunFolder(args.out, overwrite=args.overwrite, kind="distill") as run:
+            shutil.copytree(folder, run.path / "base")
+            out = run.commit()
+        print(f"copied to {out}/base (a model.path or --checkpoint)")
 
 
 def _cmd_train(args) -> None:
@@ -175,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--classifier-epochs", type=int, default=40)
     pre.add_argument("--no-progress", action="store_true")
     pre.set_defaults(func=_cmd_pretrain)
+
+    dis = sub.add_parser("distill", help="a few-step student of the built-in model by reflow (builtin:digits-reflow "
+                                         "with the defaults; cached, reused)")
+    dis.add_argument("--out", help="also copy it here as base/")
+    dis.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
+    dis.add_argument("--pairs", type=int, default=8192, help="(noise, teacher sample) pairs (default 8192)")
+    dis.add_argument("--teacher-steps", type=int, default=32, help="teacher ODE steps per sample (default 32)")
+    dis.add_argument("--train-steps", type=int, default=4000, help="student optimizer steps (default 4000)")
+    dis.add_argument("--seed", type=int, default=0)
+    dis.add_argument("--no-progress", action="store_true")
+    dis.set_defaults(func=_cmd_distill)
 
     tr = sub.add_parser("train", help="align a model: YAML config + key=value overrides")
     tr.add_argument("config", nargs="?", help="YAML config file (optional: defaults otherwise)")
