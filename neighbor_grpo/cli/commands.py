@@ -130,7 +130,8 @@ def _cmd_compare(args) -> None:
                       device=args.device, base_path=args.base, overwrite=args.overwrite,
                       progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]), workers=args.workers,
                       grid=not args.no_grid, throughput_iters=args.throughput_iters,
-                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3)
+                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3,
+                      eval_solver=args.eval_solver, eval_steps=args.eval_steps)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -286,10 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-grid", action="store_true",
                      help="tune the lr only: every method at its reference knob value, no x3 rule (cheap runs)")
     cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo neighbor_grpo_defaults "
-                     "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also flow_grpo_cps, grpo_guard, diffusion_nft, awm, dgpo")
+                     "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also neighbor_grpo_x0, flow_grpo_cps, grpo_guard, "
+                     "diffusion_nft, awm, dgpo")
     cmp.add_argument("--base", default="builtin:digits", metavar="MODEL",
-                     help="base model: builtin:digits (default), builtin:digits-unet (the compute-bound U-Net; both "
-                          "pretrained and cached on first use) or a model folder of ngrpo")
+                     help="base model: builtin:digits (default), builtin:digits-unet (the compute-bound U-Net), "
+                          "builtin:digits-reflow (few-step student; all built and cached on first use) or a model "
+                          "folder of ngrpo")
     cmp.add_argument("--workers", type=int, default=1,
                      help="runs in parallel, each in its own single-thread process (1: in this process, one thread); "
                           "the numbers do not depend on it")
@@ -304,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--frozen-target", metavar="RESULTS_JSON",
                      help="report against the gold target frozen in an earlier results JSON (and a recomputed one)")
     cmp.add_argument("--equal-steps", type=int, metavar="N", help="instead: every method with N rollout steps")
+    cmp.add_argument("--eval-solver", default="dpm++2m", choices=sorted(SOLVERS),
+                     help="sampler of the held-out evaluations (default dpm++2m; euler for a few-step model)")
+    cmp.add_argument("--eval-steps", type=int, default=8, help="its steps (default 8)")
     cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps"],
                      help="instead: Neighbor GRPO's variants of one knob, paired against the first")
     cmp.add_argument("--device", help="default: cuda when available, else cpu")
