@@ -116,8 +116,10 @@ def test_pipeline_parity_with_cfg_and_exported_lora(version, wan21, wan22, tmp_p
     assert (ours - reference).abs().max() < 1e-5
     video = theirs(pipe, noise, steps, 5.0, output_type="pt")
     assert video.shape == (2, FRAMES, 3, 16, 16)
+    print(f"Wan {version} video parity: {float((adapter.decode(ours).clamp(0, 1) - video).abs().max()):.3g}")
     assert (adapter.decode(ours).clamp(0, 1) - video).abs().max() < 1e-5
     reloaded = load_adapter(tmp_path / "lora")
+    print(f"Wan {version} reload parity: {float((our_latents(reloaded, noise, PROMPTS, grid) - reference).abs().max()):.3g}")
     assert (our_latents(reloaded, noise, PROMPTS, grid) - reference).abs().max() < 1e-5
     # the LoRAs matter, each expert's own: without the low-noise expert's LoRA the samples differ
     if version == "2.2":
@@ -152,7 +154,9 @@ def test_ti2v_layout_expands_timesteps_per_token(tmp_path):
     adapter = load_adapter(folder, options={**SIZE, "cfg_scale": 1.0})
     noise = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(3))
     reference = theirs(pipeline(folder), noise, 3, 1.0)
-    assert (our_latents(adapter, noise, PROMPTS, pipeline_grid(folder, 3)) - reference).abs().max() < 1e-5
+    difference = float((our_latents(adapter, noise, PROMPTS, pipeline_grid(folder, 3)) - reference).abs().max())
+    print(f"Wan TI2V layout latent parity: {difference:.3g}")
+    assert difference < 1e-5
 
 
 def brightness_change(videos, prompts):
@@ -280,3 +284,29 @@ def test_sample_cli_writes_videos_and_a_frame_grid(wan21, tmp_path):
     assert main([*common, "--out", str(tmp_path / "clip.mp4")]) == 2  # exists: refused without --overwrite
     assert main(["sample", "--checkpoint", str(wan21), "--resolution", "16", "--num-frames", "8", "--prompt", "a",
                  "--out", str(tmp_path / "bad.mp4")]) == 2
+
+
+def test_fsdp_shards_each_block_of_each_expert(wan22, tmp_path):
+    """The FSDP wrap policy (parallel.wrapping.shard_in_place) on Wan 2.2's experts: every WanTransformerBlock of both
+    experts is its own unit, then the root; the sharded net gives the same velocities (1 process, gloo, CPU)."""
+    import torch.distributed as dist
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    from torch.distributed.fsdp import FSDPModule
+
+    from neighbor_grpo.parallel.wrapping import shard_in_place
+
+    adapter = load_adapter(wan22, options={**SIZE, "cfg_scale": 1.0})
+    x, rows = torch.randn(2, *adapter.latent_shape()), adapter.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        before = [adapter.velocity(x, torch.tensor(s), rows) for s in (0.95, 0.3)]
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        shard_in_place(adapter.net)
+        blocks = [m for m in adapter.net.modules() if isinstance(m, WanTransformerBlock)]
+        assert len(blocks) == 4 and all(isinstance(b, FSDPModule) for b in blocks)  # 2 experts x 2 layers
+        assert isinstance(adapter.net, FSDPModule)
+        with torch.no_grad():
+            for s, expected in zip((0.95, 0.3), before):
+                torch.testing.assert_close(adapter.velocity(x, torch.tensor(s), rows), expected)
+    finally:
+        dist.destroy_process_group()
