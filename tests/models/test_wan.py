@@ -148,15 +148,26 @@ def test_wan22_routes_each_timestep_to_its_expert(wan22):
         torch.testing.assert_close(mixed[1], adapter.velocity(x[1:], torch.tensor(0.5), rows[1:])[0])
 
 
-def test_ti2v_layout_expands_timesteps_per_token(tmp_path):
-    """Wan2.2-TI2V-5B's pipeline passes one timestep per latent token (expand_timesteps); text-to-video parity."""
-    folder = tiny_wan.build_wan(tmp_path / "ti2v", seed=2, expand_timesteps=True)
-    adapter = load_adapter(folder, options={**SIZE, "cfg_scale": 1.0})
+def test_ti2v_5b_layout_48_channel_vae_and_per_token_timesteps(tmp_path):
+    """Wan2.2-TI2V-5B's layout: its 48-channel VAE (16x spatial), and one timestep per latent token
+    (expand_timesteps); text-to-video latents and videos as WanPipeline's."""
+    folder = tiny_wan.build_wan(tmp_path / "ti2v", seed=2, ti2v=True)
+    options = {**SIZE, "height": 32, "width": 32, "num_frames": 5, "cfg_scale": 1.0}
+    adapter = load_adapter(folder, options=options)
+    assert adapter.latent_shape() == (48, 2, 2, 2)  # 5 frames -> 2, 32 px -> 2 (16x VAE)
     noise = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(3))
-    reference = theirs(pipeline(folder), noise, 3, 1.0)
-    difference = float((our_latents(adapter, noise, PROMPTS, pipeline_grid(folder, 3)) - reference).abs().max())
-    print(f"Wan TI2V layout latent parity: {difference:.3g}")
-    assert difference < 1e-5
+    pipe = pipeline(folder)
+    run = dict(prompt=PROMPTS, height=32, width=32, num_frames=5, num_inference_steps=3, guidance_scale=1.0,
+               max_sequence_length=8)
+    reference = pipe(**run, latents=noise.clone(), output_type="latent").frames
+    ours = our_latents(adapter, noise, PROMPTS, pipeline_grid(folder, 3))
+    video = pipe(**run, latents=noise.clone(), output_type="pt").frames
+    difference = float((ours - reference).abs().max())
+    video_difference = float((adapter.decode(ours).clamp(0, 1) - video).abs().max())
+    print(f"Wan TI2V-5B layout parity: latents {difference:.3g}, videos {video_difference:.3g}")
+    assert difference < 1e-5 and video_difference < 1e-5 and video.shape == (2, 5, 3, 32, 32)
+    with pytest.raises(ValueError, match="model.height: expected a multiple of 32"):
+        load_adapter(folder, options={**options, "height": 48})
 
 
 def brightness_change(videos, prompts):
