@@ -15,6 +15,7 @@ supported.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -198,13 +199,24 @@ class WanAdapter(DiffusersAdapter):
             self.pipeline.unload_lora_weights()
         self._pristine = _parameters_fingerprint(self._transformer())
 
+    def save(self, folder: str | Path, extra: dict | None = None) -> None:
+        """DiffusersAdapter.save; for Wan 2.2 the model card also loads the low-noise expert's LoRA or transformer."""
+        from neighbor_grpo.models.lora import is_lora
+
+        second = {}
+        if "transformer_2" in self.experts and not self.options["export_pipeline"]:
+            changed = not torch.equal(_parameters_fingerprint(self._transformer()), self._pristine)
+            if is_lora(self.net):
+                second = {"loras_transformer_2": [SECOND_EXPERT_LORA]}
+            elif changed:
+                second = {"transformer_2": "transformer_2"}
+        super().save(folder, {**second, **(extra or {})})
+
     def _save_lora(self, folder: Path) -> None:
         experts = self._transformer()
         if not isinstance(experts, WanExperts):
             return super()._save_lora(folder)
         from peft import get_peft_model_state_dict
-
-        import json
 
         state = get_peft_model_state_dict(experts)
         config = self.net.peft_config["default"].to_dict()

@@ -205,6 +205,7 @@ def test_wan22_lora_training_exports_one_lora_per_expert(wan22, tmp_path):
     assert "temporal_difference" in json.dumps(eval_after)
     aligned = result.run_dir / "aligned"
     assert (aligned / LORA_FILE).is_file() and (aligned / SECOND_EXPERT_LORA).is_file()
+    assert f"weight_name='{SECOND_EXPERT_LORA}', load_into_transformer_2=True" in (aligned / "README.md").read_text()
     pipe = pipeline(wan22)
     pipe.load_lora_weights(aligned, weight_name=LORA_FILE)
     pipe.load_lora_weights(aligned, weight_name=SECOND_EXPERT_LORA, load_into_transformer_2=True)
@@ -239,6 +240,7 @@ def test_wan21_full_finetune_and_wan22_pipeline_exports(wan21, wan22, tmp_path):
         next(adapter.net.low.parameters()).add_(0.1)
     adapter.save(tmp_path / "full22")
     assert (tmp_path / "full22" / "transformer_2" / "config.json").is_file()
+    assert "pipe.transformer_2 = " in (tmp_path / "full22" / "README.md").read_text()
     x = torch.randn(1, *adapter.latent_shape())
     again = load_adapter(tmp_path / "full22")
     with torch.no_grad():
