@@ -69,6 +69,11 @@ def resolve_base(base_path: str, progress: bool) -> str:
     classifier the proxy needs is built on first use too."""
     from neighbor_grpo.builtin.pretrain import BUILTIN_MODELS, ensure_builtin_model, ensure_classifier
 
+    if base_path == "builtin:digits-reflow":  # the few-step student (builtin/distill.py)
+        from neighbor_grpo.builtin.distill import ensure_reflow_model
+
+        ensure_classifier(progress=progress)
+        return str(ensure_reflow_model(progress=progress))
     if base_path.startswith("builtin:"):
         name = base_path.removeprefix("builtin:")
         if name not in BUILTIN_MODELS:
@@ -119,7 +124,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             ablation: str | None = None, device: str | None = None, base_path: str = "builtin:digits",
             overwrite: bool = False, progress: bool = True, command: str | None = None, workers: int = 1,
             grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1,
-            reference: str = REFERENCE_METHOD, x3: bool = True) -> dict:
+            reference: str = REFERENCE_METHOD, x3: bool = True, eval_solver: str = "dpm++2m",
+            eval_steps: int = 8) -> dict:
     """Run the comparison; write the results JSON, a markdown table, PNG plots and every run's final weights
     (`<stem>_models/`) next to `out`."""
     from neighbor_grpo.bench.grid import run_table
@@ -133,9 +139,14 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     check_arguments(budget_fe, seeds, lrs, evals_per_run, eval_samples, names, workers, throughput_iters,
                     throughput_warmup, reference)
     table = {n: PAPER_SETTINGS[n] for n in names}
+    from neighbor_grpo.maths.solvers import SOLVERS
+
+    if eval_solver not in SOLVERS or eval_steps < 1:
+        raise ValueError(f"--eval-solver/--eval-steps: expected one of {sorted(SOLVERS)} and >= 1 steps, got "
+                         f"{eval_solver!r} and {eval_steps}")
     if equal_steps is not None:
-        if equal_steps < 2:
-            raise ValueError(f"--equal-steps: expected >= 2 rollout steps, got {equal_steps}")
+        if equal_steps < 1:  # 1 step: Neighbor GRPO only (the SDE baselines' last step is deterministic)
+            raise ValueError(f"--equal-steps: expected >= 1 rollout steps, got {equal_steps}")
         table = {n: equal_steps_overrides(n, equal_steps) for n in names}
     if ablation is not None:  # Neighbor GRPO's variants, paired against the first (the defaults where listed)
         if ablation not in ABLATIONS:
@@ -177,6 +188,7 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                      "knobs": {row: [{k: e[k] for k in ("label", "key", "value")} for e in entries]
                                for row, entries in knobs.items()},
                      "grid": grid, "x3": grid and x3, "reference_ema": ema, "equal_steps": equal_steps, "ablation": ablation,
+                     "eval_sampler": {"solver": eval_solver, "steps": eval_steps},
                      "workers": workers, "threads_per_run": 1,
                      "evals_per_run": evals_per_run, "eval_samples_per_prompt": eval_samples, "proxy": "digit_prob",
                      "gold": GOLD_REWARD, "finetune": finetune, "backward_factor": backward_factor(finetune),
@@ -194,7 +206,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         atomic_write_text(partial_path, json.dumps({**header, **state}))
 
     context = {"budget_fe": budget_fe, "points": points, "base_path": base_path, "device": device,
-               "eval_prompts": [str(d) for d in range(10)], "eval_samples": eval_samples, "common": common}
+               "eval_prompts": [str(d) for d in range(10)], "eval_samples": eval_samples, "common": common,
+               "eval_solver": eval_solver, "eval_steps": eval_steps}
     with RunPool(workers, context) as pool:
         measured = run_table(pool, table, knobs, lrs, seeds, grid and x3, ema, models_dir, log, partial)
         results = {**header, **measured}

@@ -87,8 +87,8 @@ class DistanceProbe:
         return float((self._velocity(adapter.velocity) - self.reference).pow(2).mean())
 
 
-def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift) -> dict:
-    metrics, images = evaluate(adapter, proxy, prompts, samples, seed, "dpm++2m", 8, shift)
+def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift, solver="dpm++2m", steps=8) -> dict:
+    metrics, images = evaluate(adapter, proxy, prompts, samples, seed, solver, steps, shift)
     flat = images.flatten(0, 1).clamp(0, 1)
     parts = gold.components(flat, [p for p in prompts for _ in range(samples)])
     return {"proxy": metrics["reward"], **{k: float(v.float().mean()) for k, v in parts.items()},
@@ -117,7 +117,8 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
 
     def held_out(probe) -> None:
         counter.reset()
-        args = (proxy, gold, probe, context["eval_prompts"], context["eval_samples"], config.eval.seed, parts.shift)
+        args = (proxy, gold, probe, context["eval_prompts"], context["eval_samples"], config.eval.seed, parts.shift,
+                context.get("eval_solver", "dpm++2m"), context.get("eval_steps", 8))  # the sampler users will run
         record = {**state, **heldout_record(adapter, *args)}
         if ema is not None and state["fe"] >= ema_from:
             with ema.applied(adapter.net):

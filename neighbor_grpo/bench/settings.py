@@ -31,6 +31,8 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     "neighbor_grpo": ["algorithm=neighbor_grpo", "neighbor_grpo.ref_beta=0"],
     # not a paper's setting: the library's defaults, the second Neighbor GRPO row of the table
     "neighbor_grpo_defaults": LIBRARY_DEFAULTS,
+    # not a paper's setting: the paper's, with the leaping policy in clean-sample space (few-step models, issue 27)
+    "neighbor_grpo_x0": ["algorithm=neighbor_grpo", "neighbor_grpo.ref_beta=0", "neighbor_grpo.policy_space=x0"],
     "flow_grpo": ["algorithm=flow_grpo", *REFERENCE_OPTIMIZER["flow_grpo"]],  # 10 SDE steps
     "dance_grpo": ["algorithm=dance_grpo", *REFERENCE_OPTIMIZER["dance_grpo"]],  # 25 SDE steps, fraction 0.6
     "mix_grpo": ["algorithm=mix_grpo", *REFERENCE_OPTIMIZER["mix_grpo"]],  # 25 steps, SDE window of 4
@@ -84,6 +86,7 @@ CLIP_CHOICES = ("reference", "scaled")
 KNOBS: dict[str, tuple[str, tuple]] = {
     "neighbor_grpo": ("neighbor_grpo.tau_rel", (0.1, 0.3)),
     "neighbor_grpo_defaults": ("neighbor_grpo.tau_rel", (0.1, 0.3)),
+    "neighbor_grpo_x0": ("neighbor_grpo.tau_rel", (0.1, 0.3)),
     "flow_grpo": ("flow_grpo.eps_clip", CLIP_CHOICES),
     "dance_grpo": ("dance_grpo.eps_clip", CLIP_CHOICES),
     "mix_grpo": ("mix_grpo.eps_clip", CLIP_CHOICES),

@@ -1,4 +1,4 @@
-"""The `ngrpo` command: demo, pretrain, train, sample, eval, compare, plan, config, serve-reward."""
+"""The `ngrpo` command: demo, pretrain, distill, train, sample, eval, compare, plan, config, serve-reward."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 
 from neighbor_grpo.cli.failures import InterruptSeen, report_failure, report_interrupt, stdout_is_closed  # light: loaded before any Ctrl-C can matter
 from neighbor_grpo.cli.sampling import _cmd_eval, _cmd_sample  # the sample and eval commands (light, too)
+from neighbor_grpo.cli.serving import add_serve_reward_command  # light, too
 
 
 def _cmd_demo(args) -> None:
@@ -36,31 +37,6 @@ def _cmd_demo(args) -> None:
 
     run_demo(args.out, overwrite=args.overwrite, overrides=args.overrides, progress=not args.no_progress,
              threads=args.threads)
-
-
-def _cmd_serve_reward(args) -> None:
-    import yaml
-
-    from neighbor_grpo.rewards import build_rewards
-    from neighbor_grpo.rewards.server import serve
-
-    kwargs = {}
-    for item in args.kwargs:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"serve-reward: {item!r} is not key=value (the reward's kwargs, e.g. path=/weights/PickScore)")
-        kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            raise ValueError(f"--token-env: the environment variable {args.token_env!r} is not set")
-    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
-        if value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value}")
-    reward = build_rewards([{"name": args.reward, "kwargs": kwargs}], device=args.device).rewards[args.reward]
-    serve(reward, args.reward, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          batch_wait_s=args.batch_wait_ms / 1000, max_request_bytes=int(args.max_request_mb * 2**20), token=token)
 
 
 def _cmd_pretrain(args) -> None:
@@ -85,6 +61,34 @@ def _cmd_pretrain(args) -> None:
                 shutil.copytree(source, folder.path / name)
             out = folder.commit()
         print(f"copied to {out}/base (a --checkpoint for sample/eval) and {out}/reward (digit_prob kwargs.path)")
+
+
+def _cmd_distill(args) -> None:
+    import json as json_module
+    import shutil
+
+    from neighbor_grpo.builtin.distill import ReflowSettings, ensure_reflow_model
+    from neighbor_grpo.runs.ownership import check_folder_target
+    from neighbor_grpo.runs.runfolder import RunFolder
+
+    for name in ("pairs", "teacher_steps", "train_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.out:  # refused before minutes of distillation, not after
+        check_folder_target(args.out, args.overwrite)
+    settings = ReflowSettings(pairs=args.pairs, teacher_steps=args.teacher_steps, train_steps=args.train_steps,
+                              seed=args.seed)
+    folder = ensure_reflow_model(progress=not args.no_progress, settings=settings)
+    meta = json_module.loads((folder / "model.json").read_text())
+    print(f"few-step student: {folder} ({meta['reflow_seconds']} s to build)")
+    for steps, error in meta["few_step_error"].items():
+        print(f"  {steps} Euler step(s): mean squared distance to the teacher's {args.teacher_steps}-step samples "
+              f"{error['teacher']:.4f} (teacher) -> {error['student']:.4f} (student)")
+    if args.out:
+        with RunFolder(args.out, overwrite=args.overwrite, kind="distill") as run:
+            shutil.copytree(folder, run.path / "base")
+            out = run.commit()
+        print(f"copied to {out}/base (a model.path or --checkpoint)")
 
 
 def _cmd_train(args) -> None:
@@ -127,7 +131,8 @@ def _cmd_compare(args) -> None:
                       device=args.device, base_path=args.base, overwrite=args.overwrite,
                       progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]), workers=args.workers,
                       grid=not args.no_grid, throughput_iters=args.throughput_iters,
-                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3)
+                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3,
+                      eval_solver=args.eval_solver, eval_steps=args.eval_steps)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -164,6 +169,7 @@ def _add_model_flags(cmd) -> None:
     cmd.add_argument("--height", type=int, help="diffusers models: image height in pixels (a multiple of 16)")
     cmd.add_argument("--width", type=int, help="diffusers models: image width in pixels (a multiple of 16)")
     cmd.add_argument("--resolution", type=int, help="diffusers models: height and width at once")
+    cmd.add_argument("--num-frames", type=int, help="video models (Wan): frames per video, 4k + 1 (default 81)")
     cmd.add_argument("--guidance", type=float, help="FLUX.1: guidance-embedding value (default 3.5)")
     cmd.add_argument("--cfg-scale", type=float, help="SD3: classifier-free guidance scale (default 4.5; 1 disables)")
     cmd.add_argument("--negative-prompt", help="SD3: negative prompt of classifier-free guidance (default '')")
@@ -200,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true")
     pre.set_defaults(func=_cmd_pretrain)
 
+    dis = sub.add_parser("distill", help="a few-step student of the built-in model by reflow (builtin:digits-reflow "
+                                         "with the defaults; cached, reused)")
+    dis.add_argument("--out", help="also copy it here as base/")
+    dis.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
+    dis.add_argument("--pairs", type=int, default=8192, help="(noise, teacher sample) pairs (default 8192)")
+    dis.add_argument("--teacher-steps", type=int, default=32, help="teacher ODE steps per sample (default 32)")
+    dis.add_argument("--train-steps", type=int, default=4000, help="student optimizer steps (default 4000)")
+    dis.add_argument("--seed", type=int, default=0)
+    dis.add_argument("--no-progress", action="store_true")
+    dis.set_defaults(func=_cmd_distill)
+
     tr = sub.add_parser("train", help="align a model: YAML config + key=value overrides")
     tr.add_argument("config", nargs="?", help="YAML config file (optional: defaults otherwise)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 neighbor_grpo.group_size=8")
@@ -220,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--steps", type=int, default=8)
     smp.add_argument("--shift", type=float, help="grid shift (default: the model's own; 1 for the built-in model)")
     smp.add_argument("--device", default="cpu")
-    smp.add_argument("--out", required=True, help=".png or .npz")
+    smp.add_argument("--out", required=True, help=".png (grid; for videos a row of frames per sample), .npz, or for "
+                                                  "video models .mp4/.gif (one file per sample: NAME-0.mp4, ...)")
+    smp.add_argument("--fps", type=int, default=16, help="frame rate of .mp4/.gif videos (Wan 2.1: 16)")
     smp.add_argument("--prompt", required=True)
     smp.add_argument("--num", type=int, default=8)
     smp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -269,10 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-grid", action="store_true",
                      help="tune the lr only: every method at its reference knob value, no x3 rule (cheap runs)")
     cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo neighbor_grpo_defaults "
-                     "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also flow_grpo_cps, grpo_guard, diffusion_nft, awm, dgpo")
+                     "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also neighbor_grpo_x0, flow_grpo_cps, grpo_guard, "
+                     "diffusion_nft, awm, dgpo")
     cmp.add_argument("--base", default="builtin:digits", metavar="MODEL",
-                     help="base model: builtin:digits (default), builtin:digits-unet (the compute-bound U-Net; both "
-                          "pretrained and cached on first use) or a model folder of ngrpo")
+                     help="base model: builtin:digits (default), builtin:digits-unet (the compute-bound U-Net), "
+                          "builtin:digits-reflow (few-step student; all built and cached on first use) or a model "
+                          "folder of ngrpo")
     cmp.add_argument("--workers", type=int, default=1,
                      help="runs in parallel, each in its own single-thread process (1: in this process, one thread); "
                           "the numbers do not depend on it")
@@ -287,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--frozen-target", metavar="RESULTS_JSON",
                      help="report against the gold target frozen in an earlier results JSON (and a recomputed one)")
     cmp.add_argument("--equal-steps", type=int, metavar="N", help="instead: every method with N rollout steps")
+    cmp.add_argument("--eval-solver", default="dpm++2m", choices=sorted(SOLVERS),
+                     help="sampler of the held-out evaluations (default dpm++2m; euler for a few-step model)")
+    cmp.add_argument("--eval-steps", type=int, default=8, help="its steps (default 8)")
     cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps",
                                               "reward_normalization"],
                      help="instead: Neighbor GRPO's variants of one knob, paired against the first")
@@ -307,20 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     pln.set_defaults(func=_cmd_plan)
 
-    srv = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (POST /v1/score, GET /health) for "
-                                              "the `remote` reward of other runs")
-    srv.add_argument("reward", help="registered reward name or dotted path package.module:factory")
-    srv.add_argument("kwargs", nargs="*", help="the reward's kwargs as key=value (YAML values)")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--device", default="cpu", help="device of the reward model (e.g. cuda)")
-    srv.add_argument("--max-batch", type=int, default=64, help="images per reward call, across clients")
-    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503 (retried)")
-    srv.add_argument("--batch-wait-ms", type=float, default=5.0,
-                     help="how long the first waiting request waits for others to batch with")
-    srv.add_argument("--max-request-mb", type=float, default=64.0, help="larger request bodies get 413")
-    srv.add_argument("--token-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on /v1/score")
-    srv.set_defaults(func=_cmd_serve_reward)
+    add_serve_reward_command(sub)
 
     cfg = sub.add_parser("config", help="print the reference of every config key (markdown)")
     cfg.set_defaults(func=_cmd_config)

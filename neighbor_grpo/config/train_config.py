@@ -30,7 +30,8 @@ class ModelConfig:
     FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline or FluxKontextPipeline; nothing is downloaded), or
     'builtin:digits' for the cached built-in
     base model (pretrained on first use); 'builtin:digits-unet' is its compute-bound conv U-Net sibling (~17 MFLOP
-    per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes)."""
+    per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes); 'builtin:digits-reflow' is
+    a few-step student of 'builtin:digits' (reflow, `ngrpo distill`; 1-4 Euler steps land near its 32-step samples)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Diffusers models: weight/compute dtype of transformer, text encoders and VAE ('auto': bfloat16 on CUDA,
     float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft. A full
@@ -42,15 +43,17 @@ class ModelConfig:
     """Diffusers models: image height in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
     width: int | None = None
     """Diffusers models: image width in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
+    num_frames: int | None = None
+    """Video models (Wan): frames per video, 4k + 1 for Wan's VAE (null: the pipeline's default, 81)."""
     guidance: float = 3.5
     """FLUX.1: the guidance-embedding value (FLUX.1-dev's distilled guidance; no extra cost). Used in rollouts, the
     training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell) and by SD3."""
     cfg_scale: float = 4.5
-    """SD3/SD3.5 and Qwen-Image: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every
+    """SD3/SD3.5, Qwen-Image and Wan: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every
     model call; 1 disables it; Qwen-Image's card uses 4.0). Used in rollouts, the training step and evaluation
     alike. Ignored by FLUX.1 and FLUX.1 Kontext."""
     negative_prompt: str = ""
-    """SD3/SD3.5 and Qwen-Image: the negative prompt of classifier-free guidance (Qwen-Image's card uses " ")."""
+    """SD3/SD3.5, Qwen-Image and Wan: the negative prompt of classifier-free guidance (Qwen-Image's card uses " ")."""
     max_sequence_length: int | None = None
     """Diffusers models: prompt tokens (null: T5's 512 for FLUX, 256 for SD3; Qwen2.5-VL's 1024 for Qwen-Image)."""
     offload_text_encoders: bool = False
@@ -427,6 +430,8 @@ def validate(config: TrainConfig) -> None:
     _check(n.tau_rel > 0, "neighbor_grpo.tau_rel", "a value > 0", n.tau_rel)
     _check(n.tau is None or n.tau > 0, "neighbor_grpo.tau", "null or a value > 0", n.tau)
     _check(n.distance_reduction in ("mean", "sum"), "neighbor_grpo.distance_reduction", "mean or sum", n.distance_reduction)
+    _check(n.policy_space in ("next_state", "x0"), "neighbor_grpo.policy_space", "next_state or x0", n.policy_space)
+    _check(n.x0_candidates in ("step", "final"), "neighbor_grpo.x0_candidates", "step or final", n.x0_candidates)
     _check(0 < n.eps_clip < 1, "neighbor_grpo.eps_clip", "a value in (0, 1)", n.eps_clip)
     _check(n.old_policy in ("rollout", "recompute"), "neighbor_grpo.old_policy", "rollout or recompute", n.old_policy)
     _check(n.ref_beta >= 0, "neighbor_grpo.ref_beta", "a value >= 0", n.ref_beta)
@@ -497,10 +502,12 @@ def _validate_speed(speed: SpeedConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check(bool(m.path), "model.path",
-           "a checkpoint folder, a diffusers folder, 'builtin:digits' or 'builtin:digits-unet'", m.path)
+           "a checkpoint folder, a diffusers folder, 'builtin:digits', 'builtin:digits-unet' or 'builtin:digits-reflow'",
+           m.path)
     for name in ("height", "width"):
         value = getattr(m, name)
         _check(value is None or (value >= 16 and value % 16 == 0), f"model.{name}", "null or a multiple of 16", value)
+    _check(m.num_frames is None or m.num_frames >= 1, "model.num_frames", "null or a frame count >= 1", m.num_frames)
     _check(m.guidance >= 0, "model.guidance", "a value >= 0", m.guidance)
     _check(m.cfg_scale >= 0, "model.cfg_scale", "a value >= 0 (<= 1 disables classifier-free guidance)", m.cfg_scale)
     _check(m.max_sequence_length is None or 1 <= m.max_sequence_length <= 512, "model.max_sequence_length",

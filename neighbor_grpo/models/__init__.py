@@ -3,7 +3,7 @@
 An adapter wraps a velocity network `net` (the module that is trained) and knows how to turn prompts into
 conditioning, latents into images, and how to save/load itself to a checkpoint folder holding
 `model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5,
-Qwen-Image, and the editing models FLUX.1 Kontext and Qwen-Image-Edit) load directly: `load_adapter` dispatches on
+Qwen-Image, the editing model FLUX.1 Kontext, and Wan video) load directly: `load_adapter` dispatches on
 model_index.json's `_class_name`.
 """
 
@@ -60,7 +60,7 @@ def resolve_adapter_class(name: str) -> type:
     return resolve_plugin(name, MODEL_ADAPTERS, "model adapter", "package.module:Class")
 
 
-DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
 DIFFUSERS_PIPELINES["QwenImagePipeline"] = "qwen_image"
 DIFFUSERS_PIPELINES["FluxKontextPipeline"] = "flux_kontext"
 """diffusers pipeline class (model_index.json's _class_name) -> the adapter that loads such a folder."""
@@ -119,3 +119,4 @@ from neighbor_grpo.models.flux import FluxAdapter  # noqa: E402,F401  (registers
 from neighbor_grpo.models.sd3 import SD3Adapter  # noqa: E402,F401  (registers 'sd3')
 from neighbor_grpo.models.qwen_image import QwenImageAdapter  # noqa: E402,F401  (registers 'qwen_image')
 from neighbor_grpo.models.flux_kontext import FluxKontextAdapter  # noqa: E402,F401  (registers 'flux_kontext')
+from neighbor_grpo.models.wan import WanAdapter  # noqa: E402,F401  (registers 'wan')

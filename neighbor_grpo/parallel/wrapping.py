@@ -26,14 +26,18 @@ class ReplicatedNet(nn.parallel.DistributedDataParallel):
 
 
 def shard_in_place(net: nn.Module) -> nn.Module:
-    """FSDP2 full shard: every block of every ModuleList (transformer blocks) is its own unit, then the root.
-    Parameters become DTensors sharded over the processes; the module object stays the same."""
+    """FSDP2 full shard: every block of every outermost ModuleList (transformer blocks) is its own unit, then the
+    root. ModuleLists inside a block (diffusers' attention `to_out`) stay in their block's unit: sharding them again
+    would meet parameters that are DTensors already. Parameters become DTensors sharded over the processes; the
+    module object stays the same."""
     from torch.distributed.fsdp import fully_shard
 
-    for module in list(net.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
+    units: list[str] = []
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(unit + ".") for unit in units):
+            for index, block in enumerate(module):
                 fully_shard(block)
+                units.append(f"{name}.{index}" if name else str(index))
     # the root too gives its gathered weights back after each forward: a no-grad forward (held-out samples, the
     # rollout) otherwise leaves plain tensors in place of the shards until the next backward
     fully_shard(net, reshard_after_forward=True)

@@ -29,6 +29,8 @@ FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_
                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                         axes_dims_rope=(16, 56, 56))
 HUB = "https://huggingface.co"
+WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                  freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
 FLUX_PUBLISHED = "12 B per the FLUX.1 model cards; 11.9 B for the transformer as counted by diffusers"
 
 COMPONENTS: dict[str, Component] = {
@@ -100,6 +102,23 @@ COMPONENTS: dict[str, Component] = {
         f"{HUB}/black-forest-labs/FLUX.1-Kontext-dev/blob/main/transformer/config.json", 12e9,
         "12 B per the FLUX.1 Kontext [dev] model card (the FLUX.1-dev transformer; the image condition is more tokens)",
         tolerance=0.01),
+    # Wan video transformers (WanTransformer3DModel): diffusers' conversion script (scripts/convert_wan_to_diffusers.py)
+    # and the checkpoints' transformer/config.json
+    "wan21-t2v-1.3b-transformer": Component(
+        "diffusers", "WanTransformer3DModel", dict(**WAN_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+        f"{HUB}/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/transformer/config.json", 1.3e9,
+        "1.3 B per the Wan2.1-T2V-1.3B model card (the name rounds: the config counts 1.419 B)", tolerance=0.1),
+    "wan22-ti2v-5b-transformer": Component(
+        "diffusers", "WanTransformer3DModel",
+        dict(**{**WAN_COMMON, "in_channels": 48, "out_channels": 48}, num_attention_heads=24, ffn_dim=14336,
+             num_layers=30),
+        f"{HUB}/Wan-AI/Wan2.2-TI2V-5B-Diffusers/blob/main/transformer/config.json", 5.0e9,
+        "5 B per the Wan2.2-TI2V-5B model card (dense, with its own 48-channel, 16x16x4 VAE)"),
+    "wan22-t2v-a14b-expert": Component(
+        "diffusers", "WanTransformer3DModel", dict(**WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        f"{HUB}/Wan-AI/Wan2.2-T2V-A14B-Diffusers/blob/main/transformer/config.json", 14e9,
+        "14 B active of 27 B total per the Wan2.2-T2V-A14B model card: two 14 B experts (transformer, transformer_2), "
+        "one per denoising step", tolerance=0.03),
 }
 
 # Which components make up each model the planner knows (the text encoders run once per prompt).
@@ -137,3 +156,35 @@ def build_on_meta(name: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Mo
 def parameter_count(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights once), meta or real."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@dataclass(frozen=True)
+class VideoModel:
+    """A Wan text-to-video model: its experts (components, one per denoising step) and its default video geometry."""
+
+    experts: tuple[str, ...]
+    frames: int          # the pipeline's default num_frames
+    height: int
+    width: int
+    vae_temporal: int    # frames per latent frame (after the first)
+    vae_spatial: int     # pixels per latent pixel
+    patch: tuple[int, int, int] = (1, 2, 2)  # the transformer's (t, h, w) patch
+
+
+VIDEO_MODELS = {
+    "wan21-t2v-1.3b": VideoModel(("wan21-t2v-1.3b-transformer",), 81, 480, 832, 4, 8),
+    "wan22-ti2v-5b": VideoModel(("wan22-ti2v-5b-transformer",), 121, 704, 1280, 4, 16),
+    "wan22-t2v-a14b": VideoModel(("wan22-t2v-a14b-expert", "wan22-t2v-a14b-expert"), 81, 720, 1280, 4, 8),
+}
+"""Wan video models, at their model cards' default resolution and frames (TI2V-5B: 720p at 24 fps, 121 frames)."""
+
+
+def video_tokens(model: VideoModel, frames: int | None = None, height: int | None = None,
+                 width: int | None = None) -> int:
+    """Tokens one video is in the transformer: latent frames x latent patches, ((F - 1) / vae_t + 1) / p_t x
+    (H / vae_s / p_h) x (W / vae_s / p_w). Attention costs grow with its square."""
+    frames, height, width = frames or model.frames, height or model.height, width or model.width
+    if (frames - 1) % model.vae_temporal:
+        raise ValueError(f"model.num_frames: expected {model.vae_temporal}k + 1 frames, got {frames}")
+    latent = ((frames - 1) // model.vae_temporal + 1, height // model.vae_spatial, width // model.vae_spatial)
+    return (latent[0] // model.patch[0]) * (latent[1] // model.patch[1]) * (latent[2] // model.patch[2])

@@ -26,6 +26,13 @@ def within_prompt_diversity(images: torch.Tensor) -> float:
     return float(dist.sum(dim=(1, 2)).mean() / (S * (S - 1)))
 
 
+def temporal_difference(videos: torch.Tensor) -> float:
+    """Temporal consistency of videos (..., T, C, H, W): the mean absolute change between consecutive frames
+    (clamped to [0, 1]); 0 for a still video, larger for flicker. A monitor, never part of `reward`."""
+    frames = videos.clamp(0, 1)
+    return float((frames[..., 1:, :, :, :] - frames[..., :-1, :, :, :]).abs().mean())
+
+
 def nearest_real_distance(images: torch.Tensor, real_images: torch.Tensor) -> float:
     """Realism: mean RMS pixel distance from each sample to its nearest real image (lower is more realistic)."""
     flat = images.clamp(0, 1).flatten(1)
@@ -78,7 +85,7 @@ def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: in
     sample) - the same images for every checkpoint of the same model, so checkpoints compare sample by sample.
     `monitors` (a WeightedRewards, optional) are scored on the same images, kept out of `reward`.
     Returns {metrics (as a run's held-out metrics), summaries (mean, std, 95% half-width), per_prompt, weights}
-    and the raw images (P, S, C, H, W)."""
+    and the raw images (P, S, C, H, W), or videos (P, S, T, C, H, W) (then also `temporal_difference`)."""
     _, images = generate(adapter, prompts, samples_per_prompt, seed, solver, steps, shift)
     if not bool(torch.isfinite(images).all()):  # the trainer skips such a held-out evaluation; ngrpo eval refuses
         raise FloatingPointError(f"the samples hold NaN/inf ({int((~torch.isfinite(images)).sum())} of "
@@ -102,6 +109,8 @@ def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: in
     metrics.update(monitor_extra)
     metrics["out_of_range"] = out_of_range_share(flat)
     metrics["diversity"] = within_prompt_diversity(images)
+    if images.dim() == 6:  # videos (P, S, T, C, H, W)
+        metrics["temporal_difference"] = temporal_difference(images)
     if hasattr(adapter, "reference_images"):
         metrics["realism_nn_dist"] = nearest_real_distance(flat, adapter.reference_images())
     P = len(prompts)

@@ -52,7 +52,11 @@ class TrainingParts:
 def load_model(path: str, device: str, progress: bool = True, options=None):
     """A model adapter from a checkpoint folder (ours, or a diffusers folder), or the built-in base model (built and
     cached on first use). `options` (the config's `model` section) reaches adapters that take options."""
-    if path.startswith("builtin:"):  # builtin:digits (the default), builtin:digits-unet (the compute-bound one)
+    if path == "builtin:digits-reflow":  # the few-step (reflowed) student of builtin:digits
+        from neighbor_grpo.builtin.distill import ensure_reflow_model
+
+        path = str(ensure_reflow_model(progress=progress))
+    elif path.startswith("builtin:"):  # builtin:digits (the default), builtin:digits-unet (the compute-bound one)
         from neighbor_grpo.builtin.pretrain import ensure_builtin_model
 
         path = str(ensure_builtin_model(path.removeprefix("builtin:"), progress=progress))
