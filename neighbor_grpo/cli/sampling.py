@@ -50,7 +50,7 @@ def _cmd_sample(args) -> None:
     check_file_outputs([out], args.overwrite)
     check_device(args.device, "--device")
     adapter = _load_model_for(args)
-    shift = args.shift if args.shift is not None else model_default_shift(adapter)
+    shift = args.shift if args.shift is not None else model_default_shift(adapter, args.steps)
     _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: the samples hold NaN/inf "

@@ -37,11 +37,16 @@ class FlowAdapter(Protocol):
     def save(self, folder: str | Path) -> None: ...
 
 
-def model_default_shift(adapter) -> float:
+def model_default_shift(adapter, steps: int | None = None) -> float:
     """The sigma shift of the model's own sampling grid (FLUX: exp(mu) for its resolution; SD3: its scheduler's);
-    1 for adapters that define none, like the built-in model."""
+    1 for adapters that define none, like the built-in model. `steps` reaches adapters whose shift depends on the
+    number of steps (FLUX.2's empirical mu)."""
     default = getattr(adapter, "default_shift", None)
-    return float(default()) if callable(default) else 1.0
+    if not callable(default):
+        return 1.0
+    if steps is not None and "steps" in inspect.signature(default).parameters:
+        return float(default(steps=steps))
+    return float(default())
 
 
 def register_model_adapter(name: str) -> Callable[[type], type]:
@@ -60,6 +65,7 @@ def resolve_adapter_class(name: str) -> type:
 
 
 DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+DIFFUSERS_PIPELINES.update(Flux2Pipeline="flux2", Flux2KleinPipeline="flux2-klein", ZImagePipeline="z-image")
 """diffusers pipeline class (model_index.json's _class_name) -> the adapter that loads such a folder."""
 
 
@@ -114,3 +120,5 @@ from neighbor_grpo.models.digits import DigitsAdapter, DigitsFlowNet, DigitsNetC
 from neighbor_grpo.models.digits_unet import DigitsUNet, DigitsUNetAdapter, DigitsUNetConfig  # noqa: E402,F401
 from neighbor_grpo.models.flux import FluxAdapter  # noqa: E402,F401  (registers 'flux')
 from neighbor_grpo.models.sd3 import SD3Adapter  # noqa: E402,F401  (registers 'sd3')
+from neighbor_grpo.models.flux2 import Flux2Adapter, Flux2KleinAdapter  # noqa: E402,F401  ('flux2', 'flux2-klein')
+from neighbor_grpo.models.z_image import ZImageAdapter  # noqa: E402,F401  (registers 'z-image')
