@@ -25,15 +25,23 @@ class ReplicatedNet(nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def shard_units(net: nn.Module) -> list[nn.Module]:
+    """The FSDP units below the root: the block classes a diffusers model declares never to be split
+    (`_no_split_modules`: FLUX.1's and FLUX.2's double/single-stream blocks, Z-Image's transformer blocks), else every
+    block of every ModuleList (the built-in models)."""
+    classes = set(getattr(net, "_no_split_modules", None) or ())
+    if classes:
+        return [module for module in net.modules() if type(module).__name__ in classes]
+    return [block for module in net.modules() if isinstance(module, nn.ModuleList) for block in module]
+
+
 def shard_in_place(net: nn.Module) -> nn.Module:
-    """FSDP2 full shard: every block of every ModuleList (transformer blocks) is its own unit, then the root.
-    Parameters become DTensors sharded over the processes; the module object stays the same."""
+    """FSDP2 full shard: each unit of `shard_units` (the transformer blocks), then the root. Parameters become
+    DTensors sharded over the processes; the module object stays the same."""
     from torch.distributed.fsdp import fully_shard
 
-    for module in list(net.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block)
+    for block in shard_units(net):
+        fully_shard(block)
     # the root too gives its gathered weights back after each forward: a no-grad forward (held-out samples, the
     # rollout) otherwise leaves plain tensors in place of the shards until the next backward
     fully_shard(net, reshard_after_forward=True)
