@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.models import register_model_adapter
 from neighbor_grpo.models.diffusers_common import DiffusersAdapter
@@ -86,7 +87,10 @@ class ZImageAdapter(DiffusersAdapter):
             negative = torch.full_like(rows, self.cache.rows[self.options["negative_prompt"]])
             rows, x, s = torch.cat([rows, negative]), torch.cat([x, x]), torch.cat([s, s])
         embeds = self.cache.gather("prompt_embeds", rows, self.device, dtype)
-        lengths = self.cache.gather("prompt_lengths", rows, torch.device("cpu"), torch.long).tolist()
+        if is_fake(rows):  # `ngrpo plan` traces shapes only; its stand-in captions fill the padded length
+            lengths = [embeds.shape[1]] * len(rows)
+        else:  # read row by row from the cache (plain CPU tensors): no device sync, nothing new under `ngrpo plan`
+            lengths = [int(self.cache.tensors["prompt_lengths"][i].tolist()) for i in rows.tolist()]
         captions = [embeds[i, :n] for i, n in enumerate(lengths)]
         frames = list(x.unsqueeze(2).unbind(0))  # (C, 1, H, W) each: one frame
         out = self.net(frames, 1.0 - s, captions, return_dict=False)[0]
