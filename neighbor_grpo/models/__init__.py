@@ -2,8 +2,9 @@
 
 An adapter wraps a velocity network `net` (the module that is trained) and knows how to turn prompts into
 conditioning, latents into images, and how to save/load itself to a checkpoint folder holding
-`model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5)
-load directly: `load_adapter` dispatches on model_index.json's `_class_name`.
+`model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5,
+FLUX.2 [dev] and [klein], Z-Image) load directly: `load_adapter` dispatches on model_index.json's `_class_name`
+(`DIFFUSERS_PIPELINES`).
 """
 
 from __future__ import annotations

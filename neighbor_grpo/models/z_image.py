@@ -93,7 +93,9 @@ class ZImageAdapter(DiffusersAdapter):
             lengths = [int(self.cache.tensors["prompt_lengths"][i].tolist()) for i in rows.tolist()]
         captions = [embeds[i, :n] for i, n in enumerate(lengths)]
         frames = list(x.unsqueeze(2).unbind(0))  # (C, 1, H, W) each: one frame
-        out = self.net(frames, 1.0 - s, captions, return_dict=False)[0]
+        # 1 - s, computed as the pipeline does from its timesteps (1000 s): the same float32 value for the same sigma
+        time = (1000.0 - s.float() * 1000.0) / 1000.0
+        out = self.net(frames, time, captions, return_dict=False)[0]
         v = -torch.stack([o.float() for o in out]).squeeze(2)  # Z-Image predicts noise-to-data; ours is data-to-noise
         if not self.uses_cfg:
             return v

@@ -110,6 +110,21 @@ def test_lora_and_full_exports_load_in_diffusers(folder, tmp_path):
     assert (merged - ours).abs().max() <= 1e-5
 
 
+def test_full_finetune_export_loads_in_diffusers(folder, tmp_path):
+    from diffusers import ZImageTransformer2DModel
+
+    adapter = load_adapter(folder, options=SIZE)
+    with torch.no_grad():
+        next(adapter.net.parameters()).add_(0.1)  # stands in for a full fine-tune's optimizer steps
+    adapter.save(tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "model.json").read_text())["kind"] == "transformer"
+    loaded = ZImageTransformer2DModel.from_pretrained(tmp_path / "full" / "transformer")
+    for key, value in adapter.net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    noise = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(3))
+    assert (our_latents(load_adapter(tmp_path / "full"), noise, 2) - our_latents(adapter, noise, 2)).abs().max() == 0
+
+
 def test_gradient_checkpointing_and_fsdp_units(folder):
     adapter = load_adapter(folder, options=SIZE)
     x, rows = torch.randn(2, *adapter.latent_shape()), adapter.encode_prompts(PROMPTS)
