@@ -55,21 +55,25 @@ def build_random_adapter(family: str, spec: dict, resolution: int, device: str, 
     (transformer, vae, text: as `text_shape`); on device "meta" nothing is allocated."""
     import diffusers
 
-    from neighbor_grpo.models.architectures import default_dtype
     from neighbor_grpo.models.diffusers_common import model_options
     from neighbor_grpo.models.flux2 import Flux2Adapter, Flux2KleinAdapter
     from neighbor_grpo.models.z_image import ZImageAdapter
 
     if family not in FAMILIES:
         raise ValueError(f"architecture family: unknown {family!r}; choose from {FAMILIES}")
-    with default_dtype(dtype), torch.device(device):
-        torch.manual_seed(0)
-        if family == "z-image":
-            transformer = diffusers.ZImageTransformer2DModel(**spec["transformer"])
-            vae = diffusers.AutoencoderKL(**{"in_channels": 3, "out_channels": 3, **spec["vae"]})
-        else:
-            transformer = diffusers.Flux2Transformer2DModel(**spec["transformer"])
-            vae = diffusers.AutoencoderKLFlux2(**spec["vae"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters created in `dtype`: a 32 B transformer never exists in fp32
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            if family == "z-image":
+                transformer = diffusers.ZImageTransformer2DModel(**spec["transformer"])
+                vae = diffusers.AutoencoderKL(**{"in_channels": 3, "out_channels": 3, **spec["vae"]})
+            else:
+                transformer = diffusers.Flux2Transformer2DModel(**spec["transformer"])
+                vae = diffusers.AutoencoderKLFlux2(**spec["vae"])
+    finally:
+        torch.set_default_dtype(previous)
     if family == "z-image":  # Z-Image-Turbo's scheduler: constant shift 3
         pipeline = diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                             text_encoder=torch.nn.Identity(), tokenizer=None, transformer=transformer)
