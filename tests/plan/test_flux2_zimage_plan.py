@@ -22,12 +22,12 @@ def test_every_new_model_has_a_family_and_its_text_encoder():
 
 
 def traced(name, cfg):
-    spec = resolve_model(f"arch:{name}", {"max_sequence_length": 16})
-    adapter = meta_adapter(spec.arch, spec.spec, 64, torch.bfloat16, {"cfg_scale": cfg})
+    spec = resolve_model(f"arch:{name}", {"max_sequence_length": 8})
+    adapter = meta_adapter(spec.arch, spec.spec, 32, torch.bfloat16, {"cfg_scale": cfg})
     return make_traceable(adapter, {"rank": 4, "alpha": 4, "targets": adapter.default_lora_targets()}, True)
 
 
-@pytest.mark.parametrize("name", ["flux2-dev", "flux2-klein-4b", "z-image"])
+@pytest.mark.parametrize("name", ["flux2-klein-4b", "z-image"])  # [dev] runs the same adapter code as [klein]
 def test_velocity_and_decode_trace_at_small_size(name):
     model = traced(name, 1.0)
     forward = trace_velocity(model, 2, grad=False)
@@ -36,9 +36,9 @@ def test_velocity_and_decode_trace_at_small_size(name):
     assert trace_decode(model, 1).flops > 0
 
 
-@pytest.mark.parametrize("name", ["flux2-klein-4b", "z-image"])
-def test_true_cfg_doubles_the_traced_cost(name):
-    """[klein] base and Z-Image run the transformer on the prompts' and the negative prompt's batch together."""
-    plain = trace_velocity(traced(name, 1.0), 2, grad=False).flops
-    guided = trace_velocity(traced(name, 4.0), 2, grad=False).flops
+def test_true_cfg_doubles_the_traced_cost():
+    """Z-Image's CFG runs the transformer on the prompts' and the negative prompt's batch together (its captions are
+    ragged lists, the planner's rows fake: the adapter reads their lengths from the padded features)."""
+    plain = trace_velocity(traced("z-image", 1.0), 2, grad=False).flops
+    guided = trace_velocity(traced("z-image", 4.0), 2, grad=False).flops
     assert 1.9 < guided / plain < 2.1
