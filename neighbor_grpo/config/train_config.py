@@ -27,7 +27,8 @@ DIGITS = [str(d) for d in range(10)]
 class ModelConfig:
     path: str = "builtin:digits"
     """A model checkpoint folder (model.json + weights), a local diffusers folder (model_index.json naming
-    FluxPipeline or StableDiffusion3Pipeline; nothing is downloaded), or 'builtin:digits' for the cached built-in
+    FluxPipeline, StableDiffusion3Pipeline, Flux2Pipeline, Flux2KleinPipeline or ZImagePipeline; nothing is
+    downloaded), or 'builtin:digits' for the cached built-in
     base model (pretrained on first use); 'builtin:digits-unet' is its compute-bound conv U-Net sibling (~17 MFLOP
     per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -38,15 +39,19 @@ class ModelConfig:
     width: int | None = None
     """Diffusers models: image width in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
     guidance: float = 3.5
-    """FLUX.1: the guidance-embedding value (FLUX.1-dev's distilled guidance; no extra cost). Used in rollouts, the
-    training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell) and by SD3."""
+    """FLUX.1 and FLUX.2 [dev]: the guidance-embedding value (their distilled guidance; no extra cost). Used in
+    rollouts, the training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell,
+    FLUX.2 [klein]), by SD3 and by Z-Image."""
     cfg_scale: float = 4.5
-    """SD3/SD3.5: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every model call; 1
-    disables it). Used in rollouts, the training step and evaluation alike. Ignored by FLUX."""
+    """SD3/SD3.5, FLUX.2 [klein] base, Z-Image: classifier-free guidance scale w, v_neg + w (v_pos - v_neg) (> 1
+    enables CFG, which doubles the cost of every model call; 1 disables it: Z-Image-Turbo; Z-Image's own
+    guidance_scale is w - 1). Used in rollouts, the training step and evaluation alike. Ignored by FLUX.1, FLUX.2
+    [dev] and the step-distilled [klein] checkpoints."""
     negative_prompt: str = ""
-    """SD3/SD3.5: the negative prompt of classifier-free guidance."""
+    """SD3/SD3.5, FLUX.2 [klein], Z-Image: the negative prompt of classifier-free guidance."""
     max_sequence_length: int | None = None
-    """Diffusers models: T5 prompt tokens (null: 512 for FLUX, 256 for SD3)."""
+    """Diffusers models: prompt tokens of the T5 / Mistral / Qwen3 text encoder (null: 512 for FLUX.1, FLUX.2 and
+    Z-Image, 256 for SD3)."""
     offload_text_encoders: bool = False
     """Diffusers models: keep the text encoders on the CPU and move them to the device only while new prompts are
     encoded (prompt embeddings are cached, so this is rare once the prompts have been seen)."""
