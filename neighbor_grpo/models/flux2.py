@@ -109,7 +109,8 @@ class Flux2Adapter(DiffusersAdapter):
         """Normalised patch latents -> what the VAE decodes: undo the batch-norm statistics, then the 2x2 patches."""
         vae = self.pipeline.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        std = std.to(latents.device, latents.dtype)
         return self.pipeline._unpatchify_latents(latents * std + mean)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

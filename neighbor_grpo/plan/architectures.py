@@ -95,7 +95,8 @@ COMPONENTS.update({
         "diffusers", "Flux2Transformer2DModel",
         dict(in_channels=128, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
              guidance_embeds=False),
-        f"{HUB}/{FLUX2}-klein-base-9B/blob/main/transformer/config.json", 9e9, "9 B per the FLUX.2 [klein] 9B model card"),
+        f"{HUB}/{FLUX2}-klein-base-9B/blob/main/transformer/config.json", 9e9,
+        "9 B per the FLUX.2 [klein] 9B model card"),
     "z-image-transformer": Component(
         "diffusers", "ZImageTransformer2DModel",
         dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
@@ -114,11 +115,13 @@ COMPONENTS.update({
         f"{HUB}/{FLUX2}-dev/blob/main/text_encoder/config.json (mistralai/Mistral-Small-3.1-24B-Instruct-2503)", 24e9,
         "24 B per the Mistral Small 3.1 model card"),
     "qwen3-4b": Component(
-        "transformers", "Qwen3ForCausalLM", dict(QWEN3, hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True),
+        "transformers", "Qwen3ForCausalLM",
+        dict(QWEN3, hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True),
         f"{HUB}/Tongyi-MAI/Z-Image-Turbo/blob/main/text_encoder/config.json (Qwen/Qwen3-4B; FLUX.2 [klein] 4B's too)",
         4.0e9, "4.0 B per the Qwen3-4B model card"),
     "qwen3-8b": Component(
-        "transformers", "Qwen3ForCausalLM", dict(QWEN3, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False),
+        "transformers", "Qwen3ForCausalLM",
+        dict(QWEN3, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False),
         f"{HUB}/{FLUX2}-klein-base-9B/blob/main/text_encoder/config.json (Qwen/Qwen3-8B)", 8.2e9,
         "8.2 B per the Qwen3-8B model card"),
 })

@@ -1,7 +1,8 @@
 """Which model a plan is for, from `model.path`: a shipped architecture (`arch:flux-dev`, `arch:flux-schnell`,
-`arch:sd35-medium`, `arch:sd35-large`, `arch:flux2-dev`, `arch:flux2-klein-4b`, `arch:flux2-klein-9b`, `arch:z-image`), a local diffusers folder (its config.json files are read, never its
-weights), or the built-in model (`builtin:digits`, traced for real: it is small). The traced models (meta-built,
-LoRA and checkpointing applied, made fake) are built once per setting and reused within one plan."""
+`arch:sd35-medium`, `arch:sd35-large`, `arch:flux2-dev`, `arch:flux2-klein-4b`, `arch:flux2-klein-9b`,
+`arch:z-image`), a local diffusers folder (its config.json files are read, never its weights), or the built-in model
+(`builtin:digits`, traced for real: it is small). The traced models (meta-built, LoRA and checkpointing applied, made
+fake) are built once per setting and reused within one plan."""
 
 from __future__ import annotations
 
