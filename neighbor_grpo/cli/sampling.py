@@ -57,7 +57,7 @@ def _cmd_sample(args) -> None:
     adapter = _load_model_for(args)
     if out.suffix in VIDEO_SUFFIXES and len(adapter.latent_shape()) != 4:  # video latents are (C, T, H, W)
         raise ValueError(f"--out {str(out)!r}: .mp4/.gif need a video model (Wan); this checkpoint samples images")
-    shift = args.shift if args.shift is not None else model_default_shift(adapter)
+    shift = args.shift if args.shift is not None else model_default_shift(adapter, args.steps)
     _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: the samples hold NaN/inf "

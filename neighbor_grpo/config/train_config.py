@@ -27,8 +27,8 @@ DIGITS = [str(d) for d in range(10)]
 class ModelConfig:
     path: str = "builtin:digits"
     """A model checkpoint folder (model.json + weights), a local diffusers folder (model_index.json naming
-    FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline or FluxKontextPipeline; nothing is downloaded), or
-    'builtin:digits' for the cached built-in
+    FluxPipeline, StableDiffusion3Pipeline, Flux2Pipeline, Flux2KleinPipeline, ZImagePipeline, QwenImagePipeline,
+    FluxKontextPipeline or WanPipeline; nothing is downloaded), or 'builtin:digits' for the cached built-in
     base model (pretrained on first use); 'builtin:digits-unet' is its compute-bound conv U-Net sibling (~17 MFLOP
     per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes); 'builtin:digits-reflow' is
     a few-step student of 'builtin:digits' (reflow, `ngrpo distill`; 1-4 Euler steps land near its 32-step samples)."""
@@ -46,16 +46,21 @@ class ModelConfig:
     num_frames: int | None = None
     """Video models (Wan): frames per video, 4k + 1 for Wan's VAE (null: the pipeline's default, 81)."""
     guidance: float = 3.5
-    """FLUX.1: the guidance-embedding value (FLUX.1-dev's distilled guidance; no extra cost). Used in rollouts, the
-    training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell) and by SD3."""
+    """FLUX.1 and FLUX.2 [dev]: the guidance-embedding value (their distilled guidance; no extra cost). Used in
+    rollouts, the training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell,
+    FLUX.2 [klein]), by SD3 and by Z-Image."""
     cfg_scale: float = 4.5
-    """SD3/SD3.5, Qwen-Image and Wan: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every
-    model call; 1 disables it; Qwen-Image's card uses 4.0). Used in rollouts, the training step and evaluation
-    alike. Ignored by FLUX.1 and FLUX.1 Kontext."""
+    """SD3/SD3.5, Qwen-Image, Wan, FLUX.2 [klein] base, Z-Image: classifier-free guidance scale w,
+    v_neg + w (v_pos - v_neg) (> 1 enables CFG, which doubles the cost of every model call; 1 disables it:
+    Z-Image-Turbo; Qwen-Image's card uses 4.0; Z-Image's own guidance_scale is w - 1). Used in rollouts, the
+    training step and evaluation alike. Ignored by FLUX.1, FLUX.1 Kontext, FLUX.2 [dev] and the step-distilled
+    [klein] checkpoints."""
     negative_prompt: str = ""
-    """SD3/SD3.5, Qwen-Image and Wan: the negative prompt of classifier-free guidance (Qwen-Image's card uses " ")."""
+    """SD3/SD3.5, Qwen-Image, Wan, FLUX.2 [klein], Z-Image: the negative prompt of classifier-free guidance
+    (Qwen-Image's card uses " ")."""
     max_sequence_length: int | None = None
-    """Diffusers models: prompt tokens (null: T5's 512 for FLUX, 256 for SD3; Qwen2.5-VL's 1024 for Qwen-Image)."""
+    """Diffusers models: prompt tokens of the text encoder (null: T5's 512 for FLUX.1, 256 for SD3; 512 for FLUX.2
+    and Z-Image; Qwen2.5-VL's 1024 for Qwen-Image)."""
     offload_text_encoders: bool = False
     """Diffusers models: keep the text encoders on the CPU and move them to the device only while new prompts are
     encoded (prompt embeddings are cached, so this is rare once the prompts have been seen)."""

@@ -121,6 +121,58 @@ COMPONENTS: dict[str, Component] = {
         "one per denoising step", tolerance=0.03),
 }
 
+# FLUX.2 and Z-Image (their transformers' published configs; FLUX.2's fields other than these are the library
+# defaults, which are FLUX.2 [dev]'s: patch 1, head dim 128, mlp ratio 3, RoPE axes (32, 32, 32, 32), theta 2000)
+FLUX2 = "black-forest-labs/FLUX.2"
+QWEN3 = dict(vocab_size=151936, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+             max_position_embeddings=40960, rope_theta=1000000)
+COMPONENTS.update({
+    "flux2-dev-transformer": Component(
+        "diffusers", "Flux2Transformer2DModel",
+        dict(in_channels=128, num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360,
+             guidance_embeds=True),
+        f"{HUB}/{FLUX2}-dev/blob/main/transformer/config.json", 32e9, "32 B per the FLUX.2 [dev] model card"),
+    "flux2-klein-4b-transformer": Component(
+        "diffusers", "Flux2Transformer2DModel",
+        dict(in_channels=128, num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+             guidance_embeds=False),
+        f"{HUB}/{FLUX2}-klein-base-4B/blob/main/transformer/config.json", 4e9,
+        "4 B per the FLUX.2 [klein] 4B model card (the config counts 3.88 B)", tolerance=0.04),
+    "flux2-klein-9b-transformer": Component(
+        "diffusers", "Flux2Transformer2DModel",
+        dict(in_channels=128, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
+             guidance_embeds=False),
+        f"{HUB}/{FLUX2}-klein-base-9B/blob/main/transformer/config.json", 9e9,
+        "9 B per the FLUX.2 [klein] 9B model card"),
+    "z-image-transformer": Component(
+        "diffusers", "ZImageTransformer2DModel",
+        dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+             n_heads=30, n_kv_heads=30, cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]),
+        f"{HUB}/Tongyi-MAI/Z-Image-Turbo/blob/main/transformer/config.json", 6e9,
+        "6 B per the Z-Image model card and paper (arXiv 2511.22699; the config counts 6.15 B)", tolerance=0.03),
+    "mistral-small-3.1-24b": Component(
+        "transformers", "Mistral3ForConditionalGeneration",
+        dict(text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                              num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                              tie_word_embeddings=False),
+             vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, image_size=1540, patch_size=14),
+             spatial_merge_size=2, multimodal_projector_bias=False, projector_hidden_act="gelu",
+             tie_word_embeddings=False),
+        f"{HUB}/{FLUX2}-dev/blob/main/text_encoder/config.json (mistralai/Mistral-Small-3.1-24B-Instruct-2503)", 24e9,
+        "24 B per the Mistral Small 3.1 model card"),
+    "qwen3-4b": Component(
+        "transformers", "Qwen3ForCausalLM",
+        dict(QWEN3, hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True),
+        f"{HUB}/Tongyi-MAI/Z-Image-Turbo/blob/main/text_encoder/config.json (Qwen/Qwen3-4B; FLUX.2 [klein] 4B's too)",
+        4.0e9, "4.0 B per the Qwen3-4B model card"),
+    "qwen3-8b": Component(
+        "transformers", "Qwen3ForCausalLM",
+        dict(QWEN3, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False),
+        f"{HUB}/{FLUX2}-klein-base-9B/blob/main/text_encoder/config.json (Qwen/Qwen3-8B)", 8.2e9,
+        "8.2 B per the Qwen3-8B model card"),
+})
+
 # Which components make up each model the planner knows (the text encoders run once per prompt).
 MODELS = {
     "flux-dev": ("flux-dev-transformer", "t5-xxl-encoder", "clip-l"),
@@ -128,6 +180,12 @@ MODELS = {
     "sd35-medium": ("sd35-medium-transformer", "clip-l", "clip-g", "t5-xxl-encoder"),
     "sd35-large": ("sd35-large-transformer", "clip-l", "clip-g", "t5-xxl-encoder"),
 }
+MODELS.update({"flux2-dev": ("flux2-dev-transformer", "mistral-small-3.1-24b"),
+               "flux2-klein-4b": ("flux2-klein-4b-transformer", "qwen3-4b"),
+               "flux2-klein-9b": ("flux2-klein-9b-transformer", "qwen3-8b"),
+               "z-image": ("z-image-transformer", "qwen3-4b")})
+# The adapter family of each model that is not FLUX.1 or SD3 (models.flux2_zimage_archs builds them)
+FAMILY = {"flux2-dev": "flux2", "flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein", "z-image": "z-image"}
 
 
 def build_on_meta(name: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
@@ -146,8 +204,7 @@ def build_on_meta(name: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Mo
             import transformers
 
             model_class = getattr(transformers, component.class_name)
-            config_class = transformers.T5Config if model_class is transformers.T5EncoderModel else transformers.CLIPTextConfig
-            config_class = getattr(transformers, component.config_class) if component.config_class else config_class
+            config_class = getattr(transformers, component.config_class) if component.config_class else model_class.config_class
             return model_class(config_class(**component.config))
     finally:
         torch.set_default_dtype(previous)

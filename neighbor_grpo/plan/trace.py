@@ -62,11 +62,15 @@ def meta_adapter(arch: str, spec: dict, resolution: int, dtype: torch.dtype, opt
     """The project's adapter around `spec` (a DIFFUSERS_ARCHS-style dict) with every weight on the meta device; its
     prompt cache on the CPU, filled with one real random embedding of the real shape."""
     from neighbor_grpo.models.architectures import build_diffusers_adapter, random_text_embeddings
+    from neighbor_grpo.models.flux2_zimage_archs import FAMILIES, random_prompt_features
 
     adapter = build_diffusers_adapter(arch, resolution, "meta", dtype, spec=spec, options=options)
     adapter._device = torch.device("cpu")  # the fake tensors live on "cpu"; FLOPs and bytes map to the GPU
     adapter.cache = PromptCache(torch.device("cpu"))
-    adapter.encode_new_prompts = random_text_embeddings(*spec["text"], "cpu", dtype)
+    if arch in FAMILIES:  # FLUX.2 / Z-Image prompt features (Z-Image's with their lengths)
+        adapter.encode_new_prompts = random_prompt_features(arch, *spec["text"][:2], "cpu", dtype)
+    else:
+        adapter.encode_new_prompts = random_text_embeddings(*spec["text"], "cpu", dtype)
     return adapter
 
 

@@ -45,10 +45,12 @@ class ModelCallCounter:
         self._handles = [module.register_forward_hook(self._count) for module in (net, *extra) if module is not None]
 
     def _count(self, module, inputs, output) -> None:
+        first = inputs[0]  # the latents: one batched tensor, or (Z-Image) a list of per-sample tensors
+        samples = len(first) if isinstance(first, (list, tuple)) else int(first.shape[0])
         if torch.is_grad_enabled():
-            self.train += int(inputs[0].shape[0])
+            self.train += samples
         else:
-            self.no_grad += int(inputs[0].shape[0])
+            self.no_grad += samples
 
     def reset(self) -> tuple[int, int]:
         counts = (self.no_grad, self.train)

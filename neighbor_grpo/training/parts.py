@@ -79,7 +79,7 @@ def model_shift(config: TrainConfig, adapter) -> float:
     """The rollout/evaluation grid's shift: the config's value, else the adapter's default (1 if it has none)."""
     if config.algorithm_config.shift is not None:
         return float(config.algorithm_config.shift)
-    return model_default_shift(adapter)
+    return model_default_shift(adapter, getattr(config.algorithm_config, "rollout_steps", None))
 
 
 def lora_targets(config: TrainConfig, adapter) -> list[str]:
