@@ -124,6 +124,7 @@ def schedule(config, prompts: int):
 
 def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bool = True) -> dict:
     """One configuration's plan (no baselines, no fit options)."""
+    check_gpus_fit_batch(config, gpus)
     memory_bytes, peak_flops = gpu_spec(gpu)
     prompts, share = local_prompts(config.prompts_per_iteration, gpus)
     algorithm, phases = schedule(config, prompts)
@@ -177,6 +178,18 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
                            "peak_phase": peak_phase, "total": peak / GIB},
             "trainable_parameters": sum(p.numel() for p in traced.adapter.net.parameters() if p.requires_grad),
             "fits": bool(fits), "gpu_memory_gib": memory_bytes / GIB}
+
+
+def check_gpus_fit_batch(config, gpus: int) -> None:
+    """What the trainer refuses, the planner refuses: more GPUs than a prompt's candidates can be spread over (a
+    GPU with no sample would plan as one with a sample, and every baseline as equally cheap)."""
+    from neighbor_grpo.parallel.distributed import Processes, check_batch_fits
+
+    try:
+        check_batch_fits(config.prompts_per_iteration, Processes(0, gpus), config.algorithm_config.group_size,
+                         f"{config.algorithm}.group_size")
+    except ValueError as error:
+        raise ValueError(f"--gpus {gpus}: {str(error).replace('launch fewer processes', 'plan fewer --gpus')}") from None
 
 
 def held_peak(trace: Trace, held: int) -> int:

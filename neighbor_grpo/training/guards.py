@@ -17,6 +17,10 @@ class NonFiniteWeights(RuntimeError):
     """The trained weights hold NaN/inf: nothing is checkpointed or exported from them."""
 
 
+class NonFiniteModel(RuntimeError):
+    """The weights are finite but the final held-out samples are NaN/inf: no aligned/ is written (exit 1)."""
+
+
 class TrainingIneffective(RuntimeError):
     """Almost no update changed the weights; the CLI exits with status 1 and no aligned/ is written."""
 
