@@ -17,10 +17,10 @@ import sys
 import torch
 
 from neighbor_grpo.plan import memory
+from neighbor_grpo.plan.bounds import DoesNotFit, check_lower_bound, shape_lower_bound
 from neighbor_grpo.plan.models import ModelSpec, resolve_model
 from neighbor_grpo.plan.rewards import reward_estimate
 from neighbor_grpo.plan.trace import PLAN_PROMPT, Trace, make_traceable, meta_adapter, trace_decode, trace_velocity
-
 from neighbor_grpo.plan.gpus import GIB, GPUS, MARGIN, allowance_bytes, gpu_spec  # noqa: F401 (the tests and report use them here)
 
 
@@ -131,6 +131,10 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     traced = tracer.traced_model(config)
     group = config.algorithm_config.group_size
     samples = max(1, round(prompts * group * share))
+    height = resolution(config, tracer.model) if tracer.model.kind == "diffusers" else 0
+    bound = shape_lower_bound(config.algorithm, config.algorithm_config.rollout_steps, samples, traced.adapter.latent_shape(),
+                              height, height, tracer.model.spec.get("transformer"), torch.finfo(gpu_dtype(config)).bits // 8)
+    check_lower_bound(bound, memory_bytes, MARGIN, allowance_bytes(gpus))  # before any trace: never allocate petabytes
     flops, peaks, calls, saved = {}, {}, {}, 0
     for phase in phases:
         n = max(1, round(phase.samples * share))
@@ -150,7 +154,6 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     # the iteration decodes (and scores) chunk by chunk (speed.rollout_chunk) and keeps every chunk's images
     chunk = max(1, min(samples, round(per_chunk(prompts, config.speed.rollout_chunk) * group * share)))
     decode = tracer.call(config, "decode", "vae", False, chunk, exact)
-    height = resolution(config, tracer.model) if tracer.model.kind == "diffusers" else 0
     images = memory.image_bytes(samples, height, height) if height else 0
     flops["decode"] = decode.flops * samples / chunk
     peaks["decode"] = (decode.peak_bytes + images * (samples - chunk) // samples, 0)
@@ -181,8 +184,7 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
 
 
 def check_gpus_fit_batch(config, gpus: int) -> None:
-    """What the trainer refuses, the planner refuses: more GPUs than a prompt's candidates can be spread over (a
-    GPU with no sample would plan as one with a sample, and every baseline as equally cheap)."""
+    """What the trainer refuses, the planner refuses: more GPUs than a prompt's candidates can be spread over."""
     from neighbor_grpo.parallel.distributed import Processes, check_batch_fits
 
     try:
@@ -373,11 +375,16 @@ def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progre
     memory_bytes, peak_flops = gpu_spec(gpu)
     model = resolve_model(config.model.path, dataclasses.asdict(config.model))
     tracer = tracer if tracer is not None and tracer.model.name == model.name else Tracer(model, progress)
-    result = plan_core(config, tracer, gpus, gpu, mfu)
     out = {"model": model.name, "gpu": gpu, "gpus": gpus, "mfu": mfu, "gpu_peak_tflops": peak_flops / 1e12,
            "allowance_gib": allowance_bytes(gpus) / GIB, "margin": MARGIN,
            "resolution": resolution(config, model) if model.kind == "diffusers" else None,
-           "finetune": config.optim.finetune, **result}
+           "finetune": config.optim.finetune}
+    try:
+        result = plan_core(config, tracer, gpus, gpu, mfu)
+    except DoesNotFit as error:  # found from shapes: nothing traced, no baselines (they would not fit either)
+        return {**out, "algorithm": config.algorithm, "fits": False, "gpu_memory_gib": memory_bytes / GIB, "does_not_fit":
+                str(error), "lower_bound_gib": {name: nbytes / GIB for name, nbytes in error.terms.items()}}
+    out.update(result)
     out["baselines"] = baselines(config, tracer, gpus, gpu, mfu)
     out["fit_options"] = [] if result["fits"] else fit_options(config, tracer, gpus, gpu, mfu, result)
     out["unknown_rewards"] = [r.name for r in config.rewards if not reward_estimate(r.name, r.kwargs).known]
