@@ -28,7 +28,7 @@ from neighbor_grpo.training.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.models import net_swapped
 from neighbor_grpo.training.monitors import NonFiniteSamples, evaluate
 from neighbor_grpo.training.parts import TrainingParts
-from neighbor_grpo.runs.resume import input_fingerprint, lower_lr_command, resume_config
+from neighbor_grpo.runs.resume import input_fingerprint, recovery, resume_config
 from neighbor_grpo.runs.run_files import PREVIOUS_BEST, export_iteration, prepare_run_folder, remove_tree, tidy_for_resume
 from neighbor_grpo.runs.runfolder import RunFolder
 from neighbor_grpo.runs.training_state import TrainingState, load_state, new_counters, save_state
@@ -202,8 +202,7 @@ class Run:
             # finite weights whose samples are NaN/inf are no model: the run fails rather than export it
             raise NonFiniteModel(f"the final held-out samples (after iteration {iteration}) are not finite: {failure}; "
                                  f"the weights are finite but the model they make is not, so no aligned/ was written. "
-                                 f"Continue from the last good checkpoint with a lower learning rate: "
-                                 f"{lower_lr_command(self.path, config)}")
+                                 f"{recovery(self.path, config)}")
         return metrics
 
     def evaluate_before(self, start: int) -> dict:
@@ -238,7 +237,7 @@ class Run:
         with context, _plain_net(self.adapter, parts):
             if not all_true(torch.tensor([all_finite(self.adapter.net.parameters())]), self.processes)[0]:
                 raise NonFiniteWeights(f"the weights to export as {folder_name}/ hold NaN/inf; nothing exported. "
-                                       f"Continue from the last good checkpoint: {lower_lr_command(run, self.config)}")
+                                       f"{recovery(run, self.config)}")
             if self.main:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.adapter.save(tmp, extra=extra)
@@ -261,9 +260,8 @@ class Run:
         if not all_true(torch.tensor([all_finite(training_state(parts.params, parts.optimizer, parts.ema))]),
                         self.processes)[0]:
             raise NonFiniteWeights(f"the weights or optimizer state hold NaN/inf after iteration "
-                                   f"{self.boundary.iteration}; they are neither checkpointed nor exported. Continue from "
-                                   f"the last good checkpoint with a lower learning rate: "
-                                   f"{lower_lr_command(self.path, self.config)}")
+                                   f"{self.boundary.iteration}; they are neither checkpointed nor exported. "
+                                   f"{recovery(self.path, self.config)}")
         save_state(self.checkpoints, self.boundary, self.adapter.net, self.parts, fault_hook=self.hook)
         self.last_saved = self.boundary.iteration
         if self.main:
@@ -290,10 +288,10 @@ class Run:
             where = (f"resume continues from the checkpoint after iteration {self.last_saved} "
                      f"({str(self.checkpoints / f'iter-{self.last_saved:06d}')!r})" if self.last_saved is not None
                      else "no checkpoint yet, so resume starts over")
-            how = (lower_lr_command(self.path, self.config) if isinstance(error, (NonFiniteWeights, NonFiniteModel, TrainingAborted))
-                   else f"ngrpo train --resume {self.path}")
+            how = (recovery(self.path, self.config) if isinstance(error, (NonFiniteWeights, NonFiniteModel, TrainingAborted))
+                   else f"Continue with `ngrpo train --resume {self.path}`")
             print(f"ngrpo: the run stopped ({type(error).__name__}) with {boundary} iterations complete; "
-                  f"{where}. Continue with `{how}`.", file=sys.stderr, flush=True)
+                  f"{where}. {how}.", file=sys.stderr, flush=True)
         self.log.close()
 
     def finish(self) -> dict:

@@ -20,7 +20,7 @@ from neighbor_grpo.training.iteration import (ModelCallCounter, prompt_batch, tr
                                      training_counter)
 from neighbor_grpo.training.parts import build_training_parts, load_model, model_shift, read_prompts  # noqa: F401
 from neighbor_grpo.config.prompts import resolve_prompt_sets
-from neighbor_grpo.runs.resume import lower_lr_command
+from neighbor_grpo.runs.resume import recovery
 from neighbor_grpo.rewards import build_rewards
 from neighbor_grpo.rewards.retry import RewardFailed, with_retries  # noqa: F401
 from neighbor_grpo.training.guards import NonFiniteWeights, TrainingAborted, TrainingIneffective, weights_checksum  # noqa: F401
@@ -152,6 +152,6 @@ def count_updates(skipped: str, changed: bool, counters: dict, values: dict, con
 
 def abort_message(run: Run, skipped: str, done: int) -> str:
     return (f"{run.counters['nonfinite_in_row']} updates in a row had NaN/inf ({skipped}); stopping "
-            f"(max_nonfinite_in_row={run.config.max_nonfinite_in_row}). Lower optim.lr or check the reward; "
+            f"(max_nonfinite_in_row={run.config.max_nonfinite_in_row}). Check the settings and the reward; "
             f"the state after iteration {done} is saved in {str(run.checkpoints / f'iter-{done:06d}')!r}. "
-            f"Continue with a lower learning rate: {lower_lr_command(run.path, run.config)}")
+            f"{recovery(run.path, run.config)}")

@@ -53,3 +53,22 @@ def test_a_run_whose_final_samples_are_nan_fails_without_aligned_or_best(builtin
     assert line.startswith("ngrpo train: error: the final held-out samples (after iteration 2) are not finite")
     assert "no aligned/ was written" in line
     assert not (run / "aligned").exists() and not (run / "best").exists() and not (run / "eval_after.json").exists()
+
+
+@pytest.mark.parametrize("overrides, blamed", [
+    (["algorithm=awm", "awm.advantage_max=50"], "awm.advantage_max"),
+    (["algorithm=dance_grpo", "dance_grpo.eta=2", "optim.lr=1e-3"], "optim.lr"),  # 10x vs 6.7x: the lr is further
+    (["optim.lr=1e6"], "optim.lr"),
+    (["algorithm=awm", "neighbor_grpo.ref_beta=500"], None),  # another algorithm's section is not this run's
+    ([], None),
+])
+def test_the_blamed_setting_is_the_one_furthest_from_its_default(overrides, blamed):
+    # issue 22 item 7: the hint blamed optim.lr whatever setting blew the run up
+    from neighbor_grpo.training.guards import furthest_setting
+
+    found = furthest_setting(load_config(None, overrides))
+    assert (found[0] if found else None) == blamed
+    if blamed == "awm.advantage_max":
+        assert found[1:] == (50.0, 1.0, 50.0)
+        named = likely_setting(load_config(None, overrides), nonfinite=3, idle=3)
+        assert named.startswith("awm.advantage_max=50 (50x its default 1, the setting furthest from its default)")
