@@ -372,6 +372,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
+            if not path.exists() and str(path).split(".")[0] in to_dict(TrainConfig()):  # `ngrpo train optim.lr`
+                raise ConfigError(f"override {str(path)!r}: expected key=value, e.g. optim.lr=3e-4 (no config file "
+                                  "has that name)")
             raise ConfigError(f"config file {str(path)!r} {'is a folder; expected a YAML file' if path.is_dir() else 'not found'}")
         try:
             data = read_yaml(path.read_text()) or {}
@@ -432,6 +435,8 @@ def validate(config: TrainConfig) -> None:
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", "a value >= 0 (0 disables)", o.max_grad_norm)
     _check(0 <= o.ema_decay < 1, "optim.ema_decay", "a value in [0, 1) (0 disables)", o.ema_decay)
     _check(o.lora_rank >= 1, "optim.lora_rank", "an integer >= 1", o.lora_rank)
+    _check(len(o.lora_targets) >= 1 and all(isinstance(t, str) and t for t in o.lora_targets), "optim.lora_targets",
+           "a list of at least one linear layer name to adapt, e.g. ['fc1', 'fc2']", o.lora_targets)
     _check(o.lora_alpha > 0, "optim.lora_alpha", "a value > 0 (the update is scaled by alpha / rank)", o.lora_alpha)
     _check(config.iterations >= 1, "iterations", "an integer >= 1", config.iterations)
     _check(config.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1", config.prompts_per_iteration)

@@ -183,7 +183,13 @@ def check_folder_target(path: str | Path, overwrite: bool, flag: str = "--out") 
 
 
 def _check_parents(path: Path, flag: str) -> None:
-    """The nearest existing ancestor must be a folder we can write in (caught before any work starts)."""
+    """The nearest existing ancestor must be a folder we can write in (caught before any work starts), outside the
+    installed package (a run there would be lost with the next install, or shipped with the source)."""
+    package = Path(__file__).resolve().parents[1]
+    real = Path(os.path.realpath(path))
+    if real == package or package in real.parents:
+        raise OwnershipError(f"{flag} {str(path)!r} is inside the installed neighbor_grpo package ({package}); give "
+                             f"a folder outside it, e.g. {flag} runs/NAME")
     parent = Path(os.path.abspath(path)).parent
     while not parent.exists():
         parent = parent.parent

@@ -79,6 +79,9 @@ def parse_changes(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--accept-changes {item!r}: expected key=value, e.g. optim.lr=3e-5")
+        if key.strip() in changes:  # last-wins would silently drop the first value
+            raise ConfigError(f"--accept-changes {key.strip()}: given twice ({key.strip()}={changes[key.strip()]!r} "
+                              f"and {item!r}); keep one of them")
         try:
             changes[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
