@@ -68,8 +68,7 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         adapter.net.to(device)
         run.save_base(adapter)
         train_prompts, heldout_prompts = resolve_prompt_sets(config.prompts)  # the prompt file is read once
-        if callable(getattr(adapter, "cache_prompts", None)):  # encoded once now: offloaded text encoders stay off
-            adapter.cache_prompts(heldout_prompts)
+        check_prompts(adapter, config, train_prompts, heldout_prompts)  # before the run folder is committed
         parts = build_training_parts(config, adapter, processes)
         run.commit()  # start-up succeeded: a new run folder replaces --out only now
         run.attach(adapter, parts, rewards, heldout_prompts, monitors)
@@ -118,6 +117,23 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
             calls.remove()
         eval_after = run.finish()
         return TrainResult(run.path, config.iterations, eval_before, eval_after, time.perf_counter() - started)
+
+
+def check_prompts(adapter, config: TrainConfig, train_prompts: list[str], heldout_prompts: list[str]) -> None:
+    """Every prompt the model cannot take is an error now, naming where it came from, not minutes into the run after
+    its folder is committed. A text-encoder model encodes the held-out prompts once here (cached: offloaded text
+    encoders stay off); the built-in models' label lookup is cheap enough for every prompt."""
+    p = config.prompts
+    train_source = f"prompts.file {p.file!r}" if p.file else "prompts.train"
+    heldout_source = (f"prompts.eval_file {p.eval_file!r}" if p.eval_file else
+                      f"prompts.file {p.file!r} (its eval_fraction split)" if p.eval_fraction else "prompts.eval")
+    caches = callable(getattr(adapter, "cache_prompts", None))
+    sources = [(train_source, train_prompts), (heldout_source, heldout_prompts)]
+    for source, prompts in sources[1:] if caches else sources:
+        try:
+            adapter.cache_prompts(prompts) if caches else adapter.encode_prompts(sorted(set(prompts)))
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
 
 def count_model_evals(calls: ModelCallCounter, counters: dict, processes: Processes, finetune: str) -> dict[str, float]:
