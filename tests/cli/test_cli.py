@@ -629,6 +629,7 @@ PACKAGE = __import__("pathlib").Path(__import__("neighbor_grpo").__file__).resol
     (["train", "optim.finetune=lora", "optim.lora_targets=[]", "--out", "{tmp}/r"],
      "optim.lora_targets: expected a list of at least one linear layer name to adapt"),
     (["pretrain", "--steps", "-1"], "--steps: expected a count of training steps >= 1, got -1"),
+    (["pretrain", "--classifier-epochs", "-3"], "--classifier-epochs: expected a count of epochs >= 1, got -3"),
     (["train", *TINY, "--out", f"{PACKAGE}/runs_x"], "is inside the installed neighbor_grpo package"),
     (["sample", "--checkpoint", "{tmp}", "--prompt", "3", "--out", f"{PACKAGE}/x.png"],
      "is inside the installed neighbor_grpo package"),
