@@ -25,7 +25,7 @@ from neighbor_grpo.bench import rules as rules
 from neighbor_grpo.config.train_config import load_config
 from neighbor_grpo.training.cost import backward_factor, cost_note
 from neighbor_grpo.runs.io import atomic_write_text
-from neighbor_grpo.bench.report import compare_outputs  # noqa: F401  (re-exported)
+from neighbor_grpo.bench.report import compare_outputs, read_frozen_target  # noqa: F401  (re-exported)
 from neighbor_grpo.bench.workers import schedule
 from neighbor_grpo.bench.method_run import GOLD_REWARD, DistanceProbe, load_gold, run_method  # noqa: F401  (re-exported)
 from neighbor_grpo.bench.settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS,  # noqa: F401
@@ -107,15 +107,6 @@ def latent_elements(base_path: str) -> int:
     from neighbor_grpo.training.parts import load_model
 
     return math.prod(load_model(base_path, "cpu", progress=False).latent_shape())
-
-
-def read_frozen_target(path: str | Path) -> float:
-    """The gold target frozen in an earlier results JSON (later tables report against it)."""
-    try:
-        return float(json.loads(Path(path).read_text())["target"]["gold"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"--frozen-target {str(path)!r}: expected a results JSON of ngrpo compare with "
-                         f"target.gold ({error})") from None
 
 
 def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] = (1e-4, 3e-4),

@@ -274,21 +274,57 @@ def compare_outputs(out: Path) -> list[Path]:
             out.parent / f"{out.stem}_overoptimization.png"]
 
 
-def render(source: str | Path, out: str | Path, frozen_target: float | None = None, reference: str | None = None,
+def read_frozen_target(path: str | Path) -> float:
+    """The gold target frozen in an earlier results JSON (later tables report against it): `--frozen-target` of
+    both `ngrpo compare` and this module's re-rendering takes that file, never a bare number."""
+    import json
+
+    try:
+        target = float(json.loads(Path(path).read_text())["target"]["gold"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--frozen-target {str(path)!r}: expected a results JSON of ngrpo compare with "
+                         f"target.gold ({error})") from None
+    if not math.isfinite(target):
+        raise ValueError(f"--frozen-target {str(path)!r}: its target.gold is {target}; expected a finite gold target")
+    return target
+
+
+def read_results(source: str | Path) -> dict:
+    """A results JSON of ngrpo compare (or its .partial.json), checked for the parts a re-rendering reads."""
+    import json
+
+    try:
+        results = json.loads(Path(source).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare ({error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare (a JSON object), got a "
+                         f"{type(results).__name__}")
+    for key, kind in (("runs", dict), ("settings", dict), ("rules", dict)):
+        if not isinstance(results.get(key), kind):
+            raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare (its {key!r} is missing or "
+                             f"not a {kind.__name__})")
+    if not isinstance(results["settings"].get("seeds"), list) or not all(
+            isinstance(by_seed, dict) for by_seed in results["runs"].values()):
+        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare (settings.seeds a list, runs by "
+                         "method then seed)")
+    return results
+
+
+def render(source: str | Path, out: str | Path, frozen_target: str | Path | None = None, reference: str | None = None,
            overwrite: bool = False) -> dict:
     """Re-derive the numbers, table and plots from saved runs: a finished results JSON, or the `.partial.json` of
     an interrupted one (only the seeds every method finished are used; the settings record which). `reference`
-    pairs every ratio and "no worse" against another row (recorded in the rules as a re-reading)."""
+    pairs every ratio and "no worse" against another row (recorded in the rules as a re-reading); `frozen_target`
+    is an earlier results JSON whose gold target the table reports against (as `ngrpo compare --frozen-target`)."""
     import json
 
     from neighbor_grpo.runs.io import atomic_write_text
     from neighbor_grpo.runs.ownership import check_file_outputs
 
     check_file_outputs(compare_outputs(Path(out)), overwrite)  # only the files it names are ever replaced
-    try:
-        results = json.loads(Path(source).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare ({error})") from None
+    results = read_results(source)
+    target = read_frozen_target(frozen_target) if frozen_target is not None else None
     if reference is not None:
         if reference not in results["runs"]:
             raise ValueError(f"--reference: {reference!r} is not a row of {source}; choose from {list(results['runs'])}")
@@ -299,7 +335,7 @@ def render(source: str | Path, out: str | Path, frozen_target: float | None = No
         raise ValueError(f"{source}: no seed has finished runs of every method yet")
     results["settings"] = {**results["settings"], "seeds": finished}
     results["runs"] = {m: {str(s): by_seed[str(s)] for s in finished} for m, by_seed in results["runs"].items()}
-    results.update(summarize(results, frozen_target))
+    results.update(summarize(results, target))
     out = Path(out)
     plot_report(results, out.parent, out.stem)
     atomic_write_text(out.with_suffix(".md"), markdown_report(results) + "\n")
@@ -309,19 +345,27 @@ def render(source: str | Path, out: str | Path, frozen_target: float | None = No
 
 if __name__ == "__main__":
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(description="re-render ngrpo compare's table and plots from saved runs")
     parser.add_argument("source", help="results JSON or its .partial.json")
     parser.add_argument("--out", required=True, help="results JSON to write (table and plots beside it)")
     parser.add_argument("--reference", help="pair every ratio against this row instead of the recorded one")
-    parser.add_argument("--frozen-target", type=float, help="report against this gold target")
+    parser.add_argument("--frozen-target", metavar="RESULTS_JSON",
+                        help="report against the gold target frozen in this earlier results JSON (as ngrpo compare)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files --out names if they exist")
     args = parser.parse_args()
     from neighbor_grpo.runs.ownership import OwnershipError
 
+    def fail(message: str) -> None:  # one line, as ngrpo's own commands (argparse's usage is for its own errors)
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
     try:
         print(markdown_report(render(args.source, args.out, args.frozen_target, args.reference, args.overwrite)))
     except (ValueError, OwnershipError) as error:
-        parser.error(str(error))
+        fail(str(error))
     except KeyError as error:
-        parser.error(f"{args.source!r}: expected a results JSON of ngrpo compare (it has no {error})")
+        fail(f"{args.source!r}: expected a results JSON of ngrpo compare (it has no {error})")
+    except (TypeError, AttributeError, IndexError) as error:  # a field of another shape than compare writes
+        fail(f"{args.source!r}: expected a results JSON of ngrpo compare (a field has another shape: {error})")

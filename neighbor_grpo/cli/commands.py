@@ -45,6 +45,10 @@ def _cmd_pretrain(args) -> None:
     from neighbor_grpo.runs.runfolder import RunFolder
     import shutil
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps: expected a count of training steps >= 1, got {args.steps}")
+    if args.classifier_epochs < 1:
+        raise ValueError(f"--classifier-epochs: expected a count of epochs >= 1, got {args.classifier_epochs}")
     if not 0.0 <= args.label_noise <= 1.0:
         raise ValueError(f"--label-noise: expected a share in [0, 1], got {args.label_noise}")
     if args.out:  # refused before minutes of pretraining, not after

@@ -45,6 +45,8 @@ def _cmd_sample(args) -> None:
 
     if args.num < 1:
         raise ValueError(f"--num: expected a count >= 1, got {args.num}")
+    if args.steps < 1:
+        raise ValueError(f"--steps: expected a count of solver steps >= 1, got {args.steps}")
     out = Path(args.out)
     if out.suffix not in (".png", ".npz", *VIDEO_SUFFIXES):
         raise ValueError(f"--out {str(out)!r}: expected a file ending in .png (grid), .npz (arrays), or for a video "
@@ -130,6 +132,8 @@ def _eval_settings(args):
         prompts = resolve_prompt_sets(config.prompts)[1]
     else:
         prompts = [str(d) for d in range(10)]
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps: expected a count of solver steps >= 1, got {args.steps}")
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit: expected a count >= 1, got {args.limit}")

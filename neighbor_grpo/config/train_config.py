@@ -392,6 +392,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
+            if not path.exists() and str(path).split(".")[0] in to_dict(TrainConfig()):  # `ngrpo train optim.lr`
+                raise ConfigError(f"override {str(path)!r}: expected key=value, e.g. optim.lr=3e-4 (no config file "
+                                  "has that name)")
             raise ConfigError(f"config file {str(path)!r} {'is a folder; expected a YAML file' if path.is_dir() else 'not found'}")
         try:
             data = read_yaml(path.read_text()) or {}
@@ -439,7 +442,8 @@ def validate(config: TrainConfig) -> None:
     _check(n.x0_candidates in ("step", "final"), "neighbor_grpo.x0_candidates", "step or final", n.x0_candidates)
     _check(0 < n.eps_clip < 1, "neighbor_grpo.eps_clip", "a value in (0, 1)", n.eps_clip)
     _check(n.old_policy in ("rollout", "recompute"), "neighbor_grpo.old_policy", "rollout or recompute", n.old_policy)
-    _check(n.ref_beta >= 0, "neighbor_grpo.ref_beta", "a value >= 0", n.ref_beta)
+    _check(0 <= n.ref_beta <= 1000, "neighbor_grpo.ref_beta", "a value in [0, 1000] (the demo's 10 anchors firmly; "
+           "beyond 1000 the anchor swamps the reward and blows up)", n.ref_beta)
     _check(not (n.exclude_self and n.group_size < 3), "neighbor_grpo.exclude_self", "G >= 3 when the anchor is excluded", n.exclude_self)
     _validate_sde_baselines(config)
     _validate_forward_process(config)
@@ -447,11 +451,14 @@ def validate(config: TrainConfig) -> None:
     _validate_model(config.model)
     o = config.optim
     _check(o.lr > 0, "optim.lr", "a learning rate > 0", o.lr)
-    _check(o.weight_decay >= 0, "optim.weight_decay", "a value >= 0", o.weight_decay)
+    _check(0 <= o.weight_decay <= 1, "optim.weight_decay", "a value in [0, 1] (AdamW shrinks the weights by "
+           "lr x weight_decay each step; 0 to 0.1 is usual)", o.weight_decay)
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", "a value >= 0 (0 disables)", o.max_grad_norm)
     _check(0 <= o.ema_decay < 1, "optim.ema_decay", "a value in [0, 1) (0 disables)", o.ema_decay)
     _check(o.lora_rank >= 1, "optim.lora_rank", "an integer >= 1", o.lora_rank)
+    _check(len(o.lora_targets) >= 1 and all(isinstance(t, str) and t for t in o.lora_targets), "optim.lora_targets",
+           "a list of at least one linear layer name to adapt, e.g. ['fc1', 'fc2']", o.lora_targets)
     _check(o.lora_alpha > 0, "optim.lora_alpha", "a value > 0 (the update is scaled by alpha / rank)", o.lora_alpha)
     _check(config.iterations >= 1, "iterations", "an integer >= 1", config.iterations)
     _check(config.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1", config.prompts_per_iteration)
@@ -536,7 +543,7 @@ def _validate_sde_baselines(config: TrainConfig) -> None:
     _check(f.noise_level > 0, "flow_grpo.noise_level", "a value > 0", f.noise_level)
     _check(f.rollout_steps >= 2, "flow_grpo.rollout_steps", "an integer >= 2 (the last step is deterministic)", f.rollout_steps)
     _check(0 < f.train_step_fraction <= 1, "flow_grpo.train_step_fraction", "a value in (0, 1]", f.train_step_fraction)
-    _check(f.kl_beta >= 0, "flow_grpo.kl_beta", "a value >= 0", f.kl_beta)
+    _check(0 <= f.kl_beta <= 100, "flow_grpo.kl_beta", "a value in [0, 100] (the reference uses 0 to 0.04)", f.kl_beta)
     _check(f.fast_window_size >= 0, "flow_grpo.fast_window_size", "an integer >= 0 (0 disables)", f.fast_window_size)
     _check(f.sde_type in ("flow_sde", "cps"), "flow_grpo.sde_type", "flow_sde or cps", f.sde_type)
     _check(0 < f.cps_eta <= 1, "flow_grpo.cps_eta", "a value in (0, 1]", f.cps_eta)
@@ -549,7 +556,8 @@ def _validate_sde_baselines(config: TrainConfig) -> None:
         _check(f.fast_window_size <= end <= f.rollout_steps - 1, "flow_grpo.fast_window_end",
                "null or an integer in [fast_window_size, rollout_steps - 1]", f.fast_window_end)
     d = config.dance_grpo
-    _check(d.eta > 0, "dance_grpo.eta", "a value > 0", d.eta)
+    _check(0 < d.eta <= 2, "dance_grpo.eta", "a value in (0, 2] (std = eta sqrt(s - s_next); 1 is Brownian noise, the "
+           "reference's 0.3 less)", d.eta)
     _check(d.rollout_steps >= 2, "dance_grpo.rollout_steps", "an integer >= 2", d.rollout_steps)
     _check(0 < d.train_step_fraction <= 1, "dance_grpo.train_step_fraction", "a value in (0, 1]", d.train_step_fraction)
     m = config.mix_grpo
@@ -572,7 +580,7 @@ def _validate_forward_process(config: TrainConfig) -> None:
         _check(c.shift is None or c.shift > 0, f"{name}.shift", "a value > 0 or null", c.shift)
         _check(c.adv_eps >= 0, f"{name}.adv_eps", "a value >= 0", c.adv_eps)
         _check(c.adv_clip > 0, f"{name}.adv_clip", "a value > 0 (it scales the loss)", c.adv_clip)
-        _check(c.kl_beta >= 0, f"{name}.kl_beta", "a value >= 0 (0 disables)", c.kl_beta)
+        _check(0 <= c.kl_beta <= 100, f"{name}.kl_beta", "a value in [0, 100] (0 disables)", c.kl_beta)
         _check(1 <= c.num_minibatches <= c.group_size, f"{name}.num_minibatches", "1 <= n <= G", c.num_minibatches)
         _check(0 < c.timestep_fraction <= 1, f"{name}.timestep_fraction", "a value in (0, 1]", c.timestep_fraction)
     n = config.diffusion_nft
@@ -593,8 +601,9 @@ def _validate_forward_process(config: TrainConfig) -> None:
     _check(a.weighting in ("ghuber", "uniform", "t", "t2", "huber"), "awm.weighting", "ghuber, uniform, t, t2 or huber",
            a.weighting)
     _check(a.ghuber_p > 0, "awm.ghuber_p", "a value > 0", a.ghuber_p)
-    _check(a.advantage_max > 0, "awm.advantage_max", "a value > 0", a.advantage_max)
-    _check(a.ema_beta >= 0, "awm.ema_beta", "a value >= 0 (0 disables)", a.ema_beta)
+    _check(0 < a.advantage_max <= 100, "awm.advantage_max", "a value in (0, 100] (the reference's 1 bounds the "
+           "advantage weights; beyond 100 one sample's loss dominates and the update blows up)", a.advantage_max)
+    _check(0 <= a.ema_beta <= 1000, "awm.ema_beta", "a value in [0, 1000] (0 disables)", a.ema_beta)
     _check(0 <= a.ema_decay < 1, "awm.ema_decay", "a value in [0, 1)", a.ema_decay)
     _check(a.ema_ramp in ("linear", "constant"), "awm.ema_ramp", "linear or constant", a.ema_ramp)
 
@@ -606,7 +615,7 @@ def _validate_dgpo(config: TrainConfig) -> None:
     _check(d.rollout_steps >= 2, "dgpo.rollout_steps", "an integer >= 2", d.rollout_steps)
     _check(d.shift is None or d.shift > 0, "dgpo.shift", "a value > 0 or null", d.shift)
     _check(d.beta_dpo > 0, "dgpo.beta_dpo", "a value > 0", d.beta_dpo)
-    _check(d.kl_beta >= 0, "dgpo.kl_beta", "a value >= 0 (0 disables)", d.kl_beta)
+    _check(0 <= d.kl_beta <= 100, "dgpo.kl_beta", "a value in [0, 100] (0 disables)", d.kl_beta)
     _check(0 <= d.clip_range < 1, "dgpo.clip_range", "a value in [0, 1) (0 disables the gate)", d.clip_range)
     _check(0 <= d.trunc_steps < d.rollout_steps, "dgpo.trunc_steps",
            f"a grid index in [0, rollout_steps - 1 = {d.rollout_steps - 1}]", d.trunc_steps)

@@ -71,13 +71,14 @@ def family_model(name: str, family: str, transformer: str, encoders: list[str], 
 
 def folder_model(folder: Path, options: dict) -> ModelSpec:
     """A local diffusers folder: its transformer/ and vae/ config.json (no weights are read) and its text encoders'."""
-    from neighbor_grpo.models.diffusers_common import read_model_index
+    from neighbor_grpo.models.folder_checks import check_pipeline_folder, read_model_index
 
     pipeline = read_model_index(folder)
     if pipeline not in ("FluxPipeline", "StableDiffusion3Pipeline"):
         raise ValueError(f"{folder / 'model_index.json'}: _class_name is {pipeline!r}; the planner knows FluxPipeline "
                          "and StableDiffusion3Pipeline")
     flux = pipeline == "FluxPipeline"
+    check_pipeline_folder(folder, pipeline, loading=False)  # plausible sizes before anything is built from them
 
     def read(sub: str) -> dict:
         path = folder / sub / "config.json"

@@ -13,6 +13,10 @@ from neighbor_grpo.maths.noise import independent_noises
 from neighbor_grpo.maths.solvers import integrate
 
 
+class NonFiniteSamples(FloatingPointError):
+    """The model's samples hold NaN/inf (its weights may still be finite): nothing can be scored on them."""
+
+
 def out_of_range_share(images: torch.Tensor, margin: float = 0.1) -> float:
     """Share of pixels further than `margin` outside the data range [0, 1], before clamping."""
     return float(((images < -margin) | (images > 1 + margin)).float().mean())
@@ -88,7 +92,7 @@ def score_model(adapter, rewards, prompts: Sequence[str], samples_per_prompt: in
     and the raw images (P, S, C, H, W), or videos (P, S, T, C, H, W) (then also `temporal_difference`)."""
     _, images = generate(adapter, prompts, samples_per_prompt, seed, solver, steps, shift)
     if not bool(torch.isfinite(images).all()):  # the trainer skips such a held-out evaluation; ngrpo eval refuses
-        raise FloatingPointError(f"the samples hold NaN/inf ({int((~torch.isfinite(images)).sum())} of "
+        raise NonFiniteSamples(f"the samples hold NaN/inf ({int((~torch.isfinite(images)).sum())} of "
                                  f"{images.numel()} values)")
     flat = images.flatten(0, 1)
     flat_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
