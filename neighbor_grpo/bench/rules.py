@@ -109,17 +109,26 @@ def despiked(ys: Sequence[float]) -> list[float]:
     return out
 
 
-def bands_from_base_spread(per_prompt: dict[str, Sequence[float]]) -> dict[str, list[float | None]]:
-    """Each monitor's band from the base model's own spread over its prompts: on the harmful side (MONITOR_HARM),
-    the base model's worst prompt; unbounded on the other. A fine-tuned model whose average over prompts is worse
-    than the base model's worst prompt has left what the base model does on any prompt."""
+def bands_from_base_spread(spread: dict[str, Sequence[float]], quantile: float = 1.0) -> dict[str, list[float | None]]:
+    """Each monitor's band from the base model's own spread: on the harmful side (MONITOR_HARM) the `quantile` of
+    the base model's values toward harm (1.0: its worst value); unbounded on the other. `spread` holds per-prompt
+    values (a run leaves its band when its average is worse than the base model's worst prompt) or per-sample
+    values (worse than the base model's `quantile` sample: its average image, pair or state looks like the base
+    model's rare bad ones)."""
+    import numpy as np
+
+    if not 0.5 < quantile <= 1.0:
+        raise ValueError(f"monitor bands: expected a quantile in (0.5, 1], got {quantile}")
     bands = {}
-    for name, values in per_prompt.items():
+    for name, values in spread.items():
         if name not in MONITOR_HARM:
             raise ValueError(f"monitor bands: unknown monitor {name!r}; expected one of {sorted(MONITOR_HARM)}")
-        if not values:
-            raise ValueError(f"monitor bands: {name} has no per-prompt values of the base model")
-        bands[name] = [min(values), None] if MONITOR_HARM[name] == "low" else [None, max(values)]
+        if len(values) == 0:
+            raise ValueError(f"monitor bands: {name} has no values of the base model")
+        if MONITOR_HARM[name] == "low":
+            bands[name] = [float(np.quantile(values, 1.0 - quantile)), None]
+        else:
+            bands[name] = [None, float(np.quantile(values, quantile))]
     return bands
 
 

@@ -102,7 +102,9 @@ def _cmd_compare(args) -> None:
                       device=args.device, base_path=args.base, overwrite=args.overwrite,
                       progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]), workers=args.workers,
                       grid=not args.no_grid, throughput_iters=args.throughput_iters,
-                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3)
+                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3,
+                      tuning_seeds=args.tuning_seeds, bands=args.bands, max_lr_points=args.max_lr_points,
+                      eval_sampler=args.eval_sampler, parity_grid=args.parity_grid)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -243,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the lr x knob grid but never extend the lr grid by the x3 point")
     cmp.add_argument("--no-grid", action="store_true",
                      help="tune the lr only: every method at its reference knob value, no x3 rule (cheap runs)")
+    cmp.add_argument("--tuning-seeds", type=int, nargs="+", metavar="SEED",
+                     help="tune on these seeds, never reported (issue #23: 100 101); default: the first of --seeds")
+    cmp.add_argument("--bands", metavar="BANDS_JSON",
+                     help="select by the gold-free rule with these monitor bands (python -m neighbor_grpo.bench.bands; "
+                          "commit the file first: its commit is recorded)")
+    cmp.add_argument("--max-lr-points", type=int, metavar="N",
+                     help="widen the lr grid in x3 steps while the choice sits at an end, up to N lrs (at most 6); "
+                          "default: one x3 step")
+    cmp.add_argument("--eval-sampler", choices=["dpm8", "euler40"], default="dpm8",
+                     help="held-out sampler: dpm8 (8-step DPM-Solver++) or euler40 (the neutral 40-step Euler ODE; "
+                          "dpm8's gold recorded beside it)")
+    cmp.add_argument("--parity-grid", action="store_true",
+                     help="issue #23 candidates: anchoring variants (KL / ref_beta), CPS's scaled clip, warm-ups "
+                          "scaled to the budget beside the authors'")
     cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo neighbor_grpo_defaults "
                      "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also flow_grpo_cps, grpo_guard, diffusion_nft, awm, dgpo")
     cmp.add_argument("--base", default="builtin:digits", metavar="MODEL",

@@ -130,3 +130,11 @@ def test_the_recorded_hack_runs_are_rejected_by_the_monitors(path, row, lr, knob
         # the monitors see it before the gold has fallen to its final level
         final = rules.final_value([r["gold"] for r in curve])
         assert curve[exit_index]["gold"] > final + 0.1, (row, run["knob"], exit_index)
+
+
+def test_bands_from_per_sample_spread_take_the_quantile_toward_harm():
+    values = {"diversity": [float(v) for v in range(101)], "realism": [float(v) for v in range(101)]}
+    assert rules.bands_from_base_spread(values, 0.95) == {"diversity": [pytest.approx(5.0), None],
+                                                          "realism": [None, pytest.approx(95.0)]}
+    with pytest.raises(ValueError, match="quantile in"):
+        rules.bands_from_base_spread(values, 0.3)
