@@ -199,7 +199,13 @@ def _selection_note(results: dict) -> str:
     if "selection" not in results:
         return f"lr by proxy AUC on seed {s['seeds'][0]} from {s['lrs']}"
     x3 = " + the x3 rule" if s.get("x3", s.get("grid")) else ""
-    return f"lr from {s['lrs']}{x3} x each method's knob, chosen by proxy AUC on seed {s['seeds'][0]}"
+    if s.get("max_lr_points"):
+        x3 = f" widened in x3 steps until interior (at most {s['max_lr_points']} lrs)" if s.get("x3") else ""
+    tuning = s.get("tuning_seeds") or s["seeds"][:1]
+    on = f"tuning seeds {tuning} (never reported)" if not s.get("tuning_seeds_reported", True) else f"seed {tuning[0]}"
+    if results["rules"].get("bands"):
+        return f"lr from {s['lrs']}{x3} x each method's candidates, chosen by the gold-free rule on {on}"
+    return f"lr from {s['lrs']}{x3} x each method's knob, chosen by proxy AUC on {on}"
 
 
 def _speed_note(results: dict) -> str:
