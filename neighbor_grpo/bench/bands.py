@@ -139,8 +139,8 @@ def bands_record(path: str | Path) -> dict:
     try:
         commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", path.name], cwd=path.parent,
                                 capture_output=True, text=True, timeout=30).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", path.name], cwd=path.parent,
-                               capture_output=True, text=True, timeout=30).stdout.strip() != ""
+        dirty = commit is None or subprocess.run(["git", "status", "--porcelain", "--", path.name], cwd=path.parent,
+                                                 capture_output=True, text=True, timeout=30).stdout.strip() != ""
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, True
     return {"path": str(path), "commit": commit, "changed_since_commit": dirty, **record}
