@@ -1,9 +1,8 @@
 """Is the gold's ranking of final models stable under resampling of its reference set, and does a second gold built
 differently agree? (issue #23, item 7; neighbor_grpo.rewards.gold_stability)
 
-Scores every final model of a comparison (its results JSON: each reported run's `model.path`), or, with --fresh, a
-few small models trained here (listed in FRESH: methods x lrs at one seed and a small budget, chosen to spread
-from improved to hacked), on the same held-out samples (10 digits x --samples, 40-step Euler ODE, the evaluation's
+Scores every final model of a comparison (its results JSON: each reported run's `model.path`), or, with --fresh,
+25 small models trained here (FRESH: 5 methods x 5 (lr, seed) at a small budget, from improved to hacked), on the same held-out samples (10 digits x --samples, 40-step Euler ODE, the evaluation's
 seed), under: the gold (split B), the gold rebuilt on --halves random half-splits of B (both halves of each), and
 the soft-density gold. Prints and writes the Spearman figures.
 
@@ -26,11 +25,12 @@ import torch  # noqa: E402
 from neighbor_grpo.runs.io import atomic_write_text  # noqa: E402
 
 FRESH = {"methods": ["neighbor_grpo", "neighbor_grpo_defaults", "flow_grpo", "mix_grpo", "dgpo"],
-         "lrs": [1e-4, 9e-4], "seed": 0, "budget_fe": 20000.0}
+         "lr_seed": [(1e-4, 0), (9e-4, 0), (3e-4, 0), (1e-4, 1), (3e-4, 1)], "budget_fe": 20000.0}
 
 
 def fresh_models(base: str, folder: Path, log) -> dict[str, str]:
-    """Train FRESH's runs (one thread, this process); {name: weights path}."""
+    """Train FRESH's runs (one thread, this process; a weights file already in `folder` is reused: runs are
+    deterministic in their spec); {name: weights path}."""
     from neighbor_grpo.bench import rules
     from neighbor_grpo.bench.compare import resolve_base
     from neighbor_grpo.bench.method_run import load_rewards, run_method
@@ -43,13 +43,14 @@ def fresh_models(base: str, folder: Path, log) -> dict[str, str]:
     proxy, gold = load_rewards("cpu")
     models = {}
     for method in FRESH["methods"]:
-        for lr in FRESH["lrs"]:
-            name = f"{method}_lr{lr:g}"
+        for lr, seed in FRESH["lr_seed"]:
+            name = f"{method}_lr{lr:g}" + (f"_seed{seed}" if seed else "")
             path = folder / f"{name}.safetensors"
-            started = time.perf_counter()
-            run_method({"overrides": PAPER_SETTINGS[method], "lr": lr, "seed": FRESH["seed"],
-                        "model_path": str(path)}, context, proxy, gold)
-            log(f"{name}: trained in {time.perf_counter() - started:.0f} s")
+            if not path.is_file():
+                started = time.perf_counter()
+                run_method({"overrides": PAPER_SETTINGS[method], "lr": lr, "seed": seed, "model_path": str(path)},
+                           context, proxy, gold)
+                log(f"{name}: trained in {time.perf_counter() - started:.0f} s")
             models[name] = str(path)
     return models
 
