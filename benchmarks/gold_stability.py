@@ -88,7 +88,7 @@ def model_samples(base_path: str, weights: str, samples: int) -> tuple[torch.Ten
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from neighbor_grpo.rewards.gold_stability import stability
+    from neighbor_grpo.rewards.gold_stability import close_ranked, stability
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, help="results JSON of ngrpo compare whose final models to score")
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/gold_stability_models"))
     parser.add_argument("--samples", type=int, default=32, help="held-out samples per digit and model")
     parser.add_argument("--halves", type=int, default=5, help="random half-splits of split B")
+    parser.add_argument("--close-min-gold", type=float, default=0.78,
+                        help="the figures again among the models with gold >= this (close-ranked)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -123,6 +125,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  gold vs second gold (soft density, PCA + logistic): {result['spearman_full_vs_second_gold']:.3f}")
     for key in ("spearman_full_vs_half", "spearman_half_vs_half"):
         print(f"  {key}: mean {result[key]['mean']:.3f}, min {result[key]['min']:.3f}")
+    try:
+        close = result["close_ranked"] = close_ranked(result, args.close_min_gold)
+        print(f"  among the {close['models']} models with gold >= {args.close_min_gold}: vs second gold "
+              f"{close['spearman_full_vs_second_gold']:.3f}, vs halves {min(close['spearman_full_vs_half']):.3f}-"
+              f"{max(close['spearman_full_vs_half']):.3f}, half vs half {min(close['spearman_half_vs_half']):.3f}-"
+              f"{max(close['spearman_half_vs_half']):.3f}")
+    except ValueError as error:
+        print(f"  {error}")
     for name, full, second in zip(result["models"], result["full"], result["second_gold"]):
         print(f"  {name}: gold {full:.3f}, second gold {second:.3f}")
     if args.out:

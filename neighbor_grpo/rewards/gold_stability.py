@@ -118,3 +118,19 @@ def stability(model_images: dict[str, tuple[torch.Tensor, list[str]]], halves: i
             "spearman_half_vs_half": {"min": min(half_vs_half), "mean": float(np.mean(half_vs_half)),
                                       "each": half_vs_half},
             "halves": halves, "seed": seed}
+
+
+def close_ranked(result: dict, min_gold: float) -> dict:
+    """The same Spearman figures among the models whose full gold is >= `min_gold` only: close-ranked models,
+    where a table's verdict is decided and a ranking is hardest to keep."""
+    from neighbor_grpo.rewards.gold_checks import spearman
+
+    keep = [i for i, g in enumerate(result["full"]) if g >= min_gold]
+    if len(keep) < 3:
+        raise ValueError(f"close-ranked figures: {len(keep)} models have gold >= {min_gold}; expected >= 3")
+    pick = lambda scores: [scores[i] for i in keep]  # noqa: E731
+    full = pick(result["full"])
+    return {"min_gold": min_gold, "models": len(keep),
+            "spearman_full_vs_second_gold": spearman(full, pick(result["second_gold"])),
+            "spearman_full_vs_half": [spearman(full, pick(h)) for pair in result["half_scores"] for h in pair],
+            "spearman_half_vs_half": [spearman(pick(a), pick(b)) for a, b in result["half_scores"]]}

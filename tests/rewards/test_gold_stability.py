@@ -58,3 +58,16 @@ def test_a_gold_rebuilt_on_half_of_b_measures_typicality_against_that_half():
     noise = soft.components(torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(0)),
                             [str(int(all_labels[i])) for i in a])
     assert real["density"].mean() > 0.3 > noise["density"].mean()  # soft: real digits dense, noise far from all
+
+
+def test_close_ranked_figures_use_only_the_models_above_the_threshold():
+    from neighbor_grpo.rewards.gold_stability import close_ranked
+
+    # the low models agree everywhere; among the top three the second gold reverses the order
+    result = {"full": [0.1, 0.2, 0.8, 0.85, 0.9], "second_gold": [0.1, 0.2, 0.9, 0.85, 0.8],
+              "half_scores": [([0.1, 0.2, 0.8, 0.85, 0.9], [0.1, 0.2, 0.8, 0.85, 0.9])]}
+    close = close_ranked(result, 0.78)
+    assert close["models"] == 3 and close["spearman_full_vs_second_gold"] == pytest.approx(-1.0)
+    assert close["spearman_full_vs_half"] == [pytest.approx(1.0)] * 2
+    with pytest.raises(ValueError, match="expected >= 3"):
+        close_ranked(result, 0.88)
