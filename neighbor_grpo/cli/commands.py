@@ -136,7 +136,8 @@ def _cmd_compare(args) -> None:
                       progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]), workers=args.workers,
                       grid=not args.no_grid, throughput_iters=args.throughput_iters,
                       throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3,
-                      eval_solver=args.eval_solver, eval_steps=args.eval_steps)
+                      tuning_seeds=args.tuning_seeds, bands=args.bands, max_lr_points=args.max_lr_points,
+                      eval_sampler=args.eval_sampler, parity_grid=args.parity_grid)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -291,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the lr x knob grid but never extend the lr grid by the x3 point")
     cmp.add_argument("--no-grid", action="store_true",
                      help="tune the lr only: every method at its reference knob value, no x3 rule (cheap runs)")
+    cmp.add_argument("--tuning-seeds", type=int, nargs="+", metavar="SEED",
+                     help="tune on these seeds, never reported (issue #23: 100 101); default: the first of --seeds")
+    cmp.add_argument("--bands", metavar="BANDS_JSON",
+                     help="select by the gold-free rule with these monitor bands (python -m neighbor_grpo.bench.bands; "
+                          "commit the file first: its commit is recorded)")
+    cmp.add_argument("--max-lr-points", type=int, metavar="N",
+                     help="widen the lr grid in x3 steps while the choice sits at an end, up to N lrs (at most 6); "
+                          "default: one x3 step")
+    cmp.add_argument("--eval-sampler", default="dpm8",
+                     help="held-out sampler: dpm8 (8-step DPM-Solver++), euler40 (the neutral 40-step Euler ODE; "
+                          "dpm8's gold recorded beside it), or SOLVER:STEPS (euler:4 for a few-step model)")
+    cmp.add_argument("--parity-grid", action="store_true",
+                     help="issue #23 candidates: anchoring variants (KL / ref_beta), CPS's scaled clip, warm-ups "
+                          "scaled to the budget beside the authors'")
     cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo neighbor_grpo_defaults "
                      "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also neighbor_grpo_x0, flow_grpo_cps, grpo_guard, "
                      "diffusion_nft, awm, dgpo")
@@ -312,9 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--frozen-target", metavar="RESULTS_JSON",
                      help="report against the gold target frozen in an earlier results JSON (and a recomputed one)")
     cmp.add_argument("--equal-steps", type=int, metavar="N", help="instead: every method with N rollout steps")
-    cmp.add_argument("--eval-solver", default="dpm++2m", choices=sorted(SOLVERS),
-                     help="sampler of the held-out evaluations (default dpm++2m; euler for a few-step model)")
-    cmp.add_argument("--eval-steps", type=int, default=8, help="its steps (default 8)")
     cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps",
                                               "reward_normalization"],
                      help="instead: Neighbor GRPO's variants of one knob, paired against the first")

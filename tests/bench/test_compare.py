@@ -110,7 +110,7 @@ def test_an_existing_out_is_refused_before_anything_runs(short_comparison, capsy
     (["--methods", "neighbor_grpo", "sde"], "--methods: unknown ['sde']"),
     (["--frozen-target", "nope.json"], "--frozen-target 'nope.json'"),
     (["--equal-steps", "0"], "--equal-steps: expected >= 1"),
-    (["--eval-steps", "0"], "--eval-solver/--eval-steps: expected"),
+    (["--eval-sampler", "euler:0"], "--eval-sampler: expected"),
     (["--equal-steps", "1", "--methods", "neighbor_grpo", "flow_grpo"], "flow_grpo.rollout_steps: expected an integer >= 2"),
 ])
 def test_bad_values_get_one_line_errors(tmp_path, capsys, argv, words):
