@@ -32,10 +32,10 @@ class TimedRewards:
     def __init__(self, rewards, sync):
         self.rewards, self.sync, self.seconds = rewards, sync, 0.0
 
-    def score(self, images, prompts):
+    def score(self, images, prompts, **inputs):  # source images, group ids: passed through as they come
         self.sync()
         tick = time.perf_counter()
-        scores = self.rewards.score(images, prompts)
+        scores = self.rewards.score(images, prompts, **inputs)
         self.sync()
         self.seconds += time.perf_counter() - tick
         return scores
