@@ -26,6 +26,10 @@ REQUIRED = {
     "StableDiffusion3Pipeline": ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2",
                                  "tokenizer_2"),
 }
+# the transformer's input channels per VAE latent channel: 2x2 latent pixels packed into one token, or the latent
+# channels themselves (the transformer patches inside); pipelines not listed are not checked
+LATENT_PACKING = {"FluxPipeline": 4, "FluxKontextPipeline": 4, "Flux2Pipeline": 4, "Flux2KleinPipeline": 4,
+                  "StableDiffusion3Pipeline": 1, "ZImagePipeline": 1}
 # what a component's folder holds at least: a model its config.json, a scheduler its scheduler_config.json
 _CONFIG_FILE = {"scheduler": "scheduler_config.json"}
 
@@ -63,7 +67,13 @@ def check_sizes(path: Path) -> dict:
     """A component's config.json whose size fields are plausible integers; returns it."""
     config = read_json(path)
     for key, limit in SIZE_LIMITS.items():
-        if config.get(key) is not None and (error := _size_error(path, key, config[key], limit)):
+        value = config.get(key)
+        if isinstance(value, list) and 1 <= len(value) <= 16:  # per axis: FLUX.2's VAE patch [2, 2], Wan's [1, 2, 2]
+            errors = [_size_error(path, key, item, limit) for item in value]
+            error = next((e for e in errors if e), None)
+        else:
+            error = None if value is None else _size_error(path, key, value, limit)
+        if error:
             raise ValueError(error)
     for key, limit in LIST_LIMITS.items():
         values = config.get(key)
@@ -105,15 +115,15 @@ def check_pipeline_folder(folder: Path, pipeline: str, loading: bool) -> None:
 
 
 def check_channels(folder: Path, pipeline: str, transformer: dict, vae: dict) -> None:
-    """The transformer takes the VAE's latents: FLUX packs 2x2 latent pixels into one token (4 x the latent
-    channels), SD3 patches them inside the transformer (the latent channels themselves)."""
+    """The transformer takes the VAE's latents: FLUX.1/FLUX.2 pack 2x2 latent pixels into one token (4 x the latent
+    channels), SD3 and Z-Image patch them inside the transformer (the latent channels themselves)."""
     latent = vae.get("latent_channels")
     channels = transformer.get("in_channels")
-    if latent is None or channels is None:
+    if latent is None or channels is None or pipeline not in LATENT_PACKING:
         return
-    expected = 4 * latent if pipeline == "FluxPipeline" else latent
+    expected = LATENT_PACKING[pipeline] * latent
     if channels != expected:
-        packing = "4 x" if pipeline == "FluxPipeline" else "the same as"
+        packing = "4 x" if LATENT_PACKING[pipeline] == 4 else "the same as"
         raise ValueError(f"{folder / 'transformer' / 'config.json'}: in_channels is {channels}, but the VAE's "
                          f"latent_channels is {latent} ({folder / 'vae' / 'config.json'}); a {pipeline} needs "
                          f"{packing} the latent channels ({expected}): the two components are from different models")
