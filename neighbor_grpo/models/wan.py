@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from neighbor_grpo.models import register_model_adapter
+from neighbor_grpo.models.true_cfg import NegativePromptCFG
 from neighbor_grpo.models.diffusers_common import (DiffusersAdapter, _parameters_fingerprint, dtype_keyword,
                                                    resolve_dtype)
 from neighbor_grpo.models.model_card import LORA_FILE
@@ -62,7 +63,7 @@ class WanExperts(nn.Module):
 
 
 @register_model_adapter("wan")
-class WanAdapter(DiffusersAdapter):
+class WanAdapter(NegativePromptCFG, DiffusersAdapter):
     NAME = "wan"
     PIPELINE = "WanPipeline"
 
@@ -120,10 +121,6 @@ class WanAdapter(DiffusersAdapter):
         return float(config["flow_shift"]) if config.get("flow_shift") is not None else float(config.get("shift", 1.0))
 
     # ---- prompts and velocity --------------------------------------------------------------------------------------
-    @property
-    def uses_cfg(self) -> bool:
-        return float(self.options["cfg_scale"]) > 1.0
-
     def encode_new_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         # the pipeline's own UMT5 call (cleaning, padding to max_sequence_length, zeroed padding rows); the negative
         # prompt is encoded by the same call, so caching it as an ordinary row gives the pipeline's negative embeddings
@@ -131,15 +128,6 @@ class WanAdapter(DiffusersAdapter):
         embeds, _ = self.pipeline.encode_prompt(prompt=prompts, do_classifier_free_guidance=False,
                                                 max_sequence_length=length, device=self.device)
         return {"prompt_embeds": embeds}
-
-    def encode_prompts(self, prompts):
-        if self.uses_cfg:
-            super().encode_prompts([self.options["negative_prompt"]])
-        return super().encode_prompts(prompts)
-
-    def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._chunked(lambda xs, ts, rows: self._velocity(xs, ts, rows).to(x.dtype),
-                             x, self._timesteps(s, x.shape[0]), cond)
 
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype
