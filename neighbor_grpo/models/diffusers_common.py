@@ -347,6 +347,12 @@ class DiffusersAdapter:
 
     # ---- loading ---------------------------------------------------------------------------------------------------
     @classmethod
+    def loaded_components(cls, base: Path) -> dict:
+        """Components the adapter builds itself and hands to `from_pretrained` (Qwen-Image-Edit's processor,
+        which diffusers cannot load without torchvision); none by default."""
+        return {}
+
+    @classmethod
     def from_folder(cls, folder: Path, device, options=None) -> "DiffusersAdapter":
         """A diffusers pipeline folder (model_index.json) or one of our exports (model.json naming this adapter)."""
         diffusers = import_diffusers()
@@ -375,7 +381,8 @@ class DiffusersAdapter:
                                     "(expected config.json and weights written by save_pretrained)")
         with quiet_loading():
             pipeline = getattr(diffusers, cls.PIPELINE).from_pretrained(str(base), **dtype_keyword(dtype),
-                                                                        local_files_only=True)
+                                                                        local_files_only=True,
+                                                                        **cls.loaded_components(base))
             if transformer_folder:
                 pipeline.transformer = type(pipeline.transformer).from_pretrained(
                     transformer_folder, **dtype_keyword(dtype), local_files_only=True)

@@ -31,7 +31,7 @@ REQUIRED = {
 LATENT_PACKING = {"FluxPipeline": 4, "FluxKontextPipeline": 4, "Flux2Pipeline": 4, "Flux2KleinPipeline": 4,
                   "StableDiffusion3Pipeline": 1, "ZImagePipeline": 1}
 # what a component's folder holds at least: a model its config.json, a scheduler its scheduler_config.json
-_CONFIG_FILE = {"scheduler": "scheduler_config.json"}
+_CONFIG_FILE = {"scheduler": "scheduler_config.json", "processor": None}  # a processor: tokenizer and image files
 
 
 def read_json(path: Path) -> dict:

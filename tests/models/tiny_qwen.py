@@ -90,3 +90,39 @@ def build_qwen_image(folder: str | Path, seed: int = 0) -> Path:
                              tokenizer=tokenizer, transformer=qwen_transformer())
     pipe.save_pretrained(folder)
     return Path(folder)
+
+
+# Qwen2.5-VL's image processor with a distinctive pixel budget (56 x 56 to 224 x 224), so a test can see that the
+# adapter reads the checkpoint's processor files rather than transformers' defaults
+PROCESSOR_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
+
+
+def qwen_processor(tokenizer):
+    """The image-only Qwen2VLProcessor the adapter builds (transformers' PIL image processor; no torchvision)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from neighbor_grpo.models.qwen_image_edit import image_only_processor_class
+
+    return image_only_processor_class()(Qwen2VLImageProcessorPil(size=PROCESSOR_SIZE), tokenizer)
+
+
+def build_qwen_image_edit(folder: str | Path, plus: bool = False, seed: int = 0) -> Path:
+    """A QwenImageEditPipeline (or, `plus`, a QwenImageEditPlusPipeline whose transformer has 2511's `zero_cond_t`)
+    with random weights, saved to `folder` with model_index.json naming the processor as the published folders do."""
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+
+    from neighbor_grpo.models.qwen_image_edit import declare_standard_processor
+
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    transformer = qwen_transformer()
+    if plus:
+        from diffusers import QwenImageTransformer2DModel
+
+        transformer = QwenImageTransformer2DModel.from_config({**transformer.config, "zero_cond_t": True})
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    pipe = cls(scheduler=qwen_scheduler(), vae=qwen_vae(), text_encoder=qwen_vl_encoder(tokenizer), tokenizer=tokenizer,
+               processor=qwen_processor(tokenizer), transformer=transformer)
+    pipe.save_pretrained(folder)
+    declare_standard_processor(Path(folder))
+    return Path(folder)
