@@ -72,12 +72,12 @@ def qwen_scheduler():
                                            use_dynamic_shifting=True, time_shift_type="exponential")
 
 
-def qwen_transformer():
+def qwen_transformer(zero_cond_t: bool = False):
     from diffusers import QwenImageTransformer2DModel
 
     return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                                        num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False,
-                                       axes_dims_rope=(8, 4, 4))
+                                       axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t)
 
 
 def build_qwen_image(folder: str | Path, seed: int = 0) -> Path:
@@ -115,11 +115,7 @@ def build_qwen_image_edit(folder: str | Path, plus: bool = False, seed: int = 0)
 
     torch.manual_seed(seed)
     tokenizer = qwen_tokenizer()
-    transformer = qwen_transformer()
-    if plus:
-        from diffusers import QwenImageTransformer2DModel
-
-        transformer = QwenImageTransformer2DModel.from_config({**transformer.config, "zero_cond_t": True})
+    transformer = qwen_transformer(zero_cond_t=plus)
     cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
     pipe = cls(scheduler=qwen_scheduler(), vae=qwen_vae(), text_encoder=qwen_vl_encoder(tokenizer), tokenizer=tokenizer,
                processor=qwen_processor(tokenizer), transformer=transformer)
