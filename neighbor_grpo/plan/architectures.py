@@ -31,6 +31,9 @@ FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_
 HUB = "https://huggingface.co"
 WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                   freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+QWEN_IMAGE_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                              num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                              axes_dims_rope=(16, 56, 56))
 FLUX_PUBLISHED = "12 B per the FLUX.1 model cards; 11.9 B for the transformer as counted by diffusers"
 
 COMPONENTS: dict[str, Component] = {
@@ -78,11 +81,16 @@ COMPONENTS: dict[str, Component] = {
     # Qwen-Image family (QwenImagePipeline; Qwen-Image-Edit(-Plus) share the transformer and the text encoder)
     "qwen-image-transformer": Component(
         "diffusers", "QwenImageTransformer2DModel",
-        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
-        f"{HUB}/Qwen/Qwen-Image/blob/main/transformer/config.json", 20e9,
+        QWEN_IMAGE_TRANSFORMER, f"{HUB}/Qwen/Qwen-Image/blob/main/transformer/config.json", 20e9,
         "20 B per the Qwen-Image model card and technical report ('a 20B MMDiT'); the config counts 20.43 B",
         tolerance=0.03),
+    # Qwen-Image-Edit (QwenImageEditPipeline) and Edit-Plus 2509 / 2511 (QwenImageEditPlusPipeline): Qwen-Image's
+    # transformer config, 2511 adding `zero_cond_t` (source tokens modulated at timestep 0: no parameters)
+    **{f"qwen-image-edit{suffix}-transformer": Component(
+        "diffusers", "QwenImageTransformer2DModel", {**QWEN_IMAGE_TRANSFORMER, **extra},
+        f"{HUB}/Qwen/Qwen-Image-Edit{suffix}/blob/main/transformer/config.json", 20e9,
+        f"20 B per the Qwen-Image-Edit{suffix} model card (Qwen-Image's 20 B MMDiT, trained for editing)",
+        tolerance=0.03) for suffix, extra in (("", {}), ("-2509", {}), ("-2511", {"zero_cond_t": True}))},
     "qwen2.5-vl-7b": Component(
         "transformers", "Qwen2_5_VLForConditionalGeneration",
         dict(text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,

@@ -37,3 +37,13 @@ def test_every_model_names_known_components_and_unknown_names_fail_clearly():
     assert all(part in COMPONENTS for parts in MODELS.values() for part in parts)
     with pytest.raises(ValueError, match="architecture: unknown 'flux-pro'"):
         build_on_meta("flux-pro")
+
+
+def test_qwen_image_edit_reuses_qwen_images_transformer():
+    """Qwen-Image-Edit, Edit-2509 and Edit-2511 are Qwen-Image's 20 B MMDiT: the same parameters, name for name
+    (2511's zero_cond_t changes which timestep modulates the source tokens, not the weights)."""
+    base = {n: p.shape for n, p in build_on_meta("qwen-image-transformer").named_parameters()}
+    for suffix in ("", "-2509", "-2511"):
+        edit = build_on_meta(f"qwen-image-edit{suffix}-transformer")
+        assert {n: p.shape for n, p in edit.named_parameters()} == base
+    assert build_on_meta("qwen-image-edit-2511-transformer").config.zero_cond_t
