@@ -28,10 +28,11 @@ class ModelConfig:
     path: str = "builtin:digits"
     """A model checkpoint folder (model.json + weights), a local diffusers folder (model_index.json naming
     FluxPipeline, StableDiffusion3Pipeline, Flux2Pipeline, Flux2KleinPipeline, ZImagePipeline, QwenImagePipeline,
-    FluxKontextPipeline or WanPipeline; nothing is downloaded), or 'builtin:digits' for the cached built-in
-    base model (pretrained on first use); 'builtin:digits-unet' is its compute-bound conv U-Net sibling (~17 MFLOP
-    per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes); 'builtin:digits-reflow' is
-    a few-step student of 'builtin:digits' (reflow, `ngrpo distill`; 1-4 Euler steps land near its 32-step samples)."""
+    FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline or WanPipeline; nothing is downloaded), or
+    'builtin:digits' for the cached built-in base model (pretrained on first use); 'builtin:digits-unet' is its
+    compute-bound conv U-Net sibling (~17 MFLOP per sample against 1.7, for wall-clock benchmarks; pretraining takes
+    several minutes); 'builtin:digits-reflow' is a few-step student of 'builtin:digits' (reflow, `ngrpo distill`;
+    1-4 Euler steps land near its 32-step samples)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Diffusers models: weight/compute dtype of transformer, text encoders and VAE ('auto': bfloat16 on CUDA,
     float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft. A full
