@@ -152,6 +152,19 @@ def test_prompt_embeddings_and_rollout_equal_the_pipelines(variant, folders, edi
         adapter.encode_prompts(["a plain prompt"])
 
 
+def test_sources_of_two_aspect_ratios_in_one_batch_are_one_clear_error(folders, edits, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 40), "red").save(tmp_path / "tall.png")  # 1:2 where the others are 2:1
+    adapter = load_adapter(folders["edit"], options={**SIZE, "cfg_scale": 1.0})
+    with pytest.raises(ValueError, match=r"different aspect ratios .* \[\(8, 24\), \(24, 8\)\]"):
+        adapter.encode_prompts([prompts_of(edits)[0], EditPrompt("make it blue", tmp_path / "tall.png")])
+    rows = torch.cat([adapter.encode_prompts(prompts_of(edits)[:1]),
+                      adapter.encode_prompts([EditPrompt("make it blue", tmp_path / "tall.png")])])
+    with pytest.raises(ValueError, match="one batch holds source images of different aspect ratios"):
+        adapter.velocity(torch.zeros(2, *adapter.latent_shape()), torch.tensor(0.5), rows)
+
+
 def lora_load_warnings(variant, base, lora_folder) -> list[str]:
     """diffusers' and peft's key warnings while the pipeline loads a LoRA (their loggers do not reach caplog)."""
     messages = []
