@@ -81,10 +81,15 @@ def write_bands(base: str, out: str | Path, samples: int = 16, solver: str = "eu
     out = Path(out)
     if out.exists() and not overwrite:
         raise ValueError(f"--out {str(out)!r}: exists; pass --overwrite to replace it")
-    if base.startswith("builtin:"):
+    if base == "builtin:digits-reflow":  # the few-step student (builtin/distill.py), as `ngrpo compare` takes it
+        from neighbor_grpo.builtin.distill import ensure_reflow_model
+
+        base_path = str(ensure_reflow_model(progress=False))
+    elif base.startswith("builtin:"):
         if base.removeprefix("builtin:") not in BUILTIN_MODELS:
             raise ValueError(f"--base {base!r}: unknown built-in model; expected one of "
-                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)} or a model folder")
+                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}, builtin:digits-reflow or a "
+                             "model folder")
         base_path = str(ensure_builtin_model(base.removeprefix("builtin:"), progress=False))
     elif (Path(base) / "model.json").is_file():
         base_path = base
