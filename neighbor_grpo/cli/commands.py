@@ -44,6 +44,8 @@ def _cmd_pretrain(args) -> None:
     from neighbor_grpo.runs.runfolder import RunFolder
     import shutil
 
+    if args.model == "words":
+        return _pretrain_words(args)
     if not 0.0 <= args.label_noise <= 1.0:
         raise ValueError(f"--label-noise: expected a share in [0, 1], got {args.label_noise}")
     if args.out:  # refused before minutes of pretraining, not after
@@ -60,6 +62,34 @@ def _cmd_pretrain(args) -> None:
                 shutil.copytree(source, folder.path / name)
             out = folder.commit()
         print(f"copied to {out}/base (a --checkpoint for sample/eval) and {out}/reward (digit_prob kwargs.path)")
+
+
+def _pretrain_words(args) -> None:
+    """`ngrpo pretrain --model words`: the builtin:words base (cached), its legibility against CPU time printed."""
+    from neighbor_grpo.builtin.words_pretrain import WordsPretrainSettings, default_words_dir, pretrain_words
+    from neighbor_grpo.runs.ownership import check_folder_target
+    from neighbor_grpo.runs.runfolder import RunFolder
+    import json
+    import shutil
+
+    if args.out:  # refused before minutes of pretraining, not after
+        check_folder_target(args.out, args.overwrite)
+    settings = WordsPretrainSettings()
+    settings.max_steps = args.steps or settings.max_steps
+    folder = default_words_dir(settings)
+    if not (folder / "pretrain.json").is_file():
+        pretrain_words(settings, folder, progress=not args.no_progress)
+    record = json.loads((folder / "pretrain.json").read_text())
+    final = record["heldout_final"]
+    print(f"base model: {folder}")
+    print(f"held-out words, groups of {final['samples_per_word']}: exact match {final['exact']:.3f}, mean reward "
+          f"{final['reward']:.3f}, groups with reward spread {final['groups_with_spread']:.3f}; stopped at step "
+          f"{record['stopped_at']} after {record['train_cpu_s']:.0f} CPU-s of training")
+    if args.out:
+        with RunFolder(args.out, overwrite=args.overwrite, kind="pretrain") as out:
+            shutil.copytree(folder, out.path / "base")
+            path = out.commit()
+        print(f"copied to {path}/base (a --checkpoint for sample/eval)")
 
 
 def _cmd_train(args) -> None:
@@ -167,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="build the built-in base model and reward classifier (cached, reused)")
     pre.add_argument("--out", help="also copy them here as base/ and reward/")
     pre.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
-    pre.add_argument("--model", choices=("digits", "digits-unet"), default="digits",
-                     help="built-in model: digits (the MLP, default) or digits-unet (compute-bound conv U-Net)")
-    pre.add_argument("--steps", type=int, help="base-model training steps (default: 3000 digits, 2000 digits-unet)")
+    pre.add_argument("--model", choices=("digits", "digits-unet", "words"), default="digits",
+                     help="built-in model: digits (the MLP, default), digits-unet (compute-bound conv U-Net) or words "
+                          "(text rendering: a small SD3 transformer, ~20 CPU-minutes; no classifier, OCR scores it)")
+    pre.add_argument("--steps", type=int, help="base-model training steps (default: 3000 digits, 2000 digits-unet; "
+                                               "words: at most 8000, it stops once held-out words are 30%% legible)")
     pre.add_argument("--label-noise", type=float, default=0.4, help="share of labels replaced at random")
     pre.add_argument("--classifier-epochs", type=int, default=40)
     pre.add_argument("--no-progress", action="store_true")

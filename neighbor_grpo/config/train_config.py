@@ -29,7 +29,8 @@ class ModelConfig:
     """A model checkpoint folder (model.json + weights), a local diffusers folder (model_index.json naming
     FluxPipeline or StableDiffusion3Pipeline; nothing is downloaded), or 'builtin:digits' for the cached built-in
     base model (pretrained on first use); 'builtin:digits-unet' is its compute-bound conv U-Net sibling (~17 MFLOP
-    per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes)."""
+    per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes); 'builtin:words' draws
+    the quoted word of prompts like 'the word "cat"' (a small SD3 transformer, scored by the `ocr` reward)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Diffusers models: weight/compute dtype of transformer, text encoders and VAE ('auto': bfloat16 on CUDA,
     float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft."""
@@ -485,7 +486,7 @@ def _validate_speed(speed: SpeedConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check(bool(m.path), "model.path",
-           "a checkpoint folder, a diffusers folder, 'builtin:digits' or 'builtin:digits-unet'", m.path)
+           "a checkpoint folder, a diffusers folder, 'builtin:digits', 'builtin:digits-unet' or 'builtin:words'", m.path)
     for name in ("height", "width"):
         value = getattr(m, name)
         _check(value is None or (value >= 16 and value % 16 == 0), f"model.{name}", "null or a multiple of 16", value)

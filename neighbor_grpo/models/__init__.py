@@ -54,12 +54,16 @@ def register_model_adapter(name: str) -> Callable[[type], type]:
     return add
 
 
+LAZY_ADAPTERS = {"words": "neighbor_grpo.models.words:WordsAdapter"}
+"""Adapters imported on first use (builtin:words imports diffusers, which the digits models do not need)."""
+
+
 def resolve_adapter_class(name: str) -> type:
     """A registered entry by name, or a user's object by dotted path."""
-    return resolve_plugin(name, MODEL_ADAPTERS, "model adapter", "package.module:Class")
+    return resolve_plugin(LAZY_ADAPTERS.get(name, name), MODEL_ADAPTERS, "model adapter", "package.module:Class")
 
 
-DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "WordsPipeline": "words"}
 """diffusers pipeline class (model_index.json's _class_name) -> the adapter that loads such a folder."""
 
 
@@ -107,7 +111,7 @@ def _load_diffusers_folder(folder: Path, device, options) -> FlowAdapter:
     if pipeline not in DIFFUSERS_PIPELINES:
         raise ValueError(f"{folder / 'model_index.json'}: _class_name is {pipeline!r}; expected one of "
                          f"{sorted(DIFFUSERS_PIPELINES)} (the diffusers pipelines with a model adapter)")
-    return MODEL_ADAPTERS[DIFFUSERS_PIPELINES[pipeline]].load(folder, device=device, options=options)
+    return resolve_adapter_class(DIFFUSERS_PIPELINES[pipeline]).load(folder, device=device, options=options)
 
 
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsFlowNet, DigitsNetConfig  # noqa: E402,F401
