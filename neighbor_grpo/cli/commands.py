@@ -33,8 +33,10 @@ from neighbor_grpo.cli.sampling import _cmd_eval, _cmd_sample  # the sample and 
 
 def _cmd_demo(args) -> None:
     from neighbor_grpo.builtin.demo import run_demo
+    from neighbor_grpo.builtin.words_demo import run_words_demo
 
-    run_demo(args.out, overwrite=args.overwrite, overrides=args.overrides, progress=not args.no_progress,
+    run = run_words_demo if args.task == "words" else run_demo
+    run(args.out, overwrite=args.overwrite, overrides=args.overrides, progress=not args.no_progress,
              threads=args.threads)
 
 
@@ -188,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="run folder to create")
     demo.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--task", choices=("digits", "words"), default="digits",
+                      help="digits (default: the digit classifier as reward) or words (text rendering, the ocr reward)")
     demo.add_argument("--threads", type=int, default=2,
                       help="torch CPU threads (default 2; the README's table was made with 2, and the numbers "
                            "change in the last digits with the thread count)")
