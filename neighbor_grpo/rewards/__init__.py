@@ -133,4 +133,4 @@ def build_rewards(specs: Sequence[dict], device: str | torch.device = "cpu") -> 
 
 from neighbor_grpo.rewards import compressibility, digit_classifier  # noqa: E402,F401  (registers them)
 from neighbor_grpo.rewards import aesthetic, clip_rewards, hpsv2, image_reward, ocr  # noqa: E402,F401  (registers them)
-from neighbor_grpo.rewards import gold  # noqa: E402,F401  (registers digit_gold)
+from neighbor_grpo.rewards import gold, tesseract  # noqa: E402,F401  (registers digit_gold, ocr_tesseract)
