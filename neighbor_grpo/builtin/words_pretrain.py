@@ -54,7 +54,18 @@ class WordsPretrainSettings:
     eval_every: int = 400
     eval_samples_per_word: int = 2
     """Samples per held-out word at the in-training checks (the final check takes 12: groups of 12)."""
+    time_sampling: str = "uniform"
+    """Flow times of the training pairs: "uniform" on [0, 1], or "logit_normal" (SD3's, mean 0 std 1)."""
     seed: int = 0
+
+
+def sample_flow_times(n: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Training flow times: uniform, or SD3's logit-normal (more weight on the middle of the path)."""
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator))
+    if kind == "uniform":
+        return torch.rand(n, generator=generator)
+    raise ValueError(f"time_sampling {kind!r}: expected 'uniform' or 'logit_normal'")
 
 
 def default_words_dir(settings: WordsPretrainSettings = WordsPretrainSettings()) -> Path:
@@ -127,7 +138,7 @@ def train_words_model(settings: WordsPretrainSettings = WordsPretrainSettings(),
     for step in bar:
         batch = torch.randint(0, len(bank), (settings.batch_size,), generator=generator)
         x0, eps = bank[batch], torch.randn(bank[batch].shape, generator=generator)
-        s = torch.rand(settings.batch_size, generator=generator)
+        s = sample_flow_times(settings.batch_size, settings.time_sampling, generator)
         states, pooled = pipeline.char_encoder(ids[batch])
         v = pipeline.transformer(interpolate(x0, eps, s.view(-1, 1, 1, 1)), encoder_hidden_states=states,
                                  pooled_projections=pooled, timestep=s * 1000, return_dict=False)[0]
