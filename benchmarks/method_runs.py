@@ -32,10 +32,10 @@ class TimedRewards:
     def __init__(self, rewards, sync):
         self.rewards, self.sync, self.seconds = rewards, sync, 0.0
 
-    def score(self, images, prompts):
+    def score(self, images, prompts, **inputs):  # source images, group ids: passed through as they come
         self.sync()
         tick = time.perf_counter()
-        scores = self.rewards.score(images, prompts)
+        scores = self.rewards.score(images, prompts, **inputs)
         self.sync()
         self.seconds += time.perf_counter() - tick
         return scores
@@ -80,8 +80,9 @@ def method_overrides(args, method: str, device: str, reward: str) -> list[str]:
     shared = [f"device={device}", f"prompts_per_iteration={args.prompts}", f"optim.finetune={args.finetune}",
               f"seed={args.seed}", f"rewards=[{{name: {reward}}}]"]
     shared += [f"{section}.group_size={args.group_size}" for section in ("neighbor_grpo", "flow_grpo", "dance_grpo", "mix_grpo")]
-    if args.dtype == "bf16":  # the trainer's autocast (fp32 master weights); real models also hold bf16 weights
-        shared.append("speed.mixed_precision=bf16")
+    if args.dtype == "bf16":  # bf16 weights (built so) and the trainer's bf16 autocast; model.dtype=bfloat16 keeps
+        # a full fine-tune in pure bf16 as measured so far (at `auto` on CUDA it would get fp32 master weights)
+        shared += ["speed.mixed_precision=bf16", "model.dtype=bfloat16"]
     if args.compile:
         shared.append("speed.compile=true")
     return METHODS[method] + shared + list(args.set)

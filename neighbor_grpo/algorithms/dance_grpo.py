@@ -15,7 +15,7 @@ from neighbor_grpo.maths.advantages import clip_advantages, std_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Phase, Rollout, VelocityFn
 from neighbor_grpo.algorithms.sde import (ROLE_TRAIN_STEPS, dance_grpo_mean_std, dance_grpo_sde_step, sde_call_schedule,
                                           sde_old_policy, rollout_noises, sde_minibatches, sde_policy_loss, sde_rollout,
-                                          sde_steps)
+                                          sde_steps, step_losses)
 from neighbor_grpo.maths.flow import sigma_grid
 from neighbor_grpo.maths.noise import keyed_generator
 
@@ -80,6 +80,10 @@ class DanceGRPO:
         order = torch.randperm(len(stochastic), generator=keyed_generator(self.seed, iteration, ROLE_TRAIN_STEPS))
         steps = sorted(stochastic[int(k)] for k in order[:count])
         return sde_minibatches(steps, rollout, c.num_minibatches, c.minibatch_by, self.seed, iteration)
+
+    def loss_parts(self, batch: Minibatch) -> list[tuple[Minibatch, float]]:
+        """One part per trained step, backpropagated before the next (as the reference's per-timestep backward)."""
+        return step_losses(batch)
 
     def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
         return sde_old_policy(self.config.old_policy, velocity, rollout, batches, self._mean_std)

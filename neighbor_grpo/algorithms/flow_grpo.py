@@ -19,7 +19,7 @@ from neighbor_grpo.algorithms.grpo_guard import grad_reweight, ratio_norm_log_ra
 from neighbor_grpo.algorithms.sde import (ROLE_WINDOW, cps_code_log_prob, cps_mean_std, cps_sde_step,
                                           flow_grpo_mean_std, flow_grpo_noise_scale, flow_grpo_sde_step,
                                           gaussian_log_prob, sde_call_schedule, sde_old_policy, rollout_noises,
-                                          sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
+                                          sde_minibatches, sde_policy_loss, sde_rollout, sde_steps, step_losses)
 from neighbor_grpo.maths.flow import sigma_grid
 from neighbor_grpo.maths.noise import keyed_generator
 
@@ -114,6 +114,10 @@ class FlowGRPO:
         stochastic = sde_steps(rollout)
         count = max(1, int(c.train_step_fraction * len(stochastic))) if stochastic else 0
         return sde_minibatches(stochastic[:count], rollout, c.num_minibatches, c.minibatch_by, self.seed, iteration)
+
+    def loss_parts(self, batch: Minibatch) -> list[tuple[Minibatch, float]]:
+        """One part per trained step, backpropagated before the next (as the reference's per-timestep backward)."""
+        return step_losses(batch)
 
     def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
         return sde_old_policy(self.config.old_policy, velocity, rollout, batches, self._mean_std, self.log_prob)

@@ -17,7 +17,7 @@ from neighbor_grpo.maths.advantages import clip_advantages, std_advantages
 from neighbor_grpo.algorithms.common import Minibatch, Phase, Rollout, VelocityFn
 from neighbor_grpo.algorithms.sde import (dance_grpo_mean_std, dance_grpo_sde_step, euler_ode_step, flow_grpo_mean_std,
                                           flow_grpo_sde_step, sde_call_schedule, sde_old_policy, rollout_noises,
-                                          sde_minibatches, sde_policy_loss, sde_rollout, sde_steps)
+                                          sde_minibatches, sde_policy_loss, sde_rollout, sde_steps, step_losses)
 from neighbor_grpo.maths.flow import predict_x0, sigma_grid
 
 
@@ -148,6 +148,10 @@ class MixGRPO:
         """Every window step is trained (the reference's training_strategy 'part')."""
         c = self.config
         return sde_minibatches(sde_steps(rollout), rollout, c.num_minibatches, c.minibatch_by, self.seed, iteration)
+
+    def loss_parts(self, batch: Minibatch) -> list[tuple[Minibatch, float]]:
+        """One part per trained step, backpropagated before the next (as the reference's per-timestep backward)."""
+        return step_losses(batch)
 
     def prepare_old_policy(self, velocity: VelocityFn, rollout: Rollout, batches: list[Minibatch]) -> Rollout:
         return sde_old_policy(self.config.old_policy, velocity, rollout, batches, self._mean_std)

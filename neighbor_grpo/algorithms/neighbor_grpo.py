@@ -4,6 +4,7 @@ Exploration lives in the initial noise (a neighbourhood of G correlated noises, 
 deterministic ODE solves; the policy is the "leaping policy" (Eq. 8): one Euler step with the current
 parameters from an anchor's stored state, and a softmax over negative distances to all G candidates'
 next states. Trained with the clipped GRPO objective (Eq. 9) and quasi-norm advantages (Eq. 11).
+`policy_space: x0` measures the same softmax on predicted clean samples instead (few-step models; docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from neighbor_grpo.config.algorithm_settings import NeighborGRPOConfig  # noqa: 
 from neighbor_grpo.maths.advantages import clip_advantages, quasi_norm_advantages
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_members,
                                              per_call, pick_steps, repeat_cond, rollout_phase, solver_evaluations)
-from neighbor_grpo.maths.flow import sigma_grid
+from neighbor_grpo.maths.flow import full_precision, sigma_grid
 from neighbor_grpo.maths.noise import keyed_generator, neighbor_noises
 from neighbor_grpo.maths.solvers import integrate
 
@@ -24,13 +25,19 @@ ROLE_ANCHORS, ROLE_STEPS = 7_000_001, 7_000_002
 
 
 def leap(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
-    """One Euler step: xhat = x_j + (s_{j+1} - s_j) v."""
-    return x + (s_next - s) * v
+    """One Euler step: xhat = x_j + (s_{j+1} - s_j) v, in float32 at least (a bf16 net's v)."""
+    return full_precision(x) + (s_next - s) * full_precision(v)
+
+
+def x0_prediction(x: torch.Tensor, v: torch.Tensor, s: float) -> torch.Tensor:
+    """x0hat = x_j - s_j v: the clean sample the velocity points at (x_s = (1 - s) x0 + s eps, v = eps - x0)."""
+    return x - s * v
 
 
 def squared_distances(candidates: torch.Tensor, predictions: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """dist(x_{j+1}^(i), xhat^(k)) for candidates (P, G, *latent), predictions (P, B, *latent) -> (P, B, G)."""
-    diff = candidates.unsqueeze(1) - predictions.unsqueeze(2)
+    """dist(x_{j+1}^(i), xhat^(k)) for candidates (P, G, *latent), predictions (P, B, *latent) -> (P, B, G), in
+    float32 at least: the softmax over them (leaping_log_policy) then is too."""
+    diff = full_precision(candidates).unsqueeze(1) - full_precision(predictions).unsqueeze(2)
     squared = diff.pow(2).flatten(3)
     if reduction == "mean":
         return squared.mean(-1)
@@ -152,13 +159,12 @@ class NeighborGRPO:
         anchors = batch.members  # (P, B)
         total, stats = 0.0, []
         for j in batch.steps:
-            s, s_next = float(rollout.sigmas[j]), float(rollout.sigmas[j + 1])
             x = gather_members(rollout.states[j], anchors)  # (P, B, *latent)
             v = batched_velocity(velocity, x, rollout.sigmas[j], rollout.cond)
             v_old = gather_members(rollout.velocities[j], anchors)
-            candidates = rollout.states[j + 1]  # (P, G, *latent)
-            dist = squared_distances(candidates, leap(x, v, s, s_next), c.distance_reduction)
-            dist_old = squared_distances(candidates, leap(x, v_old, s, s_next), c.distance_reduction)
+            candidates, predict = policy_space(c, rollout, j, x)  # (P, G, *latent), velocity -> (P, B, *latent)
+            dist = squared_distances(candidates, predict(v), c.distance_reduction)
+            dist_old = squared_distances(candidates, predict(v_old), c.distance_reduction)
             tau = temperature(dist_old, c.tau_rel, c.tau)
             self_mask = None
             if c.exclude_self:
@@ -173,11 +179,30 @@ class NeighborGRPO:
             if c.ref_beta > 0 and reference_velocity is not None:
                 with torch.no_grad():
                     v_ref = batched_velocity(reference_velocity, x, rollout.sigmas[j], rollout.cond)
-                step_loss = step_loss + c.ref_beta * (v - v_ref).pow(2).mean()
+                step_loss = step_loss + c.ref_beta * (full_precision(v) - full_precision(v_ref)).pow(2).mean()
             total = total + step_loss
             stats.append(policy_stats(log_ratio.detach(), log_pi_old, c.eps_clip, valid, tau))
         merged = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
         return total / len(batch.steps), merged
+
+
+def policy_space(config: NeighborGRPOConfig, rollout: Rollout, j: int, x: torch.Tensor):
+    """What the leaping policy compares at trained step j, for anchor states x (P, B, *latent): the G candidates'
+    points (P, G, *latent) and the map from an anchor velocity to its prediction. 'next_state' (Eq. 8): candidates
+    x_{j+1}^(i), prediction x_j + (s_{j+1} - s_j) v. 'x0' (few-step models, after AR-CoPO): candidates' old clean
+    predictions x_j^(i) - s_j v_old^(i) (or their final samples), prediction x_j - s_j v."""
+    s, s_next = float(rollout.sigmas[j]), float(rollout.sigmas[j + 1])
+    if config.policy_space == "next_state":
+        return rollout.states[j + 1], lambda v: leap(x, v, s, s_next)
+    if config.policy_space != "x0":
+        raise ValueError(f"neighbor_grpo.policy_space must be 'next_state' or 'x0'; got {config.policy_space!r}")
+    if config.x0_candidates == "final":
+        candidates = rollout.final
+    elif config.x0_candidates == "step":
+        candidates = x0_prediction(rollout.states[j], rollout.velocities[j], s)
+    else:
+        raise ValueError(f"neighbor_grpo.x0_candidates must be 'step' or 'final'; got {config.x0_candidates!r}")
+    return candidates, lambda v: x0_prediction(x, v, s)
 
 
 @torch.no_grad()

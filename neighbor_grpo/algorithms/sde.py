@@ -9,6 +9,7 @@ re-scoring a stored transition in the loss.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -17,7 +18,7 @@ import torch
 from neighbor_grpo.algorithms.common import (Minibatch, Phase, Rollout, VelocityFn, batched_velocity, gather_groups,
                                              gather_members, members_per_minibatch, per_call, repeat_cond,
                                              rollout_phase)
-from neighbor_grpo.maths.flow import predict_x0
+from neighbor_grpo.maths.flow import full_precision, predict_x0
 from neighbor_grpo.maths.noise import independent_noises, keyed_generator
 
 ROLE_SDE_NOISE = 7_100_001   # candidate stream of the per-step SDE noises
@@ -39,7 +40,7 @@ def _sample(mean: torch.Tensor, std: float, noise: torch.Tensor | None, generato
         if generator is None:
             raise ValueError("pass the step noise z or a keyed generator")
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
-    return mean + std * noise
+    return mean + std * noise.to(mean.dtype)  # std * z in the mean's (float32) precision, not a bf16 z's
 
 
 # ---- Flow-GRPO (Liu et al. 2025, flow_grpo/diffusers_patch/sd3_sde_with_logprob.py, sde_type 'sde') -----------
@@ -59,6 +60,7 @@ def flow_grpo_mean_std(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float
     """Flow-GRPO: mean = x (1 + sigma_t^2 dt / 2s) + v (1 + sigma_t^2 (1 - s) / 2s) dt, std = sigma_t sqrt(-dt)."""
     dt = s_next - s
     sigma_t = flow_grpo_noise_scale(s, noise_level, s_1)
+    x, v = full_precision(x), full_precision(v)
     mean = x * (1 + sigma_t**2 / (2 * s) * dt) + v * ((1 + sigma_t**2 * (1 - s) / (2 * s)) * dt)
     return mean, sigma_t * math.sqrt(-dt)
 
@@ -68,7 +70,7 @@ def flow_grpo_sde_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float
                        s_1: float | None = None) -> SDEStep:
     """Flow-GRPO's SDE step (Liu et al. 2025, Eq. 12 as in sd3_sde_with_logprob.py)."""
     mean, std = flow_grpo_mean_std(x, v, s, s_next, noise_level, s_1)
-    return SDEStep(_sample(mean, std, noise, generator), mean, std)
+    return SDEStep(_sample(mean, std, noise, generator).to(x.dtype), mean, std)
 
 
 # ---- DanceGRPO (Xue et al. 2025, fastvideo/train_grpo_flux.py, flux_step with sde_solver=True) -----------------
@@ -77,6 +79,7 @@ def dance_grpo_mean_std(x: torch.Tensor, v: torch.Tensor, s: float, s_next: floa
                         ) -> tuple[torch.Tensor, float]:
     """DanceGRPO: Euler mean plus -eta^2/2 * score * ds, score = -(x - (1 - s) x0hat) / s^2; std = eta sqrt(s - s_next)."""
     ds = s_next - s
+    x, v = full_precision(x), full_precision(v)
     x0 = predict_x0(x, v, s)
     score = -(x - (1 - s) * x0) / s**2
     mean = x + ds * v + (-0.5 * eta**2 * ds) * score
@@ -87,7 +90,7 @@ def dance_grpo_sde_step(x: torch.Tensor, v: torch.Tensor, s: float, s_next: floa
                         generator: torch.Generator | None = None, eta: float = 0.3) -> SDEStep:
     """DanceGRPO's SDE step (Xue et al. 2025, flux_step)."""
     mean, std = dance_grpo_mean_std(x, v, s, s_next, eta)
-    return SDEStep(_sample(mean, std, noise, generator), mean, std)
+    return SDEStep(_sample(mean, std, noise, generator).to(x.dtype), mean, std)
 
 
 # ---- CPS (Wang & Yu 2025, flow_grpo sd3_sde_with_logprob.py, sde_type 'cps'; spec competitors.md 3.1) ----------
@@ -102,6 +105,7 @@ def cps_mean_std(x: torch.Tensor, v: torch.Tensor, s: float, s_next: float, eta:
     """mean = (1 - s') x0hat + sqrt(s'^2 - sigma^2) epshat, x0hat = x - s v, epshat = x + (1 - s) v: the data
     coefficient 1 - s' and the total noise std sqrt(s'^2 - sigma^2 + sigma^2) = s' of the forward marginal."""
     sigma = cps_noise_std(s_next, eta)
+    x, v = full_precision(x), full_precision(v)
     x0hat, epshat = x - s * v, x + (1 - s) * v
     # max(.., 0): s'^2 - (s' sin)^2 can round a hair below 0 at eta 1
     mean = (1 - s_next) * x0hat + math.sqrt(max(s_next**2 - sigma**2, 0.0)) * epshat
@@ -121,6 +125,7 @@ def cps_code_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | tor
     """The reference's CPS log-prob -mean_d (sg(x_next) - mean)^2 ("remove all constants": no 1 / (2 sigma^2),
     so log rho_code = (2 sigma^2 / D) log rho_true, a step-dependent temperature). `std` is unused; it keeps the
     signature of gaussian_log_prob."""
+    x_next, mean = full_precision(x_next), full_precision(mean)
     return -((x_next.detach() - mean) ** 2).mean(dim=tuple(range(batch_dims, mean.dim())))
 
 
@@ -132,8 +137,10 @@ def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | tor
     Both references (Flow-GRPO's sde_step_with_logprob, DanceGRPO's flux_step) keep the -log(std) and
     -log(sqrt(2 pi)) terms; they do not depend on the parameters, so they cancel in the ratio but not in the
     logged log-probs. (MixGRPO's copy of the DanceGRPO step drops them by a stray line break; its Flow-GRPO
-    step, the one MixGRPO uses, keeps them.) x_next is detached as in both references.
+    step, the one MixGRPO uses, keeps them.) x_next is detached as in both references. Computed in float32 at
+    least (flow_grpo #177: log_prob NaN under bf16).
     """
+    x_next, mean = full_precision(x_next), full_precision(mean)
     std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
     log_prob = (-((x_next.detach() - mean) ** 2) / (2 * std**2) - torch.log(std)
                 - torch.log(torch.sqrt(torch.as_tensor(2 * math.pi, dtype=mean.dtype, device=mean.device))))
@@ -240,7 +247,7 @@ def sde_call_schedule(prompts: int, group_size: int, rollout_steps: int, trained
                       micro_batch: int | None) -> list[Phase]:
     """The SDE baselines' velocity-net calls in one iteration (common.Phase): one rollout evaluation per step;
     every candidate trained at `trained_steps` steps, one with-grad call per (minibatch, step, micro-batch) on
-    its members, a minibatch's steps held together before its backward; the reference at the same states when
+    its members, each backpropagated before the next (step_losses); the reference at the same states when
     the loss has a KL; with old_policy 'recompute', the same units once without grad on the whole batch
     (prepare_old_policy is not micro-batched)."""
     if minibatch_by not in ("samples", "steps"):
@@ -254,10 +261,8 @@ def sde_call_schedule(prompts: int, group_size: int, rollout_steps: int, trained
         return phases
     if old_policy == "recompute":
         phases.append(Phase("old_policy", units, prompts * members, False, "policy"))
-    # sde_policy_loss sums every step of the minibatch before its one backward: with 'samples' all trained steps'
-    # graphs are alive together (in every micro-batch pass), with 'steps' one
-    held = trained_steps if minibatch_by == "samples" else 1
-    phases.append(Phase("train", units, batch, True, "policy", held))
+    # the trainer backpropagates each trained step on its own (step_losses): one call's graph alive at a time
+    phases.append(Phase("train", units, batch, True, "policy", held=1))
     if reference:
         phases.append(Phase("reference", units, batch, False, "reference"))
     return phases
@@ -299,6 +304,13 @@ def recompute_old_policy(velocity: VelocityFn, rollout: Rollout, batches: list[M
             index = batch.members.view(*batch.members.shape, *([1] * (v.dim() - 2))).expand_as(v)
             velocities[j].scatter_(1, index.to(v.device), v)
     return rollout._replace(log_probs=log_probs, velocities=velocities)
+
+
+def step_losses(batch: Minibatch) -> list[tuple[Minibatch, float]]:
+    """The minibatch's loss as a weighted sum of one-step losses (sde_policy_loss averages over its steps), for the
+    trainer to backpropagate one step at a time: the references call backward per timestep inside their gradient
+    accumulation, so only one step's activations are alive. Same gradient, up to float summation order."""
+    return [(dataclasses.replace(batch, steps=[j]), 1 / len(batch.steps)) for j in batch.steps]
 
 
 def ppo_clipped_loss(ratio: torch.Tensor, advantages: torch.Tensor, eps_clip: float) -> torch.Tensor:

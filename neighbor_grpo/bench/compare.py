@@ -25,12 +25,30 @@ from neighbor_grpo.bench import rules as rules
 from neighbor_grpo.config.train_config import load_config
 from neighbor_grpo.training.cost import backward_factor, cost_note
 from neighbor_grpo.runs.io import atomic_write_text
-from neighbor_grpo.bench.report import compare_outputs  # noqa: F401  (re-exported)
+from neighbor_grpo.bench.report import compare_outputs, read_frozen_target  # noqa: F401  (re-exported)
 from neighbor_grpo.bench.workers import schedule
 from neighbor_grpo.bench.method_run import GOLD_REWARD, DistanceProbe, load_gold, run_method  # noqa: F401  (re-exported)
 from neighbor_grpo.bench.settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS,  # noqa: F401
                                             REFERENCE_EMA, REFERENCE_METHOD, REFERENCE_OPTIMIZER, equal_steps_overrides,
-                                            knob_grid)
+                                            knob_grid, protocol_grid)
+
+EVAL_SAMPLERS = {"dpm8": ("dpm++2m", 8), "euler40": ("euler", 40)}
+
+
+def eval_sampler_steps(name: str) -> tuple[str, int]:
+    """The held-out sampler as (solver, steps): a preset (dpm8, euler40) or SOLVER:STEPS (euler:4, the few-step
+    sampler a distilled model is used with)."""
+    from neighbor_grpo.maths.solvers import SOLVERS
+
+    if name in EVAL_SAMPLERS:
+        return EVAL_SAMPLERS[name]
+    solver, _, steps = name.partition(":")
+    if solver in SOLVERS and steps.isdigit() and int(steps) >= 1:
+        return solver, int(steps)
+    raise ValueError(f"--eval-sampler: expected {' or '.join(sorted(EVAL_SAMPLERS))}, or SOLVER:STEPS with a solver "
+                     f"of {sorted(SOLVERS)} and >= 1 steps (euler:4), got {name!r}")
+"""Held-out samplers: the 8-step DPM-Solver++ of the tables before issue #23 (Neighbor GRPO's rollout sampler) and
+the neutral 40-step Euler ODE the references evaluate with; with euler40 the dpm8 gold is recorded beside it."""
 
 
 def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_per_run: int, eval_samples: int,
@@ -69,6 +87,11 @@ def resolve_base(base_path: str, progress: bool) -> str:
     classifier the proxy needs is built on first use too."""
     from neighbor_grpo.builtin.pretrain import BUILTIN_MODELS, ensure_builtin_model, ensure_classifier
 
+    if base_path == "builtin:digits-reflow":  # the few-step student (builtin/distill.py)
+        from neighbor_grpo.builtin.distill import ensure_reflow_model
+
+        ensure_classifier(progress=progress)
+        return str(ensure_reflow_model(progress=progress))
     if base_path.startswith("builtin:"):
         name = base_path.removeprefix("builtin:")
         if name not in BUILTIN_MODELS:
@@ -80,6 +103,41 @@ def resolve_base(base_path: str, progress: bool) -> str:
         raise ValueError(f"--base {base_path!r}: expected builtin:NAME or a model folder of ngrpo (with model.json)")
     ensure_classifier(progress=progress)
     return base_path
+
+
+def check_protocol(seeds: list[int], lrs: list[float], tuning_seeds: list[int] | None, max_lr_points: int | None,
+                   eval_sampler: str) -> None:
+    """One-line errors for the issue #23 flags, before anything runs."""
+    if tuning_seeds is not None:
+        if not tuning_seeds or len(set(tuning_seeds)) != len(tuning_seeds) or min(tuning_seeds) < 0:
+            raise ValueError(f"--tuning-seeds: expected distinct integers >= 0, got {tuning_seeds}")
+        if set(tuning_seeds) & set(seeds):
+            raise ValueError(f"--tuning-seeds: expected seeds never reported, but {sorted(set(tuning_seeds) & set(seeds))} "
+                             f"are also in --seeds")
+    if max_lr_points is not None and not len(lrs) <= max_lr_points <= rules.MAX_LR_POINTS:
+        raise ValueError(f"--max-lr-points: expected {len(lrs)} (the --lrs given) to {rules.MAX_LR_POINTS}, got "
+                         f"{max_lr_points}")
+    eval_sampler_steps(eval_sampler)  # refused here, before any run
+
+
+def iterations_in_budget(overrides: list[str], common: list[str], budget_fe: float) -> int:
+    """Iterations a row gets from the budget, at the cost its call schedule implies (its first iteration's)."""
+    from neighbor_grpo.training.cost import config_schedule, schedule_forward_equivalents
+
+    config = load_config(None, common + overrides)
+    return max(1, math.ceil(budget_fe / schedule_forward_equivalents(config_schedule(config), config.optim.finetune)))
+
+
+def git_commit() -> str | None:
+    """The checkout's HEAD commit (None outside git): what the results were produced by."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def check_evaluations(table: dict[str, list[str]], points: list[float], common: list[str]) -> None:
@@ -104,24 +162,19 @@ def latent_elements(base_path: str) -> int:
     return math.prod(load_model(base_path, "cpu", progress=False).latent_shape())
 
 
-def read_frozen_target(path: str | Path) -> float:
-    """The gold target frozen in an earlier results JSON (later tables report against it)."""
-    try:
-        return float(json.loads(Path(path).read_text())["target"]["gold"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"--frozen-target {str(path)!r}: expected a results JSON of ngrpo compare with "
-                         f"target.gold ({error})") from None
-
-
 def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] = (1e-4, 3e-4),
             methods: list[str] | None = None, seeds: tuple[int, ...] = (0, 1, 2, 3, 4), evals_per_run: int = 24,
             eval_samples: int = 32, frozen_target: str | Path | None = None, equal_steps: int | None = None,
             ablation: str | None = None, device: str | None = None, base_path: str = "builtin:digits",
             overwrite: bool = False, progress: bool = True, command: str | None = None, workers: int = 1,
             grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1,
-            reference: str = REFERENCE_METHOD, x3: bool = True) -> dict:
+            reference: str = REFERENCE_METHOD, x3: bool = True, tuning_seeds: tuple[int, ...] | None = None,
+            bands: str | Path | None = None, max_lr_points: int | None = None, eval_sampler: str = "dpm8",
+            parity_grid: bool = False) -> dict:
     """Run the comparison; write the results JSON, a markdown table, PNG plots and every run's final weights
-    (`<stem>_models/`) next to `out`."""
+    (`<stem>_models/`) next to `out`. The issue #23 protocol: `tuning_seeds` never reported, `bands` (a bands file)
+    for the gold-free rule, `max_lr_points` to widen the lr grid until the choice is interior, `eval_sampler`
+    'euler40', `parity_grid` for anchoring parity, CPS's scaled clip and the warm-up variants."""
     from neighbor_grpo.bench.grid import run_table
     from neighbor_grpo.bench.report import markdown_report, plot_report, summarize
     from neighbor_grpo.bench.workers import RunPool
@@ -132,10 +185,15 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     seeds, lrs = [int(s) for s in seeds], [float(lr) for lr in lrs]
     check_arguments(budget_fe, seeds, lrs, evals_per_run, eval_samples, names, workers, throughput_iters,
                     throughput_warmup, reference)
+    tuning_seeds = None if tuning_seeds is None else [int(s) for s in tuning_seeds]
+    check_protocol(seeds, lrs, tuning_seeds, max_lr_points, eval_sampler)
+    from neighbor_grpo.bench.bands import bands_record
+
+    band_file = bands_record(bands) if bands is not None else None
     table = {n: PAPER_SETTINGS[n] for n in names}
     if equal_steps is not None:
-        if equal_steps < 2:
-            raise ValueError(f"--equal-steps: expected >= 2 rollout steps, got {equal_steps}")
+        if equal_steps < 1:  # 1 step: Neighbor GRPO only (the SDE baselines' last step is deterministic)
+            raise ValueError(f"--equal-steps: expected >= 1 rollout steps, got {equal_steps}")
         table = {n: equal_steps_overrides(n, equal_steps) for n in names}
     if ablation is not None:  # Neighbor GRPO's variants, paired against the first (the defaults where listed)
         if ablation not in ABLATIONS:
@@ -157,7 +215,12 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     check_evaluations(table, points, common)
     base_path = resolve_base(base_path, progress)
     elements = latent_elements(base_path)
-    knobs = {row: knob_grid(row, overrides, elements)[:None if grid else 1] for row, overrides in table.items()}
+    if parity_grid:
+        knobs = {row: protocol_grid(row, overrides, elements, iterations_in_budget(overrides, common, budget_fe))
+                 for row, overrides in table.items()}
+    else:
+        knobs = {row: knob_grid(row, overrides, elements) for row, overrides in table.items()}
+    knobs = {row: entries[:None if grid else 1] for row, entries in knobs.items()}
     ema = {row: REFERENCE_EMA[row] for row in table if row in REFERENCE_EMA}
     for folder in (out.parent, models_dir):
         if not folder.exists():
@@ -180,12 +243,18 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                      "workers": workers, "threads_per_run": 1,
                      "evals_per_run": evals_per_run, "eval_samples_per_prompt": eval_samples, "proxy": "digit_prob",
                      "gold": GOLD_REWARD, "finetune": finetune, "backward_factor": backward_factor(finetune),
-                     "cost_note": cost_note(finetune)},
+                     "cost_note": cost_note(finetune), "tuning_seeds": tuning_seeds or seeds[:1],
+                     "tuning_seeds_reported": tuning_seeds is None, "max_lr_points": max_lr_points,
+                     "parity_grid": parity_grid, "eval_sampler": {"name": eval_sampler,
+                                                                  "solver_steps": eval_sampler_steps(eval_sampler)},
+                     "side_sampler": None if eval_sampler == "dpm8" else {"name": "dpm8",
+                                                                          "solver_steps": EVAL_SAMPLERS["dpm8"]},
+                     "realism_reference": "split A (the base model's training digits; the gold reads only split B)"},
+        "commit": git_commit(),
         "rules": {"final_evaluations": rules.FINAL_EVALUATIONS, "target_fraction": rules.TARGET_FRACTION,
                   "no_worse_margin": rules.NO_WORSE_MARGIN, "confidence": rules.CONFIDENCE,
-                  "selection": f"lr x knob grid on seed {seeds[0]}, highest area under the held-out proxy curve"
-                               + (" (never the gold); a chosen lr at an end of the lr grid adds the next x3 point "
-                                  "at the chosen knob, then re-selects" if grid and x3 else " (never the gold)"),
+                  "selection": _selection_rule(seeds, tuning_seeds, band_file, grid and x3, max_lr_points),
+                  "bands": band_file, "time_to_target": "sustained crossing (headline), first crossing beside it",
                   "reference_method": reference},
         "eval_points": points,
     }
@@ -194,9 +263,13 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         atomic_write_text(partial_path, json.dumps({**header, **state}))
 
     context = {"budget_fe": budget_fe, "points": points, "base_path": base_path, "device": device,
-               "eval_prompts": [str(d) for d in range(10)], "eval_samples": eval_samples, "common": common}
+               "eval_prompts": [str(d) for d in range(10)], "eval_samples": eval_samples, "common": common,
+               "eval_sampler": eval_sampler_steps(eval_sampler),
+               "side_sampler": None if eval_sampler == "dpm8" else EVAL_SAMPLERS["dpm8"]}
     with RunPool(workers, context) as pool:
-        measured = run_table(pool, table, knobs, lrs, seeds, grid and x3, ema, models_dir, log, partial)
+        measured = run_table(pool, table, knobs, lrs, seeds, grid and x3, ema, models_dir, log, partial,
+                             tuning_seeds=tuning_seeds, bands=None if band_file is None else band_file["bands"],
+                             max_lr_points=max_lr_points)
         results = {**header, **measured}
         if throughput_iters > 0:
             log(f"throughput: {len(table)} rows interleaved, {workers} single-thread worker(s), "
@@ -212,6 +285,21 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     atomic_write_text(out, json.dumps(results, indent=2))
     partial_path.unlink(missing_ok=True)
     return results
+
+
+def _selection_rule(seeds: list[int], tuning_seeds: list[int] | None, band_file: dict | None, widen: bool,
+                    max_lr_points: int | None) -> str:
+    """The selection rule in words, as the results JSON records it."""
+    on = f"tuning seeds {tuning_seeds} (never reported)" if tuning_seeds else f"seed {seeds[0]} (also reported)"
+    rule = ("the gold-free rule: despiked held-out proxy area, the proxy counted as 0 from the first evaluation at "
+            "which a monitor leaves its band (bands in rules.bands)" if band_file is not None
+            else "highest area under the held-out proxy curve")
+    text = f"lr x knob grid on {on}, {rule} (never the gold)"
+    if widen:
+        text += (f"; a chosen lr at an end of the lr grid adds the next x3 point at the chosen knob and re-selects, "
+                 f"until interior or {max_lr_points} lrs" if max_lr_points else
+                 "; a chosen lr at an end of the lr grid adds the next x3 point at the chosen knob, then re-selects")
+    return text
 
 
 def measure_throughput(pool, rows: dict[str, list[str]], workers: int, warmup: int, iters: int) -> dict:

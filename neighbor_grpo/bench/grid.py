@@ -1,7 +1,10 @@
-"""`ngrpo compare`'s schedule: per row, the tuning grid (lr x the method's knob) on the first seed, selected by the
-area under the held-out proxy curve (never the gold); the x3 rule (a chosen lr at an end of the lr grid adds the
-next x3 point at the chosen knob, then re-selects); then the other seeds at the chosen settings. Grid runs are
-scheduled before x3 runs, x3 runs before the other seeds', so the tuning finishes first."""
+"""`ngrpo compare`'s schedule: per row, the tuning grid (lr x the method's knob) on the tuning seeds, selected by
+the area under the held-out proxy curve (never the gold), or with monitor bands by the gold-free rule
+(rules.select_gold_free); the lr grid widened at the chosen knob in x3 steps while the choice sits at an end (the
+x3 rule: one step; issue #23: until interior, at most rules.MAX_LR_POINTS); then the reported seeds at the chosen
+settings. The tuning seeds are reported too only where they are among the reported seeds (the old protocol: seed
+0); the issue #23 protocol tunes on seeds never reported (100, 101). Tuning runs are scheduled before the reported
+seeds', so the tuning finishes first."""
 
 from __future__ import annotations
 
@@ -40,19 +43,35 @@ def file_stem(row: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", row).strip("_")
 
 
+def _scores(candidates: list[dict], bands: dict | None) -> tuple[dict, list[dict]]:
+    """(best, every candidate with its score): the gold-free rule with bands, else the mean proxy area over the
+    tuning seeds (the rule of the tables before issue #23; with one seed exactly `select`)."""
+    if bands is not None:
+        picked = rules.select_gold_free(candidates, bands)
+        return picked["best"], picked["scored"]
+    scored = [{**c, "score": sum(proxy_auc(r) for r in c["runs"]) / len(c["runs"])} for c in candidates]
+    return max(scored, key=lambda c: (c["score"], -c["lr"], -c["knob_index"])), scored
+
+
 def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[dict]], lrs: list[float],
               seeds: list[int], x3: bool, ema: dict[str, tuple], models_dir: Path | None,
-              log: Callable[[str], None], partial: Callable[[dict], None]) -> dict:
+              log: Callable[[str], None], partial: Callable[[dict], None], tuning_seeds: list[int] | None = None,
+              bands: dict | None = None, max_lr_points: int | None = None) -> dict:
     """Every run of the table; returns {"runs": {row: {seed: run}}, "selection": {row: ...}, "tuning_runs":
-    {row: [seed-0 runs not chosen]}}. `knobs[row]` lists the knob's entries (compare_settings.knob_grid); `x3`
-    turns the x3 rule on."""
-    first, rest = seeds[0], seeds[1:]
+    {row: [tuning runs not reported]}}. `knobs[row]` lists the knob's entries (settings.knob_grid); `x3` turns the
+    widening on: one x3 step, or up to `max_lr_points` lrs; `tuning_seeds` default to the first reported seed;
+    `bands` ({monitor: [low, high]}) selects by the gold-free rule."""
+    tuning_seeds = list(tuning_seeds) if tuning_seeds else [seeds[0]]
+    rest = [s for s in seeds if s not in tuning_seeds]
+    grid_size = len(set(lrs))
+    limit = (max_lr_points or grid_size + 1) if x3 else grid_size
     runs: dict[str, dict[str, dict]] = {row: {} for row in table}
     selection: dict[str, dict] = {}
     tuning: dict[str, list[dict]] = {row: [] for row in table}
-    pending_grid = {row: len(lrs) * len(knobs[row]) for row in table}
-    expected_x3 = {row: 1 if x3 and len(set(lrs)) > 1 else 0 for row in table}
-    counter = {"order": 0, "done": 0, "seconds": []}
+    candidates: dict[str, dict[tuple, dict]] = {row: {} for row in table}
+    pending = {row: grid_size * len(knobs[row]) * len(tuning_seeds) for row in table}
+    extensions: dict[str, list[dict]] = {row: [] for row in table}
+    counter = {"order": 0, "done": 0, "seconds": [], "expected": sum(pending.values()) + len(table) * len(rest)}
     started = time.perf_counter()
 
     def job(row: str, lr: float, knob_index: int, seed: int, phase: int) -> tuple[tuple, dict]:
@@ -65,29 +84,32 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
         priority = (phase, seed if phase == SEEDS else 0, counter["order"])
         return priority, {"kind": "run", "spec": spec, "phase": phase, "order": counter["order"]}
 
-    def total() -> int:
-        return sum(len(lrs) * len(knobs[row]) + expected_x3[row] + len(rest) for row in table)
-
     def state() -> dict:
         return {"runs": runs, "selection": selection, "tuning_runs": tuning}
 
-    def chosen(row: str, candidates: list[dict], extension: dict | None) -> list:
-        # grid order, then the x3 point (not the order the workers finished them in)
-        candidates = sorted(candidates, key=lambda c: (c["lr"] not in lrs, c["lr"], c["knob_index"]))
-        best = select(candidates)
+    def finish_row(row: str, best: dict, scored: list[dict]) -> list:
+        tried = sorted({c["lr"] for c in scored})
         knob = knobs[row][best["knob_index"]]
+        rule = (f"gold-free: monitored proxy area (rules.select_gold_free), mean over tuning seeds {tuning_seeds}"
+                if bands is not None else f"highest area under the held-out proxy curve, seed(s) {tuning_seeds}")
+        ordered = sorted(scored, key=lambda c: (c["lr"] not in lrs, c["lr"], c["knob_index"]))
         selection[row] = {
-            "rule": f"highest area under the held-out proxy curve, seed {first}",
-            "knob": knob["key"], "chosen_lr": best["lr"], "chosen_knob": knob["label"],
-            "chosen_overrides": knob["overrides"], "x3": extension,
-            "candidates": [{"lr": c["lr"], "knob": knobs[row][c["knob_index"]]["label"],
-                            "proxy_auc": proxy_auc(c["run"]), "final_proxy": c["run"]["curve"][-1]["proxy"]}
-                           for c in candidates]}
-        runs[row][str(first)] = best["run"]
-        tuning[row] = [c["run"] for c in candidates if c is not best]
+            "rule": rule, "tuning_seeds": tuning_seeds, "knob": knob["key"], "chosen_lr": best["lr"],
+            "chosen_knob": knob["label"], "chosen_overrides": knob["overrides"],
+            "x3": extensions[row][0] if extensions[row] else None, "widened": extensions[row], "lrs_tried": tried,
+            "at_grid_end": rules.at_grid_end(tried, best["lr"]),
+            "candidates": [{"lr": c["lr"], "knob": knobs[row][c["knob_index"]]["label"], "score": c["score"],
+                            "proxy_auc": sum(proxy_auc(r) for r in c["runs"]) / len(c["runs"]),
+                            "final_proxy": c["runs"][0]["curve"][-1]["proxy"],
+                            **({"band_exit_fe": c["band_exit_fe"]} if "band_exit_fe" in c else {})}
+                           for c in ordered]}
+        for c in scored:
+            for run in c["runs"]:
+                if c is best and run["seed"] in seeds:
+                    runs[row][str(run["seed"])] = run
+                else:
+                    tuning[row].append(run)
         return [job(row, best["lr"], best["knob_index"], seed, SEEDS) for seed in rest]
-
-    candidates: dict[str, list[dict]] = {row: [] for row in table}
 
     def finished(job_: dict, run: dict) -> list:
         spec = job_["spec"]
@@ -98,33 +120,38 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
                              f"{rules.FINAL_EVALUATIONS} (raise --budget-fe to >= {3 * run['fe_per_iter']:.0f})")
         counter["done"] += 1
         counter["seconds"].append(run["run_s"])
-        left = total() - counter["done"]
+        left = max(counter["expected"] - counter["done"], 0)
         eta = left * statistics.mean(counter["seconds"]) / pool.workers
-        log(f"[{counter['done']}/{total()}] {row} lr={spec['lr']:g} {spec['knob']} seed={spec['seed']}: "
+        log(f"[{counter['done']}/{counter['expected']}] {row} lr={spec['lr']:g} {spec['knob']} seed={spec['seed']}: "
             f"{run['iterations']} it, final gold {run['curve'][-1]['gold']:.3f}, proxy {run['curve'][-1]['proxy']:.3f} "
             f"({run['run_s']:.0f} s; {time.perf_counter() - started:.0f} s so far, about {eta / 60:.1f} min left)")
         new: list = []
         if job_["phase"] == SEEDS:
             runs[row][str(spec["seed"])] = run
         else:
-            candidates[row].append({"lr": spec["lr"], "knob_index": spec["knob_index"], "run": run})
-            if job_["phase"] == GRID:
-                pending_grid[row] -= 1
-                if pending_grid[row] == 0:
-                    best = select(candidates[row])
-                    extra = x3_point(best["lr"], lrs) if x3 else None
-                    if extra is None:
-                        expected_x3[row] = 0
-                        new = chosen(row, candidates[row], None)
-                    else:
-                        new = [job(row, extra, best["knob_index"], first, X3)]
-            else:
-                end = "top" if spec["lr"] > max(lrs) else "bottom"
-                new = chosen(row, candidates[row], {"lr": spec["lr"], "knob": spec["knob"],
-                                                    "reason": f"the grid's choice was at its {end} end"})
+            key = (spec["lr"], spec["knob_index"])
+            candidates[row].setdefault(key, {"lr": spec["lr"], "knob_index": spec["knob_index"], "runs": []})
+            candidates[row][key]["runs"].append(run)
+            pending[row] -= 1
+            if pending[row] == 0:
+                listed = [{**c, "runs": sorted(c["runs"], key=lambda r: tuning_seeds.index(r["seed"]))}
+                          for c in candidates[row].values()]
+                best, scored = _scores(listed, bands)
+                tried = {c["lr"] for c in listed}
+                extra = rules.widen_lrs(sorted(tried), best["lr"], max_points=limit) if x3 else None
+                if extra is None or extra in tried:
+                    new = finish_row(row, best, scored)
+                else:
+                    end = "top" if extra > best["lr"] else "bottom"
+                    extensions[row].append({"lr": extra, "knob": knobs[row][best["knob_index"]]["label"],
+                                            "reason": f"the choice was at the {end} end of {sorted(tried)}"})
+                    pending[row] = len(tuning_seeds)
+                    counter["expected"] += len(tuning_seeds)
+                    new = [job(row, extra, best["knob_index"], seed, X3) for seed in tuning_seeds]
         partial(state())
         return new
 
-    ready = [job(row, lr, k, first, GRID) for row in table for lr in lrs for k in range(len(knobs[row]))]
+    ready = [job(row, lr, k, seed, GRID) for row in table for lr in lrs for k in range(len(knobs[row]))
+             for seed in tuning_seeds]
     schedule(pool, ready, finished)
     return state()

@@ -1,7 +1,12 @@
 """One run of `ngrpo compare`: a method at one (lr, knob, seed) trained to the forward-equivalent budget, with
 held-out evaluations at the shared points, the reference's evaluation EMA scored at the last points, and its final
 weights written with their sha256. Runs are independent: a run's numbers depend only on its spec (never on which
-process ran it, or what ran before)."""
+process ran it, or what ran before).
+
+Held-out samples come from the evaluation sampler of `context["eval_sampler"]` (the headline: a many-step Euler
+ODE, as the references evaluate; default: the 8-step DPM-Solver++ of earlier tables); with
+`context["side_sampler"]` the gold and proxy are scored on that sampler's samples too (`side_gold`, `side_proxy`).
+Realism is the distance to split A's real digits, data the gold never reads. Optimizer steps are counted."""
 
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ GOLD_REWARD = "digit_gold"
 PROBE_SEED = 20260  # the fixed held-out states of the distance from the base (the same for every method and seed)
 PROBE_PER_PROMPT = 8
 EMA_EVALUATIONS = 3  # the EMA weights are scored at the last evaluations, those the final value averages
+DEFAULT_SAMPLER = ("dpm++2m", 8)  # the evaluation sampler of the tables before issue #23
+NEUTRAL_SAMPLER = ("euler", 40)  # the references' evaluation: a 40-step Euler ODE (spec competitors.md 1.3, 3.3)
 
 
 def load_gold(device: str):
@@ -87,13 +94,35 @@ class DistanceProbe:
         return float((self._velocity(adapter.velocity) - self.reference).pow(2).mean())
 
 
-def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift) -> dict:
-    metrics, images = evaluate(adapter, proxy, prompts, samples, seed, "dpm++2m", 8, shift)
+def realism_reference(adapter) -> torch.Tensor:
+    """Split A's real digits as the model decodes them: the realism monitor's reference. Split B is the gold's own
+    data (rewards/gold.py), so a monitor on B would hand the selection part of the gold."""
+    from neighbor_grpo.builtin.data import load_digits_images, train_test_split
+
+    if getattr(adapter, "_split_a_reference", None) is None:
+        size = adapter.net_config.latent_size
+        images, labels = load_digits_images(size)
+        adapter._split_a_reference = adapter.decode(adapter.encode_images(images[train_test_split(len(labels))[0]]))
+    return adapter._split_a_reference
+
+
+def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift, sampler=DEFAULT_SAMPLER,
+                   side_sampler=None) -> dict:
+    from neighbor_grpo.training.monitors import nearest_real_distance
+
+    metrics, images = evaluate(adapter, proxy, prompts, samples, seed, *sampler, shift)
     flat = images.flatten(0, 1).clamp(0, 1)
-    parts = gold.components(flat, [p for p in prompts for _ in range(samples)])
-    return {"proxy": metrics["reward"], **{k: float(v.float().mean()) for k, v in parts.items()},
-            "out_of_range": metrics["out_of_range"], "diversity": metrics["diversity"],
-            "realism": metrics.get("realism_nn_dist"), "distance": probe(adapter)}
+    flat_prompts = [p for p in prompts for _ in range(samples)]
+    parts = gold.components(flat, flat_prompts)
+    realism = nearest_real_distance(flat, realism_reference(adapter)) if hasattr(adapter, "encode_images") else None
+    record = {"proxy": metrics["reward"], **{k: float(v.float().mean()) for k, v in parts.items()},
+              "out_of_range": metrics["out_of_range"], "diversity": metrics["diversity"],
+              "realism": realism, "distance": probe(adapter)}
+    if side_sampler is not None:
+        side, side_images = evaluate(adapter, proxy, prompts, samples, seed, *side_sampler, shift)
+        record["side_proxy"] = side["reward"]
+        record["side_gold"] = float(gold(side_images.flatten(0, 1).clamp(0, 1), flat_prompts).float().mean())
+    return record
 
 
 def run_method(spec: dict, context: dict, proxy, gold) -> dict:
@@ -113,15 +142,22 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
     points, budget = context["points"], context["budget_fe"]
     ema_from = points[-min(EMA_EVALUATIONS, len(points))]
     curve: list[dict] = []
-    state = {"fe": 0.0, "iteration": 0, "train_s": 0.0}
+    state = {"fe": 0.0, "iteration": 0, "train_s": 0.0, "optimizer_steps": 0}
+    samplers = {"sampler": tuple(context.get("eval_sampler", DEFAULT_SAMPLER)),
+                "side_sampler": tuple(context["side_sampler"]) if context.get("side_sampler") else None}
+
+    def count_step(*_) -> None:  # the optimizer's own hook: steps skipped for non-finite gradients never count
+        state["optimizer_steps"] += 1
+
+    step_hook = parts.optimizer.register_step_post_hook(count_step)
 
     def held_out(probe) -> None:
         counter.reset()
         args = (proxy, gold, probe, context["eval_prompts"], context["eval_samples"], config.eval.seed, parts.shift)
-        record = {**state, **heldout_record(adapter, *args)}
+        record = {**state, **heldout_record(adapter, *args, **samplers)}
         if ema is not None and state["fe"] >= ema_from:
             with ema.applied(adapter.net):
-                record["ema"] = heldout_record(adapter, *args)
+                record["ema"] = heldout_record(adapter, *args, **samplers)
         counter.reset()  # evaluation is not training cost
         curve.append(record)
 
@@ -144,8 +180,9 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
     if pending or curve[-1]["iteration"] != state["iteration"]:
         held_out(probe)
     counter.remove()
+    step_hook.remove()
     run = {"lr": spec["lr"], "seed": seed, "knob": spec.get("knob"), "iterations": state["iteration"],
-           "median_s_per_iter": statistics.median(s_per_iter), "fe_per_iter": state["fe"] / state["iteration"],
+           "optimizer_steps": state["optimizer_steps"], "median_s_per_iter": statistics.median(s_per_iter), "fe_per_iter": state["fe"] / state["iteration"],
            "finetune": config.optim.finetune, "curve": curve, "run_s": time.perf_counter() - started}
     if spec.get("model_path"):
         path = Path(spec["model_path"])

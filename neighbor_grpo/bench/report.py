@@ -6,30 +6,39 @@ import math
 from pathlib import Path
 
 from neighbor_grpo.bench import rules as rules
-from neighbor_grpo.runs.io import atomic_write_bytes
+from neighbor_grpo.bench.plots import plot_report, series as _series  # noqa: F401  (compare and render draw through it)
 
 MONITORS = ("gold_class", "typical", "proxy", "out_of_range", "diversity", "realism")
-
-
-def _series(run: dict, key: str) -> list[float]:
-    return [record[key] for record in run["curve"]]
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def time_to_target(run: dict, target: float, s_per_iter: float | None = None) -> dict:
-    """Forward-equivalents, iterations and wall-clock seconds (iterations x `s_per_iter`: the interleaved
-    throughput measurement's median, else the run's own) to the gold target; None when censored, with the run's
-    budget in the same units as the bound."""
+def time_to_target(run: dict, target: float, s_per_iter: float | None = None, sustained: bool = False) -> dict:
+    """Forward-equivalents, iterations, optimizer steps (runs that count them) and wall-clock seconds (iterations x
+    `s_per_iter`: the interleaved throughput measurement's median, else the run's own) to the gold target; None
+    when censored, with the run's budget in the same units as the bound. `sustained`: the headline is the sustained
+    crossing (issue #23); the other crossing's forward-equivalents are kept beside it either way."""
     gold = _series(run, "gold")
+    crossing = rules.sustained_crossing if sustained else rules.crossing_point
     s_per_iter = run["median_s_per_iter"] if s_per_iter is None else s_per_iter
-    iterations = rules.crossing_point(_series(run, "iteration"), gold, target)
-    return {"fe": rules.crossing_point(_series(run, "fe"), gold, target), "iterations": iterations,
-            "wall_s": None if iterations is None else iterations * s_per_iter,
-            "budget_fe": run["curve"][-1]["fe"], "budget_iterations": run["iterations"],
-            "budget_wall_s": run["iterations"] * s_per_iter}
+    iterations = crossing(_series(run, "iteration"), gold, target)
+    out = {"fe": crossing(_series(run, "fe"), gold, target), "iterations": iterations,
+           "wall_s": None if iterations is None else iterations * s_per_iter,
+           "budget_fe": run["curve"][-1]["fe"], "budget_iterations": run["iterations"],
+           "budget_wall_s": run["iterations"] * s_per_iter, "crossing": "sustained" if sustained else "first",
+           "first_fe": rules.crossing_point(_series(run, "fe"), gold, target),
+           "sustained_fe": rules.sustained_crossing(_series(run, "fe"), gold, target)}
+    if all("optimizer_steps" in r for r in run["curve"]):
+        out["optimizer_steps"] = crossing(_series(run, "optimizer_steps"), gold, target)
+        out["budget_optimizer_steps"] = run["optimizer_steps"]
+    return out
+
+
+def uses_sustained_crossing(results: dict) -> bool:
+    """Tables from the issue #23 protocol on report the sustained crossing; older ones keep their first crossing."""
+    return "sustained" in results["rules"].get("time_to_target", "")
 
 
 def chosen_settings(results: dict, method: str) -> tuple[float, str | None]:
@@ -82,7 +91,8 @@ def summarize(results: dict, frozen_target: float | None) -> dict:
                   if all(runs[m][s]["curve"][-1].get(k) is not None for s in seeds)} for m in runs}
     recomputed = rules.frozen_target(base["gold"], {m: f["gold"] for m, f in finals.items()})
     target = recomputed if frozen_target is None else frozen_target
-    reached = {m: [time_to_target(runs[m][s], target, speed.get(m)) for s in seeds] for m in runs}
+    sustained = uses_sustained_crossing(results)
+    reached = {m: [time_to_target(runs[m][s], target, speed.get(m), sustained) for s in seeds] for m in runs}
     # distance from the base: the farthest every run got, and the gold each run had there
     common = min(max(_series(runs[m][s], "distance")) for m in runs for s in seeds)
     at_distance = {m: [rules.value_at(_series(runs[m][s], "distance"), _series(runs[m][s], "gold"), common)
@@ -110,6 +120,10 @@ def summarize(results: dict, frozen_target: float | None) -> dict:
                                                   [r["budget_wall_s"] for r in ours],
                                                   [r["budget_wall_s"] for r in theirs]),
             **cost_split(ours, theirs, [runs[ref][s] for s in seeds], [runs[m][s] for s in seeds], s_ratio),
+            "time_ratio_optimizer_steps": rules.paired_ratio(
+                [r["optimizer_steps"] for r in ours], [r["optimizer_steps"] for r in theirs],
+                [r["budget_optimizer_steps"] for r in ours], [r["budget_optimizer_steps"] for r in theirs])
+            if all("optimizer_steps" in r for r in ours + theirs) else None,
             "no_worse_gold": rules.no_worse(finals[ref]["gold"], finals[m]["gold"]) if len(seeds) > 1 else None,
             "gold_at_common_distance_diff": rules.t_interval([a - b for a, b in zip(at_distance[ref], at_distance[m])]),
         }
@@ -163,7 +177,7 @@ def markdown_report(results: dict) -> str:
                      f"| {_time_cell(d['time_to_target'], 'wall_s', 'budget_wall_s', 1, '')} | {ratio_fe} | {ratio_wall} "
                      f"| {verdict} | {f['out_of_range']['mean']:.4f} | {f['diversity']['mean'] / base['diversity']:.3f} "
                      f"| {realism} |")
-    lines += _split_lines(results, ref) + _ema_lines(results)
+    lines += _split_lines(results, ref) + _crossing_lines(results, ref) + _ema_lines(results)
     lines += ["", f"Base model: gold {base['gold']:.4f}, gold_class {base['gold_class']:.4f}, typical "
                   f"{base['typical']:.4f}, proxy {base['proxy']:.4f}, out of range {base['out_of_range']:.4f}.",
               "", f"Overoptimization: gold at a common distance from the base model, d = {results['common_distance']:.4g} "
@@ -181,7 +195,13 @@ def _selection_note(results: dict) -> str:
     if "selection" not in results:
         return f"lr by proxy AUC on seed {s['seeds'][0]} from {s['lrs']}"
     x3 = " + the x3 rule" if s.get("x3", s.get("grid")) else ""
-    return f"lr from {s['lrs']}{x3} x each method's knob, chosen by proxy AUC on seed {s['seeds'][0]}"
+    if s.get("max_lr_points"):
+        x3 = f" widened in x3 steps until interior (at most {s['max_lr_points']} lrs)" if s.get("x3") else ""
+    tuning = s.get("tuning_seeds") or s["seeds"][:1]
+    on = f"tuning seeds {tuning} (never reported)" if not s.get("tuning_seeds_reported", True) else f"seed {tuning[0]}"
+    if results["rules"].get("bands"):
+        return f"lr from {s['lrs']}{x3} x each method's candidates, chosen by the gold-free rule on {on}"
+    return f"lr from {s['lrs']}{x3} x each method's knob, chosen by proxy AUC on {on}"
 
 
 def _speed_note(results: dict) -> str:
@@ -206,6 +226,35 @@ def _split_lines(results: dict, ref: str) -> list[str]:
     return lines
 
 
+def _crossing_lines(results: dict, ref: str) -> list[str]:
+    """First and sustained crossings side by side, optimizer steps to target, and the gold on the side sampler's
+    samples (issue #23); absent for tables that recorded neither."""
+    runs = results["runs"]
+    seeds = [str(s) for s in results["settings"]["seeds"]]
+    side = all("side_gold" in runs[m][s]["curve"][-1] for m in runs for s in seeds)
+    steps = all("optimizer_steps" in r for d in results["methods"].values() for r in d["time_to_target"])
+    if not (side or steps or uses_sustained_crossing(results)):
+        return []
+    headline = "sustained" if uses_sustained_crossing(results) else "first"
+    lines = ["", f"Time to target: the headline is the {headline} crossing (sustained: the first evaluation from which "
+                 "the gold stays >= target to the end); optimizer steps to target beside forward-equivalents"
+             + ("; final gold on the 8-step DPM-Solver++ samples beside the headline sampler's" if side else ""), "",
+             f"| method | first crossing (kFE) | sustained crossing (kFE) | optimizer steps to target | X / {ref} "
+             "optimizer steps | final gold (dpm8) |", "|---|---|---|---|---|---|"]
+    for m, d in results["methods"].items():
+        reached = d["time_to_target"]
+        first = _time_cell([{**r, "fe": r["first_fe"]} for r in reached], "fe", "budget_fe", 1000, "")
+        held = _time_cell([{**r, "fe": r["sustained_fe"]} for r in reached], "fe", "budget_fe", 1000, "")
+        opt = _time_cell(reached, "optimizer_steps", "budget_optimizer_steps", 1, "") if steps else "-"
+        c = results["comparisons"].get(m)
+        ratio = "-" if c is None or c.get("time_ratio_optimizer_steps") is None else rules.format_ratio(
+            c["time_ratio_optimizer_steps"])
+        dpm8 = _interval(rules.t_interval([rules.final_value(_series(runs[m][s], "side_gold")) for s in seeds])) \
+            if side else "-"
+        lines.append(f"| {m} | {first} | {held} | {opt} | {ratio} | {dpm8} |")
+    return lines
+
+
 def _ema_lines(results: dict) -> list[str]:
     """The reference EMA's weights beside the live ones (the main table is live weights)."""
     rows = [(m, d) for m, d in results["methods"].items() if d.get("final_ema")]
@@ -221,74 +270,63 @@ def _ema_lines(results: dict) -> list[str]:
     return lines
 
 
-def _figure(panels: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(1, panels, figsize=(5.2 * panels, 4), dpi=110, squeeze=False)
-
-
-def _save(plt, fig, path: Path) -> None:
-    import io
-
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _draw(ax, results: dict, x_key: str, y_key: str, xlabel: str, ylabel: str) -> None:
-    """Every seed as a thin line, one colour per method."""
-    for k, (m, by_seed) in enumerate(results["runs"].items()):
-        color = f"C{k}"
-        for i, run in enumerate(by_seed.values()):
-            ax.plot(_series(run, x_key), _series(run, y_key), color=color, alpha=0.6, linewidth=1,
-                    label=m if i == 0 else None)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def plot_report(results: dict, folder: Path, stem: str) -> None:
-    """{stem}_curves.png: gold and proxy vs forward-equivalents (target line); {stem}_overoptimization.png: gold vs
-    proxy and gold vs distance from the base model."""
-    plt, fig, axes = _figure(2)
-    _draw(axes[0][0], results, "fe", "gold", "training forward-equivalents", "held-out gold")
-    axes[0][0].axhline(results["target"]["gold"], color="k", linestyle="--", linewidth=1)
-    _draw(axes[0][1], results, "fe", "proxy", "training forward-equivalents", "held-out proxy (trained on)")
-    _save(plt, fig, folder / f"{stem}_curves.png")
-    plt, fig, axes = _figure(2)
-    _draw(axes[0][0], results, "proxy", "gold", "held-out proxy", "held-out gold")
-    _draw(axes[0][1], results, "distance", "gold", "distance from base: mean ||v - v_ref||^2", "held-out gold")
-    axes[0][1].axvline(results["common_distance"], color="k", linestyle="--", linewidth=1)
-    _save(plt, fig, folder / f"{stem}_overoptimization.png")
-
-
 def compare_outputs(out: Path) -> list[Path]:
     """Every file a comparison (or a re-reading of one) writes: the JSON, its .md, and its two plots beside it."""
     return [out, out.with_suffix(".md"), out.parent / f"{out.stem}_curves.png",
             out.parent / f"{out.stem}_overoptimization.png"]
 
 
-def render(source: str | Path, out: str | Path, frozen_target: float | None = None, reference: str | None = None,
+def read_frozen_target(path: str | Path) -> float:
+    """The gold target frozen in an earlier results JSON (later tables report against it): `--frozen-target` of
+    both `ngrpo compare` and this module's re-rendering takes that file, never a bare number."""
+    import json
+
+    try:
+        target = float(json.loads(Path(path).read_text())["target"]["gold"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--frozen-target {str(path)!r}: expected a results JSON of ngrpo compare with "
+                         f"target.gold ({error})") from None
+    if not math.isfinite(target):
+        raise ValueError(f"--frozen-target {str(path)!r}: its target.gold is {target}; expected a finite gold target")
+    return target
+
+
+def read_results(source: str | Path) -> dict:
+    """A results JSON of ngrpo compare (or its .partial.json), checked for the parts a re-rendering reads."""
+    import json
+
+    try:
+        results = json.loads(Path(source).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare ({error})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare (a JSON object), got a "
+                         f"{type(results).__name__}")
+    for key, kind in (("runs", dict), ("settings", dict), ("rules", dict)):
+        if not isinstance(results.get(key), kind):
+            raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare (its {key!r} is missing or "
+                             f"not a {kind.__name__})")
+    if not isinstance(results["settings"].get("seeds"), list) or not all(
+            isinstance(by_seed, dict) for by_seed in results["runs"].values()):
+        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare (settings.seeds a list, runs by "
+                         "method then seed)")
+    return results
+
+
+def render(source: str | Path, out: str | Path, frozen_target: str | Path | None = None, reference: str | None = None,
            overwrite: bool = False) -> dict:
     """Re-derive the numbers, table and plots from saved runs: a finished results JSON, or the `.partial.json` of
     an interrupted one (only the seeds every method finished are used; the settings record which). `reference`
-    pairs every ratio and "no worse" against another row (recorded in the rules as a re-reading)."""
+    pairs every ratio and "no worse" against another row (recorded in the rules as a re-reading); `frozen_target`
+    is an earlier results JSON whose gold target the table reports against (as `ngrpo compare --frozen-target`)."""
     import json
 
     from neighbor_grpo.runs.io import atomic_write_text
     from neighbor_grpo.runs.ownership import check_file_outputs
 
     check_file_outputs(compare_outputs(Path(out)), overwrite)  # only the files it names are ever replaced
-    try:
-        results = json.loads(Path(source).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{str(source)!r}: expected a results JSON of ngrpo compare ({error})") from None
+    results = read_results(source)
+    target = read_frozen_target(frozen_target) if frozen_target is not None else None
     if reference is not None:
         if reference not in results["runs"]:
             raise ValueError(f"--reference: {reference!r} is not a row of {source}; choose from {list(results['runs'])}")
@@ -299,7 +337,7 @@ def render(source: str | Path, out: str | Path, frozen_target: float | None = No
         raise ValueError(f"{source}: no seed has finished runs of every method yet")
     results["settings"] = {**results["settings"], "seeds": finished}
     results["runs"] = {m: {str(s): by_seed[str(s)] for s in finished} for m, by_seed in results["runs"].items()}
-    results.update(summarize(results, frozen_target))
+    results.update(summarize(results, target))
     out = Path(out)
     plot_report(results, out.parent, out.stem)
     atomic_write_text(out.with_suffix(".md"), markdown_report(results) + "\n")
@@ -309,19 +347,27 @@ def render(source: str | Path, out: str | Path, frozen_target: float | None = No
 
 if __name__ == "__main__":
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(description="re-render ngrpo compare's table and plots from saved runs")
     parser.add_argument("source", help="results JSON or its .partial.json")
     parser.add_argument("--out", required=True, help="results JSON to write (table and plots beside it)")
     parser.add_argument("--reference", help="pair every ratio against this row instead of the recorded one")
-    parser.add_argument("--frozen-target", type=float, help="report against this gold target")
+    parser.add_argument("--frozen-target", metavar="RESULTS_JSON",
+                        help="report against the gold target frozen in this earlier results JSON (as ngrpo compare)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files --out names if they exist")
     args = parser.parse_args()
     from neighbor_grpo.runs.ownership import OwnershipError
 
+    def fail(message: str) -> None:  # one line, as ngrpo's own commands (argparse's usage is for its own errors)
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
     try:
         print(markdown_report(render(args.source, args.out, args.frozen_target, args.reference, args.overwrite)))
     except (ValueError, OwnershipError) as error:
-        parser.error(str(error))
+        fail(str(error))
     except KeyError as error:
-        parser.error(f"{args.source!r}: expected a results JSON of ngrpo compare (it has no {error})")
+        fail(f"{args.source!r}: expected a results JSON of ngrpo compare (it has no {error})")
+    except (TypeError, AttributeError, IndexError) as error:  # a field of another shape than compare writes
+        fail(f"{args.source!r}: expected a results JSON of ngrpo compare (a field has another shape: {error})")

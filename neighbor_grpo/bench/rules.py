@@ -5,7 +5,15 @@
 - target: base + 0.8 x the best main-table method's mean final gain over the base (`frozen_target`);
 - time to target: linear interpolation between the two evaluations that bracket the first crossing; a run that
   never gets there is censored at its budget, a lower bound, never dropped (`crossing_point`);
-- lr selection: the highest area under the held-out proxy curve (`select_lr`), never the gold;
+- lr selection: the highest area under the held-out proxy curve (`area_under_curve`, applied by
+  bench.grid.select), never the gold;
+- gold-free selection (issue #23): the held-out proxy area with the proxy counted as 0 from the first evaluation
+  at which a gold-free monitor leaves its band (`band_exit`, `monitored_proxy_area`), a one-evaluation spike cut
+  to its neighbours (`despiked`), averaged over the tuning seeds (`select_gold_free`); the bands come from the
+  base model's own spread (`bands_from_base_spread`);
+- sustained time to target: the first evaluation from which the curve stays >= target to the end
+  (`sustained_crossing`), the first crossing beside it;
+- lr grids widened in x3 steps both ways until the choice is interior, at most `MAX_LR_POINTS` (`widen_lrs`);
 - intervals: 95% Student-t intervals over seeds, of paired log-ratios (`paired_ratio`) and of paired differences
   (`no_worse`).
 """
@@ -19,6 +27,13 @@ FINAL_EVALUATIONS = 3
 TARGET_FRACTION = 0.8
 NO_WORSE_MARGIN = 0.02
 CONFIDENCE = 0.95
+MAX_LR_POINTS = 6
+LR_STEP = 3.0
+
+# Which way each gold-free monitor goes when a run degrades (issue #23): fewer distinct samples per prompt, more
+# pixels outside the data range, a velocity field far from the base model's, samples far from any real digit.
+# A band is bounded only on that side; moving the other way (more diverse, fewer clipped pixels) is no harm.
+MONITOR_HARM = {"diversity": "low", "out_of_range": "high", "distance": "high", "realism": "high"}
 
 
 def evaluation_points(budget: float, count: int, power: float = 1.5) -> list[float]:
@@ -76,12 +91,117 @@ def area_under_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
     return area / (xs[-1] - xs[0])
 
 
-def select_lr(proxy_curves: dict[float, tuple[Sequence[float], Sequence[float]]]) -> float:
-    """The learning rate whose held-out proxy curve has the largest area (reaching a saturated 1.0 sooner counts,
-    so ties at the end are broken by speed). Ties left: the smaller lr."""
-    if not proxy_curves:
-        raise ValueError("lr selection needs at least one curve")
-    return max(sorted(proxy_curves), key=lambda lr: (area_under_curve(*proxy_curves[lr]), -lr))
+def despiked(ys: Sequence[float]) -> list[float]:
+    """Each evaluation after the first capped at the higher of its neighbours (the last at its predecessor): a
+    value one evaluation alone reaches is noise, not progress, and must not win a selection."""
+    ys = [float(y) for y in ys]
+    out = list(ys)
+    for i in range(1, len(ys)):
+        neighbours = ys[i - 1:i] + ys[i + 1:i + 2]
+        out[i] = min(ys[i], max(neighbours))
+    return out
+
+
+def bands_from_base_spread(spread: dict[str, Sequence[float]], quantile: float = 1.0) -> dict[str, list[float | None]]:
+    """Each monitor's band from the base model's own spread: on the harmful side (MONITOR_HARM) the `quantile` of
+    the base model's values toward harm (1.0: its worst value); unbounded on the other. `spread` holds per-prompt
+    values (a run leaves its band when its average is worse than the base model's worst prompt) or per-sample
+    values (worse than the base model's `quantile` sample: its average image, pair or state looks like the base
+    model's rare bad ones)."""
+    import numpy as np
+
+    if not 0.5 < quantile <= 1.0:
+        raise ValueError(f"monitor bands: expected a quantile in (0.5, 1], got {quantile}")
+    bands = {}
+    for name, values in spread.items():
+        if name not in MONITOR_HARM:
+            raise ValueError(f"monitor bands: unknown monitor {name!r}; expected one of {sorted(MONITOR_HARM)}")
+        if len(values) == 0:
+            raise ValueError(f"monitor bands: {name} has no values of the base model")
+        if MONITOR_HARM[name] == "low":
+            bands[name] = [float(np.quantile(values, 1.0 - quantile)), None]
+        else:
+            bands[name] = [None, float(np.quantile(values, quantile))]
+    return bands
+
+
+def band_exit(records: Sequence[dict], bands: dict[str, Sequence[float | None]]) -> int | None:
+    """Index of the first evaluation at which any monitor with a band leaves it; None if none ever does. A record
+    without a monitor's value (an older results JSON) is not judged on that monitor."""
+    for i, record in enumerate(records):
+        for name, (low, high) in bands.items():
+            value = record.get(name)
+            if value is None:
+                continue
+            if (low is not None and value < low) or (high is not None and value > high):
+                return i
+    return None
+
+
+def monitored_proxy_area(xs: Sequence[float], proxy: Sequence[float], exit_index: int | None) -> float:
+    """The despiked held-out proxy's area (mean height), counted as 0 from `exit_index` on: a run earns nothing
+    for the reward it gains after a monitor says it left what the base model does."""
+    ys = despiked(proxy)
+    if exit_index is not None:
+        ys = ys[:exit_index] + [0.0] * (len(ys) - exit_index)
+    return area_under_curve(xs, ys)
+
+
+def select_gold_free(candidates: Sequence[dict], bands: dict[str, Sequence[float | None]]) -> dict:
+    """The gold-free rule: each candidate {"lr", "knob_index", "runs": [one run per tuning seed]} scores the mean
+    over its runs of `monitored_proxy_area` (a run is {"curve": [records with fe, proxy and monitors]}); the
+    highest wins; ties: the smaller lr, then the knob listed first. Returns the winner with every score."""
+    if not candidates:
+        raise ValueError("gold-free selection needs at least one candidate")
+    scored = []
+    for candidate in candidates:
+        areas, exits = [], []
+        for run in candidate["runs"]:
+            curve = run["curve"]
+            exit_index = band_exit(curve, bands)
+            exits.append(None if exit_index is None else curve[exit_index]["fe"])
+            areas.append(monitored_proxy_area([r["fe"] for r in curve], [r["proxy"] for r in curve], exit_index))
+        scored.append({**candidate, "score": sum(areas) / len(areas), "areas": areas, "band_exit_fe": exits})
+    best = max(scored, key=lambda c: (c["score"], -c["lr"], -c["knob_index"]))
+    return {"best": best, "scored": scored}
+
+
+def sustained_crossing(xs: Sequence[float], ys: Sequence[float], target: float) -> float | None:
+    """Where the curve reaches `target` for good: the first evaluation from which every later one is >= target,
+    interpolated against the evaluation before it; None if the last evaluation is below target (censored). A
+    transient spike above the target, or a crossing the curve falls back from, is not a crossing."""
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(f"a curve needs as many x as y values (>= 1), got {len(xs)} and {len(ys)}")
+    if ys[-1] < target:
+        return None
+    start = len(ys) - 1
+    while start > 0 and ys[start - 1] >= target:
+        start -= 1
+    if start == 0:
+        return float(xs[0])
+    x0, y0, x1, y1 = xs[start - 1], ys[start - 1], xs[start], ys[start]
+    return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0))
+
+
+def widen_lrs(lrs: Sequence[float], chosen: float, max_points: int = MAX_LR_POINTS,
+              step: float = LR_STEP) -> float | None:
+    """The next lr to add when the choice sits at an end of the grid: one x`step` beyond that end (rounded to 3
+    significant digits); None when the choice is interior or the grid already has `max_points` (the choice then
+    stays at an end, and the table must say so)."""
+    lrs = sorted(set(lrs))
+    if len(lrs) >= max_points or len(lrs) < 2 or lrs[0] < chosen < lrs[-1]:
+        return None
+    return float(f"{(chosen * step if chosen == lrs[-1] else chosen / step):.3g}")
+
+
+def at_grid_end(lrs: Sequence[float], chosen: float) -> str | None:
+    """'top' or 'bottom' when `chosen` is an end of the lr grid, 'single' for a one-point grid, else None."""
+    lrs = sorted(set(lrs))
+    if len(lrs) < 2:
+        return "single"
+    if lrs[0] < chosen < lrs[-1]:
+        return None
+    return "top" if chosen == lrs[-1] else "bottom"
 
 
 def _t_cdf(t: float, df: int) -> float:

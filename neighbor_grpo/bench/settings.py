@@ -31,6 +31,8 @@ PAPER_SETTINGS: dict[str, list[str]] = {
     "neighbor_grpo": ["algorithm=neighbor_grpo", "neighbor_grpo.ref_beta=0"],
     # not a paper's setting: the library's defaults, the second Neighbor GRPO row of the table
     "neighbor_grpo_defaults": LIBRARY_DEFAULTS,
+    # not a paper's setting: the paper's, with the leaping policy in clean-sample space (few-step models, issue 27)
+    "neighbor_grpo_x0": ["algorithm=neighbor_grpo", "neighbor_grpo.ref_beta=0", "neighbor_grpo.policy_space=x0"],
     "flow_grpo": ["algorithm=flow_grpo", *REFERENCE_OPTIMIZER["flow_grpo"]],  # 10 SDE steps
     "dance_grpo": ["algorithm=dance_grpo", *REFERENCE_OPTIMIZER["dance_grpo"]],  # 25 SDE steps, fraction 0.6
     "mix_grpo": ["algorithm=mix_grpo", *REFERENCE_OPTIMIZER["mix_grpo"]],  # 25 steps, SDE window of 4
@@ -84,6 +86,7 @@ CLIP_CHOICES = ("reference", "scaled")
 KNOBS: dict[str, tuple[str, tuple]] = {
     "neighbor_grpo": ("neighbor_grpo.tau_rel", (0.1, 0.3)),
     "neighbor_grpo_defaults": ("neighbor_grpo.tau_rel", (0.1, 0.3)),
+    "neighbor_grpo_x0": ("neighbor_grpo.tau_rel", (0.1, 0.3)),
     "flow_grpo": ("flow_grpo.eps_clip", CLIP_CHOICES),
     "dance_grpo": ("dance_grpo.eps_clip", CLIP_CHOICES),
     "mix_grpo": ("mix_grpo.eps_clip", CLIP_CHOICES),
@@ -123,6 +126,9 @@ ABLATIONS: dict[str, dict[str, list[str]]] = {
     "clip": {f"eps_clip={e}": [f"neighbor_grpo.eps_clip={e}"] for e in (0.05, 0.2, 0.5)},
     "steps": {"random K=4": [], "first K=4": ["neighbor_grpo.step_selection=first"],
               "last K=4": ["neighbor_grpo.step_selection=last"], "all K=8": ["neighbor_grpo.step_selection=all"]},
+    # GDPO's batch-standardised advantages against the per-group ones (one reward here: 'each' = 'sum')
+    "reward_normalization": {"each": ["reward_normalization=each"],
+                             "advantages (GDPO)": ["reward_normalization=advantages"]},
 }
 
 
@@ -171,3 +177,98 @@ def equal_steps_overrides(method: str, steps: int) -> list[str]:
     if section == "mix_grpo":
         extra.append(f"mix_grpo.window_size={min(4, steps - 2)}")
     return PAPER_SETTINGS[method] + extra
+
+
+# ---- the issue #23 protocol: one selection rule over every method's candidates --------------------------------
+
+# CPS's log-ratio is averaged over latent elements too (Flow-GRPO's sampler), so its clip is scaled like the others'.
+REFERENCE_LATENT_ELEMENTS["flow_grpo_cps"] = 16 * 64 * 64
+
+# The second axis under the protocol: KNOBS, except that DiffusionNFT's beta and AWM's kl_beta moved their curves
+# little or not at all on the recorded grids (issue #23 item 6: their grid is lr x anchoring only) and CPS tunes
+# its clip (reference and scaled) instead of eta.
+PROTOCOL_KNOBS: dict[str, tuple[str, tuple]] = {
+    **{m: knob for m, knob in KNOBS.items() if m not in ("diffusion_nft", "awm", "flow_grpo_cps")},
+    "flow_grpo_cps": ("flow_grpo.eps_clip", CLIP_CHOICES),
+}
+
+# Anchoring parity: each method whose authors run a KL or reference term gets that variant as a candidate, and the
+# rule picks among them as it picks the lr. Values: no anchor (or the row's own) and the authors' term.
+ANCHORING: dict[str, tuple[str, tuple]] = {
+    # Neighbor GRPO: the paper's "no KL term" (0) and the library's reference anchoring (1)
+    "neighbor_grpo": ("neighbor_grpo.ref_beta", (0.0, 1.0)),
+    # Flow-GRPO and CPS: kl_beta 0 in the Fast/PickScore configs, 0.04 in geneval_sd3 (spec competitors.md 3.2)
+    "flow_grpo": ("flow_grpo.kl_beta", (0.0, 0.04)),
+    "flow_grpo_cps": ("flow_grpo.kl_beta", (0.0, 0.04)),
+    # DiffusionNFT: train.beta 1e-4 in every config (spec 1.3); without it for parity with the unanchored rows
+    "diffusion_nft": ("diffusion_nft.kl_beta", (1e-4, 0.0)),
+    # AWM: PickScore 1e-4, OCR 3e-3 (spec 2.3)
+    "awm": ("awm.kl_beta", (1e-4, 3e-3)),
+    # DGPO: PickScore 1e-3, OCR/GenEval 0.02 (spec 5.2)
+    "dgpo": ("dgpo.kl_beta", (1e-3, 0.02)),
+}
+
+# Warm-ups the authors count in optimizer steps or iterations never finish within the benchmark's budgets (issue
+# #23 item 3), so the scaled variant is a candidate beside the authors' value: a warm-up ends at WARMUP_FRACTION of
+# the run's iterations (DGPO's switch to EMA-old rollouts), MixGRPO's window sweeps its positions once within the
+# budget, AWM's 0.001 k ramp of the EMA policy's decay (300 steps to 0.3) is dropped ('constant'). DiffusionNFT's
+# old-policy ramp (min(0.001 k, 0.5)) has no setting to scale: it runs the authors' ramp only.
+WARMUP_FRACTION = 0.25
+
+
+def warmup_variants(method: str, settings: list[str], iterations: int) -> list[dict]:
+    """The authors' warm-up and the budget-scaled one as knob entries; one entry with no override where the method
+    has no warm-up to scale."""
+    from neighbor_grpo.config.train_config import load_config
+
+    none = [{"label": "", "key": None, "value": None, "overrides": []}]
+    if method not in PAPER_SETTINGS:
+        return none
+    section = section_of(method)
+    config = getattr(load_config(None, settings), section)
+    if section == "dgpo":
+        key, value = "dgpo.switch_ema_ref", max(1, round(WARMUP_FRACTION * iterations * config.num_minibatches))
+    elif section == "mix_grpo":
+        positions = max(1, (config.rollout_steps - config.window_size) // config.window_stride + 1)
+        key, value = "mix_grpo.window_interval", max(1, iterations // positions)
+    elif section == "awm":
+        key, value = "awm.ema_ramp", "constant"
+    else:
+        return none
+    authors = _setting(load_config(None, settings), key)
+    if authors == value:
+        return [{"label": f"{key.rsplit('.', 1)[1]}={authors} (authors')", "key": key, "value": authors,
+                 "overrides": []}]
+    return [{"label": f"{key.rsplit('.', 1)[1]}={authors} (authors')", "key": key, "value": authors, "overrides": []},
+            {"label": f"{key.rsplit('.', 1)[1]}={value} (scaled to the budget)", "key": key, "value": value,
+             "overrides": [f"{key}={value!r}" if not isinstance(value, str) else f"{key}={value}"]}]
+
+
+def _axis(method: str, settings: list[str], key: str, values: tuple, latent_elements: int) -> list[dict]:
+    saved = KNOBS.get(method)
+    KNOBS[method] = (key, values)  # knob_grid reads the axis from KNOBS: lend it this one
+    try:
+        return knob_grid(method, settings, latent_elements)
+    finally:
+        if saved is None:
+            del KNOBS[method]
+        else:
+            KNOBS[method] = saved
+
+
+def protocol_grid(method: str, settings: list[str], latent_elements: int, iterations: int) -> list[dict]:
+    """The issue #23 candidates besides the lr: PROTOCOL_KNOBS x ANCHORING x warm-up variants, each a knob entry
+    {"label", "key", "value", "overrides"} (labels and keys joined with ', ' and '+')."""
+    axes = [[{"label": "", "key": None, "value": None, "overrides": []}]]
+    if method in PROTOCOL_KNOBS:
+        axes.append(_axis(method, settings, *PROTOCOL_KNOBS[method], latent_elements))
+    if method in ANCHORING:
+        axes.append(_axis(method, settings, *ANCHORING[method], latent_elements))
+    axes.append(warmup_variants(method, settings, iterations))
+    entries = axes[0]
+    for axis in axes[1:]:
+        entries = [{"label": ", ".join(x for x in (a["label"], b["label"]) if x),
+                    "key": "+".join(x for x in (a["key"], b["key"]) if x) or None,
+                    "value": [v for v in (a["value"], b["value"]) if v is not None] or None,
+                    "overrides": a["overrides"] + b["overrides"]} for a in entries for b in axis]
+    return entries

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from neighbor_grpo.builtin.cache import cache_root, settings_key
+from neighbor_grpo.builtin.cache import cache_root, settings_key, writable_cache_root
 from neighbor_grpo.builtin.data import load_digits_images, train_test_split
 from neighbor_grpo.runs.exports import write_manifest
 from neighbor_grpo.maths.flow import interpolate
@@ -139,6 +139,7 @@ def ensure_classifier(progress: bool = True, settings: ClassifierSettings = Clas
     folder = default_classifier_dir(settings)
     meta = folder / "classifier.json"
     if not meta.is_file():
+        writable_cache_root()  # before the training, not when its result is saved
         model, accuracy = train_classifier(settings, progress=progress)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save(tmp, extra={"heldout_accuracy": accuracy, "settings": asdict(settings)})
@@ -150,6 +151,7 @@ def ensure_base_model(progress: bool = True, settings: BaseModelSettings = BaseM
     """The cached base model folder, built on first use."""
     folder = default_base_dir(settings)
     if not (folder / "model.json").is_file():
+        writable_cache_root()  # before minutes of pretraining, not when its result is saved
         started = time.perf_counter()
         adapter = train_base_model(settings, progress=progress)
         seconds = time.perf_counter() - started

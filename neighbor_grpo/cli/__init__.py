@@ -1,5 +1,6 @@
-"""The `ngrpo` command (`commands`: demo, pretrain, train, sample, eval, compare, plan, config), `ngrpo sample`
-and `ngrpo eval` (`sampling`), and how a command ends on a failure (`failures`).
+"""The `ngrpo` command (`commands`: demo, pretrain, distill, train, sample, eval, compare, plan, config,
+serve-reward), `ngrpo sample` and `ngrpo eval` (`sampling`), `ngrpo serve-reward` (`serving`), and how a command
+ends on a failure (`failures`).
 
 Layer 5 (docs/design.md), the top: may import everything. `python -m neighbor_grpo.cli` runs `main`.
 """

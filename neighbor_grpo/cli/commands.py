@@ -1,4 +1,4 @@
-"""The `ngrpo` command: demo, pretrain, train, sample, eval, compare, plan, config."""
+"""The `ngrpo` command: demo, pretrain, distill, train, sample, eval, compare, plan, config, serve-reward."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 
 from neighbor_grpo.cli.failures import InterruptSeen, report_failure, report_interrupt, stdout_is_closed  # light: loaded before any Ctrl-C can matter
 from neighbor_grpo.cli.sampling import _cmd_eval, _cmd_sample  # the sample and eval commands (light, too)
+from neighbor_grpo.cli.serving import add_serve_reward_command  # light, too
 
 
 def _cmd_demo(args) -> None:
@@ -46,6 +47,10 @@ def _cmd_pretrain(args) -> None:
     from neighbor_grpo.runs.runfolder import RunFolder
     import shutil
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps: expected a count of training steps >= 1, got {args.steps}")
+    if args.classifier_epochs < 1:
+        raise ValueError(f"--classifier-epochs: expected a count of epochs >= 1, got {args.classifier_epochs}")
     if args.model == "words":
         return _pretrain_words(args)
     if not 0.0 <= args.label_noise <= 1.0:
@@ -94,6 +99,34 @@ def _pretrain_words(args) -> None:
         print(f"copied to {path}/base (a --checkpoint for sample/eval)")
 
 
+def _cmd_distill(args) -> None:
+    import json as json_module
+    import shutil
+
+    from neighbor_grpo.builtin.distill import ReflowSettings, ensure_reflow_model
+    from neighbor_grpo.runs.ownership import check_folder_target
+    from neighbor_grpo.runs.runfolder import RunFolder
+
+    for name in ("pairs", "teacher_steps", "train_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.out:  # refused before minutes of distillation, not after
+        check_folder_target(args.out, args.overwrite)
+    settings = ReflowSettings(pairs=args.pairs, teacher_steps=args.teacher_steps, train_steps=args.train_steps,
+                              seed=args.seed)
+    folder = ensure_reflow_model(progress=not args.no_progress, settings=settings)
+    meta = json_module.loads((folder / "model.json").read_text())
+    print(f"few-step student: {folder} ({meta['reflow_seconds']} s to build)")
+    for steps, error in meta["few_step_error"].items():
+        print(f"  {steps} Euler step(s): mean squared distance to the teacher's {args.teacher_steps}-step samples "
+              f"{error['teacher']:.4f} (teacher) -> {error['student']:.4f} (student)")
+    if args.out:
+        with RunFolder(args.out, overwrite=args.overwrite, kind="distill") as run:
+            shutil.copytree(folder, run.path / "base")
+            out = run.commit()
+        print(f"copied to {out}/base (a model.path or --checkpoint)")
+
+
 def _cmd_train(args) -> None:
     from neighbor_grpo.config.train_config import load_config
     from neighbor_grpo.runs.resume import parse_changes
@@ -134,7 +167,9 @@ def _cmd_compare(args) -> None:
                       device=args.device, base_path=args.base, overwrite=args.overwrite,
                       progress=not args.no_progress, command="ngrpo " + " ".join(sys.argv[1:]), workers=args.workers,
                       grid=not args.no_grid, throughput_iters=args.throughput_iters,
-                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3)
+                      throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3,
+                      tuning_seeds=args.tuning_seeds, bands=args.bands, max_lr_points=args.max_lr_points,
+                      eval_sampler=args.eval_sampler, parity_grid=args.parity_grid)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -171,6 +206,7 @@ def _add_model_flags(cmd) -> None:
     cmd.add_argument("--height", type=int, help="diffusers models: image height in pixels (a multiple of 16)")
     cmd.add_argument("--width", type=int, help="diffusers models: image width in pixels (a multiple of 16)")
     cmd.add_argument("--resolution", type=int, help="diffusers models: height and width at once")
+    cmd.add_argument("--num-frames", type=int, help="video models (Wan): frames per video, 4k + 1 (default 81)")
     cmd.add_argument("--guidance", type=float, help="FLUX.1: guidance-embedding value (default 3.5)")
     cmd.add_argument("--cfg-scale", type=float, help="SD3: classifier-free guidance scale (default 4.5; 1 disables)")
     cmd.add_argument("--negative-prompt", help="SD3: negative prompt of classifier-free guidance (default '')")
@@ -211,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true")
     pre.set_defaults(func=_cmd_pretrain)
 
+    dis = sub.add_parser("distill", help="a few-step student of the built-in model by reflow (builtin:digits-reflow "
+                                         "with the defaults; cached, reused)")
+    dis.add_argument("--out", help="also copy it here as base/")
+    dis.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
+    dis.add_argument("--pairs", type=int, default=8192, help="(noise, teacher sample) pairs (default 8192)")
+    dis.add_argument("--teacher-steps", type=int, default=32, help="teacher ODE steps per sample (default 32)")
+    dis.add_argument("--train-steps", type=int, default=4000, help="student optimizer steps (default 4000)")
+    dis.add_argument("--seed", type=int, default=0)
+    dis.add_argument("--no-progress", action="store_true")
+    dis.set_defaults(func=_cmd_distill)
+
     tr = sub.add_parser("train", help="align a model: YAML config + key=value overrides")
     tr.add_argument("config", nargs="?", help="YAML config file (optional: defaults otherwise)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 neighbor_grpo.group_size=8")
@@ -231,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--steps", type=int, default=8)
     smp.add_argument("--shift", type=float, help="grid shift (default: the model's own; 1 for the built-in model)")
     smp.add_argument("--device", default="cpu")
-    smp.add_argument("--out", required=True, help=".png or .npz")
+    smp.add_argument("--out", required=True, help=".png (grid; for videos a row of frames per sample), .npz, or for "
+                                                  "video models .mp4/.gif (one file per sample: NAME-0.mp4, ...)")
+    smp.add_argument("--fps", type=int, default=16, help="frame rate of .mp4/.gif videos (Wan 2.1: 16)")
     smp.add_argument("--prompt", required=True)
     smp.add_argument("--num", type=int, default=8)
     smp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -279,11 +328,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the lr x knob grid but never extend the lr grid by the x3 point")
     cmp.add_argument("--no-grid", action="store_true",
                      help="tune the lr only: every method at its reference knob value, no x3 rule (cheap runs)")
+    cmp.add_argument("--tuning-seeds", type=int, nargs="+", metavar="SEED",
+                     help="tune on these seeds, never reported (issue #23: 100 101); default: the first of --seeds")
+    cmp.add_argument("--bands", metavar="BANDS_JSON",
+                     help="select by the gold-free rule with these monitor bands (python -m neighbor_grpo.bench.bands; "
+                          "commit the file first: its commit is recorded)")
+    cmp.add_argument("--max-lr-points", type=int, metavar="N",
+                     help="widen the lr grid in x3 steps while the choice sits at an end, up to N lrs (at most 6); "
+                          "default: one x3 step")
+    cmp.add_argument("--eval-sampler", default="dpm8",
+                     help="held-out sampler: dpm8 (8-step DPM-Solver++), euler40 (the neutral 40-step Euler ODE; "
+                          "dpm8's gold recorded beside it), or SOLVER:STEPS (euler:4 for a few-step model)")
+    cmp.add_argument("--parity-grid", action="store_true",
+                     help="issue #23 candidates: anchoring variants (KL / ref_beta), CPS's scaled clip, warm-ups "
+                          "scaled to the budget beside the authors'")
     cmp.add_argument("--methods", nargs="+", help="default: the main table (neighbor_grpo neighbor_grpo_defaults "
-                     "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also flow_grpo_cps, grpo_guard, diffusion_nft, awm, dgpo")
+                     "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also neighbor_grpo_x0, flow_grpo_cps, grpo_guard, "
+                     "diffusion_nft, awm, dgpo")
     cmp.add_argument("--base", default="builtin:digits", metavar="MODEL",
-                     help="base model: builtin:digits (default), builtin:digits-unet (the compute-bound U-Net; both "
-                          "pretrained and cached on first use) or a model folder of ngrpo")
+                     help="base model: builtin:digits (default), builtin:digits-unet (the compute-bound U-Net), "
+                          "builtin:digits-reflow (few-step student; all built and cached on first use) or a model "
+                          "folder of ngrpo")
     cmp.add_argument("--workers", type=int, default=1,
                      help="runs in parallel, each in its own single-thread process (1: in this process, one thread); "
                           "the numbers do not depend on it")
@@ -298,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--frozen-target", metavar="RESULTS_JSON",
                      help="report against the gold target frozen in an earlier results JSON (and a recomputed one)")
     cmp.add_argument("--equal-steps", type=int, metavar="N", help="instead: every method with N rollout steps")
-    cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps"],
+    cmp.add_argument("--ablation", choices=["sigma", "anchors", "p", "solver", "tau", "ref_beta", "distance", "clip", "steps",
+                                              "reward_normalization"],
                      help="instead: Neighbor GRPO's variants of one knob, paired against the first")
     cmp.add_argument("--device", help="default: cuda when available, else cpu")
     cmp.add_argument("--overwrite", action="store_true", help="replace existing results (the JSON, .md and plots)")
@@ -316,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--json", action="store_true", help="print the plan as JSON")
     pln.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     pln.set_defaults(func=_cmd_plan)
+
+    add_serve_reward_command(sub)
 
     cfg = sub.add_parser("config", help="print the reference of every config key (markdown)")
     cfg.set_defaults(func=_cmd_config)

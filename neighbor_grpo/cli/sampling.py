@@ -18,6 +18,7 @@ def _load_model_for(args, config=None):
     if args.resolution is not None and (args.height is not None or args.width is not None):
         raise ValueError("--resolution sets both sides; give it or --height/--width, not both")
     flags = {"height": args.height or args.resolution, "width": args.width or args.resolution,
+             "num_frames": getattr(args, "num_frames", None),
              "guidance": args.guidance, "cfg_scale": args.cfg_scale, "negative_prompt": args.negative_prompt,
              "dtype": args.dtype, "max_sequence_length": args.max_sequence_length}
     options = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "path"} if config is not None else {}
@@ -37,26 +38,41 @@ def _cmd_sample(args) -> None:
 
     from neighbor_grpo.parallel.distributed import check_device
     from neighbor_grpo.runs.io import atomic_write_bytes
-    from neighbor_grpo.training.logs import save_grid
+    from neighbor_grpo.training.logs import VIDEO_SUFFIXES, save_grid, save_video
     from neighbor_grpo.models import model_default_shift
     from neighbor_grpo.training.monitors import generate
     from neighbor_grpo.runs.ownership import check_file_outputs
 
     if args.num < 1:
         raise ValueError(f"--num: expected a count >= 1, got {args.num}")
+    if args.steps < 1:
+        raise ValueError(f"--steps: expected a count of solver steps >= 1, got {args.steps}")
     out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
-        raise ValueError(f"--out {str(out)!r}: expected a file ending in .png (grid) or .npz (arrays)")
-    check_file_outputs([out], args.overwrite)
+    if out.suffix not in (".png", ".npz", *VIDEO_SUFFIXES):
+        raise ValueError(f"--out {str(out)!r}: expected a file ending in .png (grid), .npz (arrays), or for a video "
+                         "model .mp4 or .gif")
+    if args.fps < 1:
+        raise ValueError(f"--fps: expected a frame rate >= 1, got {args.fps}")
+    videos = [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(args.num)] if out.suffix in VIDEO_SUFFIXES else [out]
+    check_file_outputs(videos, args.overwrite)
     check_device(args.device, "--device")
     adapter = _load_model_for(args)
-    shift = args.shift if args.shift is not None else model_default_shift(adapter)
+    if out.suffix in VIDEO_SUFFIXES and len(adapter.latent_shape()) != 4:  # video latents are (C, T, H, W)
+        raise ValueError(f"--out {str(out)!r}: .mp4/.gif need a video model (Wan); this checkpoint samples images")
+    shift = args.shift if args.shift is not None else model_default_shift(adapter, args.steps)
     _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: the samples hold NaN/inf "
                          f"({int((~torch.isfinite(images)).sum())} of {images.numel()} values); nothing written")
     images = images.clamp(0, 1)
-    if out.suffix == ".png":
+    if out.suffix in VIDEO_SUFFIXES:  # one file per sample: name-0.mp4, name-1.mp4, ...
+        for video, path in zip(images[0], videos):
+            save_video(video, path, args.fps)
+        print(f"wrote {args.num} video(s) of {args.prompt!r} to {', '.join(str(p) for p in videos)}")
+        return
+    if out.suffix == ".png" and images.dim() == 6:  # videos: one row per sample, its frames left to right
+        save_grid(images[0], out)
+    elif out.suffix == ".png":
         columns = min(args.num, 8)
         rows = (args.num + columns - 1) // columns
         padded = torch.ones(rows * columns, *images.shape[2:])
@@ -116,6 +132,8 @@ def _eval_settings(args):
         prompts = resolve_prompt_sets(config.prompts)[1]
     else:
         prompts = [str(d) for d in range(10)]
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps: expected a count of solver steps >= 1, got {args.steps}")
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit: expected a count >= 1, got {args.limit}")

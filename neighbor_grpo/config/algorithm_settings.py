@@ -46,6 +46,12 @@ class NeighborGRPOConfig:
     """[D] squared L2 distance reduced over latent dimensions by 'mean' or 'sum'."""
     exclude_self: bool = False
     """[D] leave the anchor's own candidate out of its policy."""
+    policy_space: str = "next_state"
+    """Where the leaping policy measures distances: 'next_state' (the paper's Eq. 8: one Euler step to s_{j+1}
+    against the candidates' next states) or 'x0' (predicted clean samples x - s v, for few-step models)."""
+    x0_candidates: str = "step"
+    """[D] with policy_space x0, what each candidate contributes: 'step' (its old prediction x_j - s_j v_old at the
+    trained step) or 'final' (its rollout sample)."""
     eps_clip: float = 0.2
     """[D] PPO clip range of the ratio."""
     old_policy: str = "rollout"

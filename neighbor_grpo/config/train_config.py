@@ -27,27 +27,41 @@ DIGITS = [str(d) for d in range(10)]
 class ModelConfig:
     path: str = "builtin:digits"
     """A model checkpoint folder (model.json + weights), a local diffusers folder (model_index.json naming
-    FluxPipeline or StableDiffusion3Pipeline; nothing is downloaded), or 'builtin:digits' for the cached built-in
+    FluxPipeline, StableDiffusion3Pipeline, Flux2Pipeline, Flux2KleinPipeline, ZImagePipeline, QwenImagePipeline,
+    FluxKontextPipeline or WanPipeline; nothing is downloaded), or 'builtin:digits' for the cached built-in
     base model (pretrained on first use); 'builtin:digits-unet' is its compute-bound conv U-Net sibling (~17 MFLOP
-    per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes); 'builtin:words' draws
-    the quoted word of prompts like 'the word "cat"' (a small SD3 transformer, scored by the `ocr` reward)."""
+    per sample against 1.7, for wall-clock benchmarks; pretraining takes several minutes); 'builtin:digits-reflow' is
+    a few-step student of 'builtin:digits' (reflow, `ngrpo distill`; 1-4 Euler steps land near its 32-step samples).
+    'builtin:words' draws the quoted word of prompts like 'the word "cat"' (a small SD3 transformer, scored by the `ocr` reward)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Diffusers models: weight/compute dtype of transformer, text encoders and VAE ('auto': bfloat16 on CUDA,
-    float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft."""
+    float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft. A full
+    fine-tune at 'auto' on CUDA keeps the trained transformer, its gradients and AdamW moments in float32 (fp32
+    master weights) and computes in bf16; frozen copies, text encoders and VAE stay bf16. An explicit 'bfloat16'
+    is pure bf16 (half the optimizer memory, but an update smaller than 2^-9 of a weight rounds away: at lr 1e-6,
+    every weight above ~0.0005)."""
     height: int | None = None
     """Diffusers models: image height in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
     width: int | None = None
     """Diffusers models: image width in pixels, a multiple of 16 (null: the checkpoint's default, 1024)."""
+    num_frames: int | None = None
+    """Video models (Wan): frames per video, 4k + 1 for Wan's VAE (null: the pipeline's default, 81)."""
     guidance: float = 3.5
-    """FLUX.1: the guidance-embedding value (FLUX.1-dev's distilled guidance; no extra cost). Used in rollouts, the
-    training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell) and by SD3."""
+    """FLUX.1 and FLUX.2 [dev]: the guidance-embedding value (their distilled guidance; no extra cost). Used in
+    rollouts, the training step and evaluation alike. Ignored by checkpoints without a guidance embedding (schnell,
+    FLUX.2 [klein]), by SD3 and by Z-Image."""
     cfg_scale: float = 4.5
-    """SD3/SD3.5: classifier-free guidance scale (> 1 enables CFG, which doubles the cost of every model call; 1
-    disables it). Used in rollouts, the training step and evaluation alike. Ignored by FLUX."""
+    """SD3/SD3.5, Qwen-Image, Wan, FLUX.2 [klein] base, Z-Image: classifier-free guidance scale w,
+    v_neg + w (v_pos - v_neg) (> 1 enables CFG, which doubles the cost of every model call; 1 disables it:
+    Z-Image-Turbo; Qwen-Image's card uses 4.0; Z-Image's own guidance_scale is w - 1). Used in rollouts, the
+    training step and evaluation alike. Ignored by FLUX.1, FLUX.1 Kontext, FLUX.2 [dev] and the step-distilled
+    [klein] checkpoints."""
     negative_prompt: str = ""
-    """SD3/SD3.5: the negative prompt of classifier-free guidance."""
+    """SD3/SD3.5, Qwen-Image, Wan, FLUX.2 [klein], Z-Image: the negative prompt of classifier-free guidance
+    (Qwen-Image's card uses " ")."""
     max_sequence_length: int | None = None
-    """Diffusers models: T5 prompt tokens (null: 512 for FLUX, 256 for SD3)."""
+    """Diffusers models: prompt tokens of the text encoder (null: T5's 512 for FLUX.1, 256 for SD3; 512 for FLUX.2
+    and Z-Image; Qwen2.5-VL's 1024 for Qwen-Image)."""
     offload_text_encoders: bool = False
     """Diffusers models: keep the text encoders on the CPU and move them to the device only while new prompts are
     encoded (prompt embeddings are cached, so this is rare once the prompts have been seen)."""
@@ -91,7 +105,8 @@ class PromptsConfig:
     """Held-out evaluation prompts."""
     file: str | None = None
     """Optional prompt file replacing `train`: .txt (one per line), .jsonl (strings or objects with `field`) or
-    .csv/.tsv (the `field` column)."""
+    .csv/.tsv (the `field` column). Editing (FLUX.1 Kontext): a .jsonl whose every object also gives `image`, the
+    source image's path (relative to the file's folder); rewards may then ask for the source images."""
     field: str = "prompt"
     """The JSONL key or CSV column that holds the prompt."""
     eval_fraction: float = 0.0
@@ -153,7 +168,8 @@ class EvalConfig:
 class SpeedConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast the velocity net's passes (rollouts, training, held-out samples) to bf16 or fp16; weights, optimizer
-    state and the loss stay fp32 (fp32 master weights). fp16 adds a gradient scaler, bf16 needs none."""
+    state and the loss stay in the weights' dtype (fp32 master weights for fp32 weights). fp16 adds a gradient
+    scaler, bf16 needs none. 'no' is bf16 for a full fine-tune with fp32 master weights (see model.dtype)."""
     tf32: bool = True
     """Allow TF32 matmuls and convolutions on CUDA (Ampere or newer); no effect on CPU."""
     gradient_checkpointing: bool = False
@@ -170,6 +186,9 @@ class SpeedConfig:
     rollout_chunk: int | None = None
     """Prompts (whole groups) rolled out and scored together; an iteration runs its rollouts chunk by chunk (null:
     all of the process's prompts at once). Lowers rollout memory; results equal to float rounding."""
+    async_scoring: bool = False
+    """Decode and score each chunk of groups (speed.rollout_chunk) in a worker thread while the next chunk rolls
+    out; results are identical to scoring in turn (bit for bit on CPU). Pays off with slow or remote rewards."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """With several processes (accelerate launch, torchrun): 'ddp' replicates the net and averages gradients,
     'fsdp' shards parameters, gradients and optimizer state (FSDP2, for full fine-tunes of large models); 'auto'
@@ -189,8 +208,9 @@ class TrainConfig:
     """Keys every random number: (seed, iteration, prompt index, candidate index)."""
     device: str = "cpu"
     """torch device for the model and rewards."""
-    reward_normalization: Literal["each", "sum"] = "each"
-    """[D] several rewards: normalise each inside its group before the weighted sum, or only the sum."""
+    reward_normalization: Literal["each", "sum", "advantages"] = "each"
+    """[D] several rewards: each reward's group advantages, weighted and summed ('each'); the group advantages of
+    the weighted sum ('sum'); or 'each' then normalised over the whole batch ('advantages', GDPO's form)."""
     checkpoint_every: int = 20
     """Write a resumable checkpoint every this many iterations (and at the end)."""
     keep_checkpoints: int = 2
@@ -373,6 +393,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
+            if not path.exists() and str(path).split(".")[0] in to_dict(TrainConfig()):  # `ngrpo train optim.lr`
+                raise ConfigError(f"override {str(path)!r}: expected key=value, e.g. optim.lr=3e-4 (no config file "
+                                  "has that name)")
             raise ConfigError(f"config file {str(path)!r} {'is a folder; expected a YAML file' if path.is_dir() else 'not found'}")
         try:
             data = read_yaml(path.read_text()) or {}
@@ -416,9 +439,12 @@ def validate(config: TrainConfig) -> None:
     _check(n.tau_rel > 0, "neighbor_grpo.tau_rel", "a value > 0", n.tau_rel)
     _check(n.tau is None or n.tau > 0, "neighbor_grpo.tau", "null or a value > 0", n.tau)
     _check(n.distance_reduction in ("mean", "sum"), "neighbor_grpo.distance_reduction", "mean or sum", n.distance_reduction)
+    _check(n.policy_space in ("next_state", "x0"), "neighbor_grpo.policy_space", "next_state or x0", n.policy_space)
+    _check(n.x0_candidates in ("step", "final"), "neighbor_grpo.x0_candidates", "step or final", n.x0_candidates)
     _check(0 < n.eps_clip < 1, "neighbor_grpo.eps_clip", "a value in (0, 1)", n.eps_clip)
     _check(n.old_policy in ("rollout", "recompute"), "neighbor_grpo.old_policy", "rollout or recompute", n.old_policy)
-    _check(n.ref_beta >= 0, "neighbor_grpo.ref_beta", "a value >= 0", n.ref_beta)
+    _check(0 <= n.ref_beta <= 1000, "neighbor_grpo.ref_beta", "a value in [0, 1000] (the demo's 10 anchors firmly; "
+           "beyond 1000 the anchor swamps the reward and blows up)", n.ref_beta)
     _check(not (n.exclude_self and n.group_size < 3), "neighbor_grpo.exclude_self", "G >= 3 when the anchor is excluded", n.exclude_self)
     _validate_sde_baselines(config)
     _validate_forward_process(config)
@@ -426,11 +452,14 @@ def validate(config: TrainConfig) -> None:
     _validate_model(config.model)
     o = config.optim
     _check(o.lr > 0, "optim.lr", "a learning rate > 0", o.lr)
-    _check(o.weight_decay >= 0, "optim.weight_decay", "a value >= 0", o.weight_decay)
+    _check(0 <= o.weight_decay <= 1, "optim.weight_decay", "a value in [0, 1] (AdamW shrinks the weights by "
+           "lr x weight_decay each step; 0 to 0.1 is usual)", o.weight_decay)
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "values in [0, 1)", (o.beta1, o.beta2))
     _check(o.max_grad_norm >= 0, "optim.max_grad_norm", "a value >= 0 (0 disables)", o.max_grad_norm)
     _check(0 <= o.ema_decay < 1, "optim.ema_decay", "a value in [0, 1) (0 disables)", o.ema_decay)
     _check(o.lora_rank >= 1, "optim.lora_rank", "an integer >= 1", o.lora_rank)
+    _check(len(o.lora_targets) >= 1 and all(isinstance(t, str) and t for t in o.lora_targets), "optim.lora_targets",
+           "a list of at least one linear layer name to adapt, e.g. ['fc1', 'fc2']", o.lora_targets)
     _check(o.lora_alpha > 0, "optim.lora_alpha", "a value > 0 (the update is scaled by alpha / rank)", o.lora_alpha)
     _check(config.iterations >= 1, "iterations", "an integer >= 1", config.iterations)
     _check(config.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1", config.prompts_per_iteration)
@@ -486,10 +515,12 @@ def _validate_speed(speed: SpeedConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check(bool(m.path), "model.path",
-           "a checkpoint folder, a diffusers folder, 'builtin:digits', 'builtin:digits-unet' or 'builtin:words'", m.path)
+           "a checkpoint folder, a diffusers folder, 'builtin:digits', 'builtin:digits-unet', 'builtin:digits-reflow' "
+           "or 'builtin:words'", m.path)
     for name in ("height", "width"):
         value = getattr(m, name)
         _check(value is None or (value >= 16 and value % 16 == 0), f"model.{name}", "null or a multiple of 16", value)
+    _check(m.num_frames is None or m.num_frames >= 1, "model.num_frames", "null or a frame count >= 1", m.num_frames)
     _check(m.guidance >= 0, "model.guidance", "a value >= 0", m.guidance)
     _check(m.cfg_scale >= 0, "model.cfg_scale", "a value >= 0 (<= 1 disables classifier-free guidance)", m.cfg_scale)
     _check(m.max_sequence_length is None or 1 <= m.max_sequence_length <= 512, "model.max_sequence_length",
@@ -513,7 +544,7 @@ def _validate_sde_baselines(config: TrainConfig) -> None:
     _check(f.noise_level > 0, "flow_grpo.noise_level", "a value > 0", f.noise_level)
     _check(f.rollout_steps >= 2, "flow_grpo.rollout_steps", "an integer >= 2 (the last step is deterministic)", f.rollout_steps)
     _check(0 < f.train_step_fraction <= 1, "flow_grpo.train_step_fraction", "a value in (0, 1]", f.train_step_fraction)
-    _check(f.kl_beta >= 0, "flow_grpo.kl_beta", "a value >= 0", f.kl_beta)
+    _check(0 <= f.kl_beta <= 100, "flow_grpo.kl_beta", "a value in [0, 100] (the reference uses 0 to 0.04)", f.kl_beta)
     _check(f.fast_window_size >= 0, "flow_grpo.fast_window_size", "an integer >= 0 (0 disables)", f.fast_window_size)
     _check(f.sde_type in ("flow_sde", "cps"), "flow_grpo.sde_type", "flow_sde or cps", f.sde_type)
     _check(0 < f.cps_eta <= 1, "flow_grpo.cps_eta", "a value in (0, 1]", f.cps_eta)
@@ -526,7 +557,8 @@ def _validate_sde_baselines(config: TrainConfig) -> None:
         _check(f.fast_window_size <= end <= f.rollout_steps - 1, "flow_grpo.fast_window_end",
                "null or an integer in [fast_window_size, rollout_steps - 1]", f.fast_window_end)
     d = config.dance_grpo
-    _check(d.eta > 0, "dance_grpo.eta", "a value > 0", d.eta)
+    _check(0 < d.eta <= 2, "dance_grpo.eta", "a value in (0, 2] (std = eta sqrt(s - s_next); 1 is Brownian noise, the "
+           "reference's 0.3 less)", d.eta)
     _check(d.rollout_steps >= 2, "dance_grpo.rollout_steps", "an integer >= 2", d.rollout_steps)
     _check(0 < d.train_step_fraction <= 1, "dance_grpo.train_step_fraction", "a value in (0, 1]", d.train_step_fraction)
     m = config.mix_grpo
@@ -549,7 +581,7 @@ def _validate_forward_process(config: TrainConfig) -> None:
         _check(c.shift is None or c.shift > 0, f"{name}.shift", "a value > 0 or null", c.shift)
         _check(c.adv_eps >= 0, f"{name}.adv_eps", "a value >= 0", c.adv_eps)
         _check(c.adv_clip > 0, f"{name}.adv_clip", "a value > 0 (it scales the loss)", c.adv_clip)
-        _check(c.kl_beta >= 0, f"{name}.kl_beta", "a value >= 0 (0 disables)", c.kl_beta)
+        _check(0 <= c.kl_beta <= 100, f"{name}.kl_beta", "a value in [0, 100] (0 disables)", c.kl_beta)
         _check(1 <= c.num_minibatches <= c.group_size, f"{name}.num_minibatches", "1 <= n <= G", c.num_minibatches)
         _check(0 < c.timestep_fraction <= 1, f"{name}.timestep_fraction", "a value in (0, 1]", c.timestep_fraction)
     n = config.diffusion_nft
@@ -570,8 +602,9 @@ def _validate_forward_process(config: TrainConfig) -> None:
     _check(a.weighting in ("ghuber", "uniform", "t", "t2", "huber"), "awm.weighting", "ghuber, uniform, t, t2 or huber",
            a.weighting)
     _check(a.ghuber_p > 0, "awm.ghuber_p", "a value > 0", a.ghuber_p)
-    _check(a.advantage_max > 0, "awm.advantage_max", "a value > 0", a.advantage_max)
-    _check(a.ema_beta >= 0, "awm.ema_beta", "a value >= 0 (0 disables)", a.ema_beta)
+    _check(0 < a.advantage_max <= 100, "awm.advantage_max", "a value in (0, 100] (the reference's 1 bounds the "
+           "advantage weights; beyond 100 one sample's loss dominates and the update blows up)", a.advantage_max)
+    _check(0 <= a.ema_beta <= 1000, "awm.ema_beta", "a value in [0, 1000] (0 disables)", a.ema_beta)
     _check(0 <= a.ema_decay < 1, "awm.ema_decay", "a value in [0, 1)", a.ema_decay)
     _check(a.ema_ramp in ("linear", "constant"), "awm.ema_ramp", "linear or constant", a.ema_ramp)
 
@@ -583,7 +616,7 @@ def _validate_dgpo(config: TrainConfig) -> None:
     _check(d.rollout_steps >= 2, "dgpo.rollout_steps", "an integer >= 2", d.rollout_steps)
     _check(d.shift is None or d.shift > 0, "dgpo.shift", "a value > 0 or null", d.shift)
     _check(d.beta_dpo > 0, "dgpo.beta_dpo", "a value > 0", d.beta_dpo)
-    _check(d.kl_beta >= 0, "dgpo.kl_beta", "a value >= 0 (0 disables)", d.kl_beta)
+    _check(0 <= d.kl_beta <= 100, "dgpo.kl_beta", "a value in [0, 100] (0 disables)", d.kl_beta)
     _check(0 <= d.clip_range < 1, "dgpo.clip_range", "a value in [0, 1) (0 disables the gate)", d.clip_range)
     _check(0 <= d.trunc_steps < d.rollout_steps, "dgpo.trunc_steps",
            f"a grid index in [0, rollout_steps - 1 = {d.rollout_steps - 1}]", d.trunc_steps)

@@ -40,10 +40,18 @@ def clip_advantages(advantages: torch.Tensor, adv_clip: float, recenter: bool = 
 
 
 def combine_reward_advantages(rewards: dict[str, torch.Tensor], weights: dict[str, float], normalize: str,
-                              advantage_fn) -> torch.Tensor:
-    """Several rewards: normalise each then take the weighted sum ('each'), or normalise the weighted sum ('sum')."""
+                              advantage_fn, batch_eps: float = 1e-4) -> torch.Tensor:
+    """Several rewards (each (prompts, G)) to one advantage per sample:
+    'each': every reward's group advantages, weighted and summed (a reward on a larger scale cannot drown the others);
+    'sum': the group advantages of the weighted sum of the scores (Flow-GRPO, DiffusionNFT);
+    'advantages': GDPO's form (arXiv 2601.05242): 'each', then normalised over the whole batch,
+    (A - mean_batch A) / (std_batch A + batch_eps), so the advantage scale does not grow with the number of rewards
+    or their weights."""
     if normalize == "each":
         return sum(weights.get(name, 1.0) * advantage_fn(value) for name, value in rewards.items())
     if normalize == "sum":
         return advantage_fn(sum(weights.get(name, 1.0) * value for name, value in rewards.items()))
-    raise ValueError(f"reward_normalization must be 'each' or 'sum'; got {normalize!r}")
+    if normalize == "advantages":
+        combined = sum(weights.get(name, 1.0) * advantage_fn(value) for name, value in rewards.items())
+        return (combined - combined.mean()) / (combined.std(correction=0) + batch_eps)
+    raise ValueError(f"reward_normalization must be 'each', 'sum' or 'advantages'; got {normalize!r}")

@@ -8,6 +8,13 @@ from __future__ import annotations
 import torch
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """A half-precision tensor (a bf16/fp16 net's velocity) in float32; float32 and float64 as they are. The SDE
+    log-probabilities and Neighbor GRPO's distances subtract nearly equal numbers and average them over every
+    latent dimension: bf16's 8-bit mantissa turns their differences, and so the policy ratio, into noise."""
+    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
+
+
 def interpolate(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
     """Point on the straight path from data x0 (s = 0) to noise eps (s = 1), as in rectified flow."""
     return (1 - s) * x0 + s * eps

@@ -2,8 +2,9 @@
 
 An adapter wraps a velocity network `net` (the module that is trained) and knows how to turn prompts into
 conditioning, latents into images, and how to save/load itself to a checkpoint folder holding
-`model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5)
-load directly: `load_adapter` dispatches on model_index.json's `_class_name`.
+`model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5,
+Qwen-Image, the editing model FLUX.1 Kontext, FLUX.2 [dev] and [klein], Z-Image, and Wan video) load directly:
+`load_adapter` dispatches on model_index.json's `_class_name` (`DIFFUSERS_PIPELINES`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ class FlowAdapter(Protocol):
     def save(self, folder: str | Path) -> None: ...
 
 
-def model_default_shift(adapter) -> float:
+def model_default_shift(adapter, steps: int | None = None) -> float:
     """The sigma shift of the model's own sampling grid (FLUX: exp(mu) for its resolution; SD3: its scheduler's);
-    1 for adapters that define none, like the built-in model."""
+    1 for adapters that define none, like the built-in model. `steps` reaches adapters whose shift depends on the
+    number of steps (FLUX.2's empirical mu)."""
     default = getattr(adapter, "default_shift", None)
-    return float(default()) if callable(default) else 1.0
+    if not callable(default):
+        return 1.0
+    if steps is not None and "steps" in inspect.signature(default).parameters:
+        return float(default(steps=steps))
+    return float(default())
 
 
 def register_model_adapter(name: str) -> Callable[[type], type]:
@@ -63,7 +69,11 @@ def resolve_adapter_class(name: str) -> type:
     return resolve_plugin(LAZY_ADAPTERS.get(name, name), MODEL_ADAPTERS, "model adapter", "package.module:Class")
 
 
-DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "WordsPipeline": "words"}
+DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan",
+                       "WordsPipeline": "words"}
+DIFFUSERS_PIPELINES["QwenImagePipeline"] = "qwen_image"
+DIFFUSERS_PIPELINES["FluxKontextPipeline"] = "flux_kontext"
+DIFFUSERS_PIPELINES.update(Flux2Pipeline="flux2", Flux2KleinPipeline="flux2-klein", ZImagePipeline="z-image")
 """diffusers pipeline class (model_index.json's _class_name) -> the adapter that loads such a folder."""
 
 
@@ -118,3 +128,8 @@ from neighbor_grpo.models.digits import DigitsAdapter, DigitsFlowNet, DigitsNetC
 from neighbor_grpo.models.digits_unet import DigitsUNet, DigitsUNetAdapter, DigitsUNetConfig  # noqa: E402,F401
 from neighbor_grpo.models.flux import FluxAdapter  # noqa: E402,F401  (registers 'flux')
 from neighbor_grpo.models.sd3 import SD3Adapter  # noqa: E402,F401  (registers 'sd3')
+from neighbor_grpo.models.qwen_image import QwenImageAdapter  # noqa: E402,F401  (registers 'qwen_image')
+from neighbor_grpo.models.flux_kontext import FluxKontextAdapter  # noqa: E402,F401  (registers 'flux_kontext')
+from neighbor_grpo.models.wan import WanAdapter  # noqa: E402,F401  (registers 'wan')
+from neighbor_grpo.models.flux2 import Flux2Adapter, Flux2KleinAdapter  # noqa: E402,F401  ('flux2', 'flux2-klein')
+from neighbor_grpo.models.z_image import ZImageAdapter  # noqa: E402,F401  (registers 'z-image')

@@ -104,7 +104,10 @@ def build_diffusers_adapter(arch: str, resolution: int, device: str, dtype: torc
     import diffusers
 
     from neighbor_grpo.models.diffusers_common import model_options
+    from neighbor_grpo.models.flux2_zimage_archs import FAMILIES, build_random_adapter
 
+    if arch in FAMILIES:  # FLUX.2 [dev] / [klein], Z-Image: their own pipelines and prompt features
+        return build_random_adapter(arch, spec, resolution, device, dtype, options)
     spec = spec or DIFFUSERS_ARCHS[arch]
     flux = "flux" in arch
     if flux:

@@ -22,6 +22,7 @@ import torch
 from neighbor_grpo.runs.io import atomic_write_text
 from neighbor_grpo.models.model_card import LORA_FILE, model_card
 from neighbor_grpo.models.prompt_cache import PromptCache
+from neighbor_grpo.models.folder_checks import check_pipeline_folder, read_model_index  # noqa: F401 (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Attention projections of FLUX's and SD3's joint (MM-DiT) blocks; peft matches them as name suffixes.
@@ -62,19 +63,6 @@ def import_diffusers():
         raise ImportError('FLUX.1 and SD3 models need diffusers and transformers: '
                           'pip install "neighbor-grpo[diffusers]"') from error
     return diffusers
-
-
-def read_model_index(folder: Path) -> str:
-    """The pipeline class a diffusers folder names in model_index.json."""
-    path = folder / "model_index.json"
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    name = index.get("_class_name") if isinstance(index, dict) else None
-    if not isinstance(name, str):
-        raise ValueError(f"{path}: missing '_class_name' (the diffusers pipeline class, e.g. FluxPipeline)")
-    return name
 
 
 def dtype_keyword(dtype) -> dict:
@@ -379,6 +367,7 @@ class DiffusersAdapter:
         if found != cls.PIPELINE:
             raise ValueError(f"{base / 'model_index.json'}: _class_name is {found!r}; the {cls.NAME} adapter expects "
                              f"{cls.PIPELINE!r}")
+        check_pipeline_folder(base, found, loading=True)  # seconds, before minutes of loading weights
         dtype = resolve_dtype(settings["dtype"], device)
         transformer_folder = str((folder / meta["transformer"]).resolve()) if meta.get("transformer") else None
         if transformer_folder and not (Path(transformer_folder) / "config.json").is_file():

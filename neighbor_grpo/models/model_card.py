@@ -29,9 +29,14 @@ def model_card(meta: dict, pipeline_class: str) -> str:
         if transformer:
             where = "THIS_FOLDER/transformer" if transformer == "transformer" else transformer
             lines.append(f"pipe.transformer = type(pipe.transformer).from_pretrained({where!r}, dtype=torch.bfloat16)")
+            if meta.get("transformer_2"):  # Wan 2.2: the low-noise expert beside it
+                lines.append("pipe.transformer_2 = type(pipe.transformer_2).from_pretrained('THIS_FOLDER/transformer_2', "
+                             "dtype=torch.bfloat16)")
         for lora in meta.get("loras") or []:
             where = "THIS_FOLDER" if lora == LORA_FILE else lora
             lines.append(f"pipe.load_lora_weights({where!r})" + ("  # reads " + LORA_FILE if lora == LORA_FILE else ""))
+        for lora in meta.get("loras_transformer_2") or []:  # Wan 2.2: the low-noise expert's own LoRA
+            lines.append(f"pipe.load_lora_weights('THIS_FOLDER', weight_name={lora!r}, load_into_transformer_2=True)")
         if len(meta.get("loras") or []) > 1:
             lines.append("# (several LoRAs: load each with its own adapter_name, or fuse_lora() after each)")
     lines += ["```", "", "or `ngrpo sample --checkpoint THIS_FOLDER --prompt '...' --out grid.png`.", ""]

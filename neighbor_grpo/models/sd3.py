@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from neighbor_grpo.models import register_model_adapter
+from neighbor_grpo.models.true_cfg import NegativePromptCFG
 from neighbor_grpo.models.diffusers_common import DiffusersAdapter
 
 
 @register_model_adapter("sd3")
-class SD3Adapter(DiffusersAdapter):
+class SD3Adapter(NegativePromptCFG, DiffusersAdapter):
     NAME = "sd3"
     PIPELINE = "StableDiffusion3Pipeline"
 
@@ -39,10 +40,6 @@ class SD3Adapter(DiffusersAdapter):
         patch = self.pipeline.transformer.config.patch_size
         return self.scheduler_shift((h // patch) * (w // patch))
 
-    @property
-    def uses_cfg(self) -> bool:
-        return float(self.options["cfg_scale"]) > 1.0
-
     def encode_new_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         # The negative prompt is encoded by the same call diffusers makes for its negative branch, so caching it as
         # an ordinary prompt row gives the pipeline's negative embeddings exactly.
@@ -51,15 +48,6 @@ class SD3Adapter(DiffusersAdapter):
                                                            device=self.device, do_classifier_free_guidance=False,
                                                            max_sequence_length=length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-    def encode_prompts(self, prompts):
-        if self.uses_cfg:
-            super().encode_prompts([self.options["negative_prompt"]])
-        return super().encode_prompts(prompts)
-
-    def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._chunked(lambda xs, ts, rows: self._velocity(xs, ts, rows).to(x.dtype),
-                             x, self._timesteps(s, x.shape[0]), cond)
 
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype

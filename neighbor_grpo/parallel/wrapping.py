@@ -25,15 +25,31 @@ class ReplicatedNet(nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def shard_units(net: nn.Module) -> list[nn.Module]:
+    """The FSDP units below the root, outermost first and never one inside another (sharding a module inside a unit
+    again meets parameters that are DTensors already: diffusers' attention `to_out` ModuleList): the block classes
+    the diffusers models in `net` declare never to be split (`_no_split_modules`: FLUX.1's and FLUX.2's
+    double/single-stream blocks, Z-Image's and Qwen-Image's blocks, each Wan 2.2 expert's blocks), else every block
+    of every outermost ModuleList (the built-in models)."""
+    classes = {name for module in net.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
+    chosen: dict[str, nn.Module] = {}
+    for name, module in net.named_modules():
+        if any(name.startswith(unit + ".") for unit in chosen):
+            continue
+        if classes and type(module).__name__ in classes:
+            chosen[name] = module
+        elif not classes and isinstance(module, nn.ModuleList):
+            chosen.update({f"{name}.{index}" if name else str(index): block for index, block in enumerate(module)})
+    return list(chosen.values())
+
+
 def shard_in_place(net: nn.Module) -> nn.Module:
-    """FSDP2 full shard: every block of every ModuleList (transformer blocks) is its own unit, then the root.
-    Parameters become DTensors sharded over the processes; the module object stays the same."""
+    """FSDP2 full shard: each unit of `shard_units` (the transformer blocks), then the root. Parameters become
+    DTensors sharded over the processes; the module object stays the same."""
     from torch.distributed.fsdp import fully_shard
 
-    for module in list(net.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block)
+    for block in shard_units(net):
+        fully_shard(block)
     # the root too gives its gathered weights back after each forward: a no-grad forward (held-out samples, the
     # rollout) otherwise leaves plain tensors in place of the shards until the next backward
     fully_shard(net, reshard_after_forward=True)

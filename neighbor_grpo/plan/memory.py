@@ -2,13 +2,14 @@
 
 What the trainer actually keeps (neighbor_grpo.training.parts, speed, lora, parallel):
 - the trained net in `model.dtype` (bfloat16 on CUDA by default); LoRA adapters in float32 (peft keeps them so);
+  a full fine-tune left at `model.dtype: auto` holds it in float32 (fp32 master weights, bf16 compute:
+  speed.keeps_master_weights); an explicit `model.dtype: bfloat16` is pure bf16;
 - gradients of the trainable parameters in their dtype; torch AdamW's two moments per trainable parameter in the
-  parameter's dtype (`adamw8bit`: one byte each). No fp32 master copy: mixed precision is autocast over the
-  weights as they are, so a bfloat16 full fine-tune updates bfloat16 weights and bfloat16 moments;
-- an EMA shadow of the trainable parameters (optim.ema_decay > 0);
+  parameter's dtype (`adamw8bit`: one byte each): float32 with master weights, bfloat16 in pure bf16;
+- an EMA shadow of the trainable parameters (optim.ema_decay > 0), in their dtype;
 - a frozen copy of the whole net for the reference of a full fine-tune with ref_beta/kl_beta > 0 (LoRA: the same
   net with adapters off, no copy), and one frozen copy of the whole net (LoRA included) per network the algorithm
-  declares (`networks`: DiffusionNFT's old policy, AWM's EMA policy);
+  declares (`networks`: DiffusionNFT's old policy, AWM's EMA policy); both in the loaded dtype (copy_bytes);
 - text encoders (unless model.offload_text_encoders), the prompt-embedding cache (unless
   model.prompt_cache_on_cpu), the whole VAE (unless model.offload_vae), the reward models;
 - the rollout's stored latents (states and velocities, float32) until the update is done.
@@ -59,14 +60,24 @@ def ema_bytes(net: torch.nn.Module, ema_decay: float) -> int:
     return trainable_bytes(net) if ema_decay > 0 else 0
 
 
-def reference_copy_bytes(net: torch.nn.Module, finetune: str, needs_reference: bool) -> int:
+def copy_bytes(net: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """A frozen copy of the whole net: in the dtypes the net holds, or all in `dtype` (the loaded model dtype, when
+    the trained net was upcast to fp32 master weights after the copies were taken)."""
+    if dtype is None:
+        return weight_bytes(net)
+    unique = {id(p): p for p in net.parameters()}.values()
+    return sum(p.numel() for p in unique) * (torch.finfo(dtype).bits // 8)
+
+
+def reference_copy_bytes(net: torch.nn.Module, finetune: str, needs_reference: bool,
+                         dtype: torch.dtype | None = None) -> int:
     """A full fine-tune keeps a frozen copy for the reference; LoRA turns its adapters off instead."""
-    return weight_bytes(net) if finetune == "full" and needs_reference else 0
+    return copy_bytes(net, dtype) if finetune == "full" and needs_reference else 0
 
 
-def algorithm_network_bytes(net: torch.nn.Module, networks: tuple) -> int:
+def algorithm_network_bytes(net: torch.nn.Module, networks: tuple, dtype: torch.dtype | None = None) -> int:
     """parts.build_training_parts deep-copies the whole net (LoRA included) for each declared network."""
-    return len(networks) * weight_bytes(net)
+    return len(networks) * copy_bytes(net, dtype)
 
 
 def sharded(nbytes: int, shards: int) -> int:

@@ -1,7 +1,8 @@
 """Which model a plan is for, from `model.path`: a shipped architecture (`arch:flux-dev`, `arch:flux-schnell`,
-`arch:sd35-medium`, `arch:sd35-large`), a local diffusers folder (its config.json files are read, never its
-weights), or the built-in model (`builtin:digits`, traced for real: it is small). The traced models (meta-built,
-LoRA and checkpointing applied, made fake) are built once per setting and reused within one plan."""
+`arch:sd35-medium`, `arch:sd35-large`, `arch:flux2-dev`, `arch:flux2-klein-4b`, `arch:flux2-klein-9b`,
+`arch:z-image`), a local diffusers folder (its config.json files are read, never its weights), or the built-in model
+(`builtin:digits`, traced for real: it is small). The traced models (meta-built, LoRA and checkpointing applied, made
+fake) are built once per setting and reused within one plan."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.plan.architectures import COMPONENTS, MODELS, build_on_meta, parameter_count
+from neighbor_grpo.plan.architectures import COMPONENTS, FAMILY, MODELS, build_on_meta, parameter_count
 
 ARCH_PREFIX = "arch:"
 
@@ -23,11 +24,12 @@ class ModelSpec:
     flux: bool = False
     spec: dict = field(default_factory=dict)  # models.architectures.DIFFUSERS_ARCHS-style: transformer, vae, text
     text_encoders: dict = field(default_factory=dict)  # name -> parameter count
+    family: str = ""          # flux2, flux2-klein, z-image (plan.architectures.FAMILY); "" for FLUX.1 / SD3
 
     @property
     def arch(self) -> str:
         """The name build_diffusers_adapter takes (FLUX when it contains 'flux')."""
-        return "flux" if self.flux else "sd3"
+        return self.family or ("flux" if self.flux else "sd3")
 
 
 def text_shape(flux: bool, transformer: dict, max_sequence_length: int | None, clip_tokens: int = 77) -> tuple:
@@ -49,6 +51,8 @@ def shipped_model(name: str, options: dict) -> ModelSpec:
         raise ValueError(f"model.path: unknown architecture {name!r}; choose from "
                          f"{', '.join(ARCH_PREFIX + m for m in MODELS)}")
     transformer, *encoders = MODELS[name]
+    if name in FAMILY:  # FLUX.2, Z-Image
+        return family_model(name, FAMILY[name], transformer, encoders, options)
     flux = name.startswith("flux")
     config = dict(COMPONENTS[transformer].config)
     spec = {"transformer": config, "vae": vae_config(flux),
@@ -56,15 +60,25 @@ def shipped_model(name: str, options: dict) -> ModelSpec:
     return ModelSpec(name, "diffusers", flux, spec, {e: parameter_count(build_on_meta(e)) for e in encoders})
 
 
+def family_model(name: str, family: str, transformer: str, encoders: list[str], options: dict) -> ModelSpec:
+    from neighbor_grpo.models.flux2_zimage_archs import text_shape, vae_config
+
+    config = dict(COMPONENTS[transformer].config)
+    spec = {"transformer": config, "vae": vae_config(family),
+            "text": text_shape(family, config, options.get("max_sequence_length"))}
+    return ModelSpec(name, "diffusers", False, spec, {e: parameter_count(build_on_meta(e)) for e in encoders}, family)
+
+
 def folder_model(folder: Path, options: dict) -> ModelSpec:
     """A local diffusers folder: its transformer/ and vae/ config.json (no weights are read) and its text encoders'."""
-    from neighbor_grpo.models.diffusers_common import read_model_index
+    from neighbor_grpo.models.folder_checks import check_pipeline_folder, read_model_index
 
     pipeline = read_model_index(folder)
     if pipeline not in ("FluxPipeline", "StableDiffusion3Pipeline"):
         raise ValueError(f"{folder / 'model_index.json'}: _class_name is {pipeline!r}; the planner knows FluxPipeline "
                          "and StableDiffusion3Pipeline")
     flux = pipeline == "FluxPipeline"
+    check_pipeline_folder(folder, pipeline, loading=False)  # plausible sizes before anything is built from them
 
     def read(sub: str) -> dict:
         path = folder / sub / "config.json"

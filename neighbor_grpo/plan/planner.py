@@ -17,10 +17,11 @@ import sys
 import torch
 
 from neighbor_grpo.plan import memory
+from neighbor_grpo.plan.bounds import DoesNotFit, check_lower_bound, shape_lower_bound
 from neighbor_grpo.plan.models import ModelSpec, resolve_model
 from neighbor_grpo.plan.rewards import reward_estimate
 from neighbor_grpo.plan.trace import PLAN_PROMPT, Trace, make_traceable, meta_adapter, trace_decode, trace_velocity
-
+from neighbor_grpo.plan.persistent import cached_prompts, gpu_dtype, held_peak, persistent_memory, phase_peak  # noqa: F401
 from neighbor_grpo.plan.gpus import GIB, GPUS, MARGIN, allowance_bytes, gpu_spec  # noqa: F401 (the tests and report use them here)
 
 
@@ -49,13 +50,16 @@ class Tracer:
                 lora = {"rank": config.optim.lora_rank, "alpha": config.optim.lora_alpha,
                         "targets": lora_targets(config, adapter)}
             prompt = config.prompts.train[0] if config.prompts.train else PLAN_PROMPT  # the built-in model knows '0'..'9'
-            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing, prompt)
+            master = master_weights(config, next(adapter.net.parameters()).dtype)
+            self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing, prompt, master)
         return self.models[key]
 
     def call(self, config, kind: str, network: str, grad: bool, batch: int, exact: bool) -> Trace:
         """The trace of one call; `exact` False reuses a trace of the same call at another batch, scaled."""
+        from neighbor_grpo.training.speed import compute_precision
+
         traced = self.traced_model(config)
-        precision = config.speed.mixed_precision
+        precision = compute_precision(config.speed.mixed_precision, traced.master_weights)
         network = "reference" if network == "reference" else "policy"  # other networks: copies of the policy
         base = (model_key(config), kind, network, grad, precision)
         if (*base, batch) in self.traces:
@@ -87,11 +91,11 @@ def describe_key(key: tuple) -> str:
     return f"{'LoRA' if key[0] else 'full'}, checkpointing {'on' if key[1] else 'off'}"
 
 
-def gpu_dtype(config) -> torch.dtype:
-    """model.dtype as the adapter resolves it on a CUDA device ('auto' is bfloat16 there)."""
-    from neighbor_grpo.models.diffusers_common import resolve_dtype
+def master_weights(config, loaded: torch.dtype) -> bool:
+    """Whether the run on a CUDA GPU keeps fp32 master weights for a net loaded in `loaded` (training.speed)."""
+    from neighbor_grpo.training.speed import keeps_master_weights
 
-    return resolve_dtype(config.model.dtype, torch.device("cuda"))
+    return keeps_master_weights(config.model.dtype, "cuda", config.optim.finetune, loaded)
 
 
 def resolution(config, model: ModelSpec) -> int:
@@ -124,12 +128,17 @@ def schedule(config, prompts: int):
 
 def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bool = True) -> dict:
     """One configuration's plan (no baselines, no fit options)."""
+    check_gpus_fit_batch(config, gpus)
     memory_bytes, peak_flops = gpu_spec(gpu)
     prompts, share = local_prompts(config.prompts_per_iteration, gpus)
     algorithm, phases = schedule(config, prompts)
     traced = tracer.traced_model(config)
     group = config.algorithm_config.group_size
     samples = max(1, round(prompts * group * share))
+    height = resolution(config, tracer.model) if tracer.model.kind == "diffusers" else 0
+    bound = shape_lower_bound(config.algorithm, config.algorithm_config.rollout_steps, samples, traced.adapter.latent_shape(),
+                              height, height, tracer.model.spec.get("transformer"), torch.finfo(gpu_dtype(config)).bits // 8)
+    check_lower_bound(bound, memory_bytes, MARGIN, allowance_bytes(gpus))  # before any trace: never allocate petabytes
     flops, peaks, calls, saved = {}, {}, {}, 0
     for phase in phases:
         n = max(1, round(phase.samples * share))
@@ -149,7 +158,6 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     # the iteration decodes (and scores) chunk by chunk (speed.rollout_chunk) and keeps every chunk's images
     chunk = max(1, min(samples, round(per_chunk(prompts, config.speed.rollout_chunk) * group * share)))
     decode = tracer.call(config, "decode", "vae", False, chunk, exact)
-    height = resolution(config, tracer.model) if tracer.model.kind == "diffusers" else 0
     images = memory.image_bytes(samples, height, height) if height else 0
     flops["decode"] = decode.flops * samples / chunk
     peaks["decode"] = (decode.peak_bytes + images * (samples - chunk) // samples, 0)
@@ -179,65 +187,15 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
             "fits": bool(fits), "gpu_memory_gib": memory_bytes / GIB}
 
 
-def held_peak(trace: Trace, held: int) -> int:
-    """A with-grad call's peak when `held` such calls' saved activations are alive before one backward (a loss summed
-    over steps): the traced call's forward + backward peak on top of the other held - 1 calls' saved bytes (autograd
-    runs one call's backward at a time, freeing its saved tensors; the gradients are shared)."""
-    return trace.peak_bytes + (held - 1) * trace.forward_bytes
+def check_gpus_fit_batch(config, gpus: int) -> None:
+    """What the trainer refuses, the planner refuses: more GPUs than a prompt's candidates can be spread over."""
+    from neighbor_grpo.parallel.distributed import Processes, check_batch_fits
 
-
-def persistent_memory(config, traced, model: ModelSpec, algorithm, gpus: int, samples: int) -> dict:
-    """Bytes that live through the whole iteration on one GPU, by what they are."""
-    net = traced.adapter.net
-    fsdp = config.speed.parallel == "fsdp" and gpus > 1
-    shards = gpus if fsdp else 1
-    c = config.algorithm_config
-    needs_reference = getattr(c, "ref_beta", 0) > 0 or getattr(c, "kl_beta", 0) > 0
-    dtype_bytes = torch.finfo(gpu_dtype(config)).bits // 8
-    m = config.model
-    out = {"weights": memory.sharded(memory.weight_bytes(net), shards),
-           "gradients": memory.sharded(memory.gradient_bytes(net), shards),
-           "optimizer_state": memory.sharded(memory.optimizer_state_bytes(net, config.speed.optimizer), shards),
-           "ema": memory.sharded(memory.ema_bytes(net, config.optim.ema_decay), shards),
-           "reference_copy": memory.sharded(memory.reference_copy_bytes(net, config.optim.finetune, needs_reference), shards),
-           "algorithm_networks": memory.sharded(memory.algorithm_network_bytes(net, getattr(algorithm, "networks", ())), shards),
-           "ddp_buckets": memory.ddp_bucket_bytes(net, gpus, fsdp)}
-    latent = traced.adapter.latent_shape()
-    out["trajectories"] = memory.trajectory_bytes(config.algorithm, c.rollout_steps, samples, latent)
-    if model.kind == "diffusers":
-        tokens, width, pooled = model.spec["text"]
-        cached = cached_prompts(config)
-        out["text_encoders"] = 0 if m.offload_text_encoders else sum(model.text_encoders.values()) * dtype_bytes
-        out["prompt_cache"] = 0 if m.prompt_cache_on_cpu else memory.prompt_cache_bytes(max(cached, 1), tokens, width, pooled, dtype_bytes)
-        vae = traced.adapter.pipeline.vae
-        out["vae"] = 0 if m.offload_vae else memory.tensors_bytes(vae.parameters())
-    out["rewards"] = sum(reward_estimate(r.name, r.kwargs).weight_bytes for r in config.rewards)
-    return out
-
-
-def cached_prompts(config) -> int:
-    """Prompts whose embeddings the cache holds by the end of the run: the held-out ones (encoded up front) and
-    every training prompt seen, at most iterations x prompts_per_iteration of them."""
-    from neighbor_grpo.config.prompts import resolve_prompt_sets
-
-    train, held_out = resolve_prompt_sets(config.prompts)
-    return min(len(set(train)), config.iterations * config.prompts_per_iteration) + len(set(held_out) - set(train))
-
-
-def phase_peak(persistent: dict, peaks: dict, config, net, gpus: int) -> tuple[str, int]:
-    """The largest phase: persistent bytes plus the phase's own peak. A training pass starts with no gradients
-    (zero_grad(set_to_none)) and its trace includes the ones it makes: with FSDP only a shard of them stays."""
-    fsdp = config.speed.parallel == "fsdp" and gpus > 1
-    gather = memory.fsdp_gather_bytes(net, gpus, fsdp)
-    base = sum(persistent.values())
-    best = ("", 0)
-    for name, (peak, grads) in peaks.items():
-        if grads:
-            total = base - persistent["gradients"] + peak - grads + memory.sharded(grads, gpus if fsdp else 1) + gather
-        else:
-            total = base + peak + (gather if name not in ("decode", "reward") else 0)
-        best = max(best, (name, int(total)), key=lambda item: item[1])
-    return best
+    try:
+        check_batch_fits(config.prompts_per_iteration, Processes(0, gpus), config.algorithm_config.group_size,
+                         f"{config.algorithm}.group_size")
+    except ValueError as error:
+        raise ValueError(f"--gpus {gpus}: {str(error).replace('launch fewer processes', 'plan fewer --gpus')}") from None
 
 
 def stderr_progress(message: str) -> None:
@@ -287,6 +245,9 @@ def fit_candidates(config, gpus: int, diffusers: bool) -> list[tuple[str, list[s
         options.append(("gradient checkpointing", ["speed.gradient_checkpointing=true"], gpus))
     if gpu_dtype(config) == torch.float32:
         options.append(("bf16 weights", ["model.dtype=bfloat16"], gpus))
+    elif diffusers and master_weights(config, gpu_dtype(config)):
+        options.append(("pure bf16 weights and AdamW state (loses updates below 2^-9 of a weight)",
+                        ["model.dtype=bfloat16"], gpus))
     if config.speed.micro_batch != 1:
         options.append(("micro-batch of 1 prompt", ["speed.micro_batch=1"], gpus))
     if config.speed.rollout_chunk != 1:
@@ -360,11 +321,16 @@ def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progre
     memory_bytes, peak_flops = gpu_spec(gpu)
     model = resolve_model(config.model.path, dataclasses.asdict(config.model))
     tracer = tracer if tracer is not None and tracer.model.name == model.name else Tracer(model, progress)
-    result = plan_core(config, tracer, gpus, gpu, mfu)
     out = {"model": model.name, "gpu": gpu, "gpus": gpus, "mfu": mfu, "gpu_peak_tflops": peak_flops / 1e12,
            "allowance_gib": allowance_bytes(gpus) / GIB, "margin": MARGIN,
            "resolution": resolution(config, model) if model.kind == "diffusers" else None,
-           "finetune": config.optim.finetune, **result}
+           "finetune": config.optim.finetune}
+    try:
+        result = plan_core(config, tracer, gpus, gpu, mfu)
+    except DoesNotFit as error:  # found from shapes: nothing traced, no baselines (they would not fit either)
+        return {**out, "algorithm": config.algorithm, "fits": False, "gpu_memory_gib": memory_bytes / GIB, "does_not_fit":
+                str(error), "lower_bound_gib": {name: nbytes / GIB for name, nbytes in error.terms.items()}}
+    out.update(result)
     out["baselines"] = baselines(config, tracer, gpus, gpu, mfu)
     out["fit_options"] = [] if result["fits"] else fit_options(config, tracer, gpus, gpu, mfu, result)
     out["unknown_rewards"] = [r.name for r in config.rewards if not reward_estimate(r.name, r.kwargs).known]

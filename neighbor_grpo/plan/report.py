@@ -24,6 +24,10 @@ def seconds_text(seconds: float) -> str:
 
 def render(result: dict) -> str:
     r = result
+    if "lower_bound_gib" in r:  # refused from shapes before any trace (plan.bounds)
+        return (f"{r['model']}, {r['algorithm']}, {r['finetune']} fine-tune, {r['gpus']} x {r['gpu']}: "
+                f"{r['does_not_fit']}. Lower prompts_per_iteration, the group size or the resolution, or plan more "
+                "--gpus")
     gib = r["memory_gib"]
     size = f"{r['resolution']} px, " if r.get("resolution") else ""
     lines = [f"{r['model']}, {r['algorithm']}, {r['finetune']} fine-tune, {size}{r['gpus']} x {r['gpu']} "

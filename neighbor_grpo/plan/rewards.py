@@ -29,8 +29,15 @@ class RewardEstimate:
 
 
 def reward_estimate(name: str, kwargs: dict) -> RewardEstimate:
-    """The estimate for a reward; the built-in ones (digit_prob, digit_gold, jpeg_compressibility) and unknown
-    rewards count 0 (unknown: `known` False, and the plan says so)."""
+    """The estimate for a reward; the built-in ones (digit_prob, digit_gold, jpeg_compressibility), rewards served
+    elsewhere (`remote`, a `vlm_judge` endpoint: no weights here) and unknown rewards count 0 (unknown: `known`
+    False, and the plan says so); `pairwise_win_rate` costs what its comparator costs."""
+    if name == "pairwise_win_rate" and isinstance(kwargs.get("comparator"), dict):
+        comparator = kwargs["comparator"]
+        inner = reward_estimate(str(comparator.get("name")), comparator.get("kwargs") or {})
+        return RewardEstimate(name, inner.weight_bytes, inner.flops_per_image, known=inner.known)
+    if name == "remote" or (name == "vlm_judge" and kwargs.get("base_url")):
+        return RewardEstimate(name, 0, 0.0)
     if name not in ESTIMATES:
         return RewardEstimate(name, 0, 0.0, known=name in ("digit_prob", "digit_gold", "jpeg_compressibility"))
     total, image_tower, tokens = ESTIMATES[name]

@@ -55,39 +55,47 @@ class TracedModel:
     mode: object
     cond: torch.Tensor    # the one prompt's row in the adapter's prompt cache (real)
     lora: bool
+    master_weights: bool = False  # the trained net upcast to fp32 as the trainer does (speed.keeps_master_weights)
 
 
 def meta_adapter(arch: str, spec: dict, resolution: int, dtype: torch.dtype, options: dict):
     """The project's adapter around `spec` (a DIFFUSERS_ARCHS-style dict) with every weight on the meta device; its
     prompt cache on the CPU, filled with one real random embedding of the real shape."""
     from neighbor_grpo.models.architectures import build_diffusers_adapter, random_text_embeddings
+    from neighbor_grpo.models.flux2_zimage_archs import FAMILIES, random_prompt_features
 
     adapter = build_diffusers_adapter(arch, resolution, "meta", dtype, spec=spec, options=options)
     adapter._device = torch.device("cpu")  # the fake tensors live on "cpu"; FLOPs and bytes map to the GPU
     adapter.cache = PromptCache(torch.device("cpu"))
-    adapter.encode_new_prompts = random_text_embeddings(*spec["text"], "cpu", dtype)
+    if arch in FAMILIES:  # FLUX.2 / Z-Image prompt features (Z-Image's with their lengths)
+        adapter.encode_new_prompts = random_prompt_features(arch, *spec["text"][:2], "cpu", dtype)
+    else:
+        adapter.encode_new_prompts = random_text_embeddings(*spec["text"], "cpu", dtype)
     return adapter
 
 
-def make_traceable(adapter, lora: dict | None, checkpointing: bool, prompt: str = PLAN_PROMPT) -> TracedModel:
-    """LoRA (rank, alpha, targets) and gradient checkpointing applied as the trainer applies them; a meta-built
-    diffusers adapter's transformer and VAE are then made fake (the prompt is encoded before, outside the mode).
-    Any other adapter (the built-in model: small) is traced for real."""
+def make_traceable(adapter, lora: dict | None, checkpointing: bool, prompt: str = PLAN_PROMPT,
+                   master_weights: bool = False) -> TracedModel:
+    """LoRA (rank, alpha, targets), fp32 master weights and gradient checkpointing applied as the trainer applies
+    them; a meta-built diffusers adapter's transformer and VAE are then made fake (the prompt is encoded before,
+    outside the mode). Any other adapter (the built-in model: small) is traced for real."""
     from neighbor_grpo.models.lora import apply_lora
     from neighbor_grpo.training.speed import enable_gradient_checkpointing
 
     if lora:
         adapter.net = apply_lora(adapter.net, lora["rank"], lora["alpha"], lora["targets"])
+    if master_weights:
+        adapter.net.float()
     if checkpointing:
         enable_gradient_checkpointing(adapter)
     cond = adapter.encode_prompts([prompt])
     if not any(p.is_meta for p in adapter.net.parameters()):
-        return TracedModel(adapter, contextlib.nullcontext(), cond, bool(lora))
+        return TracedModel(adapter, contextlib.nullcontext(), cond, bool(lora), master_weights)
     mode = fake_mode()
     with mode:
         for component in (adapter.pipeline.transformer, adapter.pipeline.vae):
             component.to_empty(device="cpu")
-    return TracedModel(adapter, mode, cond, bool(lora))
+    return TracedModel(adapter, mode, cond, bool(lora), master_weights)
 
 
 def existing_tensors(model: TracedModel, *inputs: torch.Tensor) -> list[torch.Tensor]:

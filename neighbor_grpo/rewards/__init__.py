@@ -91,6 +91,20 @@ def score_one(name: str, reward: Reward, images: torch.Tensor, prompts: Sequence
     return reward(images, prompts, **kwargs)
 
 
+def check_reward_inputs(rewards: "WeightedRewards", **prompt_sets: Sequence[str]) -> None:
+    """Before any work: a reward that needs source images, given a prompt set (named by its keyword, e.g.
+    training=...) whose prompts carry none, is one clear error."""
+    from neighbor_grpo.config.prompts import source_image_paths
+
+    for where, prompts in prompt_sets.items():
+        if not prompts or source_image_paths(prompts) is not None:
+            continue
+        for name, reward in rewards.rewards.items():
+            if "source_images" in reward_needs(reward, name):
+                raise ValueError(f"reward {name!r} needs source images, which the {where.replace('_', '-')} prompts "
+                                 "do not have (editing prompts: a JSONL prompt set whose rows give an `image`)")
+
+
 @dataclass
 class WeightedRewards:
     """Several named rewards with weights; `score` returns each one's scores, `total` their weighted sum."""
@@ -134,3 +148,6 @@ def build_rewards(specs: Sequence[dict], device: str | torch.device = "cpu") -> 
 from neighbor_grpo.rewards import compressibility, digit_classifier  # noqa: E402,F401  (registers them)
 from neighbor_grpo.rewards import aesthetic, clip_rewards, hpsv2, image_reward, ocr  # noqa: E402,F401  (registers them)
 from neighbor_grpo.rewards import gold, tesseract  # noqa: E402,F401  (registers digit_gold, ocr_tesseract)
+from neighbor_grpo.rewards import remote  # noqa: E402,F401  (registers remote; httpx is imported when one is built)
+from neighbor_grpo.rewards import judge  # noqa: E402,F401  (registers vlm_judge; transformers/httpx load when one is built)
+from neighbor_grpo.rewards import group_rewards  # noqa: E402,F401  (registers pairwise_win_rate)

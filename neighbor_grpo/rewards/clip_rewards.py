@@ -1,5 +1,6 @@
-"""CLIP-family rewards: `clip_score` (cosine of image and prompt embeddings) and `pickscore` (PickScore_v1,
-logit_scale * cosine). Both load a transformers CLIPModel and tokenizer from local folders; nothing downloads."""
+"""CLIP-family rewards: `clip_score` (cosine of image and prompt embeddings), `pickscore` (PickScore_v1,
+logit_scale * cosine), and `clip_source_similarity` (editing: cosine of the edited image's and its source image's
+embeddings). They load a transformers CLIPModel (and a tokenizer) from local folders; nothing downloads."""
 
 from __future__ import annotations
 
@@ -120,3 +121,38 @@ def make_pickscore(path: str, processor_path: str | None = None, batch_size: int
     scale = float(model.logit_scale.detach().float().exp())
     return ClipSimilarity(model, tokenizer, processor_crop_transform(processor_folder, model), scale=scale,
                           batch_size=batch_size)
+
+
+class ClipSourceSimilarity:
+    """cos(CLIP embedding of the edited image, CLIP embedding of its source image): how much of the source an edit
+    keeps. A baseline for edit consistency, not a judge of the edit: it is highest for no edit at all, so it goes
+    beside a reward for following the instruction (clip_score of the instruction, or a VLM judge)."""
+
+    needs = ("source_images",)
+
+    def __init__(self, model, transform: ImageTransform, batch_size: int = 16):
+        self.model, self.transform, self.batch_size = model, transform, int(batch_size)
+        self.device, self.dtype = model.visual_projection.weight.device, model.visual_projection.weight.dtype
+
+    def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        return clip_image_embeddings(self.model, self.transform(images.to(self.device, torch.float32)).to(self.dtype))
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], source_images: torch.Tensor) -> torch.Tensor:
+        if source_images.shape[0] != images.shape[0]:
+            raise ValueError(f"clip_source_similarity: {len(images)} images but {len(source_images)} source images")
+        with torch.no_grad():
+            scores = [paired_cosine(self.embeddings(images[i:i + self.batch_size]),
+                                    self.embeddings(source_images[i:i + self.batch_size]))
+                      for i in range(0, len(images), self.batch_size)]
+        return torch.cat(scores).float().to(images.device)
+
+
+@register_reward("clip_source_similarity")
+def make_clip_source_similarity(path: str, processor_path: str | None = None, batch_size: int = 16,
+                                device: str | torch.device = "cpu", dtype: str = "float32") -> ClipSourceSimilarity:
+    """Editing baseline: raw cosine (in [-1, 1]) of the CLIP image embeddings of each edit and its source image
+    (the prompt set's `image`); the same CLIP folders as clip_score (no tokenizer needed)."""
+    folder = require_path(path, "CLIP model", CLIP_HOW_TO, folder=True)
+    processor_folder = require_path(processor_path or folder, "CLIP processor", CLIP_HOW_TO, folder=True)
+    model = load_clip_model(folder, device, parse_dtype(dtype))
+    return ClipSourceSimilarity(model, processor_crop_transform(processor_folder, model), batch_size=batch_size)

@@ -88,11 +88,16 @@ def _b_features(settings: GoldSettings) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_gold(settings: GoldSettings = GoldSettings()):
     """The calibrated SVC and the per-class typical radii, fitted on split B alone (deterministic)."""
+    return fit_gold_on(*_b_features(settings), settings)
+
+
+def fit_gold_on(features: np.ndarray, labels: np.ndarray, settings: GoldSettings = GoldSettings()):
+    """The gold's construction on any reference set of user-view digits (B, or a resample of B: the stability
+    check of neighbor_grpo.rewards.gold_stability)."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.model_selection import GroupKFold
     from sklearn.svm import SVC
 
-    features, labels = _b_features(settings)
     x, y, source = shifted_copies(features, labels, settings.max_shift, settings.pooled_size)
     # folds grouped by original digit: the calibration never sees a shifted copy of a digit it is scored on
     folds = list(GroupKFold(settings.calibration_folds).split(x, y, groups=source))
@@ -133,9 +138,10 @@ def ensure_gold(settings: GoldSettings = GoldSettings()) -> Path:
 class GoldReward:
     """gold = gold_class x typical per image; `components` gives all three, `extra_metrics` their means."""
 
-    def __init__(self, classifier, radii: Sequence[float], settings: GoldSettings = GoldSettings()):
+    def __init__(self, classifier, radii: Sequence[float], settings: GoldSettings = GoldSettings(),
+                 reference: tuple[np.ndarray, np.ndarray] | None = None):
         self.classifier, self.radii, self.settings = classifier, np.asarray(radii, dtype=np.float64), settings
-        features, labels = _b_features(settings)
+        features, labels = _b_features(settings) if reference is None else reference
         self._b_by_class = [features[labels == c] for c in range(10)]
 
     def components(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -58,20 +58,70 @@ def marker_kind(folder: Path) -> str | None:
 
 # sub-folders whose entries follow a pattern: a checkpoint per iteration, a sample grid per evaluation
 _SUBFOLDER_ENTRIES = {"checkpoints": re.compile(r"^iter-\d+$"), "samples": re.compile(r"^iter-\d+\.png$")}
+# a comparison's folder: per results stem the JSON, its table, plots, partial results and final-models folder; the
+# models folder holds one safetensors file per run
+_COMPARE_ENTRY = re.compile(r"^.+(\.json|\.md|_curves\.png|_overoptimization\.png|_models)$")
+_COMPARE_MODEL = re.compile(r"^.+_lr[^/]+_k\d+_seed-?\d+\.safetensors$")
+
+
+def _fits(folder: Path, name: str, layout: set[str]) -> bool:
+    """Is the entry `name` one that a folder of this layout holds (and, for a patterned sub-folder, only entries
+    of that pattern)?"""
+    if _TEMPORARY.match(name):
+        return True
+    if name not in layout:
+        return False
+    pattern = _SUBFOLDER_ENTRIES.get(name)
+    if pattern is None or not (folder / name).is_dir():
+        return True
+    return all(pattern.match(p.name) or _TEMPORARY.match(p.name) for p in (folder / name).iterdir())
+
+
+def foreign_entries(folder: Path, kind: str) -> list[str]:
+    """The entries of a folder of this kind that ngrpo did not write there (a user's notes, analyses, copies),
+    sorted; [] when the folder holds only what ngrpo writes."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, ".lock"))
+    if kind == "compare":
+        return [n for n in names if not _fits_compare(folder, n)]
+    return [n for n in names if not _fits(folder, n, LEGACY_LAYOUTS[kind][0])]
+
+
+def _fits_compare(folder: Path, name: str) -> bool:
+    if _TEMPORARY.match(name) or _COMPARE_MODEL.match(name):
+        return True
+    if not _COMPARE_ENTRY.match(name):
+        return False
+    return not (name.endswith("_models") and (folder / name).is_dir() and foreign_entries(folder / name, "compare"))
 
 
 def legacy_kind(folder: Path) -> str | None:
     """The kind of an older version's folder (no marker) whose every entry that version wrote; else None."""
     folder = Path(folder)
     names = {p.name for p in folder.iterdir()} - {MARKER}
-    for sub, pattern in _SUBFOLDER_ENTRIES.items():
-        if (folder / sub).is_dir() and not all(pattern.match(p.name) or _TEMPORARY.match(p.name)
-                                                for p in (folder / sub).iterdir()):
-            return None
     for kind, (layout, signature) in LEGACY_LAYOUTS.items():
-        if signature <= names and all(n in layout or _TEMPORARY.match(n) for n in names):
+        if signature <= names and not foreign_entries(folder, kind):
             return kind
     return None
+
+
+def replacement_refusal(path: Path, shown: str) -> str | None:
+    """Why --overwrite may not replace this non-empty folder: it was not made by ngrpo, or it holds entries ngrpo
+    did not write (a copied marker does not make a user's files ours); None when everything in it is ours."""
+    kind = marker_kind(path)
+    if kind is None:
+        if legacy_kind(path) is not None:
+            return None
+        entries = visible_entries(path)
+        return (f"{shown} was not made by ngrpo (no {MARKER}, and it holds {entries[:4]}"
+                f"{' ...' if len(entries) > 4 else ''}); --overwrite replaces only folders ngrpo made: "
+                "move those files or give a new folder")
+    foreign = foreign_entries(path, kind)
+    if not foreign:
+        return None
+    return (f"{shown} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} ngrpo did not write "
+            f"{foreign[:6]}{' ...' if len(foreign) > 6 else ''}; --overwrite replaces only what ngrpo wrote "
+            "(docs/robustness.md): move them out of the folder or give a new folder")
 
 
 def visible_entries(folder: Path) -> list[str]:
@@ -126,15 +176,20 @@ def check_folder_target(path: str | Path, overwrite: bool, flag: str = "--out") 
     if not overwrite:
         raise OwnershipError(f"{shown} is not empty; pass --resume to continue that run (train) or --overwrite to "
                              "replace a folder this tool made")
-    if marker_kind(path) is None and legacy_kind(path) is None:
-        raise OwnershipError(f"{shown} was not made by ngrpo (no {MARKER}, and it holds {entries[:4]}"
-                             f"{' ...' if len(entries) > 4 else ''}); --overwrite replaces only folders ngrpo made: "
-                             "move those files or give a new folder")
+    refusal = replacement_refusal(path, shown)
+    if refusal:
+        raise OwnershipError(refusal)
     return True
 
 
 def _check_parents(path: Path, flag: str) -> None:
-    """The nearest existing ancestor must be a folder we can write in (caught before any work starts)."""
+    """The nearest existing ancestor must be a folder we can write in (caught before any work starts), outside the
+    installed package (a run there would be lost with the next install, or shipped with the source)."""
+    package = Path(__file__).resolve().parents[1]
+    real = Path(os.path.realpath(path))
+    if real == package or package in real.parents:
+        raise OwnershipError(f"{flag} {str(path)!r} is inside the installed neighbor_grpo package ({package}); give "
+                             f"a folder outside it, e.g. {flag} runs/NAME")
     parent = Path(os.path.abspath(path)).parent
     while not parent.exists():
         parent = parent.parent

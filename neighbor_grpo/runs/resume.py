@@ -79,6 +79,9 @@ def parse_changes(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--accept-changes {item!r}: expected key=value, e.g. optim.lr=3e-5")
+        if key.strip() in changes:  # last-wins would silently drop the first value
+            raise ConfigError(f"--accept-changes {key.strip()}: given twice ({key.strip()}={changes[key.strip()]!r} "
+                              f"and {item!r}); keep one of them")
         try:
             changes[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -145,9 +148,27 @@ def record_changes(run: Path, config: TrainConfig, iteration: int, changes: list
     atomic_write_text(path, json.dumps(metadata, indent=2))
 
 
+def recovery(run: Path, config: TrainConfig) -> str:
+    """What to do after a blow-up, as one sentence: the setting furthest from its default when it is not the
+    learning rate (a run with `awm.advantage_max=50` is not helped by a lower lr), else the lower-lr command."""
+    from neighbor_grpo.training.guards import furthest_setting
+
+    blamed = furthest_setting(config)
+    if blamed and blamed[0] != "optim.lr":
+        key, value, default, factor = blamed
+        if is_acceptable(key):
+            how = (f"continue with it at its default: ngrpo train --resume {run} --accept-changes {key}={default:g} "
+                   f"(Python: train(config, {str(run)!r}, resume=True, accept_changes={{{key!r}: {default:g}}}))")
+        else:
+            how = f"start a new run with it nearer its default ({key} cannot change on resume)"
+        return f"Likely setting: {key}={value:g} ({factor:.3g}x its default {default:g}, the furthest from its default); {how}"
+    return f"Continue from the last good checkpoint with a lower learning rate: {lower_lr_command(run, config)}"
+
+
 def lower_lr_command(run: Path, config: TrainConfig) -> str:
-    """The command that continues an aborted run with a third of its learning rate (CLI and Python)."""
-    lr = float(f"{config.optim.lr / 3:.3g}")
+    """The command that continues an aborted run with a third of its learning rate, at most the default one (a
+    third of lr=1e6 blows up again) (CLI and Python)."""
+    lr = float(f"{min(config.optim.lr / 3, type(config)().optim.lr):.3g}")
     return (f"ngrpo train --resume {run} --accept-changes optim.lr={lr:g} "
             f"(Python: train(config, {str(run)!r}, resume=True, accept_changes={{'optim.lr': {lr:g}}}))")
 

@@ -22,13 +22,13 @@ from neighbor_grpo.config.train_config import TrainConfig, to_dict
 from neighbor_grpo.parallel.distributed import Processes, all_true, barrier, broadcast_object
 from neighbor_grpo.parallel.wrapping import full_tensor
 from neighbor_grpo.runs.exports import write_manifest
-from neighbor_grpo.training.guards import NonFiniteWeights, TrainingAborted, all_finite, check_effective, training_state
+from neighbor_grpo.training.guards import NonFiniteModel, NonFiniteWeights, TrainingAborted, all_finite, check_effective, training_state
 from neighbor_grpo.runs.io import atomic_write_text
 from neighbor_grpo.training.logs import MetricsLog, plot_curves, save_grid
 from neighbor_grpo.models import net_swapped
-from neighbor_grpo.training.monitors import evaluate
+from neighbor_grpo.training.monitors import NonFiniteSamples, evaluate
 from neighbor_grpo.training.parts import TrainingParts
-from neighbor_grpo.runs.resume import input_fingerprint, lower_lr_command, resume_config
+from neighbor_grpo.runs.resume import input_fingerprint, recovery, resume_config
 from neighbor_grpo.runs.run_files import PREVIOUS_BEST, export_iteration, prepare_run_folder, remove_tree, tidy_for_resume
 from neighbor_grpo.runs.runfolder import RunFolder
 from neighbor_grpo.runs.training_state import TrainingState, load_state, new_counters, save_state
@@ -182,7 +182,7 @@ class Run:
 
     def evaluate(self, iteration: int) -> dict:
         """Held-out metrics: the main process evaluates (under FSDP all take part in the forward passes); all get them."""
-        metrics, parts, config = {}, self.parts, self.config
+        metrics, failure, parts, config = {}, None, self.parts, self.config
         if self.main or self.processes.sharded:
             context = parts.ema.applied(self.adapter.net) if parts.ema is not None else contextlib.nullcontext()
             try:
@@ -194,9 +194,16 @@ class Run:
                     save_grid(images[:16, :8], self.path / "samples" / f"iter-{iteration:06d}.png",
                               row_labels=list(self.heldout_prompts[:16]))
             except FloatingPointError as error:  # a NaN/inf held-out score: no held-out metrics this time
-                warnings.warn(f"held-out evaluation after iteration {iteration} skipped: {error}")
-                metrics = {}
-        return broadcast_object(metrics, self.processes)
+                metrics, failure = {}, (str(error) if isinstance(error, NonFiniteSamples) else None)
+                if failure is None or iteration < config.iterations:
+                    warnings.warn(f"held-out evaluation after iteration {iteration} skipped: {error}")
+        metrics, failure = broadcast_object((metrics, failure), self.processes)
+        if failure is not None and iteration >= config.iterations > 0:
+            # finite weights whose samples are NaN/inf are no model: the run fails rather than export it
+            raise NonFiniteModel(f"the final held-out samples (after iteration {iteration}) are not finite: {failure}; "
+                                 f"the weights are finite but the model they make is not, so no aligned/ was written. "
+                                 f"{recovery(self.path, config)}")
+        return metrics
 
     def evaluate_before(self, start: int) -> dict:
         """The base model's held-out metrics: evaluated at iteration 0, or read back when resuming after it."""
@@ -230,7 +237,7 @@ class Run:
         with context, _plain_net(self.adapter, parts):
             if not all_true(torch.tensor([all_finite(self.adapter.net.parameters())]), self.processes)[0]:
                 raise NonFiniteWeights(f"the weights to export as {folder_name}/ hold NaN/inf; nothing exported. "
-                                       f"Continue from the last good checkpoint: {lower_lr_command(run, self.config)}")
+                                       f"{recovery(run, self.config)}")
             if self.main:  # the adapter writes its own export format (a LoRA it merges or saves beside the weights)
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.adapter.save(tmp, extra=extra)
@@ -253,9 +260,8 @@ class Run:
         if not all_true(torch.tensor([all_finite(training_state(parts.params, parts.optimizer, parts.ema))]),
                         self.processes)[0]:
             raise NonFiniteWeights(f"the weights or optimizer state hold NaN/inf after iteration "
-                                   f"{self.boundary.iteration}; they are neither checkpointed nor exported. Continue from "
-                                   f"the last good checkpoint with a lower learning rate: "
-                                   f"{lower_lr_command(self.path, self.config)}")
+                                   f"{self.boundary.iteration}; they are neither checkpointed nor exported. "
+                                   f"{recovery(self.path, self.config)}")
         save_state(self.checkpoints, self.boundary, self.adapter.net, self.parts, fault_hook=self.hook)
         self.last_saved = self.boundary.iteration
         if self.main:
@@ -282,10 +288,10 @@ class Run:
             where = (f"resume continues from the checkpoint after iteration {self.last_saved} "
                      f"({str(self.checkpoints / f'iter-{self.last_saved:06d}')!r})" if self.last_saved is not None
                      else "no checkpoint yet, so resume starts over")
-            how = (lower_lr_command(self.path, self.config) if isinstance(error, (NonFiniteWeights, TrainingAborted))
-                   else f"ngrpo train --resume {self.path}")
+            how = (recovery(self.path, self.config) if isinstance(error, (NonFiniteWeights, NonFiniteModel, TrainingAborted))
+                   else f"Continue with `ngrpo train --resume {self.path}`")
             print(f"ngrpo: the run stopped ({type(error).__name__}) with {boundary} iterations complete; "
-                  f"{where}. Continue with `{how}`.", file=sys.stderr, flush=True)
+                  f"{where}. {how}.", file=sys.stderr, flush=True)
         self.log.close()
 
     def finish(self) -> dict:

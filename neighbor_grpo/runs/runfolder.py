@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 from neighbor_grpo.runs.io import fsync_dir
-from neighbor_grpo.runs.ownership import (OwnershipError, check_folder_target, legacy_kind, marker_kind, visible_entries,
-                                     write_marker)
+from neighbor_grpo.runs.ownership import (OwnershipError, check_folder_target, replacement_refusal, visible_entries,
+                                          write_marker)
 
 
 class RunFolderError(OwnershipError):
@@ -125,7 +125,7 @@ class RunFolder:
         old = absolute.parent / f".{absolute.name}.old-{os.getpid()}"
         replacing = self._replacing and absolute.exists()
         if replacing:
-            if visible_entries(absolute) and marker_kind(absolute) is None and legacy_kind(absolute) is None:
+            if visible_entries(absolute) and replacement_refusal(absolute, "--out"):
                 raise RunFolderError(f"--out {str(self.final)!r}: files appeared in it during start-up "
                                      f"({visible_entries(absolute)[:4]}); it was left as it is")
             os.replace(absolute, old)

@@ -17,6 +17,10 @@ class NonFiniteWeights(RuntimeError):
     """The trained weights hold NaN/inf: nothing is checkpointed or exported from them."""
 
 
+class NonFiniteModel(RuntimeError):
+    """The weights are finite but the final held-out samples are NaN/inf: no aligned/ is written (exit 1)."""
+
+
 class TrainingIneffective(RuntimeError):
     """Almost no update changed the weights; the CLI exits with status 1 and no aligned/ is written."""
 
@@ -43,6 +47,29 @@ def weights_checksum(params) -> float:
     return float(torch.stack(sums).sum()) if sums else 0.0
 
 
+FURTHEST_FACTOR = 10.0
+"""A setting is blamed for a blow-up when it is at least this many times away from its default."""
+
+
+def furthest_setting(config) -> tuple[str, float, float, float] | None:
+    """(key, value, default, factor) of the float setting of `optim` or the run's algorithm section that is the most
+    times away from its default (both > 0; a default of 0 is an off switch, not a scale); None when none is
+    FURTHEST_FACTOR times away or more. It is the first suspect after a blow-up: not always the learning rate."""
+    from neighbor_grpo.config.train_config import to_dict
+
+    current, default = to_dict(config), to_dict(type(config)())
+    found = None
+    for section in ("optim", config.algorithm):
+        for name, value in current.get(section, {}).items():
+            base = default.get(section, {}).get(name)
+            if not (isinstance(value, float) and isinstance(base, float) and value > 0 and base > 0):
+                continue
+            factor = max(value / base, base / value)
+            if factor >= FURTHEST_FACTOR and (found is None or factor > found[3]):
+                found = (f"{section}.{name}", value, base, factor)
+    return found
+
+
 def likely_setting(config, nonfinite: int, idle: int) -> str:
     """The setting most likely to blame for a run whose updates were skipped (non-finite) or changed nothing."""
     lr = config.optim.lr
@@ -51,6 +78,11 @@ def likely_setting(config, nonfinite: int, idle: int) -> str:
         if config.algorithm == "neighbor_grpo" and tau is not None:
             return (f"neighbor_grpo.tau={tau:g} (a fixed temperature this small makes the leaping policy's ratios "
                     "non-finite; null derives it from tau_rel)")
+        blamed = furthest_setting(config)
+        if blamed and blamed[0] != "optim.lr":
+            key, value, base, factor = blamed
+            return (f"{key}={value:g} ({factor:.3g}x its default {base:g}, the setting furthest from its default) or "
+                    "the rewards (the updates had NaN/inf)")
         return f"optim.lr={lr:g} or the rewards (the updates had NaN/inf: lower the learning rate or check the reward)"
     return (f"optim.lr={lr:g} (too small to move the weights) or the rewards (check zero_variance_groups in "
             "metrics.csv: a group whose candidates all score alike has no advantage to learn from)")

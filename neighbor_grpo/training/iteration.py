@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from neighbor_grpo.maths.advantages import combine_reward_advantages
+from neighbor_grpo.config.prompts import load_source_images
 from neighbor_grpo.config.train_config import TrainConfig
 from neighbor_grpo.parallel.distributed import (SINGLE_PROCESS, BatchPart, Processes, all_true, any_process, batch_part,
                                        gather_block, global_means)
@@ -43,10 +45,12 @@ class ModelCallCounter:
         self._handles = [module.register_forward_hook(self._count) for module in (net, *extra) if module is not None]
 
     def _count(self, module, inputs, output) -> None:
+        first = inputs[0]  # the latents: one batched tensor, or (Z-Image) a list of per-sample tensors
+        samples = len(first) if isinstance(first, (list, tuple)) else int(first.shape[0])
         if torch.is_grad_enabled():
-            self.train += int(inputs[0].shape[0])
+            self.train += samples
         else:
-            self.no_grad += int(inputs[0].shape[0])
+            self.no_grad += samples
 
     def reset(self) -> tuple[int, int]:
         counts = (self.no_grad, self.train)
@@ -95,10 +99,41 @@ def score_chunk(adapter, rewards, rollout) -> tuple[dict[str, torch.Tensor], tor
         images = adapter.decode(rollout.final.flatten(0, 1))
         try:
             group_ids = torch.tensor(rollout.prompt_indices, device=images.device).repeat_interleave(g)
-            scores = rewards.score(images, [p for p in rollout.prompts for _ in range(g)], group_ids=group_ids)
+            prompts = [p for p in rollout.prompts for _ in range(g)]
+            sources = load_source_images(prompts, *images.shape[-2:])  # editing prompts carry theirs; else None
+            scores = rewards.score(images, prompts, source_images=None if sources is None else sources.to(images.device),
+                                   group_ids=group_ids)
         except FloatingPointError as error:
             return {}, images, str(error)
     return {k: v.view(P, g) for k, v in scores.items()}, images, ""
+
+
+def rollouts_and_scores(chunks: list[range], roll, score, overlap: bool) -> tuple[list, list]:
+    """Each chunk rolled out, then scored: ([rollout], [(scores, images, fault)]). With `overlap`, a worker thread
+    decodes and scores chunk k while chunk k+1 rolls out. A rollout never reads a score and its noises come from
+    keys, so both orders compute the same numbers; in turn, scoring stops at the first NaN (the update is skipped
+    either way)."""
+    pieces, scored = [], []
+    if not overlap:
+        for chunk in chunks:
+            pieces.append(roll(chunk))
+            scored.append(score(pieces[-1]))
+            if scored[-1][2]:
+                break
+        return pieces, scored
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ngrpo-scoring") as worker:
+        futures = []
+        for chunk in chunks:
+            pieces.append(roll(chunk))
+            futures.append(worker.submit(score, pieces[-1]))
+            if any(f.done() and f.exception() is not None for f in futures):
+                break  # a reward that failed for good: no point rolling out more
+        try:
+            scored = [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()  # after a failure, chunks not started yet are not scored
+    return pieces, scored
 
 
 def concat_rollouts(pieces: list):
@@ -140,16 +175,12 @@ def train_iteration(config: TrainConfig, adapter, rewards, algorithm, optimizer,
     # candidate numbers key the noises, so the blocks together roll out what one process would
     part = batch_part(count, group_size, processes.rank, processes.world_size)
     slots = part.prompts
-    pieces, chunk_scores, chunk_images, fault = [], [], [], ""
-    for chunk in group_chunks(slots, config.speed.rollout_chunk):
-        piece = rollout_chunk(algorithm, velocity, adapter, all_prompts[chunk.start:chunk.stop],
-                              all_indices[chunk.start:chunk.stop], iteration, part, processes.sharded)
-        scores, images, fault = score_chunk(adapter, rewards, piece)
-        pieces.append(piece)
-        chunk_scores.append(scores)
-        chunk_images.append(images)
-        if fault:
-            break
+    roll = lambda chunk: rollout_chunk(algorithm, velocity, adapter, all_prompts[chunk.start:chunk.stop],
+                                       all_indices[chunk.start:chunk.stop], iteration, part, processes.sharded)
+    pieces, scored = rollouts_and_scores(group_chunks(slots, config.speed.rollout_chunk), roll,
+                                         lambda piece: score_chunk(adapter, rewards, piece), config.speed.async_scoring)
+    chunk_scores, chunk_images, faults = (list(column) for column in zip(*scored))
+    fault = next((f for f in faults if f), "")
     if any_process(bool(fault), processes):  # every process skips together
         return {}, f"reward scores: {fault or 'non-finite on another process'}"
     rollout = concat_rollouts(pieces)
@@ -254,30 +285,36 @@ def accumulate_gradients(algorithm, velocity, rollout, advantages: torch.Tensor,
                          scaler=None, passes: int = 1) -> tuple[torch.Tensor, dict]:
     """The minibatch's loss over this process's groups, backpropagated in passes of `micro_batch` prompts
     (gradients accumulate; only the last pass synchronises them over processes). Every pass's loss is a mean over
-    its prompts, so weighting it by its prompt share gives exactly the one-pass gradient. At least `passes` passes:
-    a process with fewer prompts repeats its last one with weight 0, because FSDP gathers the weights in every
-    forward and all processes must take part. Returns the loss and the algorithm's stats, as means over this
-    process's groups."""
+    its prompts, so weighting it by its prompt share gives exactly the one-pass gradient. An algorithm with
+    `loss_parts(batch)` (the SDE baselines: one part per trained step) has each pass's loss backpropagated part by
+    part, so only one part's activations are alive at a time. At least `passes` passes: a process with fewer
+    prompts repeats its last one with weight 0, because FSDP gathers the weights in every forward and all
+    processes must take part. Returns the loss and the algorithm's stats, as means over this process's groups."""
     P = len(rollout.prompts)
     size = P if not micro_batch else min(micro_batch, P)
     chunks = [range(start, min(start + size, P)) for start in range(0, P, size)]
     chunks += [chunks[-1]] * (passes - len(chunks))  # the repeats carry weight 0 (below)
+    loss_parts = getattr(algorithm, "loss_parts", lambda whole: [(whole, 1.0)])
     total, stats = 0.0, {}
     for number, rows in enumerate(chunks):
-        part = len(rows) / P if number * size < P else 0.0
+        share = len(rows) / P if number * size < P else 0.0
         pieces = (rollout, advantages, batch) if len(chunks) == 1 else select_prompts(rollout, advantages, batch, rows)
-        with gradient_sync(module, enabled=number == len(chunks) - 1) if module is not None else contextlib.nullcontext():
-            loss, pass_stats = algorithm.loss(velocity, *pieces, reference_velocity)
-            scaled = loss * (weight * part)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if part == 0.0:
-            continue
-        total = total + loss.detach() * part
-        for key, value in pass_stats.items():
-            if key in MAX_OR_SHARED_STATS:
-                stats[key] = torch.maximum(torch.as_tensor(stats.get(key, value)), torch.as_tensor(value))
-            else:
-                stats[key] = stats.get(key, 0.0) + value * part
+        parts = loss_parts(pieces[2])
+        for index, (piece, piece_weight) in enumerate(parts):
+            last = number == len(chunks) - 1 and index == len(parts) - 1
+            part = share * piece_weight
+            with gradient_sync(module, enabled=last) if module is not None else contextlib.nullcontext():
+                loss, pass_stats = algorithm.loss(velocity, *pieces[:2], piece, reference_velocity)
+                scaled = loss * (weight * part)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if part == 0.0:
+                continue
+            total = total + loss.detach() * part
+            for key, value in pass_stats.items():
+                if key in MAX_OR_SHARED_STATS:
+                    stats[key] = torch.maximum(torch.as_tensor(stats.get(key, value)), torch.as_tensor(value))
+                else:
+                    stats[key] = stats.get(key, 0.0) + value * part
     return total, stats
 
 

@@ -97,6 +97,14 @@ class MetricsLog:
             self.writer.close()
 
 
+def frame_tiles(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
+    """Videos (P, S, T, C, H, W) -> (P, S * k, C, H, W): k <= `frames` evenly spaced frames of each sample (first and
+    last included), the samples one after another along the row."""
+    T = videos.shape[2]
+    picked = torch.linspace(0, T - 1, min(frames, T)).round().long().unique()
+    return videos[:, :, picked].flatten(1, 2)
+
+
 def save_grid(images: torch.Tensor, path: Path, row_labels: list[str] | None = None, scale: int = 4,
               max_tile: int = 256) -> None:
     """A PNG grid of raw images (P, S, C, H, W) in [0, 1] (clamped), one row per prompt. Small images are enlarged
@@ -104,6 +112,8 @@ def save_grid(images: torch.Tensor, path: Path, row_labels: list[str] | None = N
     (text prompts) above it, cut to the row's width."""
     from PIL import Image, ImageDraw
 
+    if images.dim() == 6:  # videos (P, S, T, C, H, W): a few frames of each, side by side
+        images = frame_tiles(images)
     P, S, C, H, W = images.shape
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     factor = min(float(scale), max_tile / max(H, W))
@@ -132,6 +142,33 @@ def save_grid(images: torch.Tensor, path: Path, row_labels: list[str] | None = N
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def save_video(video: torch.Tensor, path: Path, fps: int = 16) -> None:
+    """One video (T, C, H, W) in [0, 1] (clamped) as an MP4 (H.264 through imageio's ffmpeg plugin) or an animated GIF,
+    by the path's suffix; written to a temporary sibling and moved into place."""
+    try:
+        import imageio.v3 as iio
+    except ImportError as error:
+        raise ImportError('writing .mp4/.gif needs imageio: pip install "neighbor-grpo[video]"') from error
+    path = Path(path)
+    if path.suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: expected a file ending in .mp4 or .gif")
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (T, H, W, C)
+    if frames.shape[-1] == 1:
+        frames = frames.repeat(3, axis=-1)
+    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}{path.suffix}")
+    try:
+        if path.suffix == ".gif":
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+        else:  # libx264 wants even sides; macro_block_size 1 keeps small test videos as they are
+            iio.imwrite(tmp, frames, extension=".mp4", plugin="FFMPEG", fps=fps, macro_block_size=1)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, xlabel: str, ylabel: str, title: str) -> None:

@@ -17,8 +17,10 @@ from neighbor_grpo.parallel.wrapping import parallel_net, shard_in_place, veloci
 from neighbor_grpo.models.lora import EMA, apply_lora, make_net_velocity, make_reference_velocity
 from neighbor_grpo.models import load_adapter, model_default_shift
 from neighbor_grpo.config.prompts import resolve_prompt_sets
-from neighbor_grpo.training.speed import (allow_tf32, autocast_velocity, compile_in_place, enable_gradient_checkpointing,
-                                 make_grad_scaler, make_optimizer)
+from neighbor_grpo.rewards import check_reward_inputs
+from neighbor_grpo.training.speed import (allow_tf32, autocast_velocity, compile_in_place, compute_precision,
+                                          enable_gradient_checkpointing, keeps_master_weights, make_grad_scaler,
+                                          make_optimizer)
 
 
 @dataclass
@@ -50,7 +52,11 @@ class TrainingParts:
 def load_model(path: str, device: str, progress: bool = True, options=None):
     """A model adapter from a checkpoint folder (ours, or a diffusers folder), or the built-in base model (built and
     cached on first use). `options` (the config's `model` section) reaches adapters that take options."""
-    if path.startswith("builtin:"):  # builtin:digits (the default), builtin:digits-unet (the compute-bound one)
+    if path == "builtin:digits-reflow":  # the few-step (reflowed) student of builtin:digits
+        from neighbor_grpo.builtin.distill import ensure_reflow_model
+
+        path = str(ensure_reflow_model(progress=progress))
+    elif path.startswith("builtin:"):  # builtin:digits (the default), builtin:digits-unet (the compute-bound one)
         from neighbor_grpo.builtin.pretrain import ensure_builtin_model
 
         path = str(ensure_builtin_model(path.removeprefix("builtin:"), progress=progress))
@@ -62,11 +68,18 @@ def read_prompts(config: TrainConfig) -> list[str]:
     return resolve_prompt_sets(config.prompts)[0]
 
 
+def checked_prompt_sets(config: TrainConfig, rewards) -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts; a reward that needs what they lack (source images) stops the run here."""
+    train, held_out = resolve_prompt_sets(config.prompts)
+    check_reward_inputs(rewards, training=train, held_out=held_out)
+    return train, held_out
+
+
 def model_shift(config: TrainConfig, adapter) -> float:
     """The rollout/evaluation grid's shift: the config's value, else the adapter's default (1 if it has none)."""
     if config.algorithm_config.shift is not None:
         return float(config.algorithm_config.shift)
-    return model_default_shift(adapter)
+    return model_default_shift(adapter, getattr(config.algorithm_config, "rollout_steps", None))
 
 
 def lora_targets(config: TrainConfig, adapter) -> list[str]:
@@ -90,8 +103,8 @@ def needs_reference(config: TrainConfig) -> bool:
 
 
 def build_training_parts(config: TrainConfig, adapter, processes: Processes = SINGLE_PROCESS) -> TrainingParts:
-    """LoRA (if asked), the reference velocity, speed settings, DDP/FSDP over `processes`, the optimizer over the
-    trainable parameters, EMA, the algorithm and its own networks."""
+    """LoRA (if asked), the reference velocity, fp32 master weights (speed.keeps_master_weights), speed settings,
+    DDP/FSDP over `processes`, the optimizer over the trainable parameters, EMA, the algorithm and its own networks."""
     speed = config.speed
     frozen = None
     if config.optim.finetune == "lora":
@@ -102,6 +115,10 @@ def build_training_parts(config: TrainConfig, adapter, processes: Processes = SI
         frozen = frozen_copy(adapter.net)
     # the algorithm's own networks start as copies of the policy: an old policy kept by soft update, an EMA copy
     algorithm_nets = {name: frozen_copy(adapter.net) for name in getattr(ALGORITHMS[config.algorithm], "networks", ())}
+    weights = next(adapter.net.parameters())
+    master = keeps_master_weights(config.model.dtype, weights.device.type, config.optim.finetune, weights.dtype)
+    if master:  # after the frozen copies were taken: they stay in the loaded dtype
+        adapter.net.float()
     allow_tf32(speed.tf32)
     if speed.gradient_checkpointing:
         enable_gradient_checkpointing(adapter)
@@ -121,7 +138,7 @@ def build_training_parts(config: TrainConfig, adapter, processes: Processes = SI
     shift = model_shift(config, adapter)
     algorithm = ALGORITHMS[config.algorithm](dataclasses.replace(config.algorithm_config, shift=shift), seed=config.seed)
     device = next(adapter.net.parameters()).device
-    precision = speed.mixed_precision
+    precision = compute_precision(speed.mixed_precision, master)
     if algorithm_nets:
         algorithm.attach({name: autocast_velocity(make_net_velocity(adapter, net), precision, device)
                           for name, net in algorithm_nets.items()}, algorithm_nets)

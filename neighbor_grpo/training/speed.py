@@ -1,5 +1,5 @@
-"""One-GPU speed settings (the config's `speed` section): mixed precision, TF32, gradient checkpointing,
-torch.compile and the optimizer. Each is a small function the trainer calls once while it builds its parts."""
+"""One-GPU speed settings (the config's `speed` section): fp32 master weights, mixed precision, TF32, gradient
+checkpointing, torch.compile and the optimizer. Each is a small function the trainer calls once while it builds its parts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,22 @@ from typing import Callable
 import torch
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def keeps_master_weights(model_dtype: str, device_type: str, finetune: str, loaded: torch.dtype) -> bool:
+    """Whether a run holds its trained network in float32 (fp32 master weights, so fp32 gradients and AdamW moments)
+    while it computes in bf16: the default for a full fine-tune whose `model.dtype: auto` loaded the net in half
+    precision (on CUDA). Pure bf16 weights round away every AdamW update smaller than 2^-9 of the weight (at lr 1e-6
+    a weight above ~0.0005 never moves), so they must be asked for: an explicit `model.dtype: bfloat16`. LoRA is
+    unaffected (peft keeps its adapters in float32); the frozen copies, text encoders and VAE stay as loaded."""
+    half = loaded in (torch.bfloat16, torch.float16)
+    return finetune == "full" and model_dtype == "auto" and device_type == "cuda" and half
+
+
+def compute_precision(mixed_precision: str, master_weights: bool) -> str:
+    """The autocast of the velocity passes: `speed.mixed_precision`, or bf16 for fp32 master weights left at 'no'
+    (they compute as the loaded bf16 model did)."""
+    return "bf16" if master_weights and mixed_precision == "no" else mixed_precision
 
 
 def autocast_velocity(velocity: Callable, mixed_precision: str, device: torch.device) -> Callable:

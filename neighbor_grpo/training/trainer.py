@@ -18,9 +18,9 @@ from neighbor_grpo.parallel.distributed import (Processes, any_process, check_ba
                                        main_process_first, sum_over_processes)
 from neighbor_grpo.training.iteration import (ModelCallCounter, prompt_batch, train_iteration,  # noqa: F401  (public API)
                                      training_counter)
-from neighbor_grpo.training.parts import build_training_parts, load_model, model_shift, read_prompts  # noqa: F401
-from neighbor_grpo.config.prompts import resolve_prompt_sets
-from neighbor_grpo.runs.resume import lower_lr_command
+from neighbor_grpo.training.parts import (build_training_parts, checked_prompt_sets, load_model, model_shift,  # noqa: F401
+                                          read_prompts)
+from neighbor_grpo.runs.resume import recovery
 from neighbor_grpo.rewards import build_rewards
 from neighbor_grpo.rewards.retry import RewardFailed, with_retries  # noqa: F401
 from neighbor_grpo.training.guards import NonFiniteWeights, TrainingAborted, TrainingIneffective, weights_checksum  # noqa: F401
@@ -67,9 +67,8 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
                         if processes.is_main else None)
         adapter.net.to(device)
         run.save_base(adapter)
-        train_prompts, heldout_prompts = resolve_prompt_sets(config.prompts)  # the prompt file is read once
-        if callable(getattr(adapter, "cache_prompts", None)):  # encoded once now: offloaded text encoders stay off
-            adapter.cache_prompts(heldout_prompts)
+        train_prompts, heldout_prompts = checked_prompt_sets(config, rewards)  # the prompt file is read once
+        check_prompts(adapter, config, train_prompts, heldout_prompts)  # before the run folder is committed
         parts = build_training_parts(config, adapter, processes)
         run.commit()  # start-up succeeded: a new run folder replaces --out only now
         run.attach(adapter, parts, rewards, heldout_prompts, monitors)
@@ -120,6 +119,23 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, overwr
         return TrainResult(run.path, config.iterations, eval_before, eval_after, time.perf_counter() - started)
 
 
+def check_prompts(adapter, config: TrainConfig, train_prompts: list[str], heldout_prompts: list[str]) -> None:
+    """Every prompt the model cannot take is an error now, naming where it came from, not minutes into the run after
+    its folder is committed. A text-encoder model encodes the held-out prompts once here (cached: offloaded text
+    encoders stay off); the built-in models' label lookup is cheap enough for every prompt."""
+    p = config.prompts
+    train_source = f"prompts.file {p.file!r}" if p.file else "prompts.train"
+    heldout_source = (f"prompts.eval_file {p.eval_file!r}" if p.eval_file else
+                      f"prompts.file {p.file!r} (its eval_fraction split)" if p.eval_fraction else "prompts.eval")
+    caches = callable(getattr(adapter, "cache_prompts", None))
+    sources = [(train_source, train_prompts), (heldout_source, heldout_prompts)]
+    for source, prompts in sources[1:] if caches else sources:
+        try:
+            adapter.cache_prompts(prompts) if caches else adapter.encode_prompts(sorted(set(prompts)))
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+
+
 def count_model_evals(calls: ModelCallCounter, counters: dict, processes: Processes, finetune: str) -> dict[str, float]:
     """The iteration's velocity-net passes over all processes in forward-equivalents (cost.forward_equivalents: a
     with-grad pass is 1 + b, b = 2 for a full fine-tune, 1 for LoRA), added to the run's running total."""
@@ -152,6 +168,6 @@ def count_updates(skipped: str, changed: bool, counters: dict, values: dict, con
 
 def abort_message(run: Run, skipped: str, done: int) -> str:
     return (f"{run.counters['nonfinite_in_row']} updates in a row had NaN/inf ({skipped}); stopping "
-            f"(max_nonfinite_in_row={run.config.max_nonfinite_in_row}). Lower optim.lr or check the reward; "
+            f"(max_nonfinite_in_row={run.config.max_nonfinite_in_row}). Check the settings and the reward; "
             f"the state after iteration {done} is saved in {str(run.checkpoints / f'iter-{done:06d}')!r}. "
-            f"Continue with a lower learning rate: {lower_lr_command(run.path, run.config)}")
+            f"{recovery(run.path, run.config)}")

@@ -118,3 +118,47 @@ def test_ema_policy_update_and_its_kl_vanish_with_zero_decay():
 def test_bad_settings_name_the_field(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, ["algorithm=awm", override])
+
+
+def awm_loss(config: AWMConfig, data: Rollout, advantages: torch.Tensor, policy, reference=None, ema=None):
+    velocity = lambda module: (lambda x, s, cond: module(x))
+    algorithm = AWM(config, seed=0)
+    if ema is not None:
+        algorithm.attach({"ema_policy": velocity(ema)}, {"ema_policy": ema})
+    batch = algorithm.minibatches(data, 1)[0]
+    return algorithm.loss(velocity(policy), data, advantages, batch,
+                          velocity(reference) if reference is not None else None)
+
+
+def test_advantage_is_divided_by_adv_clip_and_scaled_by_advantage_max():
+    """Ahat = A / adv_clip * advantage_max (the loss is linear in Ahat): doubling adv_clip halves the loss,
+    advantage_max 3 triples it."""
+    torch.manual_seed(0)
+    data, net = rollout(N=4), torch.nn.Linear(5, 5)
+    advantages = torch.tensor([[0.5, -0.25, 0.75, -1.0], [0.1, 0.2, -0.3, 0.0]])  # inside every clip range here
+    base = dict(group_size=4, num_times=2, rollout_steps=4, kl_beta=0.0, ema_beta=0.0)
+    one, _ = awm_loss(AWMConfig(**base, adv_clip=1.0, advantage_max=1.0), data, advantages, net)
+    two, _ = awm_loss(AWMConfig(**base, adv_clip=2.0, advantage_max=1.0), data, advantages, net)
+    scaled, _ = awm_loss(AWMConfig(**base, adv_clip=2.0, advantage_max=3.0), data, advantages, net)
+    assert abs(float(one)) > 1e-3
+    assert float(two) == pytest.approx(float(one) / 2, rel=1e-6)
+    assert float(scaled) == pytest.approx(3 * float(one) / 2, rel=1e-6)
+
+
+def test_both_kl_terms_measure_their_own_network():
+    """With kl_beta and ema_beta both on, kl_ref is against the reference and kl_ema against the EMA policy: an EMA
+    policy equal to the trained one gives kl_ema 0 while the reference's KL is positive, and the loss adds
+    kl_beta kl_ref + ema_beta kl_ema to the policy term."""
+    torch.manual_seed(1)
+    data, net, reference = rollout(N=4), torch.nn.Linear(5, 5), torch.nn.Linear(5, 5)
+    ema = torch.nn.Linear(5, 5).requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    config = AWMConfig(group_size=4, num_times=2, rollout_steps=4, kl_beta=0.5, ema_beta=2.0)
+    advantages = torch.zeros(2, 4)  # the policy term is 0: the loss is the KL terms alone
+    loss, stats = awm_loss(config, data, advantages, net, reference, ema)
+    assert stats["kl_ema"] == 0 and stats["kl_ref"] > 1e-3
+    assert float(loss) == pytest.approx(0.5 * float(stats["kl_ref"]), rel=1e-6)
+    ema.weight.data.add_(0.1)  # now the EMA policy differs by 0.1 per weight: kl_ema > 0, kl_ref unchanged
+    loss, moved = awm_loss(config, data, advantages, net, reference, ema)
+    assert moved["kl_ema"] > 1e-4 and moved["kl_ref"] == stats["kl_ref"]
+    assert float(loss) == pytest.approx(0.5 * float(moved["kl_ref"]) + 2.0 * float(moved["kl_ema"]), rel=1e-6)

@@ -221,6 +221,8 @@ SPEC_COST = {
     "neighbor_grpo": P * G * 8 + 3 * P * 4 * 4,  # 1152
     # the library's defaults add reference anchoring (ref_beta 1, docs/design.md): one reference forward per trained unit
     "neighbor_grpo_defaults": P * G * 8 + 3 * P * 4 * 4 + P * 4 * 4,  # 1280
+    # the clean-sample policy (policy_space x0, the few-step ablation's row) makes the same calls as the paper's
+    "neighbor_grpo_x0": P * G * 8 + 3 * P * 4 * 4,  # 1152
     # competitors.md 4.4 without CFG (GRPO-Guard = Flow-GRPO with KL off): rollout 10, steps 0-8 x 3 = 37 per sample
     "flow_grpo": P * G * 10 + 3 * P * G * 9,  # 3552
     # algorithms.md 1: 25-step SDE rollout, NFE_theta = 14 trained steps (int(0.6 x 24), the code; the spec's

@@ -186,3 +186,37 @@ def test_two_iterations_train_on_the_built_in_model(tmp_path):
     trained = [row for row in rows if row["ratio_mean"]]  # the other rows are the evaluations
     assert len(trained) == 2 and all(math.isfinite(float(row["ratio_mean"])) for row in trained)
     assert any(not torch.equal(a, b) for a, b in zip(start, adapter.net.parameters()))
+
+
+@pytest.mark.parametrize("sde_type", ["cps", "sde"])
+def test_kl_is_the_mean_squared_step_mean_difference_scaled_only_for_flow_grpo(sde_type):
+    """The logged KL term: kl_beta mean_d (mu - mu_ref)^2 for CPS (FlowCPS: no variance, its sigma is 0 at s' = 0);
+    Flow-GRPO's own SDE divides it by 2 sigma_t^2 (the noise scale, train_sd3.py)."""
+    from neighbor_grpo.algorithms.common import gather_members
+    from neighbor_grpo.algorithms.sde import flow_grpo_noise_scale
+
+    torch.manual_seed(3)
+    net, reference = TinyVelocity(), TinyVelocity()
+    config = FlowGRPOConfig(group_size=G, rollout_steps=6, num_minibatches=1, sde_type=sde_type, kl_beta=0.3)
+    algorithm = FlowGRPO(config, seed=5)
+    rollout = algorithm.rollout(net, torch.tensor([0, 2]), ["a", "b"], [0, 1], 0, LATENT)
+    [batch] = algorithm.minibatches(rollout, 0)
+    _, stats = algorithm.loss(net, rollout, torch.zeros(P, G), batch, reference_velocity=reference)
+    sigmas = [float(s) for s in rollout.sigmas]
+    expected = []
+    with torch.no_grad():
+        for j in batch.steps:
+            x = gather_members(rollout.states[j], batch.members).flatten(0, 1)
+            s = rollout.sigmas[j]
+            cond = torch.tensor([0, 2]).repeat_interleave(G)
+            if sde_type == "cps":
+                mean, _ = cps_mean_std(x, net(x, s, cond), sigmas[j], sigmas[j + 1], 0.8)
+                mean_ref, _ = cps_mean_std(x, reference(x, s, cond), sigmas[j], sigmas[j + 1], 0.8)
+                scale = 1.0
+            else:
+                mean, _ = flow_grpo_mean_std(x, net(x, s, cond), sigmas[j], sigmas[j + 1], 0.7, sigmas[1])
+                mean_ref, _ = flow_grpo_mean_std(x, reference(x, s, cond), sigmas[j], sigmas[j + 1], 0.7, sigmas[1])
+                scale = 1 / (2 * flow_grpo_noise_scale(sigmas[j], 0.7, sigmas[1]) ** 2)
+            expected.append(0.3 * scale * float((mean - mean_ref).pow(2).flatten(1).mean(-1).mean()))
+    assert min(expected) > 0
+    assert float(stats["kl_loss"]) == pytest.approx(sum(expected) / len(expected), rel=1e-5)

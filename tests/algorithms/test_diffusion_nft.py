@@ -170,3 +170,24 @@ def test_old_and_current_policy_agree_bitwise_before_the_first_update():
     x, cond = torch.randn(3, *adapter.latent_shape()), adapter.encode_prompts(["1", "2", "3"])
     s = torch.tensor([1.0, 0.5, 0.01])
     assert torch.equal(parts.algorithm.old_velocity(x, s, cond), parts.velocity(x, s, cond))
+
+
+def test_code_loss_scale_is_adv_clip_over_beta_in_the_loss():
+    """DiffusionNFT.loss with loss_scale 'code' is adv_clip / beta (here 4 / 0.1 = 40) times the 'paper' loss."""
+    from neighbor_grpo.algorithms.common import Rollout
+
+    torch.manual_seed(2)
+    net, old = torch.nn.Linear(5, 5), torch.nn.Linear(5, 5).requires_grad_(False)
+    data = Rollout(["a", "b"], [0, 1], torch.zeros(2, 3), sigma_grid(4, 3.0), torch.randn(2, 2, 4, 5),
+                   torch.zeros(1, 2, 4, 5))
+    advantages = torch.tensor([[1.0, -2.0, 0.5, 0.5], [3.0, -1.0, -1.5, -0.5]])
+    velocity = lambda module: (lambda x, s, cond: module(x))
+
+    def loss(scale: str) -> float:
+        algorithm = DiffusionNFT(DiffusionNFTConfig(group_size=4, rollout_steps=4, beta=0.1, adv_clip=4.0,
+                                                    kl_beta=0.0, loss_scale=scale), seed=0)
+        algorithm.attach({"old_policy": velocity(old)}, {"old_policy": old})
+        return float(algorithm.loss(velocity(net), data, advantages, algorithm.minibatches(data, 0)[0])[0])
+
+    assert abs(loss("paper")) > 1e-4
+    assert loss("code") == pytest.approx(40 * loss("paper"), rel=1e-6)

@@ -107,3 +107,26 @@ def test_awm_cost_is_the_specs(kl_beta, ema_beta, per_time, single_thread):
     samples = 2 * 4
     assert (no_grad, with_grad) == (samples * (14 + (per_time - 3) * 6), samples * 6)
     assert forward_equivalents(no_grad, with_grad, "full") / samples == 14 + per_time * 6 == (44 if per_time == 5 else 38)
+
+
+def test_minibatch_members_are_keyed_by_each_prompts_own_index():
+    """member_minibatches shuffles each prompt's group with its own key: a prompt's split is the same in any batch of
+    prompts (or on its own, as on another process), and two prompts get different splits."""
+    from neighbor_grpo.algorithms.common import Rollout
+    from neighbor_grpo.algorithms.forward_process import member_minibatches
+    from neighbor_grpo.maths.flow import sigma_grid
+
+    def split(indices: list[int]) -> list[torch.Tensor]:
+        P, G = len(indices), 8
+        data = Rollout([str(i) for i in indices], indices, torch.zeros(P, 3), sigma_grid(4), torch.zeros(2, P, G, 5),
+                       torch.zeros(1, P, G, 5))
+        batches = member_minibatches(data, 2, 3, seed=5, iteration=2)
+        assert all(batch.steps == [0, 1, 2] for batch in batches)
+        assert all(sorted(torch.cat([b.members[p] for b in batches]).tolist()) == list(range(G)) for p in range(P))
+        return [batch.members for batch in batches]
+
+    together = split([3, 7])
+    assert not torch.equal(together[0][0], together[0][1])  # the two prompts' splits differ
+    for position, index in enumerate([3, 7]):
+        alone = split([index])
+        assert all(torch.equal(t[position], a[0]) for t, a in zip(together, alone))

@@ -2,6 +2,7 @@
 torch.distributions, ratio 1 before the first update, the sign of the gradient, noise/window structure and
 model-evaluation counts, on a tiny conditional velocity MLP."""
 
+import dataclasses
 import math
 
 import pytest
@@ -363,3 +364,40 @@ def test_dance_grpo_trains_14_of_25_steps_as_its_reference():
         steps = {j for batch in batches for j in batch.steps}
         assert len(steps) == int(24 * 0.6) == 14 and max(steps) <= 23
         assert all(batch.steps == sorted(steps) for batch in batches)
+
+
+# ---- (g) backward per trained step, as the references ----------------------------------------------------------
+
+@pytest.mark.parametrize("micro_batch", [None, 1])
+@pytest.mark.parametrize("name", ["flow_grpo", "dance_grpo", "mix_grpo", "mix_grpo_flash"])
+def test_backward_per_step_gives_the_summed_loss_gradient(name, micro_batch, monkeypatch):
+    """The trainer backpropagates each trained step of a minibatch on its own (loss_parts): the gradient equals
+    the one of the minibatch's loss summed over its steps and backpropagated once, to 1e-6, and so does the
+    logged loss; the KL term (Flow-GRPO) is part of it."""
+    from neighbor_grpo.training.iteration import accumulate_gradients
+
+    torch.manual_seed(4)
+    net, reference = TinyVelocity(), TinyVelocity()
+    algorithm = configs("recompute", num_minibatches=1)[name]
+    if name == "flow_grpo":
+        algorithm = FlowGRPO(dataclasses.replace(algorithm.config, kl_beta=0.05), seed=3)
+    rollout = make_rollout(algorithm, net)
+    advantages = algorithm.advantages(torch.randn(P, 4))
+    [batch] = algorithm.minibatches(rollout, 1)
+    assert len(batch.steps) >= 2, "the case needs several steps in one minibatch"
+    rollout = algorithm.prepare_old_policy(net, rollout, [batch])
+    with torch.no_grad():  # off-policy, so the ratio and the clip are not trivially 1
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    summed, _ = algorithm.loss(net, rollout, advantages, batch, reference)
+    summed.backward()
+    summed = float(summed)
+    expected = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    backwards, backward = [], torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: backwards.append(1) or backward(self, *a, **k))
+    loss, _ = accumulate_gradients(algorithm, net, rollout, advantages, batch, reference, 1.0, micro_batch, None)
+    assert len(backwards) == len(batch.steps) * (P if micro_batch else 1)  # one backward per step (and micro-batch)
+    for got, want in zip((p.grad for p in net.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert float(loss) == pytest.approx(summed, rel=1e-6, abs=1e-7)

@@ -109,6 +109,9 @@ def test_an_existing_out_is_refused_before_anything_runs(short_comparison, capsy
     (["--methods", "flow_grpo"], "--methods: must include neighbor_grpo"),
     (["--methods", "neighbor_grpo", "sde"], "--methods: unknown ['sde']"),
     (["--frozen-target", "nope.json"], "--frozen-target 'nope.json'"),
+    (["--equal-steps", "0"], "--equal-steps: expected >= 1"),
+    (["--eval-sampler", "euler:0"], "--eval-sampler: expected"),
+    (["--equal-steps", "1", "--methods", "neighbor_grpo", "flow_grpo"], "flow_grpo.rollout_steps: expected an integer >= 2"),
 ])
 def test_bad_values_get_one_line_errors(tmp_path, capsys, argv, words):
     code = main(["compare", "--out", str(tmp_path / "r.json"), "--no-progress", *argv])
@@ -138,7 +141,8 @@ def _assert_applied(config, overrides: list[str]) -> None:
 
 
 def test_every_method_and_ablation_builds_the_config_it_names():
-    algorithm_of = {"neighbor_grpo": "neighbor_grpo", "neighbor_grpo_defaults": "neighbor_grpo", "flow_grpo": "flow_grpo", "dance_grpo": "dance_grpo",
+    algorithm_of = {"neighbor_grpo": "neighbor_grpo", "neighbor_grpo_defaults": "neighbor_grpo",
+                    "neighbor_grpo_x0": "neighbor_grpo", "flow_grpo": "flow_grpo", "dance_grpo": "dance_grpo",
                     "mix_grpo": "mix_grpo", "mix_grpo_flash": "mix_grpo", "flow_grpo_cps": "flow_grpo",
                     "grpo_guard": "flow_grpo", "diffusion_nft": "diffusion_nft", "awm": "awm",
                     "dgpo": "dgpo", "diffusion_nft_g24": "diffusion_nft", "awm_g24": "awm",

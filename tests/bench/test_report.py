@@ -111,3 +111,43 @@ def test_a_re_reading_never_replaces_a_file_without_overwrite(tmp_path):
         render(mine, tmp_path / "new.json")
     render(source, tmp_path / "mine.json", overwrite=True)
     assert mine.read_text() != "a user's notes"
+
+
+def _report_cli(*argv):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "neighbor_grpo.bench.report", *map(str, argv)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+
+
+def test_a_results_file_of_another_shape_is_one_line(tmp_path):
+    # issue 22 item 5: a JSON list was a traceback
+    source = tmp_path / "list.json"
+    source.write_text("[1, 2]")
+    done = _report_cli(source, "--out", tmp_path / "r.json")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.strip().count("\n") <= 1
+    assert "expected a results JSON of ngrpo compare (a JSON object), got a list" in done.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_frozen_target_takes_a_results_file_with_a_finite_target_as_compare_does(tmp_path):
+    import json
+
+    from neighbor_grpo.bench.report import render
+
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(_results()))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"target": {"gold": 0.45}}))
+    assert render(source, tmp_path / "a.json", frozen_target=earlier)["target"]["gold"] == 0.45
+    for bad in ("nan", "inf"):  # a NaN target in a results file is refused, not printed as the target
+        earlier.write_text(json.dumps({"target": {"gold": bad}}))
+        with pytest.raises(ValueError, match=f"its target.gold is {bad}; expected a finite gold target"):
+            render(source, tmp_path / f"{bad}.json", frozen_target=earlier)
+    done = _report_cli(source, "--out", tmp_path / "b.json", "--frozen-target", "nan")  # a number is not a file
+    assert done.returncode == 2 and "--frozen-target 'nan': expected a results JSON of ngrpo compare" in done.stderr
+    assert not (tmp_path / "b.json").exists()

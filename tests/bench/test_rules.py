@@ -102,9 +102,10 @@ def test_no_worse_uses_the_lower_bound_of_the_paired_difference():
     assert noisy["mean"] == pytest.approx(0.0, abs=1e-12) and not noisy["no_worse"]
 
 
-def test_lr_selection_takes_the_largest_area_under_the_proxy_curve():
+def test_area_under_curve_is_the_mean_height():
+    """The lr selection's measure (bench.grid.select; compare_grid's tests check the choice itself)."""
     xs = [0.0, 1.0, 2.0, 3.0]
-    curves = {1e-4: (xs, [0.5, 0.9, 1.0, 1.0]), 3e-4: (xs, [0.5, 0.6, 0.9, 1.0]), 1e-3: (xs, [0.5, 1.0, 0.7, 0.6])}
-    # both 1e-4 and 3e-4 end at 1.0; the faster one wins; 1e-3 rises fastest but collapses
-    assert rules.area_under_curve(*curves[1e-4]) == pytest.approx((0.7 + 0.95 + 1.0) / 3)
-    assert rules.select_lr(curves) == 1e-4
+    assert rules.area_under_curve(xs, [0.5, 0.9, 1.0, 1.0]) == pytest.approx((0.7 + 0.95 + 1.0) / 3)
+    assert rules.area_under_curve([0.0, 2.0, 3.0], [1.0, 1.0, 0.0]) == pytest.approx((2.0 + 0.5) / 3)
+    with pytest.raises(ValueError, match=">= 2 points"):
+        rules.area_under_curve([1.0], [0.5])

@@ -78,3 +78,36 @@ def test_selection_takes_the_highest_proxy_area_then_the_smaller_lr_then_the_fir
     tie = [{"lr": 3e-4, "knob_index": 0, "run": _run([0.5, 0.6])}, {"lr": 1e-4, "knob_index": 1, "run": _run([0.5, 0.6])},
            {"lr": 1e-4, "knob_index": 0, "run": _run([0.5, 0.6])}]
     assert select(tie) is tie[2]
+
+
+def test_the_protocol_grid_crosses_knob_anchoring_and_warm_up_and_every_entry_applies():
+    from neighbor_grpo.bench.settings import ANCHORING, protocol_grid
+
+    iterations = 40
+    for method in ("neighbor_grpo", "flow_grpo", "flow_grpo_cps", "diffusion_nft", "awm", "dgpo", "mix_grpo",
+                   "dance_grpo", "grpo_guard"):
+        grid = protocol_grid(method, PAPER_SETTINGS[method], 64, iterations)
+        assert len({e["label"] for e in grid}) == len(grid), method
+        for entry in grid:
+            config = load_config(None, PAPER_SETTINGS[method] + entry["overrides"])  # every override is a real field
+            if method in ANCHORING:
+                key, values = ANCHORING[method]
+                section, name = key.split(".")
+                assert getattr(getattr(config, section), name) in values, (method, entry["label"])
+    # the paper's row gets the library's anchoring as a candidate, and the overrides win over the row's own
+    anchors = {load_config(None, PAPER_SETTINGS["neighbor_grpo"] + e["overrides"]).neighbor_grpo.ref_beta
+               for e in protocol_grid("neighbor_grpo", PAPER_SETTINGS["neighbor_grpo"], 64, iterations)}
+    assert anchors == {0.0, 1.0}
+    # CPS's clip is scaled like the other element-averaged clips: x sqrt(16 x 64 x 64 / 64) = x32
+    clips = {load_config(None, PAPER_SETTINGS["flow_grpo_cps"] + e["overrides"]).flow_grpo.eps_clip
+             for e in protocol_grid("flow_grpo_cps", PAPER_SETTINGS["flow_grpo_cps"], 64, iterations)}
+    assert sorted(clips) == pytest.approx([1e-5, 3.2e-4])
+    # DiffusionNFT: lr x anchoring only (its beta is no longer a knob)
+    assert len(protocol_grid("diffusion_nft", PAPER_SETTINGS["diffusion_nft"], 64, iterations)) == 2
+    # warm-ups: the authors' and the budget's; DGPO switches at a quarter of the run's optimizer steps
+    switches = {load_config(None, PAPER_SETTINGS["dgpo"] + e["overrides"]).dgpo.switch_ema_ref
+                for e in protocol_grid("dgpo", PAPER_SETTINGS["dgpo"], 64, iterations)}
+    assert switches == {200, 10}
+    intervals = {load_config(None, PAPER_SETTINGS["mix_grpo"] + e["overrides"]).mix_grpo.window_interval
+                 for e in protocol_grid("mix_grpo", PAPER_SETTINGS["mix_grpo"], 64, iterations)}
+    assert intervals == {25, 40 // 22}

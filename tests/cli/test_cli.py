@@ -617,3 +617,53 @@ def test_a_closed_pipe_and_an_early_ctrl_c_are_quiet(tmp_path):
         assert err.strip().splitlines() == ["ngrpo train: interrupted (a run continues from its latest checkpoint "
                                             "with `ngrpo train --resume RUN`)"], err
         assert list(tmp_path.iterdir()) == []  # no half-made run folder
+
+
+# ---- issue 22: nothing silent at the edges ------------------------------------------------------------------------
+
+PACKAGE = __import__("pathlib").Path(__import__("neighbor_grpo").__file__).resolve().parent
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "optim.lr", "--out", "{tmp}/r"], "override 'optim.lr': expected key=value, e.g. optim.lr=3e-4"),
+    (["train", "optim.finetune=lora", "optim.lora_targets=[]", "--out", "{tmp}/r"],
+     "optim.lora_targets: expected a list of at least one linear layer name to adapt"),
+    (["pretrain", "--steps", "-1"], "--steps: expected a count of training steps >= 1, got -1"),
+    (["pretrain", "--classifier-epochs", "-3"], "--classifier-epochs: expected a count of epochs >= 1, got -3"),
+    (["sample", "--checkpoint", "{tmp}", "--prompt", "3", "--steps", "0", "--out", "{tmp}/s.png"],
+     "--steps: expected a count of solver steps >= 1, got 0"),
+    (["eval", "--checkpoint", "{tmp}", "--steps", "-1", "--out", "{tmp}/e.json"],
+     "--steps: expected a count of solver steps >= 1, got -1"),
+    (["train", *TINY, "--out", f"{PACKAGE}/runs_x"], "is inside the installed neighbor_grpo package"),
+    (["sample", "--checkpoint", "{tmp}", "--prompt", "3", "--out", f"{PACKAGE}/x.png"],
+     "is inside the installed neighbor_grpo package"),
+])
+def test_library_text_becomes_one_line_naming_the_key(tmp_path, capsys, argv, words):
+    # issue 22 item 8: peft's text for lora_targets=[], torch's for --steps -1, a key read as a missing config file,
+    # --out inside the installed package accepted
+    code, _, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2 and err.count("\n") == 1 and words in err, err
+    assert not (PACKAGE / "runs_x").exists() and not (PACKAGE / "x.png").exists() and not (tmp_path / "r").exists()
+
+
+def test_accept_changes_with_a_key_twice_is_refused(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = folder_snapshot(run)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--accept-changes", "optim.lr=1e-5", "optim.lr=3e-5")
+    assert code == 2 and "--accept-changes optim.lr: given twice" in err and err.count("\n") == 1
+    assert {k: v for k, v in folder_snapshot(run).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_overwrite_keeps_a_run_whose_folder_holds_a_users_notes(finished_run, tmp_path, capsys):
+    # issue 22 item 1, as reported: `ngrpo train … --out runs/r1 --overwrite` deleted NOTES.md and analysis/
+    run = tmp_path / "r1"
+    shutil.copytree(finished_run, run)
+    (run / "NOTES.md").write_text("what I saw")
+    (run / "analysis").mkdir()
+    (run / "analysis" / "plot.py").write_text("...")
+    before = folder_snapshot(run)
+    code, _, err = run_cli(capsys, "train", "iterations=1", *TINY, "--out", run, "--overwrite", "--no-progress")
+    assert code == 2 and "holds 2 entries ngrpo did not write ['NOTES.md', 'analysis']" in err
+    assert folder_snapshot(run) == before

@@ -282,6 +282,13 @@ def test_wrong_types(override, field):
     ("rewards=[]", "rewards"),
     ("flow_grpo.eps_clip=1", "flow_grpo.eps_clip"),
     ("dance_grpo.eta=0", "dance_grpo.eta"),
+    # issue 22 item 7: accepted before, then a blow-up whose hint blamed optim.lr
+    ("awm.advantage_max=1e30", "awm.advantage_max"),
+    ("dance_grpo.eta=1e6", "dance_grpo.eta"),
+    ("optim.weight_decay=1e30", "optim.weight_decay"),
+    ("neighbor_grpo.ref_beta=1e30", "neighbor_grpo.ref_beta"),
+    ("flow_grpo.kl_beta=1e9", "flow_grpo.kl_beta"),
+    ("awm.ema_beta=1e9", "awm.ema_beta"),
 ])
 def test_out_of_range_values(override, field):
     message = assert_config_error([override], field)

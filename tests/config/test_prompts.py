@@ -96,3 +96,56 @@ def test_config_resolves_file_split_eval_file_and_limit(tmp_path):
 def test_config_refuses_inconsistent_prompt_settings(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+def write_image(path, colour, size=(8, 6)):
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_jsonl_rows_with_an_image_are_edit_prompts_that_carry_their_source(tmp_path):
+    import pickle
+
+    import torch
+
+    from neighbor_grpo.config.prompts import EditPrompt, load_source_images
+
+    (tmp_path / "images").mkdir()
+    write_image(tmp_path / "images" / "red.png", (255, 0, 0))
+    write_image(tmp_path / "images" / "blue.png", (0, 0, 255), size=(4, 4))
+    path = tmp_path / "edits.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [
+        {"prompt": "make it green", "image": "images/red.png"},
+        {"prompt": "make it green", "image": str(tmp_path / "images" / "blue.png")},  # absolute paths work too
+        {"prompt": "add a hat", "image": "images/red.png"}]))
+    prompts = read_prompt_file(path)
+    assert [str(p) for p in prompts] == ["make it green", "make it green", "add a hat"]
+    assert all(isinstance(p, EditPrompt) for p in prompts)
+    assert prompts[0].image == str((tmp_path / "images" / "red.png").resolve())
+    # the same instruction on two images is two prompts (a cache or a split keyed by prompts keeps them apart)
+    assert prompts[0] != prompts[1] and len(set(prompts)) == 3 and prompts[0] != "make it green"
+    assert pickle.loads(pickle.dumps(prompts[1])) == prompts[1]  # crosses process boundaries intact
+    assert json.dumps(prompts[0]) == '"make it green"'  # logs write the text
+    train, held_out = split_prompts(prompts, 0.34, seed=0)
+    assert len(train) == 2 and len(held_out) == 1 and set(train).isdisjoint(held_out)
+    sources = load_source_images(prompts, 6, 8)
+    assert sources.shape == (3, 3, 6, 8) and sources.dtype == torch.float32
+    assert torch.equal(sources[0, 0], torch.ones(6, 8)) and torch.equal(sources[0, 2], torch.zeros(6, 8))
+    assert torch.allclose(sources[1, 2], torch.ones(6, 8)) and sources[1, 0].max() < 1e-6  # resized blue
+    assert load_source_images(["a plain prompt"], 6, 8) is None
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "a", "image": "missing.png"}], r"line 1: source image '.*missing.png': no such file"),
+    ([{"prompt": "a", "image": 3}], r"line 1: expected `image` to be a path"),
+    ([{"prompt": "a", "image": "ok.png"}, {"prompt": "b"}], "some rows give an `image` and some do not"),
+])
+def test_bad_editing_rows_name_the_file_line_and_field(tmp_path, rows, message):
+    write_image(tmp_path / "ok.png", (1, 2, 3))
+    path = tmp_path / "edits.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as info:
+        read_prompt_file(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -187,3 +187,26 @@ def test_combine_reward_advantages_each_versus_sum():
     np.testing.assert_allclose(combine_reward_advantages({"small": small}, {}, "sum", fn).numpy(), ref(small.numpy()))
     with pytest.raises(ValueError):
         combine_reward_advantages(rewards, weights, "mean", fn)
+
+
+def test_combine_reward_advantages_gdpo_normalises_the_weighted_sum_over_the_batch():
+    """'advantages' (GDPO): per-reward group advantages, weighted and summed, then standardised over the whole batch
+    (population std): zero mean, unit std, whatever the number of rewards and their weights."""
+    def fn(r):
+        return std_advantages(r, eps=1e-4)
+
+    g = torch.Generator().manual_seed(3)
+    rewards = {name: torch.randn(5, 6, generator=g, dtype=torch.float64) * scale
+               for name, scale in (("a", 0.01), ("b", 1.0), ("c", 300.0))}
+    weights = {"a": 3.0, "b": 1.0, "c": 0.2}
+    gdpo = combine_reward_advantages(rewards, weights, "advantages", fn)
+    summed = sum(weights[k] * ((r - r.mean(-1, keepdim=True)) / (r.std(-1, correction=0, keepdim=True) + 1e-4))
+                 for k, r in rewards.items()).numpy()
+    np.testing.assert_allclose(gdpo.numpy(), (summed - summed.mean()) / (summed.std() + 1e-4), rtol=1e-9)
+    assert abs(float(gdpo.mean())) < 1e-12 and float(gdpo.std(correction=0)) == pytest.approx(1.0, abs=1e-4)
+    doubled = combine_reward_advantages(rewards, {k: 2 * w for k, w in weights.items()}, "advantages", fn)
+    np.testing.assert_allclose(doubled.numpy(), gdpo.numpy(), rtol=1e-4)  # the weights' overall scale drops out (but eps)
+    each = combine_reward_advantages(rewards, weights, "each", fn)
+    assert float(each.std()) > 2 * float(gdpo.std())  # 'each' grows with the rewards and weights; GDPO does not
+    with pytest.raises(ValueError, match="'each', 'sum' or 'advantages'"):
+        combine_reward_advantages(rewards, weights, "mean", fn)

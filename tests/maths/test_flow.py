@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from neighbor_grpo.maths.flow import interpolate, predict_eps, predict_x0, shift_sigmas, sigma_grid
+from neighbor_grpo.maths.flow import full_precision, interpolate, predict_eps, predict_x0, shift_sigmas, sigma_grid
 
 
 @pytest.mark.parametrize("num_steps", [1, 4, 28])
@@ -90,3 +90,12 @@ def test_predictions_accept_per_sample_tensor_times():
     s = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)[:, None]
     x = interpolate(x0, eps, s)
     torch.testing.assert_close(predict_x0(x, eps - x0, s), x0)
+
+
+def test_full_precision_upcasts_half_precision_only():
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64), (torch.int64, torch.int64)):
+        t = torch.ones(3, dtype=dtype)
+        assert full_precision(t).dtype == expected
+    exact = torch.randn(4, dtype=torch.float64)
+    assert full_precision(exact) is exact  # float32 and wider pass through untouched (float64 tests stay float64)

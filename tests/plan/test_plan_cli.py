@@ -89,6 +89,10 @@ def test_exit_3_lists_the_options_that_fit(small_flux, monkeypatch, capsys):
     (["model.path=arch:flux-pro"], "model.path: unknown architecture 'flux-pro'; choose from arch:flux-dev"),
     (["model.path=/nowhere"], "model.path: '/nowhere' is not a model the planner can read"),
     (["speed.micro_batch=zero"], "speed.micro_batch"),
+    # issue 22 item 4: more GPUs than candidates planned 1 sample per GPU and every baseline at 1.00x
+    (["--gpus", "500"], "--gpus 500: prompts_per_iteration: 8 prompts x neighbor_grpo.group_size=12 candidates cannot "
+                        "be split over 500 processes"),
+    (["--gpus", "100000000"], "cannot be split over 100000000 processes"),
 ])
 def test_bad_input_is_one_line(extra, message, capsys):
     assert main(["plan", "model.path=arch:flux-dev", *extra, "--quiet"]) == 2
@@ -127,3 +131,42 @@ def test_every_option_at_once_is_offered_where_no_single_one_fits(small_flux, mo
     assert len(together) == 1 and together[0]["gpus"] == 1
     assert together[0]["peak_gib"] == pytest.approx(combined, rel=0.05)
     assert all(o["gpus"] > 1 or o is together[0] or "not supported" in o["option"] for o in options)
+
+
+def test_a_baseline_the_trainer_would_refuse_on_these_gpus_is_an_error_row_not_a_cost(builtin_models, capsys):
+    assert main(["plan", "prompts_per_iteration=1", "neighbor_grpo.group_size=24", "--gpus", "16", "--json",
+                 "--quiet"]) == 0
+    rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)["baselines"]}
+    refused = {m for m, row in rows.items() if "error" in row}
+    assert {"flow_grpo", "dance_grpo"} <= refused and "neighbor_grpo" not in refused  # their groups < 16 GPUs
+    assert all("cannot be split over 16 processes" in rows[m]["error"] for m in refused)
+
+
+@pytest.mark.parametrize("args, words", [
+    # issue 22 item 3: these allocated 25.6 PB on the CPU, or traced for minutes
+    (["prompts_per_iteration=100000000", "neighbor_grpo.group_size=1000000"], "stored trajectories 429,153,442.4 GiB"),
+    (["model.path=arch:flux-dev", "model.height=16384", "model.width=16384"], "one sample's saved block inputs 342.0 GiB"),
+])
+def test_a_size_no_gpu_holds_is_exit_3_from_shapes_before_any_trace(builtin_models, capsys, monkeypatch, args, words):
+    traced = []
+    monkeypatch.setattr(planner.Tracer, "call", lambda *a, **k: traced.append(a) or pytest.fail("traced"))
+    assert main(["plan", *args, "--quiet"]) == 3
+    out = capsys.readouterr().out.strip()
+    assert "does not fit before any trace" in out and words in out and "\n" not in out and not traced
+    assert main(["plan", *args, "--quiet", "--json"]) == 3
+    result = json.loads(capsys.readouterr().out)
+    assert result["fits"] is False and result["lower_bound_gib"]["stored trajectories"] > 0
+
+
+def test_the_shape_bound_stays_below_a_plan_that_fits(small_flux):
+    from neighbor_grpo.plan.bounds import shape_lower_bound
+
+    config = load_config(None, run_args(small_flux))
+    tracer = planner.Tracer(planner.resolve_model(config.model.path, {}))
+    result = planner.plan(config, tracer=tracer)
+    latent = tracer.traced_model(config).adapter.latent_shape()
+    bound = shape_lower_bound(config.algorithm, config.algorithm_config.rollout_steps, result["samples_per_gpu"],
+                              latent, 128, 128, json.loads((small_flux / "transformer" / "config.json").read_text()), 2)
+    assert bound["stored trajectories"] == pytest.approx(result["memory_gib"]["trajectories"] * planner.GIB)
+    assert max(bound["decoded images"], bound["one sample's saved block inputs"]) / planner.GIB \
+        <= result["memory_gib"]["activations_peak"]

@@ -65,8 +65,8 @@ def profiled_peak(run) -> int:
 COMMON = ["model.height=128", "model.width=128", "model.dtype=float32", "model.max_sequence_length=64",
           "prompts_per_iteration=2", "prompts.train=[a cat, a dog]", "prompts.eval=[a cat, a dog]",
           "rewards=[{name: jpeg_compressibility}]"]
-# DanceGRPO: 3 trained steps in each of 2 minibatches, summed before one backward (Phase.held = 3): the SDE losses'
-# saved activations of several with-grad calls are alive together (issue #17: predicted 5.5x too low before)
+# DanceGRPO: 3 trained steps in each of 2 minibatches, each step backpropagated before the next as its reference
+# does (Phase.held = 1; issue #22 item 11: summed before one backward, 3 calls' activations were alive together)
 METHODS = {"neighbor_grpo": ["neighbor_grpo.group_size=4", "neighbor_grpo.rollout_steps=2"],
            "dance_grpo": ["algorithm=dance_grpo", "dance_grpo.group_size=4", "dance_grpo.rollout_steps=4",
                           "dance_grpo.train_step_fraction=1.0", "dance_grpo.num_minibatches=2"]}

@@ -140,3 +140,28 @@ def test_tensor_resize_matches_pil_bicubic():
     pil = pil.resize((64, 48), Image.BICUBIC).crop((8, 0, 56, 48))
     theirs = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
     assert (ours - theirs).abs().max() < 2.5 / 255
+
+
+def test_clip_source_similarity_is_the_cosine_of_the_two_images_clip_embeddings(tiny_clip_dir, images):
+    """The editing baseline: cos(image embedding of the edit, of its source), as transformers' get_image_features;
+    1 for an unchanged image; it arrives through WeightedRewards' source_images."""
+    from neighbor_grpo.rewards import WeightedRewards
+    from neighbor_grpo.rewards.clip_rewards import make_clip_source_similarity
+
+    reward = build_rewards([{"name": "clip_source_similarity", "kwargs": {"path": str(tiny_clip_dir), "batch_size": 2}}])
+    assert reward.rewards["clip_source_similarity"].needs == ("source_images",)
+    sources = images.flip(0)
+    scores = reward.score(images, PROMPTS, source_images=sources)["clip_source_similarity"]
+    model = transformers.CLIPModel.from_pretrained(str(tiny_clip_dir)).eval()
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    def features(x):  # transformers 5 wraps the projected features in an output object (its pooler_output)
+        with torch.no_grad():
+            out = model.get_image_features(pixel_values=resize_center_crop_normalize(x, 32, 32, mean, std))
+        return torch.nn.functional.normalize(out if isinstance(out, torch.Tensor) else out.pooler_output, dim=-1)
+
+    a, b = features(images), features(sources)
+    torch.testing.assert_close(scores, (a * b).sum(-1), atol=1e-5, rtol=1e-4)
+    same = make_clip_source_similarity(str(tiny_clip_dir))(images, PROMPTS, source_images=images)
+    torch.testing.assert_close(same, torch.ones(len(images)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs \\['source_images'\\]"):
+        WeightedRewards(reward.rewards).score(images, PROMPTS)

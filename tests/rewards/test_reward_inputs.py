@@ -87,3 +87,38 @@ def test_held_out_evaluation_groups_the_samples_of_each_prompt(builtin_models):
     adapter = load_adapter(builtin_models["base"])
     score_model(adapter, WeightedRewards({"spy": spy}), ["3", "4"], samples_per_prompt=3, seed=0, steps=2)
     assert spy.calls[0]["group_ids"].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def edit_prompts(tmp_path):
+    from PIL import Image
+
+    from neighbor_grpo.config.prompts import EditPrompt
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "blue.png")
+    return [EditPrompt("make it green", tmp_path / "red.png"), EditPrompt("make it green", tmp_path / "blue.png")]
+
+
+def test_training_and_evaluation_pass_editing_prompts_source_images(tmp_path):
+    """score_chunk (training) gives each sample its prompt's source image, at the decoded images' size."""
+    spy = Spy(needs=("source_images",))
+    adapter = SimpleNamespace(decode=lambda latents: latents)
+    rollout = SimpleNamespace(final=torch.rand(2, 3, 3, 4, 4), prompts=edit_prompts(tmp_path), prompt_indices=[0, 1])
+    scores, _, fault = score_chunk(adapter, WeightedRewards({"spy": spy}), rollout)
+    assert not fault and scores["spy"].shape == (2, 3)
+    sources = spy.calls[0]["source_images"]
+    assert sources.shape == (6, 3, 4, 4)
+    assert torch.equal(sources[:3, 0], torch.ones(3, 4, 4)) and torch.equal(sources[3:, 2], torch.ones(3, 4, 4))
+    assert torch.equal(sources[3:, 0], torch.zeros(3, 4, 4))
+
+
+def test_a_reward_that_needs_source_images_is_refused_before_work_without_them(tmp_path):
+    from neighbor_grpo.rewards import check_reward_inputs
+
+    rewards = WeightedRewards({"keep": Spy(needs=("source_images",))})
+    with pytest.raises(ValueError, match=r"reward 'keep' needs source images, which the training prompts do not"):
+        check_reward_inputs(rewards, training=["a cat"])
+    with pytest.raises(ValueError, match=r"which the held-out prompts do not have"):
+        check_reward_inputs(rewards, training=edit_prompts(tmp_path), held_out=["a cat"])
+    check_reward_inputs(rewards, training=edit_prompts(tmp_path), held_out=[])
+    check_reward_inputs(WeightedRewards({"plain": Spy()}), training=["a cat"])

@@ -199,3 +199,24 @@ def test_a_checkpoint_with_nonfinite_state_is_skipped_on_resume(stopped_run):
     write_checkpoint(run / "checkpoints", 4, tensors, state)  # verifies, but holds inf (as an older version could)
     with pytest.warns(UserWarning, match="iter-000004 holds NaN/inf weights or optimizer state; skipping it"):
         assert latest_good_checkpoint(run / "checkpoints").name == "iter-000002"
+
+
+@pytest.mark.parametrize("overrides, advice", [
+    # issue 22 item 7: a third of lr=1e6 (333000) blew up again; the suggestion is at most the default
+    (["optim.lr=1e6"], "Continue from the last good checkpoint with a lower learning rate: ngrpo train --resume RUN "
+                       "--accept-changes optim.lr=0.0001 "),
+    (["optim.lr=3e-4"], "--accept-changes optim.lr=0.0001 "),
+    (["optim.lr=1.5e-4"], "--accept-changes optim.lr=5e-05 "),
+    (["algorithm=awm", "awm.advantage_max=50"], "Likely setting: awm.advantage_max=50 (50x its default 1, the furthest "
+                                                 "from its default); start a new run with it nearer its default "
+                                                 "(awm.advantage_max cannot change on resume)"),
+    (["optim.max_grad_norm=100"], "Likely setting: optim.max_grad_norm=100 (100x its default 1, the furthest from its "
+                                  "default); continue with it at its default: ngrpo train --resume RUN "
+                                  "--accept-changes optim.max_grad_norm=1 "),
+])
+def test_the_advice_after_a_blow_up_is_one_that_can_work(overrides, advice):
+    from pathlib import Path
+
+    from neighbor_grpo.runs.resume import recovery
+
+    assert advice in recovery(Path("RUN"), load_config(None, overrides))

@@ -89,6 +89,50 @@ def test_overwrite_refuses_a_folder_with_anything_an_earlier_version_did_not_wri
     assert snapshot(final) == before
 
 
+@pytest.mark.parametrize("extra", ["NOTES.md", "analysis/plot.py"])
+def test_overwrite_refuses_a_run_of_ours_holding_files_a_user_added_and_names_them(tmp_path, extra):
+    # issue 22 item 1: `train --out runs/r1 --overwrite` deleted NOTES.md and analysis/ added after the first run
+    final = tmp_path / "r1"
+    final.mkdir()
+    make_old_run(final, marker=True)
+    (final / extra).parent.mkdir(parents=True, exist_ok=True)
+    (final / extra).write_text("mine")
+    before = snapshot(final)
+    with pytest.raises(OwnershipError) as caught:
+        RunFolder(final, overwrite=True)
+    top = extra.split("/")[0]
+    assert f"holds 1 entry ngrpo did not write [{top!r}]" in str(caught.value) and "\n" not in str(caught.value)
+    assert snapshot(final) == before
+
+
+def test_a_copied_marker_does_not_make_a_user_folder_replaceable(tmp_path):
+    final = tmp_path / "photos"
+    final.mkdir()
+    (final / "cat.png").write_bytes(b"\x89PNG")
+    (final / "2024").mkdir()
+    (final / MARKER).write_text(json.dumps({"kind": "run", "version": "0.1.0"}))
+    before = snapshot(final)
+    with pytest.raises(OwnershipError, match=r"did not write \['2024', 'cat.png'\]"):
+        RunFolder(final, overwrite=True)
+    assert snapshot(final) == before
+
+
+def test_a_comparison_folder_is_ours_only_with_its_own_outputs(tmp_path):
+    folder = tmp_path / "cmp"
+    (folder / "r_models").mkdir(parents=True)
+    for name in ("r.json", "r.md", "r_curves.png", "r_overoptimization.png", "r.partial.json"):
+        (folder / name).write_text("x")
+    (folder / "r_models" / "neighbor_grpo_lr0.0003_k0_seed0.safetensors").write_text("x")
+    for path in (folder, folder / "r_models"):
+        (path / MARKER).write_text(json.dumps({"kind": "compare", "version": "0.1.0"}))
+    assert check_folder_target(folder, overwrite=True) and check_folder_target(folder / "r_models", overwrite=True)
+    (folder / "r_models" / "notes.txt").write_text("mine")
+    with pytest.raises(OwnershipError, match=r"did not write \['r_models'\]"):
+        check_folder_target(folder, overwrite=True)
+    with pytest.raises(OwnershipError, match=r"did not write \['notes.txt'\]"):
+        check_folder_target(folder / "r_models", overwrite=True)
+
+
 def test_overwrite_refuses_a_user_folder_with_one_line_and_touches_nothing(tmp_path):
     final = tmp_path / "photos"
     final.mkdir()

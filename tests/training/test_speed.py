@@ -4,15 +4,23 @@ gradient scaler, torch.compile, micro-batches (gradient accumulation), the optim
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from neighbor_grpo.config.train_config import ConfigError, load_config
+from neighbor_grpo.models import load_adapter
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsNetConfig
 from neighbor_grpo.rewards import WeightedRewards
 from neighbor_grpo.training.iteration import train_iteration
+from neighbor_grpo.training import parts as parts_module
 from neighbor_grpo.training.parts import build_training_parts
+from neighbor_grpo.training.speed import compute_precision, keeps_master_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+import tiny_diffusers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -172,3 +180,71 @@ def test_adamw_uses_the_fused_kernel_and_matches_the_loop():
             optimizer.step()
     for a, b in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ---- fp32 master weights: the default of a full fine-tune left at model.dtype auto on CUDA (issue #22 item 10) ----
+
+def test_master_weights_only_for_a_full_fine_tune_left_at_auto_on_cuda():
+    bf16 = torch.bfloat16
+    assert keeps_master_weights("auto", "cuda", "full", bf16)
+    assert keeps_master_weights("auto", "cuda", "full", torch.float16)
+    assert not keeps_master_weights("bfloat16", "cuda", "full", bf16)  # the explicit opt-in to pure bf16
+    assert not keeps_master_weights("auto", "cuda", "lora", bf16)  # peft's adapters are fp32 already
+    assert not keeps_master_weights("auto", "cpu", "full", bf16)
+    assert not keeps_master_weights("auto", "cuda", "full", torch.float32)  # the built-in model: fp32 as it is
+    assert compute_precision("no", True) == "bf16"  # computes as the loaded bf16 model did
+    assert compute_precision("fp16", True) == "fp16"
+    assert compute_precision("no", False) == "no" and compute_precision("bf16", False) == "bf16"
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    return tiny_diffusers.build_flux(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+def one_small_step(folder, model_dtype: str, monkeypatch):
+    """A full fine-tune of the tiny FLUX loaded in bf16 (what `model.dtype: auto` loads on CUDA), built by
+    build_training_parts with CUDA's device type handed to the real decision, then one AdamW step at lr 1e-6 on a
+    loss of the training velocity. Returns the weights before (float32), the parts and the adapter."""
+    monkeypatch.setattr(parts_module, "keeps_master_weights",
+                        lambda dtype, device, finetune, loaded: keeps_master_weights(dtype, "cuda", finetune, loaded))
+    config = load_config(None, [f"model.path={folder}", f"model.dtype={model_dtype}", "optim.finetune=full",
+                                "optim.lr=1e-6", "optim.weight_decay=0", "neighbor_grpo.ref_beta=1"])
+    adapter = load_adapter(folder, options={"height": 16, "width": 16, "max_sequence_length": 8, "dtype": "bfloat16"})
+    parts = build_training_parts(config, adapter)
+    before = {n: p.detach().float().clone() for n, p in adapter.net.named_parameters()}
+    x = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    v = parts.train_velocity(x, torch.tensor(0.5), adapter.encode_prompts(["a red cat", "a blue dog"]))
+    v.square().mean().backward()
+    parts.optimizer.step()
+    return before, parts, adapter
+
+
+def moved(before: dict, adapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per weight element: its size, its change, and whether it had a gradient."""
+    params = dict(adapter.net.named_parameters())
+    size = torch.cat([before[n].flatten() for n in before]).abs()
+    change = torch.cat([(params[n].detach().float() - before[n]).flatten() for n in before]).abs()
+    graded = torch.cat([(params[n].grad.float().abs() > 0).flatten() for n in before])
+    return size, change, graded
+
+
+def test_default_full_fine_tune_keeps_an_update_that_pure_bf16_loses(flux_folder, monkeypatch):
+    before, parts, adapter = one_small_step(flux_folder, "auto", monkeypatch)
+    assert all(p.dtype == torch.float32 for p in adapter.net.parameters())  # fp32 master weights ...
+    assert all(s.dtype == torch.float32 for state in parts.optimizer.state.values()
+               for k, s in state.items() if k != "step")  # ... and fp32 AdamW moments
+    assert all(p.dtype == torch.bfloat16 for p in parts.reference_net.parameters())  # the frozen copy stays bf16
+    assert adapter.pipeline.text_encoder_2.dtype == adapter.pipeline.vae.dtype == torch.bfloat16
+    size, change, graded = moved(before, adapter)
+    large = graded & (size > 2e-3)  # bf16's spacing there is > 2 x 1e-6: pure bf16 rounds the step away
+    assert large.sum() > 1000
+    # AdamW's first step moves each weight by lr (m / sqrt(v) = +-1): kept, to float32 rounding
+    assert change[large].median() == pytest.approx(1e-6, rel=0.02)
+    assert (change[large] > 0.5e-6).float().mean() > 0.99
+
+    before, parts, adapter = one_small_step(flux_folder, "bfloat16", monkeypatch)  # the explicit pure-bf16 opt-in
+    assert all(p.dtype == torch.bfloat16 for p in adapter.net.parameters())
+    size, change, graded = moved(before, adapter)
+    assert (graded & (size > 2e-3)).sum() == large.sum()  # the same weights had gradients
+    assert float(change[graded & (size > 2e-3)].max()) == 0.0  # every one of their updates was lost

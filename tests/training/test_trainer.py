@@ -119,3 +119,23 @@ def test_prompt_batches_cover_the_prompt_set_each_epoch():
     seen = [p for it in range(5) for p in prompt_batch(prompts, 0, it, 2)[0]]
     assert sorted(seen[:5]) == prompts and sorted(seen[5:10]) == prompts
     assert prompt_batch(prompts, 0, 3, 2) == prompt_batch(prompts, 0, 3, 2)
+
+
+@pytest.mark.parametrize("overrides, source", [
+    (["prompts.eval=['3', cat]"], "prompts.eval: prompt 'cat'"),
+    (["prompts.file={file}"], "prompts.file '{file}': prompt 'seven'"),
+])
+def test_a_prompt_the_model_cannot_take_fails_before_the_run_folder_exists(builtin_models, tmp_path, capsys,
+                                                                            overrides, source):
+    # issue 22 item 6: it failed after the run folder was committed (138 s), so the corrected rerun was "not empty"
+    from neighbor_grpo.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("3\nseven\n")
+    run = tmp_path / "run"
+    argv = ["train", "iterations=1", "prompts_per_iteration=1", "eval.samples_per_prompt=2"]
+    assert main([*argv, *[o.format(file=prompts) for o in overrides], "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and source.format(file=prompts) in err and "knows only the prompts '0'..'9'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+    assert main([*argv, "--out", str(run), "--no-progress"]) == 0  # the corrected rerun starts in the same folder

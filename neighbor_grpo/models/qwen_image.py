@@ -1,0 +1,141 @@
+"""Qwen-Image through diffusers: QwenImageTransformer2DModel (MM-DiT, 60 blocks), Qwen2.5-VL prompts, true CFG.
+
+As `QwenImagePipeline` does it:
+- prompts go through Qwen2.5-VL inside the pipeline's chat template; the last hidden state of the prompt's own
+  tokens (the template's first 34 tokens dropped) is the text condition, with a padding mask. The cache keeps each
+  prompt's embeddings padded to its encoding batch with its true length; `velocity` re-pads the rows it gathers to
+  the longest of its batch and masks the rest (a masked key adds exactly zero, so the padding length does not
+  change the velocity beyond float rounding);
+- latents are kept unpacked, (batch, C, H, W) with C = 16; `velocity` packs them into 2x2 patch tokens with the
+  pipeline's `_pack_latents`, passes `img_shapes` for the RoPE, and unpacks its (batch, C, 1, H, W) layout;
+- the transformer takes the flow time sigma in [0, 1] as its timestep (the pipeline divides its 0..1000 by 1000);
+- true classifier-free guidance (`model.cfg_scale` > 1, with `model.negative_prompt`; Qwen-Image's card uses 4.0
+  and " "): v = v_neg + scale (v_pos - v_neg), then rescaled per token to the norm of v_pos, as the pipeline does;
+- the VAE (AutoencoderKLQwenImage, a video VAE with one frame) normalises latents per channel with the config's
+  `latents_mean`/`latents_std`;
+- the sigma shift is FLUX's resolution-dependent exp(mu) (Qwen-Image's scheduler has `use_dynamic_shifting`).
+  Its scheduler also stretches the grid so the last non-zero sigma is `shift_terminal` (0.02); our rollouts use
+  the shifted grid without that stretch (the parity test integrates on the pipeline's own sigmas).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from neighbor_grpo.models import register_model_adapter
+from neighbor_grpo.models.diffusers_common import DiffusersAdapter
+
+
+def padded_rows(rows: list[torch.Tensor], lengths: list[int], device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cached prompt embeddings cut to their true lengths and padded to the longest: (embeds, mask), the mask None
+    when no row is padded (the pipeline passes None then, too)."""
+    longest = max(lengths)
+    embeds = torch.stack([torch.cat([row[:n], row.new_zeros(longest - n, row.shape[-1])]) for row, n in zip(rows, lengths)])
+    mask = torch.stack([torch.arange(longest) < n for n in lengths]).to(device=device, dtype=torch.long)
+    return embeds.to(device=device, dtype=dtype), (None if all(n == longest for n in lengths) else mask)
+
+
+def guided(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
+    """Qwen-Image's true CFG on packed tokens: the guided velocity, rescaled per token to the conditional one's norm."""
+    combined = negative + scale * (positive - negative)
+    return combined * (positive.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+
+
+@register_model_adapter("qwen_image")
+class QwenImageAdapter(DiffusersAdapter):
+    NAME = "qwen_image"
+    PIPELINE = "QwenImagePipeline"
+
+    def text_encoder_names(self) -> list[str]:
+        return ["text_encoder"]
+
+    def default_resolution(self) -> int:
+        return int(self.pipeline.default_sample_size * self.pipeline.vae_scale_factor)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        height, width = self.resolution()
+        factor = self.pipeline.vae_scale_factor
+        return (self.pipeline.transformer.config.in_channels // 4, height // factor, width // factor)
+
+    def default_shift(self) -> float:
+        """exp(mu) for this resolution's image tokens ((H/2)(W/2) latents), as the pipeline computes mu."""
+        _, h, w = self.latent_shape()
+        return self.scheduler_shift((h // 2) * (w // 2))
+
+    @property
+    def uses_cfg(self) -> bool:
+        return float(self.options["cfg_scale"]) > 1.0
+
+    def encode_new_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        length = self.options["max_sequence_length"] or 1024
+        embeds, mask = self.pipeline.encode_prompt(prompt=[str(p) for p in prompts], device=self.device,
+                                                   max_sequence_length=length)
+        lengths = torch.full((len(prompts),), embeds.shape[1]) if mask is None else mask.sum(dim=1)
+        return {"prompt_embeds": embeds, "prompt_lengths": lengths}
+
+    def encode_prompts(self, prompts):
+        if self.uses_cfg:  # the negative prompt is one more cached row
+            super().encode_prompts([self.options["negative_prompt"]])
+        return super().encode_prompts(prompts)
+
+    def text_condition(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        indices = rows.tolist()
+        cached = [self.cache.tensors["prompt_embeds"][i] for i in indices]
+        lengths = [int(self.cache.tensors["prompt_lengths"][i]) for i in indices]
+        return padded_rows(cached, lengths, self.device, self.dtype)
+
+    def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self._chunked(lambda xs, ts, rows: self._velocity(xs, ts, rows).to(x.dtype),
+                             x, self._timesteps(s, x.shape[0]), cond)
+
+    def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        pipeline, dtype = self.pipeline, self.dtype
+        B, C, H, W = x.shape
+        tokens = pipeline._pack_latents(x.to(self.device, dtype), B, C, H, W)
+        if self.uses_cfg:  # one transformer call on [conditional; negative]
+            negative = torch.full_like(rows, self.cache.rows[self.options["negative_prompt"]])
+            rows, tokens, s = torch.cat([rows, negative]), torch.cat([tokens, tokens]), torch.cat([s, s])
+        embeds, mask = self.text_condition(rows)
+        # positional hidden states: the trainer's call counter reads the batch size from the first input
+        out = self.net(tokens, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask, timestep=s.to(dtype),
+                       img_shapes=[[(1, H // 2, W // 2)]] * tokens.shape[0], return_dict=False)[0]
+        if self.uses_cfg:
+            positive, negative = out.chunk(2)
+            out = guided(positive, negative, float(self.options["cfg_scale"]))
+        factor = pipeline.vae_scale_factor
+        return pipeline._unpack_latents(out, H * factor, W * factor, factor)[:, :, 0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (batch, C, H, W) -> images in [0, 1], NOT clamped, float32: the pipeline's per-channel
+        un-normalisation, then the one-frame video VAE."""
+        vae = self.pipeline.vae
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+        return decode_frames(self, latents, lambda z: z * std.to(z) + mean.to(z))
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu", options=None) -> "QwenImageAdapter":
+        return cls.from_folder(Path(folder), device, options)
+
+
+def decode_frames(adapter, latents: torch.Tensor, unnormalise) -> torch.Tensor:
+    """Chunked decoding through a one-frame video VAE ((batch, C, 1, H, W) in and out), honouring
+    `model.decode_batch_size` and `model.offload_vae` like the base adapter's decode."""
+    vae = adapter.pipeline.vae
+    chunk = max(1, int(adapter.options["decode_batch_size"]))
+    offload = adapter.options["offload_vae"] and adapter.device.type != "cpu"
+    images = []
+    if offload:
+        vae.to(adapter.device)
+    try:
+        with torch.no_grad():
+            for start in range(0, latents.shape[0], chunk):
+                z = unnormalise(latents[start:start + chunk].to(device=adapter.device, dtype=vae.dtype))
+                frames = vae.decode(z[:, :, None], return_dict=False)[0][:, :, 0]
+                images.append((frames.float() + 1.0) / 2.0)
+    finally:
+        if offload:
+            vae.to("cpu")
+    return torch.cat(images)

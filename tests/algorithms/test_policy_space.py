@@ -1,0 +1,110 @@
+"""Neighbor GRPO's leaping policy in clean-sample space (`policy_space: x0`, docs/algorithms.md): the same
+properties the next-state policy has (test_neighbor_grpo.py), in their x0 form, on a tiny random velocity model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neighbor_grpo.algorithms.neighbor_grpo as ng
+from neighbor_grpo.algorithms.neighbor_grpo import policy_space, x0_prediction
+from neighbor_grpo.config.train_config import ConfigError, load_config
+
+from test_neighbor_grpo import LATENT, LogRatioSpy, make, param_grad, rel_err, zero_sum_advantages
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def own_x0_policy(model, rollout, anchors, j, tau, candidates_from="step"):
+    """Independent x0 policy: x0hat_theta = x_j^(k) - s_j v_theta; candidates x_j^(i) - s_j v_old^(i) (or the final
+    samples); mean squared distance; softmax over -dist / tau. Returns (log pi, dist / tau), both (P, B, G)."""
+    P, B = anchors.shape
+    G = rollout.group_size
+    s = rollout.sigmas[j]
+    x = torch.stack([rollout.states[j, p, anchors[p]] for p in range(P)])
+    v = model(x.reshape(P * B, *LATENT), s, rollout.cond.repeat_interleave(B)).reshape(x.shape)
+    predicted = x - s * v
+    if candidates_from == "step":
+        candidates = rollout.states[j] - s * rollout.velocities[j]
+    else:
+        candidates = rollout.states[-1]
+    dist = torch.stack([torch.stack([(candidates[p, i] - predicted[p, b]).pow(2).mean() for i in range(G)])
+                        for p in range(P) for b in range(B)]).reshape(P, B, G)
+    scaled = dist / tau
+    return torch.log_softmax(-scaled, dim=-1), scaled
+
+
+@pytest.mark.parametrize("candidates", ["step", "final"])
+def test_ratio_is_one_before_the_first_update(monkeypatch, candidates):
+    algorithm, model, rollout = make(P=3, G=8, B=4, N=4, old_policy="rollout", policy_space="x0",
+                                     x0_candidates=candidates)
+    spy = LogRatioSpy(monkeypatch)
+    batches = algorithm.minibatches(rollout, 0)
+    for batch in batches:
+        _, stats = algorithm.loss(model, rollout, zero_sum_advantages(3, 8), batch)
+        assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["clip_fraction"] == 0.0
+    assert max(float((r.exp() - 1).abs().max()) for r in spy.log_ratios) < 1e-6
+    # with recompute rho = 1 bitwise, and one optimizer step moves it (the check can fail)
+    algorithm, model, rollout = make(P=3, G=8, B=4, N=4, old_policy="recompute", policy_space="x0",
+                                     x0_candidates=candidates)
+    rollout = algorithm.prepare_old_policy(model, rollout, batches)
+    spy.log_ratios.clear()
+    loss, _ = algorithm.loss(model, rollout, zero_sum_advantages(3, 8), batches[0])
+    assert torch.equal(spy.log_ratios[-1], torch.zeros_like(spy.log_ratios[-1]))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    algorithm.loss(model, rollout, zero_sum_advantages(3, 8), batches[1])
+    assert float(spy.log_ratios[-1].abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("candidates", ["step", "final"])
+def test_surrogate_gradient_equals_contrastive_gradient_in_x0_form(candidates):
+    """On-policy, sum_i A_i = 0: grad sum_i A_i log pi_i = grad -sum_i A_i ||x0hat^(i) - x0hat_theta||^2 / tau, and the
+    module's loss is -1/(P B) times it (the x0 form of the identity tested for the next-state policy)."""
+    P, G, B, tau = 3, 6, 3, 0.05
+    algorithm, model, rollout = make(P=P, G=G, B=B, N=4, tau=tau, adv_clip=0.0, eps_clip=1e3, old_policy="recompute",
+                                     policy_space="x0", x0_candidates=candidates)
+    advantages, _ = algorithm.clip(algorithm.advantages(torch.randn(P, G, generator=torch.Generator().manual_seed(1))))
+    batches = algorithm.minibatches(rollout, 0)
+    rollout = algorithm.prepare_old_policy(model, rollout, batches)
+    for batch in batches:
+        (j,) = batch.steps
+        log_pi, scaled = own_x0_policy(model, rollout, batch.members, j, tau, candidates)
+        A = advantages.unsqueeze(1)
+        g_surrogate = param_grad(model, (A * log_pi).sum())
+        g_contrastive = param_grad(model, -(A * scaled).sum())
+        assert g_contrastive.norm() > 1e-3
+        assert rel_err(g_surrogate, g_contrastive) < 1e-4, f"step {j}: {rel_err(g_surrogate, g_contrastive):g}"
+        loss, _ = algorithm.loss(model, rollout, advantages, batch)
+        assert rel_err(param_grad(model, loss), -g_surrogate / (P * B)) < 1e-4
+        # the loss really is the x0 policy: the next-state policy's gradient differs (the check above can fail)
+        next_state = ng.NeighborGRPO(algorithm.config.__class__(**{**vars(algorithm.config), "policy_space": "next_state"}))
+        other, _ = next_state.loss(model, rollout, advantages, batch)
+        assert rel_err(param_grad(model, other), -g_surrogate / (P * B)) > 1e-2
+
+
+def test_x0_candidates_are_the_old_clean_predictions():
+    algorithm, model, rollout = make(P=2, G=5, B=2, N=3, policy_space="x0")
+    anchors = algorithm.minibatches(rollout, 0)[0].members
+    x = torch.stack([rollout.states[1, p, anchors[p]] for p in range(2)])
+    candidates, predict = policy_space(algorithm.config, rollout, 1, x)
+    s = float(rollout.sigmas[1])
+    torch.testing.assert_close(candidates, rollout.states[1] - s * rollout.velocities[1])
+    # each anchor's own old prediction is its candidate: distance exactly 0 under pi_old (unlike next_state)
+    v_old = torch.stack([rollout.velocities[1, p, anchors[p]] for p in range(2)])
+    own = torch.stack([candidates[p, anchors[p]] for p in range(2)])
+    assert torch.equal(predict(v_old), own)
+    assert torch.equal(x0_prediction(x, v_old, s), own)
+    # at the last step into s = 0 both policies compare the same points (an Euler step to 0 is x - s v)
+    final_config = algorithm.config.__class__(**{**vars(algorithm.config), "x0_candidates": "final"})
+    candidates, _ = policy_space(final_config, rollout, 2, x)
+    assert torch.equal(candidates, rollout.final)
+
+
+def test_config_fields_are_checked():
+    config = load_config(None, ["neighbor_grpo.policy_space=x0", "neighbor_grpo.x0_candidates=final"])
+    assert config.neighbor_grpo.policy_space == "x0" and config.neighbor_grpo.x0_candidates == "final"
+    with pytest.raises(ConfigError, match="neighbor_grpo.policy_space"):
+        load_config(None, ["neighbor_grpo.policy_space=clean"])
+    with pytest.raises(ConfigError, match="neighbor_grpo.x0_candidates"):
+        load_config(None, ["neighbor_grpo.x0_candidates=last"])
