@@ -40,21 +40,21 @@ RECORDED_LOSS_STEPS = 50
 @dataclass
 class WordsPretrainSettings:
     model: WordsModelConfig = field(default_factory=WordsModelConfig)
-    max_steps: int = 8000
+    max_steps: int = 7000
     """Upper bound; training normally stops earlier, at the first evaluation with held-out exact >= stop_exact."""
     stop_exact: float = 0.3
     """Stop when the EMA model writes this share of held-out words exactly (rapidocr): inside issue #24's 20-60%."""
     batch_size: int = 32
-    lr: float = 5e-4
-    warmup_steps: int = 100
+    lr: float = 2e-3
+    warmup_steps: int = 300
     max_grad_norm: float = 1.0
-    ema_decay: float = 0.998
+    ema_decay: float = 0.995
     variants_per_word: int = 16
     """Jittered renders of each training word drawn once up front (shift <= 3 px, size +-10%): the data bank."""
     eval_every: int = 400
     eval_samples_per_word: int = 2
     """Samples per held-out word at the in-training checks (the final check takes 12: groups of 12)."""
-    time_sampling: str = "uniform"
+    time_sampling: str = "logit_normal"
     """Flow times of the training pairs: "uniform" on [0, 1], or "logit_normal" (SD3's, mean 0 std 1)."""
     seed: int = 0
 
