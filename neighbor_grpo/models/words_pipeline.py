@@ -93,6 +93,16 @@ class WordsPipeline(DiffusionPipeline, SD3LoraLoaderMixin):
         super().__init__()
         self.register_modules(transformer=transformer, char_encoder=char_encoder, scheduler=scheduler)
 
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """SD3's loader, transformer only: SD3LoraLoaderMixin would also look for CLIP LoRA keys and warn that this
+        pipeline (which has no CLIP encoders) has none."""
+        kwargs["return_lora_metadata"] = True
+        state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        if not all("lora" in key for key in state_dict):
+            raise ValueError("Invalid LoRA checkpoint: every parameter name must contain 'lora'")
+        self.load_lora_into_transformer(state_dict, transformer=self.transformer, adapter_name=adapter_name,
+                                        metadata=metadata, _pipeline=self)
+
     def latent_shape(self) -> tuple[int, int, int]:
         sample = self.transformer.config.sample_size  # the height; width is 4x (16x64 words)
         return (self.transformer.config.in_channels, sample, 4 * sample)

@@ -5,6 +5,8 @@ every algorithm of the harness."""
 
 import csv
 import json
+import logging
+import warnings
 
 import pytest
 import torch
@@ -83,7 +85,17 @@ def test_lora_export_renders_the_same_images_through_diffusers(words_folder, tmp
     pipe = WordsPipeline.from_pretrained(words_folder)
     pipe.set_progress_bar_config(disable=True)
     plain = pipe(PROMPTS, num_inference_steps=steps, latents=noise, sigmas=torch.linspace(1, 0, steps + 1)[:-1].tolist())
-    pipe.load_lora_weights(tmp_path / "lora", weight_name=LORA_FILE)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(tmp_path / "lora", weight_name=LORA_FILE)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r.getMessage() for r in records] + [str(w.message) for w in caught]  # no key warnings
     theirs = pipe(PROMPTS, num_inference_steps=steps, latents=noise, sigmas=torch.linspace(1, 0, steps + 1)[:-1].tolist())
     assert ((ours + 1) / 2 - theirs).abs().max() < 1e-5
     assert ((ours + 1) / 2 - plain).abs().max() > 1e-3  # the LoRA changed the images
