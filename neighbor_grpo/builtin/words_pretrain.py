@@ -93,16 +93,22 @@ def pipeline_velocity(pipeline: WordsPipeline, prompts: list[str]):
 
 @torch.no_grad()
 def legibility(pipeline: WordsPipeline, words, samples_per_word: int, reward=None, seed: int = 1234,
-               steps: int = EVAL_STEPS) -> dict:
+               steps: int = EVAL_STEPS, gold=None) -> dict:
     """Exact-match share, mean OCR reward and the share of per-word groups whose rewards are not all equal, over
-    `samples_per_word` samples of each word (evaluation sampler, noise keyed by `seed`)."""
+    `samples_per_word` samples of each word (evaluation sampler, noise keyed by `seed`). With `gold` (another
+    reader, e.g. `ocr_tesseract`), its exact-match share and mean reward on the same samples too."""
     reward = reward or ocr_reward()
     prompts = [word_prompt(w) for w in words for _ in range(samples_per_word)]
     noise = torch.randn((len(prompts), *pipeline.latent_shape()), generator=torch.Generator().manual_seed(seed))
     final = integrate(pipeline_velocity(pipeline, prompts), noise, sigma_grid(steps), EVAL_SOLVER).states[-1]
-    scores = reward(decode_word_latents(final), prompts).view(len(words), samples_per_word)
-    return {"exact": (scores == 1).float().mean().item(), "reward": scores.mean().item(),
-            "groups_with_spread": (scores.max(1).values > scores.min(1).values).float().mean().item()}
+    images = decode_word_latents(final)
+    scores = reward(images, prompts).view(len(words), samples_per_word)
+    record = {"exact": (scores == 1).float().mean().item(), "reward": scores.mean().item(),
+              "groups_with_spread": (scores.max(1).values > scores.min(1).values).float().mean().item()}
+    if gold is not None:
+        gold_scores = gold(images, prompts)
+        record.update(gold_exact=(gold_scores == 1).float().mean().item(), gold_reward=gold_scores.mean().item())
+    return record
 
 
 def weights_sha256(pipeline: WordsPipeline) -> str:
