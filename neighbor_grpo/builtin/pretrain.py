@@ -164,10 +164,15 @@ def ensure_base_model(progress: bool = True, settings: BaseModelSettings = BaseM
 
 
 def ensure_builtin_model(name: str, progress: bool = True) -> Path:
-    """The cached base model of `builtin:NAME` at its default settings, built on first use."""
+    """The cached base model of `builtin:NAME` at its default settings, built on first use (builtin:words: the
+    committed one when its settings are the defaults)."""
+    if name == "words":
+        from neighbor_grpo.builtin.words_pretrain import ensure_words_model
+
+        return ensure_words_model(progress=progress)
     if name not in BUILTIN_MODELS:
         raise ValueError(f"model.path: unknown built-in model 'builtin:{name}'; expected one of "
-                         f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+                         f"{', '.join('builtin:' + n for n in [*BUILTIN_MODELS, 'words'])}")
     return ensure_base_model(progress=progress, settings=BUILTIN_MODELS[name]())
 
 

@@ -30,69 +30,7 @@ from pathlib import Path  # noqa: E402
 from neighbor_grpo.cli.failures import InterruptSeen, report_failure, report_interrupt, stdout_is_closed  # light: loaded before any Ctrl-C can matter
 from neighbor_grpo.cli.sampling import _cmd_eval, _cmd_sample  # the sample and eval commands (light, too)
 from neighbor_grpo.cli.serving import add_serve_reward_command  # light, too
-
-
-def _cmd_demo(args) -> None:
-    from neighbor_grpo.builtin.demo import run_demo
-
-    run_demo(args.out, overwrite=args.overwrite, overrides=args.overrides, progress=not args.no_progress,
-             threads=args.threads)
-
-
-def _cmd_pretrain(args) -> None:
-    from neighbor_grpo.runs.ownership import check_folder_target
-    from neighbor_grpo.builtin.pretrain import BUILTIN_MODELS, ClassifierSettings, ensure_base_model, ensure_classifier
-    from neighbor_grpo.runs.runfolder import RunFolder
-    import shutil
-
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps: expected a count of training steps >= 1, got {args.steps}")
-    if args.classifier_epochs < 1:
-        raise ValueError(f"--classifier-epochs: expected a count of epochs >= 1, got {args.classifier_epochs}")
-    if not 0.0 <= args.label_noise <= 1.0:
-        raise ValueError(f"--label-noise: expected a share in [0, 1], got {args.label_noise}")
-    if args.out:  # refused before minutes of pretraining, not after
-        check_folder_target(args.out, args.overwrite)
-    classifier_dir, accuracy = ensure_classifier(progress=not args.no_progress, settings=ClassifierSettings(epochs=args.classifier_epochs))
-    settings = BUILTIN_MODELS[args.model](label_noise=args.label_noise)
-    settings.steps = args.steps or settings.steps
-    base_dir = ensure_base_model(progress=not args.no_progress, settings=settings)
-    print(f"reward classifier: {classifier_dir} (held-out accuracy {accuracy:.4f})")
-    print(f"base model:        {base_dir}")
-    if args.out:
-        with RunFolder(args.out, overwrite=args.overwrite, kind="pretrain") as folder:
-            for source, name in ((base_dir, "base"), (classifier_dir, "reward")):
-                shutil.copytree(source, folder.path / name)
-            out = folder.commit()
-        print(f"copied to {out}/base (a --checkpoint for sample/eval) and {out}/reward (digit_prob kwargs.path)")
-
-
-def _cmd_distill(args) -> None:
-    import json as json_module
-    import shutil
-
-    from neighbor_grpo.builtin.distill import ReflowSettings, ensure_reflow_model
-    from neighbor_grpo.runs.ownership import check_folder_target
-    from neighbor_grpo.runs.runfolder import RunFolder
-
-    for name in ("pairs", "teacher_steps", "train_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    if args.out:  # refused before minutes of distillation, not after
-        check_folder_target(args.out, args.overwrite)
-    settings = ReflowSettings(pairs=args.pairs, teacher_steps=args.teacher_steps, train_steps=args.train_steps,
-                              seed=args.seed)
-    folder = ensure_reflow_model(progress=not args.no_progress, settings=settings)
-    meta = json_module.loads((folder / "model.json").read_text())
-    print(f"few-step student: {folder} ({meta['reflow_seconds']} s to build)")
-    for steps, error in meta["few_step_error"].items():
-        print(f"  {steps} Euler step(s): mean squared distance to the teacher's {args.teacher_steps}-step samples "
-              f"{error['teacher']:.4f} (teacher) -> {error['student']:.4f} (student)")
-    if args.out:
-        with RunFolder(args.out, overwrite=args.overwrite, kind="distill") as run:
-            shutil.copytree(folder, run.path / "base")
-            out = run.commit()
-        print(f"copied to {out}/base (a model.path or --checkpoint)")
+from neighbor_grpo.cli.builtin_commands import demo_command, distill_command, pretrain_command  # the built-in tasks (light)
 
 
 def _cmd_train(args) -> None:
@@ -194,22 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="run folder to create")
     demo.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--task", choices=("digits", "words"), default="digits",
+                      help="digits (default: the digit classifier as reward) or words (text rendering, the ocr reward)")
     demo.add_argument("--threads", type=int, default=2,
                       help="torch CPU threads (default 2; the README's table was made with 2, and the numbers "
                            "change in the last digits with the thread count)")
     demo.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. iterations=50)")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=demo_command)
 
     pre = sub.add_parser("pretrain", help="build the built-in base model and reward classifier (cached, reused)")
     pre.add_argument("--out", help="also copy them here as base/ and reward/")
     pre.add_argument("--overwrite", action="store_true", help="replace a --out folder ngrpo made")
-    pre.add_argument("--model", choices=("digits", "digits-unet"), default="digits",
-                     help="built-in model: digits (the MLP, default) or digits-unet (compute-bound conv U-Net)")
-    pre.add_argument("--steps", type=int, help="base-model training steps (default: 3000 digits, 2000 digits-unet)")
+    pre.add_argument("--model", choices=("digits", "digits-unet", "words"), default="digits",
+                     help="built-in model: digits (the MLP, default), digits-unet (compute-bound conv U-Net) or words "
+                          "(text rendering: a small SD3 transformer, ~20 CPU-minutes; no classifier, OCR scores it)")
+    pre.add_argument("--steps", type=int, help="base-model training steps (default: 3000 digits, 2000 digits-unet; "
+                                               "words: at most 8000, it stops once held-out words are 30%% legible)")
     pre.add_argument("--label-noise", type=float, default=0.4, help="share of labels replaced at random")
     pre.add_argument("--classifier-epochs", type=int, default=40)
     pre.add_argument("--no-progress", action="store_true")
-    pre.set_defaults(func=_cmd_pretrain)
+    pre.set_defaults(func=pretrain_command)
 
     dis = sub.add_parser("distill", help="a few-step student of the built-in model by reflow (builtin:digits-reflow "
                                          "with the defaults; cached, reused)")
@@ -220,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--train-steps", type=int, default=4000, help="student optimizer steps (default 4000)")
     dis.add_argument("--seed", type=int, default=0)
     dis.add_argument("--no-progress", action="store_true")
-    dis.set_defaults(func=_cmd_distill)
+    dis.set_defaults(func=distill_command)
 
     tr = sub.add_parser("train", help="align a model: YAML config + key=value overrides")
     tr.add_argument("config", nargs="?", help="YAML config file (optional: defaults otherwise)")

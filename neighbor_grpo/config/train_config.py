@@ -32,7 +32,8 @@ class ModelConfig:
     'builtin:digits' for the cached built-in base model (pretrained on first use); 'builtin:digits-unet' is its
     compute-bound conv U-Net sibling (~17 MFLOP per sample against 1.7, for wall-clock benchmarks; pretraining takes
     several minutes); 'builtin:digits-reflow' is a few-step student of 'builtin:digits' (reflow, `ngrpo distill`;
-    1-4 Euler steps land near its 32-step samples)."""
+    1-4 Euler steps land near its 32-step samples). 'builtin:words' draws the quoted word of prompts like
+    'the word "cat"' (a small SD3 transformer, scored by the `ocr` reward)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Diffusers models: weight/compute dtype of transformer, text encoders and VAE ('auto': bfloat16 on CUDA,
     float32 on CPU). Latents stay float32 in the solvers. LoRA weights are kept in float32 by peft. A full
@@ -515,8 +516,8 @@ def _validate_speed(speed: SpeedConfig) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check(bool(m.path), "model.path",
-           "a checkpoint folder, a diffusers folder, 'builtin:digits', 'builtin:digits-unet' or 'builtin:digits-reflow'",
-           m.path)
+           "a checkpoint folder, a diffusers folder, 'builtin:digits', 'builtin:digits-unet', 'builtin:digits-reflow' "
+           "or 'builtin:words'", m.path)
     for name in ("height", "width"):
         value = getattr(m, name)
         _check(value is None or (value >= 16 and value % 16 == 0), f"model.{name}", "null or a multiple of 16", value)

@@ -61,12 +61,17 @@ def register_model_adapter(name: str) -> Callable[[type], type]:
     return add
 
 
+LAZY_ADAPTERS = {"words": "neighbor_grpo.models.words:WordsAdapter"}
+"""Adapters imported on first use (builtin:words imports diffusers, which the digits models do not need)."""
+
+
 def resolve_adapter_class(name: str) -> type:
     """A registered entry by name, or a user's object by dotted path."""
-    return resolve_plugin(name, MODEL_ADAPTERS, "model adapter", "package.module:Class")
+    return resolve_plugin(LAZY_ADAPTERS.get(name, name), MODEL_ADAPTERS, "model adapter", "package.module:Class")
 
 
-DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
+DIFFUSERS_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan",
+                       "WordsPipeline": "words"}
 DIFFUSERS_PIPELINES["QwenImagePipeline"] = "qwen_image"
 DIFFUSERS_PIPELINES["FluxKontextPipeline"] = "flux_kontext"
 DIFFUSERS_PIPELINES.update(QwenImageEditPipeline="qwen_image_edit", QwenImageEditPlusPipeline="qwen_image_edit_plus")
@@ -118,7 +123,7 @@ def _load_diffusers_folder(folder: Path, device, options) -> FlowAdapter:
     if pipeline not in DIFFUSERS_PIPELINES:
         raise ValueError(f"{folder / 'model_index.json'}: _class_name is {pipeline!r}; expected one of "
                          f"{sorted(DIFFUSERS_PIPELINES)} (the diffusers pipelines with a model adapter)")
-    return MODEL_ADAPTERS[DIFFUSERS_PIPELINES[pipeline]].load(folder, device=device, options=options)
+    return resolve_adapter_class(DIFFUSERS_PIPELINES[pipeline]).load(folder, device=device, options=options)
 
 
 from neighbor_grpo.models.digits import DigitsAdapter, DigitsFlowNet, DigitsNetConfig  # noqa: E402,F401

@@ -85,10 +85,9 @@ def quiet_loading():
     try:
         yield
     finally:
-        if diffusers_on:
-            diffusers_logging.enable_progress_bar()
-        if transformers_on:
-            transformers_logging.enable_progress_bar()
+        for was_on, logging in ((diffusers_on, diffusers_logging), (transformers_on, transformers_logging)):
+            if was_on:
+                logging.enable_progress_bar()
 
 
 @torch.no_grad()
@@ -106,6 +105,7 @@ class DiffusersAdapter:
 
     NAME = ""  # registered adapter name, written to model.json
     PIPELINE = ""  # diffusers pipeline class name in model_index.json
+    PIPELINE_CLASS = None  # the pipeline class, when it is not diffusers' own (builtin:words)
 
     def __init__(self, pipeline, folder: Path, options: dict, device: torch.device, loras: list[str],
                  transformer_folder: str | None = None):
@@ -123,10 +123,11 @@ class DiffusersAdapter:
         transformer.requires_grad_(True)  # full fine-tune trains every weight; LoRA (peft) freezes them again
         self.net = transformer
         transformer.to(device)  # component by component: offloaded parts never visit the accelerator at load time
-        if not any(p.is_meta for p in pipeline.vae.parameters()):  # `ngrpo plan`'s shapes-only VAE has no data to move
-            pipeline.vae.to(torch.device("cpu") if options["offload_vae"] else device)
-        if options["vae_tiling"]:
-            pipeline.vae.enable_tiling()
+        vae = getattr(pipeline, "vae", None)  # None: a pixel-space pipeline (builtin:words)
+        if vae is not None and not any(p.is_meta for p in vae.parameters()):  # `ngrpo plan`'s shapes-only VAE: no data
+            vae.to(torch.device("cpu") if options["offload_vae"] else device)
+        if vae is not None and options["vae_tiling"]:
+            vae.enable_tiling()
         encoder_home = torch.device("cpu") if options["offload_text_encoders"] else device
         for name in self.text_encoder_names():
             getattr(pipeline, name).to(encoder_home)
@@ -356,7 +357,6 @@ class DiffusersAdapter:
     def from_folder(cls, folder: Path, device, options=None) -> "DiffusersAdapter":
         """A diffusers pipeline folder (model_index.json) or one of our exports (model.json naming this adapter)."""
         diffusers = import_diffusers()
-
         folder = Path(folder)
         device = torch.device(device)
         meta_path = folder / "model.json"
@@ -380,9 +380,9 @@ class DiffusersAdapter:
             raise FileNotFoundError(f"{meta_path}: transformer folder {transformer_folder!r} not found "
                                     "(expected config.json and weights written by save_pretrained)")
         with quiet_loading():
-            pipeline = getattr(diffusers, cls.PIPELINE).from_pretrained(str(base), **dtype_keyword(dtype),
-                                                                        local_files_only=True,
-                                                                        **cls.loaded_components(base))
+            pipeline_class = cls.PIPELINE_CLASS or getattr(diffusers, cls.PIPELINE)
+            pipeline = pipeline_class.from_pretrained(str(base), **dtype_keyword(dtype), local_files_only=True,
+                                                      **cls.loaded_components(base))
             if transformer_folder:
                 pipeline.transformer = type(pipeline.transformer).from_pretrained(
                     transformer_folder, **dtype_keyword(dtype), local_files_only=True)

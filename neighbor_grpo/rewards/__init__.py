@@ -147,7 +147,7 @@ def build_rewards(specs: Sequence[dict], device: str | torch.device = "cpu") -> 
 
 from neighbor_grpo.rewards import compressibility, digit_classifier  # noqa: E402,F401  (registers them)
 from neighbor_grpo.rewards import aesthetic, clip_rewards, hpsv2, image_reward, ocr  # noqa: E402,F401  (registers them)
-from neighbor_grpo.rewards import gold  # noqa: E402,F401  (registers digit_gold)
+from neighbor_grpo.rewards import gold, tesseract  # noqa: E402,F401  (registers digit_gold, ocr_tesseract)
 from neighbor_grpo.rewards import remote  # noqa: E402,F401  (registers remote; httpx is imported when one is built)
 from neighbor_grpo.rewards import judge  # noqa: E402,F401  (registers vlm_judge; transformers/httpx load when one is built)
 from neighbor_grpo.rewards import group_rewards  # noqa: E402,F401  (registers pairwise_win_rate)
