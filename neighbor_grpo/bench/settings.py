@@ -197,6 +197,8 @@ PROTOCOL_KNOBS: dict[str, tuple[str, tuple]] = {
 ANCHORING: dict[str, tuple[str, tuple]] = {
     # Neighbor GRPO: the paper's "no KL term" (0) and the library's reference anchoring (1)
     "neighbor_grpo": ("neighbor_grpo.ref_beta", (0.0, 1.0)),
+    # its clean-sample policy (AR-CoPO's form) likewise: the same algorithm, the same anchoring choice
+    "neighbor_grpo_x0": ("neighbor_grpo.ref_beta", (0.0, 1.0)),
     # Flow-GRPO and CPS: kl_beta 0 in the Fast/PickScore configs, 0.04 in geneval_sd3 (spec competitors.md 3.2)
     "flow_grpo": ("flow_grpo.kl_beta", (0.0, 0.04)),
     "flow_grpo_cps": ("flow_grpo.kl_beta", (0.0, 0.04)),

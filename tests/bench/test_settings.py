@@ -98,6 +98,11 @@ def test_the_protocol_grid_crosses_knob_anchoring_and_warm_up_and_every_entry_ap
     anchors = {load_config(None, PAPER_SETTINGS["neighbor_grpo"] + e["overrides"]).neighbor_grpo.ref_beta
                for e in protocol_grid("neighbor_grpo", PAPER_SETTINGS["neighbor_grpo"], 64, iterations)}
     assert anchors == {0.0, 1.0}
+    # so does its clean-sample policy row (the few-step ablation's): anchoring parity within the method (the
+    # defaults row is the anchored variant by definition)
+    anchors = {load_config(None, PAPER_SETTINGS["neighbor_grpo_x0"] + e["overrides"]).neighbor_grpo.ref_beta
+               for e in protocol_grid("neighbor_grpo_x0", PAPER_SETTINGS["neighbor_grpo_x0"], 64, iterations)}
+    assert anchors == {0.0, 1.0}
     # CPS's clip is scaled like the other element-averaged clips: x sqrt(16 x 64 x 64 / 64) = x32
     clips = {load_config(None, PAPER_SETTINGS["flow_grpo_cps"] + e["overrides"]).flow_grpo.eps_clip
              for e in protocol_grid("flow_grpo_cps", PAPER_SETTINGS["flow_grpo_cps"], 64, iterations)}
