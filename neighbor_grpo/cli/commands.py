@@ -296,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """argparse, except that key=value overrides may also come after options (`ngrpo train c.yaml --out r lr=1`):
+    argparse stops a positional list at the first option and would refuse the overrides that follow it."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # argparse's own one-line error for what it does not recognise
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every expected failure ends as one line `ngrpo CMD: error: ...` (exit 2 bad input, 1 failure, 130 Ctrl-C);
     --debug (or NGRPO_DEBUG=1) prints the traceback too."""
@@ -308,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = InterruptSeen()
     try:
         with interrupted:
-            args = build_parser().parse_args(argv)
+            args = parse_command_line(argv)
             command = args.command
             code = args.func(args)
     except KeyboardInterrupt:

@@ -667,3 +667,16 @@ def test_overwrite_keeps_a_run_whose_folder_holds_a_users_notes(finished_run, tm
     code, _, err = run_cli(capsys, "train", "iterations=1", *TINY, "--out", run, "--overwrite", "--no-progress")
     assert code == 2 and "holds 2 entries ngrpo did not write ['NOTES.md', 'analysis']" in err
     assert folder_snapshot(run) == before
+
+
+def test_overrides_may_follow_options():
+    """`ngrpo train c.yaml --out r key=value`: argparse alone would refuse the overrides after --out."""
+    from neighbor_grpo.cli.commands import parse_command_line
+
+    args = parse_command_line(["train", "c.yaml", "--out", "r", "iterations=3", "optim.lr=1e-3"])
+    assert (args.config, args.out, args.overrides) == ("c.yaml", "r", ["iterations=3", "optim.lr=1e-3"])
+    args = parse_command_line(["train", "c.yaml", "iterations=2", "--out", "r", "optim.lr=1e-3"])
+    assert args.overrides == ["iterations=2", "optim.lr=1e-3"]
+    for stray in (["--bogus"], ["stray"]):  # anything else is still argparse's one-line error
+        with pytest.raises(SystemExit):
+            parse_command_line(["train", "c.yaml", "--out", "r", *stray])
