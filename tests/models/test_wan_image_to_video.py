@@ -268,3 +268,21 @@ def test_image_prompts_need_the_ti2v_layout(tmp_path, sources):
     with pytest.raises(ValueError, match="need Wan2.2-TI2V-5B's layout"):
         adapter.encode_prompts(prompts_of(sources))
 
+
+def test_sample_cli_animates_a_source_image(ti2v, sources, tmp_path):
+    """`ngrpo sample --image`: every sample starts from the image's frame (the same first video frame), and the
+    samples are those of the prompt row with that image."""
+    from neighbor_grpo.cli import main
+    from neighbor_grpo.training.monitors import generate
+
+    common = ["sample", "--checkpoint", str(ti2v), "--resolution", "32", "--num-frames", str(FRAMES),
+              "--max-sequence-length", "8", "--cfg-scale", "1", "--prompt", "a red cat walks", "--num", "2",
+              "--steps", "2", "--solver", "euler"]
+    assert main([*common, "--image", str(sources / "one.png"), "--out", str(tmp_path / "clip.npz")]) == 0
+    videos = torch.from_numpy(np.load(tmp_path / "clip.npz")["images"])
+    assert videos.shape == (2, FRAMES, 3, 32, 32)
+    assert torch.equal(videos[0, 0], videos[1, 0]) and not torch.equal(videos[0, 1:], videos[1, 1:])
+    adapter = load_adapter(ti2v, options={**SIZE, "cfg_scale": 1.0})
+    _, expected = generate(adapter, prompts_of(sources)[:1], 2, 0, "euler", 2, adapter.default_shift())
+    torch.testing.assert_close(videos, expected[0].clamp(0, 1), atol=1e-6, rtol=0)
+    assert main([*common, "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "other.npz")]) == 2
