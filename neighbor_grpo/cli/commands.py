@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "video models .mp4/.gif (one file per sample: NAME-0.mp4, ...)")
     smp.add_argument("--fps", type=int, default=16, help="frame rate of .mp4/.gif videos (Wan 2.1: 16)")
     smp.add_argument("--prompt", required=True)
+    smp.add_argument("--image", help="a source image for the prompt: image-to-video (Wan2.2-TI2V-5B) or an editing "
+                                     "model's input (FLUX.1 Kontext), as a JSONL prompt row's `image`")
     smp.add_argument("--num", type=int, default=8)
     smp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _add_model_flags(smp)

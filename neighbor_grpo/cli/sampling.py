@@ -56,11 +56,18 @@ def _cmd_sample(args) -> None:
     videos = [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(args.num)] if out.suffix in VIDEO_SUFFIXES else [out]
     check_file_outputs(videos, args.overwrite)
     check_device(args.device, "--device")
+    prompt = args.prompt
+    if getattr(args, "image", None):
+        from neighbor_grpo.config.prompts import EditPrompt
+
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image!r}: no such file")
+        prompt = EditPrompt(args.prompt, Path(args.image).resolve())
     adapter = _load_model_for(args)
     if out.suffix in VIDEO_SUFFIXES and len(adapter.latent_shape()) != 4:  # video latents are (C, T, H, W)
         raise ValueError(f"--out {str(out)!r}: .mp4/.gif need a video model (Wan); this checkpoint samples images")
     shift = args.shift if args.shift is not None else model_default_shift(adapter, args.steps)
-    _, images = generate(adapter, [args.prompt], args.num, args.seed, args.solver, args.steps, shift)
+    _, images = generate(adapter, [prompt], args.num, args.seed, args.solver, args.steps, shift)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"--checkpoint {str(args.checkpoint)!r}: the samples hold NaN/inf "
                          f"({int((~torch.isfinite(images)).sum())} of {images.numel()} values); nothing written")

@@ -51,6 +51,22 @@ def model_default_shift(adapter, steps: int | None = None) -> float:
     return float(default())
 
 
+def sample_latent_shape(adapter, prompts: Sequence[str]) -> tuple[int, ...]:
+    """The shape of one sample's latents for `prompts`. Adapters whose samples depend on the prompts take them: Wan
+    TI2V samples one latent frame fewer for image-to-video prompts (the image is the given first frame)."""
+    if "prompts" in inspect.signature(adapter.latent_shape).parameters:
+        return tuple(adapter.latent_shape(list(prompts)))
+    return tuple(adapter.latent_shape())
+
+
+def decode_samples(adapter, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Samples' latents to images or videos; `cond` holds each sample's conditioning (as `velocity` takes it), which
+    adapters with a given, unsampled part of the latents need (Wan TI2V: the image's first frame)."""
+    if "cond" in inspect.signature(adapter.decode).parameters:
+        return adapter.decode(latents, cond)
+    return adapter.decode(latents)
+
+
 def register_model_adapter(name: str) -> Callable[[type], type]:
     """Class decorator: make an adapter loadable by `name` (the value stored in a checkpoint's model.json)."""
 

@@ -9,18 +9,26 @@ videos (batch, T, 3, H, W) in [0, 1], not clamped: image rewards score them fram
 Wan 2.2 A14B has two experts, `transformer` for the high-noise timesteps t >= boundary_ratio * 1000 and
 `transformer_2` below, exactly as WanPipeline switches them. They are trained together as one module
 (`WanExperts`), so a LoRA run gives each expert its own LoRA, and exports write one diffusers LoRA file per expert.
-Wan2.2-TI2V-5B (48-channel VAE, `expand_timesteps`) samples text-to-video here; its image condition is not
-supported.
+Wan2.2-TI2V-5B (48-channel VAE, `expand_timesteps`) samples text-to-video from text-only prompts and image-to-video
+from editing prompt rows (`EditPrompt`, a JSONL row's `image`), as diffusers' WanImageToVideoPipeline does with
+`expand_timesteps`: the image, preprocessed and encoded by the VAE (the mode, normalised), IS the first latent frame,
+and its tokens get timestep 0. That frame is given, not sampled, so it is not part of our latents: the solvers and
+algorithms see the T - 1 generated frames only (`latent_shape(prompts)`), `velocity` puts the image's frame in front
+of them for the transformer and returns the velocity of the generated frames, and `decode(latents, cond)` puts it
+back before the causal VAE decodes. The frame therefore stays fixed at every step of every solver, SDE included, and
+policy distances and log-probs never count it (docs/models.md says why).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from neighbor_grpo.config.prompts import source_image_paths
 from neighbor_grpo.models import register_model_adapter
 from neighbor_grpo.models.true_cfg import NegativePromptCFG
 from neighbor_grpo.models.diffusers_common import (DiffusersAdapter, _parameters_fingerprint, dtype_keyword,
@@ -41,7 +49,8 @@ class WanExperts(nn.Module):
         self.high, self.low, self.boundary = high, low, float(boundary)
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
-        per_sample = timestep if timestep.dim() == 1 else timestep[:, 0]  # TI2V: one timestep per token, all equal
+        # TI2V: one timestep per token, equal but for an image condition's tokens (0): the noisy tokens' one decides
+        per_sample = timestep if timestep.dim() == 1 else timestep.amax(dim=1)
         high = per_sample >= self.boundary
         if bool(high.all()) or not bool(high.any()):  # the usual case: one expert for the whole call
             expert = self.high if bool(high.all()) else self.low
@@ -108,11 +117,27 @@ class WanAdapter(NegativePromptCFG, DiffusersAdapter):
                              f"got {frames}")
         return frames
 
-    def latent_shape(self) -> tuple[int, int, int, int]:
+    def latent_shape(self, prompts: Sequence[str] | None = None) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of the sampled latents; for `prompts` with source images (TI2V image-to-video) one frame
+        fewer, the image's first latent frame being given."""
         height, width = self.resolution()
         factor = self.pipeline.vae_scale_factor_spatial
         frames = (self.num_frames() - 1) // self.pipeline.vae_scale_factor_temporal + 1
-        return (self.pipeline.vae.config.z_dim, frames, height // factor, width // factor)
+        given = self.condition_frames(prompts) if prompts is not None else 0
+        if frames - given < 1:
+            raise ValueError(f"model.num_frames: image-to-video generates the frames after the image; expected at least "
+                             f"{self.pipeline.vae_scale_factor_temporal + 1} frames, got {self.num_frames()}")
+        return (self.pipeline.vae.config.z_dim, frames - given, height // factor, width // factor)
+
+    def condition_frames(self, prompts: Sequence[str]) -> int:
+        """Latent frames given by the prompts: 1 for image-to-video prompts (each with a source image), else 0."""
+        if source_image_paths(prompts) is None:
+            return 0
+        if not self.pipeline.config.expand_timesteps:
+            raise ValueError("prompts: source images (image-to-video) need Wan2.2-TI2V-5B's layout, whose first latent "
+                             "frame is the image (model_index.json's expand_timesteps: true); this Wan checkpoint is "
+                             "text-to-video only (Wan 2.1's I2V models, with a CLIP image encoder, are not supported)")
+        return 1
 
     def default_shift(self) -> float:
         """The scheduler's shift: `shift` of FlowMatchEulerDiscreteScheduler, `flow_shift` of the UniPC scheduler
@@ -127,11 +152,40 @@ class WanAdapter(NegativePromptCFG, DiffusersAdapter):
         length = self.options["max_sequence_length"] or 512
         embeds, _ = self.pipeline.encode_prompt(prompt=prompts, do_classifier_free_guidance=False,
                                                 max_sequence_length=length, device=self.device)
-        return {"prompt_embeds": embeds}
+        # every row holds its given first frame: the image's latent (1 frame), or none (0 frames) for text-to-video
+        paths = source_image_paths(prompts) if self.condition_frames(prompts) else None
+        channels, _, height, width = self.latent_shape()
+        first = (self.image_latents(paths) if paths is not None
+                 else torch.zeros(len(prompts), channels, 0, height, width, device=self.device))
+        return {"prompt_embeds": embeds, "first_frame": first}
+
+    @torch.no_grad()
+    def image_latents(self, paths: list[str]) -> torch.Tensor:
+        """(n, C, 1, h, w): each source image as WanImageToVideoPipeline makes its condition with expand_timesteps:
+        its video processor resizes to (height, width) and normalises to [-1, 1], the VAE encodes one frame, the
+        distribution's mode, then `(z - latents_mean) * (1 / latents_std)`, in float32."""
+        from PIL import Image
+        from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
+
+        vae, (height, width) = self.pipeline.vae, self.resolution()
+        vae_device = next(vae.parameters()).device  # on the CPU under model.offload_vae
+        frames = []
+        for path in paths:
+            with Image.open(path) as image:
+                pixels = self.pipeline.video_processor.preprocess(image.convert("RGB"), height=height, width=width)
+            z = retrieve_latents(vae.encode(pixels.unsqueeze(2).to(vae_device, vae.dtype)), sample_mode="argmax")
+            frames.append(z.to(self.device, torch.float32))
+        z = torch.cat(frames)
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
+        return (z - mean) * inverse_std
 
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype
-        x = x.to(self.device, dtype)
+        # the rows' given first frame (image-to-video) goes in front of the sampled ones; CFG's halves share it
+        first = self.cache.gather("first_frame", rows, self.device, dtype)
+        given = first.shape[2]
+        x = torch.cat([first, x.to(self.device, dtype)], dim=2)
         if self.uses_cfg:
             negative = torch.full_like(rows, self.cache.rows[self.options["negative_prompt"]])
             rows = torch.cat([negative, rows])
@@ -139,19 +193,25 @@ class WanAdapter(NegativePromptCFG, DiffusersAdapter):
         embeds = self.cache.gather("prompt_embeds", rows, self.device, dtype)
         # Wan takes timesteps in [0, 1000] (scheduler.timesteps = sigmas * 1000), in float32 as the pipeline does
         timestep = s * self.pipeline.scheduler.config.num_train_timesteps
-        if self.pipeline.config.expand_timesteps:  # Wan2.2-TI2V: one timestep per latent token (2x2 patches)
-            tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
-            timestep = timestep[:, None].expand(-1, tokens)
+        if self.pipeline.config.expand_timesteps:  # Wan2.2-TI2V: one timestep per latent token (patches)
+            _, patch_h, patch_w = self.pipeline.transformer.config.patch_size
+            per_frame = (x.shape[3] // patch_h) * (x.shape[4] // patch_w)
+            timestep = timestep[:, None].repeat(1, x.shape[2] * per_frame)
+            timestep[:, :given * per_frame] = 0.0  # the image's tokens are clean (diffusers' first_frame_mask)
         # positional hidden states: the trainer's call counter reads the batch size from the first input
-        out = self.net(x, timestep, embeds, return_dict=False)[0]
+        out = self.net(x, timestep, embeds, return_dict=False)[0][:, :, given:]
         if not self.uses_cfg:
             return out
         uncond, text = out.chunk(2)
         return uncond + float(self.options["cfg_scale"]) * (text - uncond)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (batch, C, T, H, W) -> videos (batch, T, 3, H, W) in [0, 1], NOT clamped, float32, in chunks of
-        `decode_batch_size` videos (the VAE's memory grows with frames; `vae_tiling` tiles each frame spatially)."""
+        `decode_batch_size` videos (the VAE's memory grows with frames; `vae_tiling` tiles each frame spatially).
+        `cond` (the samples' prompt rows) puts an image-to-video sample's given first frame back in front."""
+        if cond is not None:
+            first = self.cache.gather("first_frame", cond, latents.device, latents.dtype)
+            latents = torch.cat([first, latents], dim=2)
         vae = self.pipeline.vae
         chunk = max(1, int(self.options["decode_batch_size"]))
         offload = self.options["offload_vae"] and self.device.type != "cpu"

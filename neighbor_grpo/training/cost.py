@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from neighbor_grpo.algorithms import ALGORITHMS
 from neighbor_grpo.algorithms.common import Phase, repeat_cond
+from neighbor_grpo.models import sample_latent_shape
 
 BACKWARD_FACTORS = {"full": 2.0, "lora": 1.0}
 
@@ -96,7 +97,7 @@ def count_forward_flops(adapter, velocity, calls, prompts: list[str], group_size
     sample, a measured forward+backward: a check on the 2x / 1x backward rule."""
     cond = adapter.encode_prompts(prompts)
     device = adapter.device
-    x = torch.randn(len(prompts) * group_size, *adapter.latent_shape(), device=device)
+    x = torch.randn(len(prompts) * group_size, *sample_latent_shape(adapter, prompts), device=device)
     s = torch.tensor(0.5, device=device)
     eager = getattr(torch.compiler, "set_stance", None)  # count the eager graph when speed.compile is on
     with eager("force_eager") if eager else contextlib.nullcontext():

@@ -12,6 +12,7 @@ import torch
 from neighbor_grpo.maths.advantages import combine_reward_advantages
 from neighbor_grpo.config.prompts import load_source_images
 from neighbor_grpo.config.train_config import TrainConfig
+from neighbor_grpo.models import decode_samples, sample_latent_shape
 from neighbor_grpo.parallel.distributed import (SINGLE_PROCESS, BatchPart, Processes, all_true, any_process, batch_part,
                                        gather_block, global_means)
 from neighbor_grpo.maths.noise import keyed_generator
@@ -87,8 +88,8 @@ def rollout_chunk(algorithm, velocity, adapter, prompts: list[str], indices: lis
     cond = adapter.encode_prompts(prompts)
     block = {} if part.candidates is None else {"candidates": slice(part.candidates.start, part.candidates.stop)}
     with torch.no_grad() if sharded else torch.inference_mode():
-        return algorithm.rollout(velocity, cond, prompts, indices, iteration, adapter.latent_shape(), adapter.device,
-                                 **block)
+        return algorithm.rollout(velocity, cond, prompts, indices, iteration, sample_latent_shape(adapter, prompts),
+                                 adapter.device, **block)
 
 
 def score_chunk(adapter, rewards, rollout) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
@@ -96,7 +97,7 @@ def score_chunk(adapter, rewards, rollout) -> tuple[dict[str, torch.Tensor], tor
     numerical fault (the update is skipped and counted), not an exception."""
     P, g = rollout.final.shape[:2]  # g = G unless the group spans processes
     with torch.no_grad():
-        images = adapter.decode(rollout.final.flatten(0, 1))
+        images = decode_samples(adapter, rollout.final.flatten(0, 1), rollout.cond.repeat_interleave(g, dim=0))
         try:
             group_ids = torch.tensor(rollout.prompt_indices, device=images.device).repeat_interleave(g)
             prompts = [p for p in rollout.prompts for _ in range(g)]

@@ -11,6 +11,7 @@ from neighbor_grpo.config.prompts import load_source_images
 from neighbor_grpo.maths.flow import sigma_grid
 from neighbor_grpo.maths.noise import independent_noises
 from neighbor_grpo.maths.solvers import integrate
+from neighbor_grpo.models import decode_samples, sample_latent_shape
 
 
 class NonFiniteSamples(FloatingPointError):
@@ -50,13 +51,13 @@ def generate(adapter, prompts: Sequence[str], samples_per_prompt: int, seed: int
     """Samples from independent noises keyed by (seed, 0, prompt position, sample): latents and raw images,
     each shaped (P, S, ...)."""
     device = adapter.device
-    shape = adapter.latent_shape()
+    shape = sample_latent_shape(adapter, prompts)
     noises = torch.stack([independent_noises(shape, samples_per_prompt, seed, 0, k, device) for k in range(len(prompts))])
     cond = adapter.encode_prompts(list(prompts)).repeat_interleave(samples_per_prompt, dim=0)
     sigmas = sigma_grid(steps, shift=shift).to(device)
     trajectory = integrate(lambda x, s: adapter.velocity(x, s, cond), noises.flatten(0, 1), sigmas, solver)
     latents = trajectory.states[-1]
-    images = adapter.decode(latents)
+    images = decode_samples(adapter, latents, cond)
     P = len(prompts)
     return latents.reshape(P, samples_per_prompt, *latents.shape[1:]), images.reshape(P, samples_per_prompt, *images.shape[1:])
 

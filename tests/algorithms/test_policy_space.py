@@ -126,3 +126,36 @@ def test_at_one_step_the_two_policies_are_the_same_policy(solver):
     assert grads["x0"].norm() > 1e-4
     assert losses["x0"] == pytest.approx(losses["next_state"], rel=1e-6)
     assert rel_err(grads["x0"], grads["next_state"]) < 1e-5
+def test_loss_is_ar_copo_objective_with_sum_distances_and_a_fixed_temperature():
+    """AR-CoPO's equations as transcribed in docs/algorithms.md, written out here: d_0^(i) = ||x0hat_old^(i) -
+    x0hat_theta||^2 (a sum over elements), pi_theta(i) = softmax_i(-d_0^(i) / tau_0), pi_old the same with the old
+    parameters' anchor prediction, J = (1/G) sum_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i). With
+    distance_reduction: sum and a fixed tau = tau_0 our loss is exactly -G J (averaged over anchors and steps), after
+    an update has moved the ratios away from 1 (so the clip and both policies matter)."""
+    P, G, B, tau, eps = 2, 6, 3, 40.0, 0.2
+    algorithm, model, rollout = make(P=P, G=G, B=B, N=3, tau=tau, eps_clip=eps, adv_clip=0.0, old_policy="rollout",
+                                     policy_space="x0", x0_candidates="step", distance_reduction="sum")
+    advantages = zero_sum_advantages(P, G, seed=2)
+    batch = algorithm.minibatches(rollout, 0)[0]
+    loss, _ = algorithm.loss(model, rollout, advantages, batch)
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=20.0).step()
+    ours, stats = algorithm.loss(model, rollout, advantages, batch)
+    assert 0 < stats["clip_fraction"] < 1  # the update moved some ratios past the clip: the comparison covers it
+    objectives = []
+    with torch.no_grad():
+        for j in batch.steps:
+            s = rollout.sigmas[j]
+            candidates = rollout.states[j] - s * rollout.velocities[j]  # x0hat_old^(i) = F_old(x_j^(i), s_j)
+            for p in range(P):
+                for k in batch.members[p].tolist():
+                    x = rollout.states[j, p, k]
+                    theta = x - s * model(x[None], s, rollout.cond[p:p + 1])[0]   # x0hat_theta (current parameters)
+                    old = x - s * rollout.velocities[j, p, k]                         # the old parameters' prediction
+                    d_theta = (candidates[p] - theta).pow(2).flatten(1).sum(-1)
+                    d_old = (candidates[p] - old).pow(2).flatten(1).sum(-1)
+                    rho = torch.exp(torch.log_softmax(-d_theta / tau, 0) - torch.log_softmax(-d_old / tau, 0))
+                    A = advantages[p]
+                    objectives.append(torch.minimum(rho * A, rho.clamp(1 - eps, 1 + eps) * A).mean())
+    J = torch.stack(objectives).mean()
+    assert float(ours) == pytest.approx(-G * float(J), rel=1e-5, abs=1e-7)
