@@ -158,4 +158,4 @@ def test_loss_is_ar_copo_objective_with_sum_distances_and_a_fixed_temperature():
                     A = advantages[p]
                     objectives.append(torch.minimum(rho * A, rho.clamp(1 - eps, 1 + eps) * A).mean())
     J = torch.stack(objectives).mean()
-    assert float(ours) == pytest.approx(-G * float(J), rel=1e-5, abs=1e-7)
+    assert ours.item() == pytest.approx(-G * J.item(), rel=1e-5, abs=1e-7)
