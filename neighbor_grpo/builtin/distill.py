@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from neighbor_grpo.builtin.cache import cache_root, settings_key
-from neighbor_grpo.maths.flow import interpolate, sigma_grid
+from neighbor_grpo.builtin.pretrain import _publish, ensure_builtin_model, train_flow_matching
+from neighbor_grpo.maths.flow import sigma_grid
 from neighbor_grpo.maths.solvers import integrate
 from neighbor_grpo.runs.exports import write_manifest
 
@@ -67,26 +66,17 @@ def reflow(teacher, settings: ReflowSettings = ReflowSettings(), progress: bool 
     generator = torch.Generator().manual_seed(settings.seed)
     noises, labels, samples = teacher_pairs(teacher, settings.pairs, settings.teacher_steps, generator)
     held_out = teacher_pairs(teacher, 512, settings.teacher_steps, generator)
+
+    def coupled_pairs(size: int):  # (sample, its own noise, label): the teacher's coupling, not fresh noise
+        batch = torch.randint(0, settings.pairs, (size,), generator=generator)
+        return samples[batch], noises[batch], labels[batch]
+
     student = copy.deepcopy(teacher)
     student.net.requires_grad_(True).train()
     ema = copy.deepcopy(student)
     ema.net.requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.net.parameters(), lr=settings.lr, weight_decay=0.0)
-    bar = tqdm(range(settings.train_steps), desc="reflow", unit="step", disable=not progress)
-    for step in bar:
-        batch = torch.randint(0, settings.pairs, (settings.batch_size,), generator=generator)
-        x0, z, y = samples[batch], noises[batch], labels[batch]
-        s = torch.rand(settings.batch_size, generator=generator)
-        x_s = interpolate(x0, z, s.view(-1, *([1] * (x0.dim() - 1))))
-        loss = F.mse_loss(student.velocity(x_s, s, y), z - x0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.net.parameters(), student.net.parameters()):
-                p_ema.lerp_(p, 1 - settings.ema_decay)
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    train_flow_matching(student, ema, coupled_pairs, settings.train_steps, settings.batch_size, settings.lr,
+                        settings.ema_decay, generator, "reflow", progress)
     ema.net.eval()
     errors = {k: {"teacher": few_step_error(teacher, *held_out, k), "student": few_step_error(ema, *held_out, k)}
               for k in check_steps}
@@ -101,7 +91,6 @@ def ensure_reflow_model(progress: bool = True, settings: ReflowSettings = Reflow
                         folder: Path | None = None, teacher=None) -> Path:
     """The cached reflowed student of builtin:`settings.teacher` (or of the adapter `teacher`, into `folder`), built
     on first use; its model.json records the settings, the seconds it took and the few-step errors before and after."""
-    from neighbor_grpo.builtin.pretrain import _publish, ensure_builtin_model
     from neighbor_grpo.models import load_adapter
 
     folder = Path(folder) if folder is not None else default_reflow_dir(settings)

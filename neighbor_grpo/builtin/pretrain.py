@@ -1,4 +1,5 @@
-"""Build the built-in default: the digit classifier (the reward model) and the base flow-matching model.
+"""Build the built-in default: the digit classifier (the reward model) and the base flow-matching model (whose
+training loop, `train_flow_matching`, also trains distill.py's reflow student).
 
 The base model is pretrained with a share of labels replaced at random, so it follows prompts only partly
 (prompt accuracy ~0.5) and alignment has something real to fix.
@@ -107,31 +108,44 @@ def train_base_model(settings: BaseModelSettings = BaseModelSettings(), progress
     replace = torch.rand(len(y_data), generator=generator) < settings.label_noise
     y_data[replace] = torch.randint(0, 10, (int(replace.sum()),), generator=generator)
 
+    def data_and_noise(size: int):
+        batch = torch.randint(0, len(y_data), (size,), generator=generator)
+        return x_data[batch], torch.randn(x_data[batch].shape, generator=generator), y_data[batch]
+
     adapter_class = adapter_class_for(settings.net)
     adapter = adapter_class.create(settings.net, seed=settings.seed)
     ema = adapter_class.create(settings.net, seed=settings.seed)
     ema.net.load_state_dict(adapter.net.state_dict())
     ema.net.requires_grad_(False)
-    optimizer = torch.optim.AdamW(adapter.net.parameters(), lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
-    bar = tqdm(range(settings.steps), desc=f"base model ({adapter_class.adapter_name})", unit="step",
-               disable=not progress)
+    train_flow_matching(adapter, ema, data_and_noise, settings.steps, settings.batch_size, settings.lr,
+                        settings.ema_decay, generator, f"base model ({adapter_class.adapter_name})", progress,
+                        one_cycle=True)
+    return ema
+
+
+def train_flow_matching(model, ema, draw, steps: int, batch_size: int, lr: float, ema_decay: float,
+                        generator: torch.Generator, desc: str, progress: bool = True, one_cycle: bool = False) -> None:
+    """The loop of pretraining and of reflow: AdamW on the flow-matching loss ||v(x_s, s, y) - (z - x0)||^2,
+    x_s = (1 - s) x0 + s z, s ~ U(0, 1), over `steps` batches `draw(batch_size) -> (x0, z, y)`; `ema`'s weights
+    follow `model`'s with `ema_decay`. `one_cycle`: a one-cycle learning-rate schedule (5% warm-up)."""
+    optimizer = torch.optim.AdamW(model.net.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05) if one_cycle else None
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     for step in bar:
-        batch = torch.randint(0, len(y_data), (settings.batch_size,), generator=generator)
-        x0, eps = x_data[batch], torch.randn(x_data[batch].shape, generator=generator)
-        s = torch.rand(settings.batch_size, generator=generator)
-        x_s = interpolate(x0, eps, s.view(-1, 1, 1, 1))
-        loss = F.mse_loss(adapter.net(x_s, s, y_data[batch]), eps - x0)
+        x0, z, y = draw(batch_size)
+        s = torch.rand(batch_size, generator=generator)
+        x_s = interpolate(x0, z, s.view(-1, *([1] * (x0.dim() - 1))))
+        loss = F.mse_loss(model.velocity(x_s, s, y), z - x0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
         with torch.no_grad():
-            for p_ema, p in zip(ema.net.parameters(), adapter.net.parameters()):
-                p_ema.lerp_(p, 1 - settings.ema_decay)
+            for p_ema, p in zip(ema.net.parameters(), model.net.parameters()):
+                p_ema.lerp_(p, 1 - ema_decay)
         if step % 100 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return ema
 
 
 def ensure_classifier(progress: bool = True, settings: ClassifierSettings = ClassifierSettings()) -> tuple[Path, float]:

@@ -1,5 +1,6 @@
-"""What the FLUX.1 and SD3 adapters share: loading a diffusers folder, the prompt-embedding cache, chunked VAE
-decoding, memory options, and export (a diffusers-format LoRA, a transformer, or a complete pipeline folder).
+"""What the diffusers adapters share: loading a diffusers folder, the prompt-embedding cache, chunked velocity calls
+and VAE decoding (each adapter writes one `_velocity` call and may override `_decode_chunk`), memory options, and
+export (a diffusers-format LoRA, a transformer, or a complete pipeline folder).
 
 The trained module `net` is the transformer only; text encoders and the VAE are frozen and never reach the
 optimizer. Latents handed to the solvers are plain unpacked (batch, C, H, W) float tensors in the latent dtype
@@ -101,7 +102,7 @@ def _parameters_fingerprint(module: torch.nn.Module) -> torch.Tensor:
 
 
 class DiffusersAdapter:
-    """Shared machinery; FluxAdapter and SD3Adapter add prompt encoding, velocity and the latent layout."""
+    """Shared machinery; each adapter adds prompt encoding, `_velocity` and the latent layout."""
 
     NAME = ""  # registered adapter name, written to model.json
     PIPELINE = ""  # diffusers pipeline class name in model_index.json
@@ -188,6 +189,11 @@ class DiffusersAdapter:
                 for name in self.text_encoder_names():
                     getattr(self.pipeline, name).to("cpu")
 
+    def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """v(x, s, cond) in x's dtype: the adapter's transformer call `_velocity(x, timesteps, rows)` over chunks."""
+        return self._chunked(lambda xs, ts, rows: self._velocity(xs, ts, rows).to(x.dtype),
+                             x, self._timesteps(s, x.shape[0]), cond)
+
     def _timesteps(self, s: torch.Tensor, batch: int) -> torch.Tensor:
         s = torch.as_tensor(s, device=self.device, dtype=torch.float32).reshape(-1)
         return s.expand(batch) if s.numel() == 1 else s
@@ -200,7 +206,8 @@ class DiffusersAdapter:
         return torch.cat([fn(*(t[i:i + size] for t in tensors)) for i in range(0, tensors[0].shape[0], size)])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (batch, C, H, W) -> images in [0, 1], NOT clamped, float32, in chunks."""
+        """Latents (batch, ...) -> images (Wan: videos) in [0, 1], NOT clamped, float32, in chunks of
+        `model.decode_batch_size`, each through the adapter's `_decode_chunk`."""
         vae = self.pipeline.vae
         chunk = max(1, int(self.options["decode_batch_size"]))
         offload = self.options["offload_vae"] and self.device.type != "cpu"
@@ -211,12 +218,17 @@ class DiffusersAdapter:
             with torch.no_grad():
                 for start in range(0, latents.shape[0], chunk):
                     z = latents[start:start + chunk].to(device=self.device, dtype=vae.dtype)
-                    z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-                    images.append((vae.decode(z, return_dict=False)[0].float() + 1.0) / 2.0)
+                    images.append(self._decode_chunk(z))
         finally:
             if offload:
                 vae.to("cpu")
         return torch.cat(images)
+
+    def _decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents on the VAE's device, in its dtype -> images in [0, 1], float32 (FLUX.1's and SD3's scale and shift)."""
+        vae = self.pipeline.vae
+        z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return (vae.decode(z, return_dict=False)[0].float() + 1.0) / 2.0
 
     def resolution(self) -> tuple[int, int]:
         """(height, width) in pixels: the options', else the checkpoint's default."""
@@ -342,9 +354,7 @@ class DiffusersAdapter:
         transformer = merged_copy(self.net) if is_lora(self.net) else self._transformer()
         if hasattr(transformer, "get_base_model"):
             transformer = transformer.get_base_model()
-        components = dict(self.pipeline.components)
-        components["transformer"] = transformer
-        type(self.pipeline)(**components).save_pretrained(str(folder))
+        type(self.pipeline)(**{**self.pipeline.components, "transformer": transformer}).save_pretrained(str(folder))
 
     # ---- loading ---------------------------------------------------------------------------------------------------
     @classmethod

@@ -43,10 +43,6 @@ class FluxAdapter(DiffusersAdapter):
                                                         max_sequence_length=length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._chunked(lambda xs, ts, rows: self._velocity(xs, ts, rows).to(x.dtype),
-                             x, self._timesteps(s, x.shape[0]), cond)
-
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         pipeline, dtype = self.pipeline, self.dtype
         B, C, H, W = x.shape

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from neighbor_grpo.models import register_model_adapter
+from neighbor_grpo.models.true_cfg import NegativePromptCFG
 from neighbor_grpo.models.diffusers_common import DiffusersAdapter
 
 # The peers' FLUX.2 LoRA targets (DiffSynth-Studio's FLUX.2 recipes): the double blocks' attention and feed-forward,
@@ -30,11 +31,12 @@ DEFAULT_STEPS = 50  # the pipelines' num_inference_steps, for a shift asked with
 
 
 @register_model_adapter("flux2")
-class Flux2Adapter(DiffusersAdapter):
+class Flux2Adapter(NegativePromptCFG, DiffusersAdapter):
     """FLUX.2 [dev]: `model.guidance` (default 3.5; the pipeline's default is 4) enters the guidance embedding."""
 
     NAME = "flux2"
     PIPELINE = "Flux2Pipeline"
+    NEGATIVE_FIRST = False  # [klein]'s CFG: the prompts' half first
 
     def text_encoder_names(self) -> list[str]:
         return ["text_encoder"]
@@ -71,15 +73,6 @@ class Flux2Adapter(DiffusersAdapter):
                                                 max_sequence_length=self.options["max_sequence_length"] or 512)
         return {"prompt_embeds": embeds}
 
-    def encode_prompts(self, prompts):
-        if self.uses_cfg:  # the negative prompt is cached like any prompt
-            super().encode_prompts([self.options["negative_prompt"]])
-        return super().encode_prompts(prompts)
-
-    def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._chunked(lambda xs, ts, rows: self._velocity(xs, ts, rows).to(x.dtype),
-                             x, self._timesteps(s, x.shape[0]), cond)
-
     def _guidance(self, batch: int) -> torch.Tensor | None:
         if not self.pipeline.transformer.config.guidance_embeds:
             return None
@@ -87,10 +80,7 @@ class Flux2Adapter(DiffusersAdapter):
 
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         pipeline, dtype = self.pipeline, self.dtype
-        x = x.to(self.device, dtype)
-        if self.uses_cfg:
-            negative = torch.full_like(rows, self.cache.rows[self.options["negative_prompt"]])
-            rows, x, s = torch.cat([rows, negative]), torch.cat([x, x]), torch.cat([s, s])
+        rows, x, s = self._with_negative(rows, x.to(self.device, dtype), s)
         B, C, H, W = x.shape
         embeds = self.cache.gather("prompt_embeds", rows, self.device, dtype)
         tokens = pipeline._pack_latents(x)  # (B, H*W, C), row-major like the pipeline's position ids
@@ -99,11 +89,7 @@ class Flux2Adapter(DiffusersAdapter):
         # FLUX.2 takes timesteps in [0, 1] and scales them (and the guidance) by 1000 itself
         out = self.net(tokens, encoder_hidden_states=embeds, timestep=s.to(dtype), img_ids=image_ids,
                        txt_ids=text_ids, guidance=self._guidance(B), return_dict=False)[0]
-        out = out.permute(0, 2, 1).reshape(B, C, H, W)
-        if not self.uses_cfg:
-            return out
-        text, uncond = out.chunk(2)
-        return uncond + float(self.options["cfg_scale"]) * (text - uncond)
+        return self._guided(out.permute(0, 2, 1).reshape(B, C, H, W))
 
     def vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised patch latents -> what the VAE decodes: undo the batch-norm statistics, then the 2x2 patches."""
@@ -113,23 +99,9 @@ class Flux2Adapter(DiffusersAdapter):
         std = std.to(latents.device, latents.dtype)
         return self.pipeline._unpatchify_latents(latents * std + mean)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (batch, C, h, w) -> images in [0, 1], NOT clamped, float32, in chunks (`model.decode_batch_size`)."""
-        vae = self.pipeline.vae
-        chunk = max(1, int(self.options["decode_batch_size"]))
-        offload = self.options["offload_vae"] and self.device.type != "cpu"
-        images = []
-        if offload:  # the VAE visits the accelerator only while it decodes
-            vae.to(self.device)
-        try:
-            with torch.no_grad():
-                for start in range(0, latents.shape[0], chunk):
-                    z = self.vae_latents(latents[start:start + chunk].to(device=self.device, dtype=vae.dtype))
-                    images.append((vae.decode(z, return_dict=False)[0].float() + 1.0) / 2.0)
-        finally:
-            if offload:
-                vae.to("cpu")
-        return torch.cat(images)
+    def _decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Patch latents (b, C, h, w) -> images in [0, 1], float32: `vae_latents`, then the VAE."""
+        return (self.pipeline.vae.decode(self.vae_latents(z), return_dict=False)[0].float() + 1.0) / 2.0
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", options=None) -> "Flux2Adapter":

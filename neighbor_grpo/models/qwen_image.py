@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from neighbor_grpo.models import register_model_adapter
+from neighbor_grpo.models.true_cfg import NegativePromptCFG
 from neighbor_grpo.models.diffusers_common import DiffusersAdapter
 
 
@@ -44,9 +45,10 @@ def guided(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torc
 
 
 @register_model_adapter("qwen_image")
-class QwenImageAdapter(DiffusersAdapter):
+class QwenImageAdapter(NegativePromptCFG, DiffusersAdapter):
     NAME = "qwen_image"
     PIPELINE = "QwenImagePipeline"
+    NEGATIVE_FIRST = False  # the pipeline's one call on [conditional; negative]
 
     def text_encoder_names(self) -> list[str]:
         return ["text_encoder"]
@@ -64,10 +66,6 @@ class QwenImageAdapter(DiffusersAdapter):
         _, h, w = self.latent_shape()
         return self.scheduler_shift((h // 2) * (w // 2))
 
-    @property
-    def uses_cfg(self) -> bool:
-        return float(self.options["cfg_scale"]) > 1.0
-
     def encode_new_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         length = self.options["max_sequence_length"] or 1024
         embeds, mask = self.pipeline.encode_prompt(prompt=[str(p) for p in prompts], device=self.device,
@@ -75,67 +73,37 @@ class QwenImageAdapter(DiffusersAdapter):
         lengths = torch.full((len(prompts),), embeds.shape[1]) if mask is None else mask.sum(dim=1)
         return {"prompt_embeds": embeds, "prompt_lengths": lengths}
 
-    def encode_prompts(self, prompts):
-        if self.uses_cfg:  # the negative prompt is one more cached row
-            super().encode_prompts([self.options["negative_prompt"]])
-        return super().encode_prompts(prompts)
-
     def text_condition(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         indices = rows.tolist()
         cached = [self.cache.tensors["prompt_embeds"][i] for i in indices]
         lengths = [int(self.cache.tensors["prompt_lengths"][i]) for i in indices]
         return padded_rows(cached, lengths, self.device, self.dtype)
 
-    def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._chunked(lambda xs, ts, rows: self._velocity(xs, ts, rows).to(x.dtype),
-                             x, self._timesteps(s, x.shape[0]), cond)
-
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         pipeline, dtype = self.pipeline, self.dtype
         B, C, H, W = x.shape
         tokens = pipeline._pack_latents(x.to(self.device, dtype), B, C, H, W)
-        if self.uses_cfg:  # one transformer call on [conditional; negative]
-            negative = torch.full_like(rows, self.cache.rows[self.options["negative_prompt"]])
-            rows, tokens, s = torch.cat([rows, negative]), torch.cat([tokens, tokens]), torch.cat([s, s])
+        rows, tokens, s = self._with_negative(rows, tokens, s)
         embeds, mask = self.text_condition(rows)
         # positional hidden states: the trainer's call counter reads the batch size from the first input
         out = self.net(tokens, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask, timestep=s.to(dtype),
                        img_shapes=[[(1, H // 2, W // 2)]] * tokens.shape[0], return_dict=False)[0]
-        if self.uses_cfg:
-            positive, negative = out.chunk(2)
-            out = guided(positive, negative, float(self.options["cfg_scale"]))
         factor = pipeline.vae_scale_factor
-        return pipeline._unpack_latents(out, H * factor, W * factor, factor)[:, :, 0]
+        return pipeline._unpack_latents(self._guided(out), H * factor, W * factor, factor)[:, :, 0]
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (batch, C, H, W) -> images in [0, 1], NOT clamped, float32: the pipeline's per-channel
-        un-normalisation, then the one-frame video VAE."""
+    def _combine(self, text: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:  # on the packed tokens
+        return guided(text, uncond, float(self.options["cfg_scale"]))
+
+    def _decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (b, C, H, W) -> images in [0, 1], float32: the pipeline's per-channel un-normalisation, then the
+        video VAE on one frame ((b, C, 1, H, W) in and out)."""
         vae = self.pipeline.vae
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
-        return decode_frames(self, latents, lambda z: z * std.to(z) + mean.to(z))
+        frames = vae.decode((z * std.to(z) + mean.to(z))[:, :, None], return_dict=False)[0][:, :, 0]
+        return (frames.float() + 1.0) / 2.0
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", options=None) -> "QwenImageAdapter":
         return cls.from_folder(Path(folder), device, options)
 
-
-def decode_frames(adapter, latents: torch.Tensor, unnormalise) -> torch.Tensor:
-    """Chunked decoding through a one-frame video VAE ((batch, C, 1, H, W) in and out), honouring
-    `model.decode_batch_size` and `model.offload_vae` like the base adapter's decode."""
-    vae = adapter.pipeline.vae
-    chunk = max(1, int(adapter.options["decode_batch_size"]))
-    offload = adapter.options["offload_vae"] and adapter.device.type != "cpu"
-    images = []
-    if offload:
-        vae.to(adapter.device)
-    try:
-        with torch.no_grad():
-            for start in range(0, latents.shape[0], chunk):
-                z = unnormalise(latents[start:start + chunk].to(device=adapter.device, dtype=vae.dtype))
-                frames = vae.decode(z[:, :, None], return_dict=False)[0][:, :, 0]
-                images.append((frames.float() + 1.0) / 2.0)
-    finally:
-        if offload:
-            vae.to("cpu")
-    return torch.cat(images)

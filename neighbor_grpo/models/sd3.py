@@ -51,20 +51,13 @@ class SD3Adapter(NegativePromptCFG, DiffusersAdapter):
 
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype
-        x = x.to(self.device, dtype)
-        if self.uses_cfg:
-            negative = torch.full_like(rows, self.cache.rows[self.options["negative_prompt"]])
-            rows = torch.cat([negative, rows])  # diffusers' order: unconditional half first
-            x, s = torch.cat([x, x]), torch.cat([s, s])
+        rows, x, s = self._with_negative(rows, x.to(self.device, dtype), s)
         embeds = self.cache.gather("prompt_embeds", rows, self.device, dtype)
         pooled = self.cache.gather("pooled_prompt_embeds", rows, self.device, dtype)
         # SD3 takes timesteps in [0, 1000] (diffusers' scheduler.timesteps = sigmas * 1000)
         out = self.net(x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=s * 1000,
                        return_dict=False)[0]
-        if not self.uses_cfg:
-            return out
-        uncond, text = out.chunk(2)
-        return uncond + float(self.options["cfg_scale"]) * (text - uncond)
+        return self._guided(out)
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", options=None) -> "SD3Adapter":

@@ -186,10 +186,7 @@ class WanAdapter(NegativePromptCFG, DiffusersAdapter):
         first = self.cache.gather("first_frame", rows, self.device, dtype)
         given = first.shape[2]
         x = torch.cat([first, x.to(self.device, dtype)], dim=2)
-        if self.uses_cfg:
-            negative = torch.full_like(rows, self.cache.rows[self.options["negative_prompt"]])
-            rows = torch.cat([negative, rows])
-            x, s = torch.cat([x, x]), torch.cat([s, s])
+        rows, x, s = self._with_negative(rows, x, s)
         embeds = self.cache.gather("prompt_embeds", rows, self.device, dtype)
         # Wan takes timesteps in [0, 1000] (scheduler.timesteps = sigmas * 1000), in float32 as the pipeline does
         timestep = s * self.pipeline.scheduler.config.num_train_timesteps
@@ -200,37 +197,26 @@ class WanAdapter(NegativePromptCFG, DiffusersAdapter):
             timestep[:, :given * per_frame] = 0.0  # the image's tokens are clean (diffusers' first_frame_mask)
         # positional hidden states: the trainer's call counter reads the batch size from the first input
         out = self.net(x, timestep, embeds, return_dict=False)[0][:, :, given:]
-        if not self.uses_cfg:
-            return out
-        uncond, text = out.chunk(2)
-        return uncond + float(self.options["cfg_scale"]) * (text - uncond)
+        return self._guided(out)
 
     def decode(self, latents: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents (batch, C, T, H, W) -> videos (batch, T, 3, H, W) in [0, 1], NOT clamped, float32, in chunks of
-        `decode_batch_size` videos (the VAE's memory grows with frames; `vae_tiling` tiles each frame spatially).
-        `cond` (the samples' prompt rows) puts an image-to-video sample's given first frame back in front."""
+        """Latents (batch, C, T, H, W) -> videos (batch, T, 3, H, W) in [0, 1], NOT clamped, float32 (the base's
+        chunks and offload). `cond` (the samples' prompt rows) puts an image-to-video sample's given first frame back
+        in front: Wan's VAE is causal in time, so the sampled frames decode after it."""
         if cond is not None:
             first = self.cache.gather("first_frame", cond, latents.device, latents.dtype)
             latents = torch.cat([first, latents], dim=2)
+        return super().decode(latents)
+
+    def _decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (b, C, T, H, W) -> videos (b, T, 3, H, W) in [0, 1], float32; `decode` runs them in chunks of
+        `decode_batch_size` videos (the VAE's memory grows with frames; `vae_tiling` tiles each frame spatially)."""
         vae = self.pipeline.vae
-        chunk = max(1, int(self.options["decode_batch_size"]))
-        offload = self.options["offload_vae"] and self.device.type != "cpu"
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-        videos = []
-        if offload:
-            vae.to(self.device)
-        try:
-            with torch.no_grad():
-                for start in range(0, latents.shape[0], chunk):
-                    z = latents[start:start + chunk].to(device=self.device, dtype=vae.dtype)
-                    z = z * std.to(z) + mean.to(z)  # the pipeline's `latents / (1 / std) + mean`
-                    video = vae.decode(z, return_dict=False)[0].float()  # (b, 3, T, H, W) in [-1, 1]
-                    videos.append(((video + 1.0) / 2.0).permute(0, 2, 1, 3, 4))
-        finally:
-            if offload:
-                vae.to("cpu")
-        return torch.cat(videos)
+        z = z * std.to(z) + mean.to(z)  # the pipeline's `latents / (1 / std) + mean`
+        video = vae.decode(z, return_dict=False)[0].float()  # (b, 3, T, H, W) in [-1, 1]
+        return ((video + 1.0) / 2.0).permute(0, 2, 1, 3, 4)
 
     # ---- LoRA files and exports of the two experts -----------------------------------------------------------------
     def load_lora(self, path: str | Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.models import register_model_adapter
+from neighbor_grpo.models.true_cfg import NegativePromptCFG
 from neighbor_grpo.models.diffusers_common import DiffusersAdapter
 
 # The peers' Z-Image LoRA targets (DiffSynth-Studio's and AI Toolkit's): attention and the SwiGLU feed-forward of
@@ -28,9 +29,10 @@ DEFAULT_RESOLUTION = 1024  # the pipeline's default height and width
 
 
 @register_model_adapter("z-image")
-class ZImageAdapter(DiffusersAdapter):
+class ZImageAdapter(NegativePromptCFG, DiffusersAdapter):
     NAME = "z-image"
     PIPELINE = "ZImagePipeline"
+    NEGATIVE_FIRST = False  # the pipeline's order: the prompts' half first
 
     def text_encoder_names(self) -> list[str]:
         return ["text_encoder"]
@@ -53,10 +55,6 @@ class ZImageAdapter(DiffusersAdapter):
         _, h, w = self.latent_shape()
         return self.scheduler_shift((h // 2) * (w // 2))
 
-    @property
-    def uses_cfg(self) -> bool:
-        return float(self.options["cfg_scale"]) > 1.0
-
     def max_sequence_length(self) -> int:
         return self.options["max_sequence_length"] or 512
 
@@ -71,21 +69,9 @@ class ZImageAdapter(DiffusersAdapter):
         lengths = torch.tensor([len(f) for f in features], device=padded.device)
         return {"prompt_embeds": padded, "prompt_lengths": lengths}
 
-    def encode_prompts(self, prompts):
-        if self.uses_cfg:  # the negative prompt is cached like any prompt
-            super().encode_prompts([self.options["negative_prompt"]])
-        return super().encode_prompts(prompts)
-
-    def velocity(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._chunked(lambda xs, ts, rows: self._velocity(xs, ts, rows).to(x.dtype),
-                             x, self._timesteps(s, x.shape[0]), cond)
-
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype
-        x = x.to(self.device, dtype)
-        if self.uses_cfg:  # the pipeline's order: the prompts' half first
-            negative = torch.full_like(rows, self.cache.rows[self.options["negative_prompt"]])
-            rows, x, s = torch.cat([rows, negative]), torch.cat([x, x]), torch.cat([s, s])
+        rows, x, s = self._with_negative(rows, x.to(self.device, dtype), s)
         embeds = self.cache.gather("prompt_embeds", rows, self.device, dtype)
         if is_fake(rows):  # `ngrpo plan` traces shapes only; its stand-in captions fill the padded length
             lengths = [embeds.shape[1]] * len(rows)
@@ -97,9 +83,10 @@ class ZImageAdapter(DiffusersAdapter):
         time = (1000.0 - s.float() * 1000.0) / 1000.0
         out = self.net(frames, time, captions, return_dict=False)[0]
         v = -torch.stack([o.float() for o in out]).squeeze(2)  # Z-Image predicts noise-to-data; ours is data-to-noise
-        if not self.uses_cfg:
-            return v
-        text, uncond = v.chunk(2)
+        return self._guided(v)
+
+    def _combine(self, text: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """The pipeline's pos + g (pos - neg) with g = cfg_scale - 1 (equal to diffusers' usual form but for rounding)."""
         return text + (float(self.options["cfg_scale"]) - 1.0) * (text - uncond)
 
     @classmethod
