@@ -2,6 +2,8 @@
 and VAE decoding (each adapter writes one `_velocity` call and may override `_decode_chunk`), memory options, and
 export (a diffusers-format LoRA, a transformer, or a complete pipeline folder).
 
+Loading helpers (dtype, settings, diffusers itself) live in `diffusers_loading`.
+
 The trained module `net` is the transformer only; text encoders and the VAE are frozen and never reach the
 optimizer. Latents handed to the solvers are plain unpacked (batch, C, H, W) float tensors in the latent dtype
 the algorithms use (float32 from the noise helpers); the adapters cast to the model dtype inside `velocity`.
@@ -9,8 +11,6 @@ the algorithms use (float32 from the noise helpers); the adapters cast to the mo
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -24,71 +24,11 @@ from neighbor_grpo.runs.io import atomic_write_text
 from neighbor_grpo.models.model_card import LORA_FILE, model_card
 from neighbor_grpo.models.prompt_cache import PromptCache
 from neighbor_grpo.models.folder_checks import check_pipeline_folder, read_model_index  # noqa: F401 (re-exported)
+from neighbor_grpo.models.diffusers_loading import (DTYPES, dtype_keyword, import_diffusers,  # noqa: F401 (re-exported)
+                                                    model_options, quiet_loading, resolve_dtype)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Attention projections of FLUX's and SD3's joint (MM-DiT) blocks; peft matches them as name suffixes.
 ATTENTION_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA (what FLUX/SD3.5 are trained in) and float32 elsewhere (CPU bf16 is slow)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype: expected auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
-
-
-def model_options(options, saved: dict | None = None) -> dict:
-    """The adapter's settings: ModelConfig defaults, then what an export's model.json recorded, then `options`
-    (a full ModelConfig from a run's config wins entirely; a dict, e.g. CLI flags, overrides only its keys)."""
-    from neighbor_grpo.config.train_config import ModelConfig
-
-    values = dataclasses.asdict(ModelConfig())
-    values.update({k: v for k, v in (saved or {}).items() if k in values})
-    if dataclasses.is_dataclass(options):
-        values.update(dataclasses.asdict(options))
-    elif options:
-        unknown = sorted(set(options) - set(values))
-        if unknown:
-            raise ValueError(f"model options {unknown} are unknown; valid: {sorted(values)}")
-        values.update({k: v for k, v in options.items() if v is not None})
-    return values
-
-
-def import_diffusers():
-    """diffusers, or an error naming the extra that installs it (the built-in model does not need it)."""
-    try:
-        import diffusers
-    except ImportError as error:
-        raise ImportError('FLUX.1 and SD3 models need diffusers and transformers: '
-                          'pip install "neighbor-grpo[diffusers]"') from error
-    return diffusers
-
-
-def dtype_keyword(dtype) -> dict:
-    """from_pretrained's dtype argument: `dtype` from diffusers 0.40 on (where `torch_dtype` is deprecated),
-    `torch_dtype` before; 0.39 is the newest diffusers that installs beside transformers 4.x."""
-    import diffusers
-    from packaging.version import Version
-
-    return {"dtype": dtype} if Version(diffusers.__version__) >= Version("0.40.0.dev0") else {"torch_dtype": dtype}
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """diffusers/transformers loading bars would flood training logs (the trainer has its own progress bar)."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    diffusers_on, transformers_on = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar(), transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for was_on, logging in ((diffusers_on, diffusers_logging), (transformers_on, transformers_logging)):
-            if was_on:
-                logging.enable_progress_bar()
 
 
 @torch.no_grad()
