@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # 2 iterations of 2 prompts (one group per process) x 4 candidates, 2 anchors each, a checkpoint after each
 RUN = ["iterations=2", "prompts_per_iteration=2", "neighbor_grpo.group_size=4", "neighbor_grpo.num_anchors=2",
        "neighbor_grpo.rollout_steps=3", "eval.every=0", "eval.samples_per_prompt=2", "eval.steps=2",
-       "checkpoint_every=1", "optim.lr=1e-3", "optim.lora_rank=4", "speed.micro_batch=1",
+       "checkpoint_every=1", "optim.lora_rank=4", "speed.micro_batch=1",
        "prompts.train=[a red cat, a blue dog, a green photo]", "prompts.eval=[a cat]"]
 
 
@@ -97,30 +97,66 @@ def trained_files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     return files
 
 
-CASES = [pytest.param("qwen_image", "lora", id="qwen_image-lora"),
-         pytest.param("qwen_image", "full", id="qwen_image-full", marks=pytest.mark.slow),
-         pytest.param("flux_kontext", "lora", id="flux_kontext-lora-edits", marks=pytest.mark.slow),
-         pytest.param("flux2", "lora", id="flux2-lora", marks=pytest.mark.slow),
-         pytest.param("z_image", "full", id="z_image-full", marks=pytest.mark.slow),
-         pytest.param("wan21", "full", id="wan21-full", marks=pytest.mark.slow),
-         pytest.param("wan22", "lora", id="wan22-lora-two-experts", marks=pytest.mark.slow)]
+# (model, finetune, more overrides): gradient checkpointing with FSDP on one full fine-tune, as large models run
+CASES = [pytest.param("qwen_image", "lora", "", id="qwen_image-lora"),
+         pytest.param("qwen_image", "full", "speed.gradient_checkpointing=true", id="qwen_image-full-checkpointing",
+                      marks=pytest.mark.slow),
+         pytest.param("flux_kontext", "lora", "", id="flux_kontext-lora-edits", marks=pytest.mark.slow),
+         pytest.param("flux2", "lora", "", id="flux2-lora", marks=pytest.mark.slow),
+         pytest.param("z_image", "full", "", id="z_image-full", marks=pytest.mark.slow),
+         pytest.param("wan21", "full", "", id="wan21-full", marks=pytest.mark.slow),
+         pytest.param("wan22", "lora", "", id="wan22-lora-two-experts", marks=pytest.mark.slow),
+         # DiffusionNFT draws a time per member: one process's batch may need one expert, the other's both
+         pytest.param("wan22", "lora", "algorithm=diffusion_nft diffusion_nft.group_size=4 diffusion_nft.rollout_steps=3 "
+                      "diffusion_nft.num_minibatches=1", id="wan22-lora-diffusion_nft-per-sample-experts",
+                      marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("model,finetune", CASES)
-def test_fsdp_on_two_processes_matches_one_process(model, finetune, tmp_path):
-    overrides = RUN + build(model, tmp_path) + [f"optim.finetune={finetune}"]
-    train(load_config(None, overrides), tmp_path / "single", progress=False, rewards=red_rewards())
+LR = 1e-3
+# Parameters: Adam divides each gradient entry by its own magnitude (+ eps 1e-8), so entries whose gradient is at
+# rounding level (~1e-9 of the norm: e.g. attention key biases, which softmax hardly sees) step by a fraction of lr
+# that rounding decides; batch shapes (one process rolls out 2 prompts, each of two 1) change that rounding. Measured
+# up to 1.6e-2 lr (Qwen-Image, full). The function the model computes is compared tightly instead (VELOCITY_GAP).
+PARAMETER_GAP = 2.5e-2 * LR
+VELOCITY_GAP = 1e-2  # of the change training made to the velocity
+
+
+def velocities(model: str, config, folders: list[Path], tmp_path: Path) -> list[torch.Tensor]:
+    """v(x, 0.7, prompt) of each model folder (the base pipeline, aligned exports) on the same noise."""
+    from neighbor_grpo.config.prompts import EditPrompt
+    from neighbor_grpo.models import load_adapter
+
+    prompt = EditPrompt("make it red", tmp_path / "one.png") if model == "flux_kontext" else "a red cat"
+    out = []
+    for folder in folders:
+        adapter = load_adapter(folder, options=config.model)
+        x = torch.randn(1, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out.append(adapter.velocity(x, torch.tensor(0.7), adapter.encode_prompts([prompt])))
+    return out
+
+
+@pytest.mark.parametrize("model,finetune,extra", CASES)
+def test_fsdp_on_two_processes_matches_one_process(model, finetune, extra, tmp_path):
+    overrides = RUN + build(model, tmp_path) + [f"optim.finetune={finetune}", f"optim.lr={LR}", *extra.split()]
+    config = load_config(None, overrides)
+    train(config, tmp_path / "single", progress=False, rewards=red_rewards())
     sharded = overrides + ["speed.parallel=fsdp"]
     assert launch(tmp_path, tmp_path / "fsdp", sharded, rewards="test_fsdp_models:red_rewards") == ["DONE", "DONE"]
     assert json.loads((tmp_path / "fsdp" / "run.json").read_text())["parallel"] == "fsdp"
     single, fsdp = trained_files(tmp_path / "single"), trained_files(tmp_path / "fsdp")
     assert single.keys() == fsdp.keys()
     first = load_safetensors(tmp_path / "single" / "checkpoints" / "iter-000001" / "model.safetensors")
-    assert max_difference(single["checkpoint"], first) > 1e-5  # the second iteration trained too
+    assert max_difference(single["checkpoint"], first) > 0.5 * LR  # the second iteration trained too
     differences = {name: max_difference(fsdp[name], single[name]) for name in single}
+    base, ours, theirs = velocities(model, config, [Path(config.model.path), tmp_path / "single" / "aligned",
+                                                    tmp_path / "fsdp" / "aligned"], tmp_path)
+    change, gap = float((theirs - base).abs().max()), float((ours - theirs).abs().max())
     print(f"FSDP {model} ({finetune}): max |2-process - 1-process| parameter difference "
-          + ", ".join(f"{name} {value:.2e}" for name, value in differences.items()))
-    assert max(differences.values()) < 1e-5, differences
+          + ", ".join(f"{name} {value:.2e}" for name, value in differences.items())
+          + f"; exported velocity {gap:.2e} (training changed it by {change:.2e})")
+    assert max(differences.values()) < PARAMETER_GAP, differences
+    assert change > 0 and gap < VELOCITY_GAP * change, (gap, change)
     # the logged loss is not compared: each iteration's first pass has rho = 1 up to rounding, so its value
     # (-sum_i A_i rho_i, the advantages summing to 0) is that rounding, which batch shapes change; its gradient is not
     for key in ("reward_mean", "reward_std", "grad_norm"):
