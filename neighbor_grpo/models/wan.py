@@ -34,7 +34,11 @@ DEFAULT_FRAMES = 81  # WanPipeline's default num_frames
 
 class WanExperts(nn.Module):
     """Wan 2.2's two experts as one trained module: `high` (the pipeline's `transformer`) runs at timesteps
-    t >= `boundary`, `low` (`transformer_2`) below it. Routed per sample, so one batch may hold both."""
+    t >= `boundary`, `low` (`transformer_2`) below it. Routed per sample, so one batch may hold both; sharded by
+    FSDP over several processes, every process runs each expert that any of them needs (`_runs_anywhere`)."""
+
+    may_leave_parameters_unused = True
+    """A pass whose rows are all on one side of the boundary gives the other expert no gradient (DDP must know)."""
 
     def __init__(self, high: nn.Module, low: nn.Module, boundary: float):
         super().__init__()
