@@ -4,8 +4,11 @@ Each tiny random pipeline runs two Neighbor GRPO iterations sharded by diffusers
 (`_no_split_modules`), as a LoRA or a full fine-tune, and must end with the parameters of the 1-process run of the
 same global batch and seeds: checkpoints (gathered whole tensors) and the aligned export alike.
 
-One model (Qwen-Image with a LoRA) is in the default run; the others are marked slow (each ~30-90 s on a busy
-2-core machine)."""
+Wan 2.2 runs DiffusionNFT too: its per-sample times route the two processes' batches to different experts.
+
+One model (Qwen-Image with a LoRA) is in the default run; the others are marked slow. Each case took 70-90 s of
+wall time on a shared 2-core machine (most of it the two workers importing torch, diffusers and transformers and
+loading the pipeline; an iteration is 1-17 s), much longer when the machine was overloaded."""
 
 from __future__ import annotations
 
