@@ -42,7 +42,11 @@ DEFAULT_FRAMES = 81  # WanPipeline's default num_frames
 
 class WanExperts(nn.Module):
     """Wan 2.2's two experts as one trained module: `high` (the pipeline's `transformer`) runs at timesteps
-    t >= `boundary`, `low` (`transformer_2`) below it. Routed per sample, so one batch may hold both."""
+    t >= `boundary`, `low` (`transformer_2`) below it. Routed per sample, so one batch may hold both; sharded by
+    FSDP over several processes, every process runs each expert that any of them needs (`_runs_anywhere`)."""
+
+    may_leave_parameters_unused = True
+    """A pass whose rows are all on one side of the boundary gives the other expert no gradient (DDP must know)."""
 
     def __init__(self, high: nn.Module, low: nn.Module, boundary: float):
         super().__init__()
@@ -52,13 +56,41 @@ class WanExperts(nn.Module):
         # TI2V: one timestep per token, equal but for an image condition's tokens (0): the noisy tokens' one decides
         per_sample = timestep if timestep.dim() == 1 else timestep.amax(dim=1)
         high = per_sample >= self.boundary
-        if bool(high.all()) or not bool(high.any()):  # the usual case: one expert for the whole call
-            expert = self.high if bool(high.all()) else self.low
+        runs = [bool(high.any()), not bool(high.all())]  # which experts this call needs: high, low
+        if self._sharded_over_processes():
+            runs = self._runs_anywhere(runs, hidden_states.device)
+        if runs.count(True) <= 1:  # the usual case: one expert for every row (here and on every process)
+            expert = self.low if runs == [False, True] else self.high
             return expert(hidden_states, timestep, encoder_hidden_states, return_dict=False)
-        out = torch.empty_like(hidden_states)
-        for expert, rows in ((self.high, high), (self.low, ~high)):
+        out, unused = torch.empty_like(hidden_states), 0.0
+        for expert, rows, wanted in ((self.high, high, runs[0]), (self.low, ~high, runs[1])):
+            if not wanted:
+                continue
+            if not bool(rows.any()):  # another process needs this expert: run it on one row, weight 0
+                idle = expert(hidden_states[:1], timestep[:1], encoder_hidden_states[:1], return_dict=False)[0]
+                unused = unused + 0.0 * idle.sum()  # in the graph, so its backward's collectives run here too
+                continue
             out[rows] = expert(hidden_states[rows], timestep[rows], encoder_hidden_states[rows], return_dict=False)[0]
-        return (out,)
+        return (out + unused,)
+
+    def _sharded_over_processes(self) -> bool:
+        """FSDP over several processes: each expert's blocks gather their weights from every process in forward
+        and reduce their gradients in backward, so all processes must run the same experts in the same order."""
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FSDPModule
+
+        return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+                and any(isinstance(module, FSDPModule) for module in self.high.modules()))
+
+    @staticmethod
+    def _runs_anywhere(runs: list[bool], device: torch.device) -> list[bool]:
+        """The experts any process needs in this call (per-sample times, e.g. DiffusionNFT's, route the processes'
+        batches differently; a rollout step's shared time routes them alike)."""
+        import torch.distributed as dist
+
+        flags = torch.tensor(runs, dtype=torch.float32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(flag) for flag in flags.tolist()]
 
     def enable_gradient_checkpointing(self) -> None:
         self.high.enable_gradient_checkpointing()

@@ -62,10 +62,17 @@ def parallel_net(net: nn.Module, processes: Processes) -> nn.Module:
         return net
     if processes.sharded:
         return shard_in_place(net)
-    device_ids = [processes.local_rank] if next(net.parameters()).is_cuda else None
+    return replicate(net, [processes.local_rank] if next(net.parameters()).is_cuda else None)
+
+
+def replicate(net: nn.Module, device_ids: list[int] | None = None) -> ReplicatedNet:
+    """DDP around `net`. DDP waits for a gradient of every trainable parameter in each backward unless told that
+    some may go unused: a module declaring `may_leave_parameters_unused` (Wan 2.2's experts: a pass at one time
+    trains one expert) turns on find_unused_parameters, which costs a graph traversal per pass."""
+    unused = any(getattr(module, "may_leave_parameters_unused", False) for module in net.modules())
     # buffers are loaded identically everywhere and never trained; broadcasting them in every forward would also
     # need the same number of forwards on every process, which micro-batches of an uneven split do not have
-    return ReplicatedNet(net, device_ids=device_ids, broadcast_buffers=False)
+    return ReplicatedNet(net, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=unused)
 
 
 @contextlib.contextmanager

@@ -323,3 +323,53 @@ def test_fsdp_shards_each_block_of_each_expert(wan22, tmp_path):
                 torch.testing.assert_close(adapter.velocity(x, torch.tensor(s), rows), expected)
     finally:
         dist.destroy_process_group()
+
+
+def test_sharded_experts_run_what_any_process_runs(wan22, monkeypatch):
+    """Under FSDP on several processes (per-sample times, e.g. DiffusionNFT's, route their batches differently),
+    every process runs each expert that any of them needs: one needed only elsewhere runs on one row with weight 0,
+    leaving this process's velocities unchanged, and its backward reaches that expert (zero gradients), so the
+    gradient reductions line up. The 2-process run itself: tests/parallel/test_fsdp_models.py (slow)."""
+    adapter = load_adapter(wan22, options={**SIZE, "cfg_scale": 1.0})
+    experts = adapter.net
+    x, rows = torch.randn(2, *adapter.latent_shape()), adapter.encode_prompts(PROMPTS)
+    calls = []
+    for expert in (experts.high, experts.low):
+        expert.register_forward_hook(lambda module, args, out: calls.append((module, args[0].shape[0])))
+    alone = adapter.velocity(x, torch.tensor(0.95), rows)  # one process: the high-noise expert only
+    assert [(m is experts.high, n) for m, n in calls] == [(True, 2)]
+    monkeypatch.setattr(WanExperts, "_sharded_over_processes", lambda self: True)
+    monkeypatch.setattr(WanExperts, "_runs_anywhere", staticmethod(lambda runs, device: [True, True]))
+    calls.clear()
+    experts.zero_grad(set_to_none=True)
+    lockstep = adapter.velocity(x, torch.tensor(0.95), rows)
+    assert [(m is experts.high, n) for m, n in calls] == [(True, 2), (False, 1)]  # high, then low on one row
+    torch.testing.assert_close(lockstep, alone, atol=0, rtol=0)
+    lockstep.square().mean().backward()
+    low = [p.grad for p in experts.low.parameters()]
+    assert all(g is not None and not g.any() for g in low)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in experts.high.parameters())
+
+
+def test_ddp_trains_one_expert_per_pass(wan22, tmp_path):
+    """DDP (parallel.wrapping.replicate; a 1-process gloo group) around Wan 2.2's experts: a training pass at a
+    high-noise time leaves the low-noise expert without gradients, which DDP refused at the next pass ("Expected to
+    have finished reduction in the prior iteration") until the experts declared it."""
+    import torch.distributed as dist
+
+    from neighbor_grpo.parallel.wrapping import replicate, velocity_through
+
+    adapter = load_adapter(wan22, options={**SIZE, "cfg_scale": 1.0})
+    x, rows = torch.randn(2, *adapter.latent_shape()), adapter.encode_prompts(PROMPTS)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        module = replicate(adapter.net)
+        assert module.find_unused_parameters
+        velocity = velocity_through(adapter, module)
+        for s in (0.95, 0.95, 0.3, 0.3):  # high, high, low, low: one expert per pass
+            adapter.net.zero_grad(set_to_none=True)
+            velocity(x, torch.tensor(s), rows).square().mean().backward()
+            trained = [any(p.grad is not None for p in expert.parameters()) for expert in (adapter.net.high, adapter.net.low)]
+            assert trained == [s >= 0.875, s < 0.875]
+    finally:
+        dist.destroy_process_group()

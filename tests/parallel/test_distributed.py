@@ -63,12 +63,16 @@ WORKER = textwrap.dedent(r'''
     import json, sys
     import torch
     torch.set_num_threads(1)
-    sys.path.insert(0, sys.argv[1])
-    from test_distributed import pixel_rewards
+    import importlib
+    from pathlib import Path
+    tests = Path(sys.argv[1])
+    sys.path[:0] = [str(tests), str(tests.parent / "models")]  # this folder's helpers, and the tiny pipelines
     from neighbor_grpo.config.train_config import load_config
     from neighbor_grpo.training.trainer import train
 
     run, overrides, stop_at, resume = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    module, factory = sys.argv[6].split(":")  # the rewards, built by a function of a test module
+    rewards = getattr(importlib.import_module(module), factory)
     starts = []
 
     def stop(point):
@@ -78,7 +82,7 @@ WORKER = textwrap.dedent(r'''
                 raise KeyboardInterrupt
 
     try:
-        train(load_config(None, overrides), run, resume=resume, progress=False, rewards=pixel_rewards(),
+        train(load_config(None, overrides), run, resume=resume, progress=False, rewards=rewards(),
               fault_hook=stop if stop_at else None)
         outcome = "DONE"
     except KeyboardInterrupt:
@@ -138,8 +142,9 @@ def wait_for_workers(workers: list[subprocess.Popen], timeout_s: float) -> None:
 
 
 def launch(tmp_path: Path, run: Path, overrides: list[str], processes: int = 2, stop_at: int = 0,
-           resume: bool = False) -> list[str]:
+           resume: bool = False, rewards: str = "test_distributed:pixel_rewards") -> list[str]:
     """Start `processes` workers with the environment torchrun / accelerate launch give them; their last lines.
+    `rewards`: module:function (a module of tests/parallel or tests/models) that builds the workers' rewards.
     Their output goes to files, not pipes: a worker never blocks on a full pipe nobody is reading."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -154,7 +159,7 @@ def launch(tmp_path: Path, run: Path, overrides: list[str], processes: int = 2, 
         logs.append((out, err))
         with open(out, "w") as stdout, open(err, "w") as stderr:
             workers.append(subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent), str(run),
-                                             json.dumps(overrides), str(stop_at), "1" if resume else "0"],
+                                             json.dumps(overrides), str(stop_at), "1" if resume else "0", rewards],
                                             env=env, stdout=stdout, stderr=stderr, text=True))
     try:
         wait_for_workers(workers, LAUNCH_TIMEOUT_S)
