@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.models import register_model_adapter
 from neighbor_grpo.models.diffusers_common import DiffusersAdapter
@@ -81,6 +82,8 @@ class QwenImageAdapter(DiffusersAdapter):
         return super().encode_prompts(prompts)
 
     def text_condition(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if is_fake(rows):  # `ngrpo plan` traces shapes only (CFG makes rows inside the call): full-length captions
+            return self.cache.gather("prompt_embeds", rows, self.device, self.dtype), None
         indices = rows.tolist()
         cached = [self.cache.tensors["prompt_embeds"][i] for i in indices]
         lengths = [int(self.cache.tensors["prompt_lengths"][i]) for i in indices]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.models import register_model_adapter
 from neighbor_grpo.models.true_cfg import NegativePromptCFG
@@ -42,6 +43,8 @@ class WanExperts(nn.Module):
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
         per_sample = timestep if timestep.dim() == 1 else timestep[:, 0]  # TI2V: one timestep per token, all equal
+        if is_fake(per_sample):  # `ngrpo plan` traces shapes only: one expert per call, both of the same shapes
+            return self.high(hidden_states, timestep, encoder_hidden_states, return_dict=False)
         high = per_sample >= self.boundary
         if bool(high.all()) or not bool(high.any()):  # the usual case: one expert for the whole call
             expert = self.high if bool(high.all()) else self.low
