@@ -337,7 +337,7 @@ def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progre
         raise ValueError(f"--mfu: expected a share in (0, 1], got {mfu}")
     memory_bytes, peak_flops = gpu_spec(gpu)
     model = resolve_model(config.model.path, dataclasses.asdict(config.model))
-    tracer = tracer if tracer is not None and tracer.model.name == model.name else Tracer(model, progress)
+    tracer = tracer if tracer is not None and tracer.model == model else Tracer(model, progress)  # same spec too
     out = {"model": model.name, "gpu": gpu, "gpus": gpus, "mfu": mfu, "gpu_peak_tflops": peak_flops / 1e12,
            "allowance_gib": allowance_bytes(gpus) / GIB, "margin": MARGIN,
            "resolution": resolution(config, model) if model.kind == "diffusers" else None,
