@@ -16,7 +16,6 @@ import sys
 
 import torch
 
-from neighbor_grpo.models.wan import DEFAULT_FRAMES
 from neighbor_grpo.plan import memory
 from neighbor_grpo.plan.bounds import DoesNotFit, check_lower_bound, shape_lower_bound
 from neighbor_grpo.plan.models import ModelSpec, resolve_model
@@ -85,7 +84,7 @@ def model_key(config) -> tuple:
     lora = (o.lora_rank, o.lora_alpha, tuple(o.lora_targets)) if o.finetune == "lora" else None
     m = config.model
     return (lora, config.speed.gradient_checkpointing, m.dtype, m.height, m.width, m.cfg_scale, m.forward_batch_size,
-            m.decode_batch_size, m.max_sequence_length, m.vae_tiling)
+            m.decode_batch_size, m.max_sequence_length, m.vae_tiling, m.num_frames)
 
 
 def describe_key(key: tuple) -> str:
@@ -192,6 +191,7 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     seconds = total_flops / (peak_flops * mfu)
     fits = peak * MARGIN + allowance_bytes(gpus) <= memory_bytes
     return {"algorithm": config.algorithm, "prompts_per_gpu": prompts * share, "samples_per_gpu": samples,
+            "frames": frames if hasattr(traced.adapter, "num_frames") else None,
             "phases": [dataclasses.asdict(p) for p in phases],
             "flops_per_gpu": {k: float(v) for k, v in flops.items()}, "flops_total_per_gpu": float(total_flops),
             "flops_all_gpus": float(total_flops * gpus),
@@ -341,7 +341,6 @@ def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progre
     out = {"model": model.name, "gpu": gpu, "gpus": gpus, "mfu": mfu, "gpu_peak_tflops": peak_flops / 1e12,
            "allowance_gib": allowance_bytes(gpus) / GIB, "margin": MARGIN,
            "resolution": resolution(config, model) if model.kind == "diffusers" else None,
-           "frames": (config.model.num_frames or DEFAULT_FRAMES) if model.video else None,
            "finetune": config.optim.finetune}
     try:
         result = plan_core(config, tracer, gpus, gpu, mfu)
