@@ -18,7 +18,9 @@ GPU, H100 80 GB and H200 141 GB, 1 and 8 GPUs, every baseline of `ngrpo compare`
 Every row: 40% MFU, Neighbor GRPO at its defaults (G 12, B 4, 8 DPM-Solver++ steps, K 4), 300 iterations, gradient
 checkpointing, one prompt per rollout chunk and per micro-batch, the prompt cache in CPU memory; full fine-tunes
 on several GPUs shard with FSDP, LoRA runs replicate (DDP).
-Run: PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/plan_tables.py [NAME ...]
+Run: PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/plan_tables.py [NAME ...] [--models MODEL,...]
+(`--models`: only those models' rows, as parts that are merged into the table when the last one is written: run
+parts side by side on a machine with idle cores.)
 """
 
 from __future__ import annotations
@@ -146,32 +148,56 @@ def write(name: str, record: dict, markdown: str) -> None:
     out = RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(record, indent=2)), (".md", markdown)):
-        tmp = out.with_suffix(suffix + ".tmp")
+        if not text:
+            continue
+        final = out.with_name(out.name + suffix)  # names may hold dots (wan21-t2v-1.3b)
+        tmp = out.with_name(out.name + suffix + ".tmp")
         tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+        os.replace(tmp, final)
 
 
-def run_table(name: str) -> str:
+def run_table(name: str, models: list[str] | None = None) -> str:
+    """The table's rows; with `models`, only those models' rows, kept as a part (results/NAME.part-MODEL.json) and
+    merged into the table once every model has its part (parts run side by side in separate processes)."""
     table, started, rows, tracers = TABLES[name], time.perf_counter(), [], {}
-    for variant in table.variants:
+    variants = [v for v in table.variants if models is None or v.model in models]
+    for variant in variants:
         for finetune in ("lora", "full"):
             for gpu in table.gpu_kinds:
                 for gpus in table.gpu_counts:
                     rows.append(row(variant, table, finetune, gpus, gpu, tracers))
                     print(f"{variant.model} {size(variant)} {finetune} {gpu} x{gpus}: {rows[-1]['peak_gib']:.1f} GiB, "
                           f"{rows[-1]['s_per_iter']:.1f} s/iter", file=sys.stderr, flush=True)
+    command = f"PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/plan_tables.py {name}"
+    if models is not None:
+        for variant in variants:
+            part = [r for r in rows if r["model"] == variant.model]
+            write(f"{name}.part-{variant.model}", {"command": f"{command} --models {','.join(models)}",
+                                                   "seconds": time.perf_counter() - started, "rows": part}, "")
+        parts = [RESULTS / f"{name}.part-{v.model}.json" for v in table.variants]
+        if not all(path.is_file() for path in parts):
+            return ""
+        records = [json.loads(path.read_text()) for path in parts]
+        rows = [r for record in records for r in record["rows"]]
+        command += f" (in parts: {'; '.join(sorted({record['command'] for record in records}))})"
     markdown = (dance_markdown if table.columns == "dance" else baselines_markdown)(rows)
-    write(name, {"command": f"PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/plan_tables.py {name}", "mfu": 0.4,
-                 "seconds": time.perf_counter() - started, "rows": rows}, markdown)
+    write(name, {"command": command, "mfu": 0.4, "seconds": time.perf_counter() - started, "rows": rows}, markdown)
+    if models is not None:  # merged: the parts are in the table now
+        for variant in table.variants:
+            (RESULTS / f"{name}.part-{variant.model}.json").unlink(missing_ok=True)
     return markdown
 
 
-def main(names: list[str]) -> None:
-    unknown = [n for n in names if n not in TABLES]
+def main(args: list[str]) -> None:
+    models = None
+    if "--models" in args:
+        at = args.index("--models")
+        models, args = args[at + 1].split(","), args[:at] + args[at + 2:]
+    unknown = [n for n in args if n not in TABLES]
     if unknown:
         raise SystemExit(f"plan_tables.py: unknown table {unknown[0]!r}; choose from {', '.join(TABLES)}")
-    for name in names or TABLES:
-        print(run_table(name))
+    for name in args or TABLES:
+        print(run_table(name, models))
 
 
 if __name__ == "__main__":

@@ -101,8 +101,10 @@ def test_wan22_plans_both_experts_trained_and_one_per_call(folders):
 def test_non_square_videos_are_planned(folders):
     result = small_plan(folders["wan"], "model.height=32", "model.width=48", "model.num_frames=9")
     assert result["resolution"] == "32x48" and result["frames"] == 9
-    smaller = small_plan(folders["wan"], "model.num_frames=5")
-    assert result["flops_per_gpu"]["rollout"] > 2 * smaller["flops_per_gpu"]["rollout"]  # 3 x 1.5 the tokens
+    smaller = small_plan(folders["wan"], "model.num_frames=5")  # 2 latent frames of 2 x 2 tokens, against 3 of 2 x 3
+    for phase in ("rollout", "train", "decode", "reward"):
+        assert result["flops_per_gpu"][phase] > smaller["flops_per_gpu"][phase]
+    assert result["flops_per_gpu"]["reward"] == pytest.approx(9 / 5 * smaller["flops_per_gpu"]["reward"])
 
 
 def test_an_unknown_pipeline_class_is_one_line(tmp_path, capsys):
