@@ -2,9 +2,9 @@
 attention formula) and the peak bytes of the storages the call creates (LiveBytes), with no memory and no weights.
 
 Everything goes through the project's own code (design item 7): the model's adapter (FLUX.1, SD3, FLUX.2, Z-Image,
-Qwen-Image, FLUX.1 Kontext, Wan) built around the
-real architecture on the meta device, LoRA applied with `lora.apply_lora`, gradient checkpointing through the
-adapter's switch, mixed precision through `speed.autocast_velocity`, the reference through
+Qwen-Image, FLUX.1 Kontext, Wan) built around the real architecture on the meta device, LoRA applied with
+`lora.apply_lora`, gradient checkpointing through the adapter's switch, mixed precision through
+`speed.autocast_velocity`, the reference through
 `lora.make_reference_velocity`, the VAE through `adapter.decode`. Prompts are encoded outside the fake mode (one
 prompt, real tensors of the real shape); everything else runs fake. See docs/planning.md.
 """
