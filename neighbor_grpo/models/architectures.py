@@ -98,16 +98,18 @@ def random_text_embeddings(tokens: int, width: int, pooled: int, device, dtype):
 
 def build_diffusers_adapter(arch: str, resolution: int, device: str, dtype: torch.dtype, spec: dict | None = None,
                             options: dict | None = None):
-    """The project's FluxAdapter / SD3Adapter around a random-weight pipeline built in memory (nothing downloaded).
-    `spec` replaces DIFFUSERS_ARCHS[arch] (the planner's shipped configs; FLUX when `arch` names it), `options`
+    """The project's FluxAdapter / SD3Adapter around a random-weight pipeline built in memory (nothing downloaded),
+    at `resolution` (a side, or (height, width)). `spec` replaces DIFFUSERS_ARCHS[arch] (the planner's shipped configs; FLUX when `arch` names it), `options`
     are model options (ModelConfig keys) on top of dtype and resolution. On device "meta" nothing is allocated."""
     import diffusers
 
     from neighbor_grpo.models.diffusers_common import model_options
-    from neighbor_grpo.models.flux2_zimage_archs import FAMILIES, build_random_adapter
+    from neighbor_grpo.models import flux2_zimage_archs, qwen_kontext_wan_archs
 
-    if arch in FAMILIES:  # FLUX.2 [dev] / [klein], Z-Image: their own pipelines and prompt features
-        return build_random_adapter(arch, spec, resolution, device, dtype, options)
+    for family in (flux2_zimage_archs, qwen_kontext_wan_archs):  # their own pipelines and prompt features
+        if arch in family.FAMILIES:
+            return family.build_random_adapter(arch, spec, resolution, device, dtype, options)
+    height, width = resolution if isinstance(resolution, tuple) else (resolution, resolution)
     spec = spec or DIFFUSERS_ARCHS[arch]
     flux = "flux" in arch
     if flux:
@@ -130,7 +132,7 @@ def build_diffusers_adapter(arch: str, resolution: int, device: str, dtype: torc
         pipeline = diffusers.StableDiffusion3Pipeline(scheduler=scheduler, vae=vae, transformer=transformer,
                                                       text_encoder_3=torch.nn.Identity(), tokenizer_3=None, **encoders)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    options = model_options({**(options or {}), "dtype": dtype_name, "height": resolution, "width": resolution})
+    options = model_options({**(options or {}), "dtype": dtype_name, "height": height, "width": width})
     adapter = adapter_class(pipeline, Path("."), options, torch.device(device), loras=[])
     adapter.encode_new_prompts = random_text_embeddings(*spec["text"], device, dtype)
     return adapter

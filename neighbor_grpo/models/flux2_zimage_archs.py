@@ -31,7 +31,7 @@ def text_shape(family: str, transformer: dict, max_sequence_length: int | None) 
     return (max_sequence_length or TEXT_TOKENS, int(width), 0)
 
 
-def vae_config(family: str) -> dict:
+def vae_config(family: str, transformer: dict | None = None) -> dict:
     return Z_IMAGE_VAE if family == "z-image" else FLUX2_VAE
 
 
@@ -85,7 +85,8 @@ def build_random_adapter(family: str, spec: dict, resolution: int, device: str, 
                                   transformer=transformer)
         adapter_class = Flux2Adapter if family == "flux2" else Flux2KleinAdapter
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    options = model_options({**(options or {}), "dtype": dtype_name, "height": resolution, "width": resolution})
+    height, width = resolution if isinstance(resolution, tuple) else (resolution, resolution)
+    options = model_options({**(options or {}), "dtype": dtype_name, "height": height, "width": width})
     adapter = adapter_class(pipeline, Path("."), options, torch.device(device), loras=[])
     tokens, width, _ = spec["text"]
     adapter.encode_new_prompts = random_prompt_features(family, tokens, width, device, dtype)

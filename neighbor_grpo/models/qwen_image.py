@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.models import register_model_adapter
 from neighbor_grpo.models.true_cfg import NegativePromptCFG
@@ -74,6 +75,8 @@ class QwenImageAdapter(NegativePromptCFG, DiffusersAdapter):
         return {"prompt_embeds": embeds, "prompt_lengths": lengths}
 
     def text_condition(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if is_fake(rows):  # `ngrpo plan` traces shapes only (CFG makes rows inside the call): full-length captions
+            return self.cache.gather("prompt_embeds", rows, self.device, self.dtype), None
         indices = rows.tolist()
         cached = [self.cache.tensors["prompt_embeds"][i] for i in indices]
         lengths = [int(self.cache.tensors["prompt_lengths"][i]) for i in indices]

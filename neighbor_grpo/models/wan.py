@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.config.prompts import source_image_paths
 from neighbor_grpo.models import register_model_adapter
@@ -55,6 +56,8 @@ class WanExperts(nn.Module):
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
         # TI2V: one timestep per token, equal but for an image condition's tokens (0): the noisy tokens' one decides
         per_sample = timestep if timestep.dim() == 1 else timestep.amax(dim=1)
+        if is_fake(per_sample):  # `ngrpo plan` traces shapes only: one expert per call, both of the same shapes
+            return self.high(hidden_states, timestep, encoder_hidden_states, return_dict=False)
         high = per_sample >= self.boundary
         runs = [bool(high.any()), not bool(high.all())]  # which experts this call needs: high, low
         if self._sharded_over_processes():

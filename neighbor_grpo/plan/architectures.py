@@ -181,6 +181,16 @@ COMPONENTS.update({
         "8.2 B per the Qwen3-8B model card"),
 })
 
+# Wan's text encoder (every Wan 2.1 / 2.2 checkpoint's text_encoder/config.json: google/umt5-xxl's encoder)
+COMPONENTS["umt5-xxl-encoder"] = Component(
+    "transformers", "UMT5EncoderModel",
+    dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+         relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+         is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False),
+    f"{HUB}/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/text_encoder/config.json (google/umt5-xxl)", 5.68e9,
+    "5.68 B: the encoder half of UMT5-XXL, as the Wan repositories ship it (models_t5_umt5-xxl-enc-bf16.pth, "
+    "11.36 GB in bf16)", config_class="UMT5Config")
+
 # Which components make up each model the planner knows (the text encoders run once per prompt).
 MODELS = {
     "flux-dev": ("flux-dev-transformer", "t5-xxl-encoder", "clip-l"),
@@ -192,8 +202,20 @@ MODELS.update({"flux2-dev": ("flux2-dev-transformer", "mistral-small-3.1-24b"),
                "flux2-klein-4b": ("flux2-klein-4b-transformer", "qwen3-4b"),
                "flux2-klein-9b": ("flux2-klein-9b-transformer", "qwen3-8b"),
                "z-image": ("z-image-transformer", "qwen3-4b")})
-# The adapter family of each model that is not FLUX.1 or SD3 (models.flux2_zimage_archs builds them)
-FAMILY = {"flux2-dev": "flux2", "flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein", "z-image": "z-image"}
+MODELS.update({"qwen-image": ("qwen-image-transformer", "qwen2.5-vl-7b"),
+               "flux-kontext-dev": ("flux-kontext-dev-transformer", "t5-xxl-encoder", "clip-l"),
+               "wan21-t2v-1.3b": ("wan21-t2v-1.3b-transformer", "umt5-xxl-encoder"),
+               "wan22-ti2v-5b": ("wan22-ti2v-5b-transformer", "umt5-xxl-encoder"),
+               "wan22-t2v-a14b": ("wan22-t2v-a14b-expert", "umt5-xxl-encoder")})
+# The adapter family of each model that is not FLUX.1 or SD3 (models.flux2_zimage_archs and
+# models.qwen_kontext_wan_archs build them)
+FAMILY = {"flux2-dev": "flux2", "flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein", "z-image": "z-image",
+          "qwen-image": "qwen-image", "flux-kontext-dev": "flux-kontext", "wan21-t2v-1.3b": "wan",
+          "wan22-ti2v-5b": "wan", "wan22-t2v-a14b": "wan"}
+# What a Wan checkpoint's model_index.json adds to its transformer: Wan2.2-T2V-A14B's second expert (transformer_2,
+# the same config) below boundary_ratio x 1000, Wan2.2-TI2V-5B's one timestep per token (expand_timesteps)
+WAN_PIPELINE = {"wan21-t2v-1.3b": {}, "wan22-ti2v-5b": {"expand_timesteps": True},
+                "wan22-t2v-a14b": {"boundary_ratio": 0.875}}
 
 
 def build_on_meta(name: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:

@@ -1,6 +1,8 @@
 """Which model a plan is for, from `model.path`: a shipped architecture (`arch:flux-dev`, `arch:flux-schnell`,
 `arch:sd35-medium`, `arch:sd35-large`, `arch:flux2-dev`, `arch:flux2-klein-4b`, `arch:flux2-klein-9b`,
-`arch:z-image`), a local diffusers folder (its config.json files are read, never its weights), or the built-in model
+`arch:z-image`, `arch:qwen-image`, `arch:flux-kontext-dev`, `arch:wan21-t2v-1.3b`, `arch:wan22-ti2v-5b`,
+`arch:wan22-t2v-a14b`), a local diffusers folder of any of their pipelines (its config.json files are read, never
+its weights), or the built-in model
 (`builtin:digits`, traced for real: it is small). The traced models (meta-built, LoRA and checkpointing applied, made
 fake) are built once per setting and reused within one plan."""
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.plan.architectures import COMPONENTS, FAMILY, MODELS, build_on_meta, parameter_count
+from neighbor_grpo.plan.architectures import COMPONENTS, FAMILY, MODELS, WAN_PIPELINE, build_on_meta, parameter_count
 
 ARCH_PREFIX = "arch:"
 
@@ -24,7 +26,12 @@ class ModelSpec:
     flux: bool = False
     spec: dict = field(default_factory=dict)  # models.architectures.DIFFUSERS_ARCHS-style: transformer, vae, text
     text_encoders: dict = field(default_factory=dict)  # name -> parameter count
-    family: str = ""          # flux2, flux2-klein, z-image (plan.architectures.FAMILY); "" for FLUX.1 / SD3
+    family: str = ""          # flux2, flux2-klein, z-image, qwen-image, flux-kontext, wan (plan.architectures.FAMILY);
+    #                           "" for FLUX.1 / SD3
+
+    @property
+    def video(self) -> bool:
+        return self.family == "wan"
 
     @property
     def arch(self) -> str:
@@ -51,7 +58,7 @@ def shipped_model(name: str, options: dict) -> ModelSpec:
         raise ValueError(f"model.path: unknown architecture {name!r}; choose from "
                          f"{', '.join(ARCH_PREFIX + m for m in MODELS)}")
     transformer, *encoders = MODELS[name]
-    if name in FAMILY:  # FLUX.2, Z-Image
+    if name in FAMILY:  # every model with its own adapter family (FLUX.2, Z-Image, Qwen-Image, Kontext, Wan)
         return family_model(name, FAMILY[name], transformer, encoders, options)
     flux = name.startswith("flux")
     config = dict(COMPONENTS[transformer].config)
@@ -60,43 +67,70 @@ def shipped_model(name: str, options: dict) -> ModelSpec:
     return ModelSpec(name, "diffusers", flux, spec, {e: parameter_count(build_on_meta(e)) for e in encoders})
 
 
-def family_model(name: str, family: str, transformer: str, encoders: list[str], options: dict) -> ModelSpec:
-    from neighbor_grpo.models.flux2_zimage_archs import text_shape, vae_config
+def family_module(family: str):
+    """The models module that builds a family's random pipeline and knows its prompt features and VAE."""
+    from neighbor_grpo.models import flux2_zimage_archs, qwen_kontext_wan_archs
 
-    config = dict(COMPONENTS[transformer].config)
-    spec = {"transformer": config, "vae": vae_config(family),
-            "text": text_shape(family, config, options.get("max_sequence_length"))}
+    return flux2_zimage_archs if family in flux2_zimage_archs.FAMILIES else qwen_kontext_wan_archs
+
+
+def family_spec(family: str, transformer: dict, options: dict, vae: dict | None = None, **extra) -> dict:
+    module = family_module(family)
+    text = module.text_shape(family, transformer, options.get("max_sequence_length"))
+    return {"transformer": transformer, "vae": module.vae_config(family, transformer) if vae is None else vae,
+            "text": text, **extra}
+
+
+def family_model(name: str, family: str, transformer: str, encoders: list[str], options: dict) -> ModelSpec:
+    extra = {"pipeline": WAN_PIPELINE[name]} if family == "wan" else {}
+    spec = family_spec(family, dict(COMPONENTS[transformer].config), options, **extra)
     return ModelSpec(name, "diffusers", False, spec, {e: parameter_count(build_on_meta(e)) for e in encoders}, family)
 
 
+# model_index.json's pipeline class -> the adapter family the planner builds it as ("" FLUX.1 / SD3)
+PIPELINE_FAMILIES = {"FluxPipeline": "", "StableDiffusion3Pipeline": "", "FluxKontextPipeline": "flux-kontext",
+                     "QwenImagePipeline": "qwen-image", "Flux2Pipeline": "flux2", "Flux2KleinPipeline": "flux2-klein",
+                     "ZImagePipeline": "z-image", "WanPipeline": "wan"}
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: expected the component's config.json ({error})") from None
+
+
 def folder_model(folder: Path, options: dict) -> ModelSpec:
-    """A local diffusers folder: its transformer/ and vae/ config.json (no weights are read) and its text encoders'."""
+    """A local diffusers folder: its transformer/ (and Wan 2.2's transformer_2/) and vae/ config.json (no weights
+    are read), its text encoders' config.json, and model_index.json's pipeline settings."""
     from neighbor_grpo.models.folder_checks import check_pipeline_folder, read_model_index
 
     pipeline = read_model_index(folder)
-    if pipeline not in ("FluxPipeline", "StableDiffusion3Pipeline"):
-        raise ValueError(f"{folder / 'model_index.json'}: _class_name is {pipeline!r}; the planner knows FluxPipeline "
-                         "and StableDiffusion3Pipeline")
+    if pipeline not in PIPELINE_FAMILIES:
+        raise ValueError(f"{folder / 'model_index.json'}: _class_name is {pipeline!r}; the planner knows "
+                         f"{', '.join(PIPELINE_FAMILIES)}")
+    family = PIPELINE_FAMILIES[pipeline]
     flux = pipeline == "FluxPipeline"
     check_pipeline_folder(folder, pipeline, loading=False)  # plausible sizes before anything is built from them
-
-    def read(sub: str) -> dict:
-        path = folder / sub / "config.json"
-        try:
-            return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: expected the component's config.json ({error})") from None
-
-    transformer = read("transformer")
-    tokenizer = folder / "tokenizer" / "tokenizer_config.json"
-    clip_tokens = json.loads(tokenizer.read_text()).get("model_max_length", 77) if tokenizer.is_file() else 77
-    spec = {"transformer": transformer, "vae": read("vae"),
-            "text": text_shape(flux, transformer, options.get("max_sequence_length"), min(int(clip_tokens), 77))}
+    transformer, vae = read_config(folder / "transformer" / "config.json"), read_config(folder / "vae" / "config.json")
+    if family:
+        extra = {}
+        if family == "wan":
+            index = read_config(folder / "model_index.json")
+            extra["pipeline"] = {k: index[k] for k in ("boundary_ratio", "expand_timesteps") if index.get(k) is not None}
+            if (folder / "transformer_2" / "config.json").is_file():
+                extra["transformer_2"] = read_config(folder / "transformer_2" / "config.json")
+        spec = family_spec(family, transformer, options, vae, **extra)
+    else:
+        tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+        clip_tokens = json.loads(tokenizer.read_text()).get("model_max_length", 77) if tokenizer.is_file() else 77
+        spec = {"transformer": transformer, "vae": vae,
+                "text": text_shape(flux, transformer, options.get("max_sequence_length"), min(int(clip_tokens), 77))}
     encoders = {}
     for sub in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if (folder / sub / "config.json").is_file():
             encoders[sub] = encoder_parameters(folder / sub)
-    return ModelSpec(str(folder), "diffusers", flux, spec, encoders)
+    return ModelSpec(str(folder), "diffusers", flux, spec, encoders, family)
 
 
 def encoder_parameters(folder: Path) -> int:

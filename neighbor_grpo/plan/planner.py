@@ -44,7 +44,7 @@ class Tracer:
                 adapter = load_model(self.model.name, "cpu", progress=False, options=config.model)
             else:
                 options = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in ("path", "dtype", "height", "width")}
-                adapter = meta_adapter(self.model.arch, self.model.spec, resolution(config, self.model), gpu_dtype(config), options)
+                adapter = meta_adapter(self.model.arch, self.model.spec, image_size(config, self.model), gpu_dtype(config), options)
             lora = None
             if config.optim.finetune == "lora":
                 lora = {"rank": config.optim.lora_rank, "alpha": config.optim.lora_alpha,
@@ -84,7 +84,7 @@ def model_key(config) -> tuple:
     lora = (o.lora_rank, o.lora_alpha, tuple(o.lora_targets)) if o.finetune == "lora" else None
     m = config.model
     return (lora, config.speed.gradient_checkpointing, m.dtype, m.height, m.width, m.cfg_scale, m.forward_batch_size,
-            m.decode_batch_size, m.max_sequence_length, m.vae_tiling)
+            m.decode_batch_size, m.max_sequence_length, m.vae_tiling, m.num_frames)
 
 
 def describe_key(key: tuple) -> str:
@@ -98,11 +98,25 @@ def master_weights(config, loaded: torch.dtype) -> bool:
     return keeps_master_weights(config.model.dtype, "cuda", config.optim.finetune, loaded)
 
 
-def resolution(config, model: ModelSpec) -> int:
+def image_size(config, model: ModelSpec) -> tuple[int, int]:
+    """(height, width) in pixels: model.height / model.width (one of them alone: square), else the model's default
+    (Wan's 480 x 832 videos, 1024 px images)."""
     height, width = config.model.height, config.model.width
-    if height and width and height != width:
-        raise ValueError("the planner traces square images: set model.height = model.width")
-    return height or width or 1024
+    default = (480, 832) if model.video else (1024, 1024)
+    if not height and not width:
+        return default
+    return (height or width, width or height)
+
+
+def resolution(config, model: ModelSpec):
+    """The plan's `resolution`: the side of a square image, else "HEIGHTxWIDTH"."""
+    height, width = image_size(config, model)
+    return height if height == width else f"{height}x{width}"
+
+
+def video_frames(adapter) -> int:
+    """Frames per sample: a video adapter's (Wan) num_frames, 1 for an image."""
+    return adapter.num_frames() if hasattr(adapter, "num_frames") else 1
 
 
 def local_prompts(prompts: int, gpus: int) -> tuple[int, float]:
@@ -135,9 +149,11 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     traced = tracer.traced_model(config)
     group = config.algorithm_config.group_size
     samples = max(1, round(prompts * group * share))
-    height = resolution(config, tracer.model) if tracer.model.kind == "diffusers" else 0
+    height, width = image_size(config, tracer.model) if tracer.model.kind == "diffusers" else (0, 0)
+    frames = video_frames(traced.adapter)  # a video's decoded frames are each an image, scored by image rewards
     bound = shape_lower_bound(config.algorithm, config.algorithm_config.rollout_steps, samples, traced.adapter.latent_shape(),
-                              height, height, tracer.model.spec.get("transformer"), torch.finfo(gpu_dtype(config)).bits // 8)
+                              height, width, tracer.model.spec.get("transformer"), torch.finfo(gpu_dtype(config)).bits // 8,
+                              frames)
     check_lower_bound(bound, memory_bytes, MARGIN, allowance_bytes(gpus))  # before any trace: never allocate petabytes
     flops, peaks, calls, saved = {}, {}, {}, 0
     for phase in phases:
@@ -158,11 +174,11 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     # the iteration decodes (and scores) chunk by chunk (speed.rollout_chunk) and keeps every chunk's images
     chunk = max(1, min(samples, round(per_chunk(prompts, config.speed.rollout_chunk) * group * share)))
     decode = tracer.call(config, "decode", "vae", False, chunk, exact)
-    images = memory.image_bytes(samples, height, height) if height else 0
+    images = memory.image_bytes(samples * frames, height, width) if height else 0
     flops["decode"] = decode.flops * samples / chunk
     peaks["decode"] = (decode.peak_bytes + images * (samples - chunk) // samples, 0)
     rewards = [reward_estimate(r.name, r.kwargs) for r in config.rewards]
-    flops["reward"] = sum(r.flops_per_image for r in rewards) * samples
+    flops["reward"] = sum(r.flops_per_image for r in rewards) * samples * frames
     peaks["reward"] = (images + sum(r.activation_bytes for r in rewards), 0)
     persistent = persistent_memory(config, traced, tracer.model, algorithm, gpus, samples)
     peak_phase, peak = phase_peak(persistent, peaks, config, traced.adapter.net, gpus)
@@ -175,6 +191,7 @@ def plan_core(config, tracer: Tracer, gpus: int, gpu: str, mfu: float, exact: bo
     seconds = total_flops / (peak_flops * mfu)
     fits = peak * MARGIN + allowance_bytes(gpus) <= memory_bytes
     return {"algorithm": config.algorithm, "prompts_per_gpu": prompts * share, "samples_per_gpu": samples,
+            "frames": frames if hasattr(traced.adapter, "num_frames") else None,
             "phases": [dataclasses.asdict(p) for p in phases],
             "flops_per_gpu": {k: float(v) for k, v in flops.items()}, "flops_total_per_gpu": float(total_flops),
             "flops_all_gpus": float(total_flops * gpus),
@@ -320,7 +337,7 @@ def plan(config, gpus: int = 1, gpu: str = "h100-80gb", mfu: float = 0.4, progre
         raise ValueError(f"--mfu: expected a share in (0, 1], got {mfu}")
     memory_bytes, peak_flops = gpu_spec(gpu)
     model = resolve_model(config.model.path, dataclasses.asdict(config.model))
-    tracer = tracer if tracer is not None and tracer.model.name == model.name else Tracer(model, progress)
+    tracer = tracer if tracer is not None and tracer.model == model else Tracer(model, progress)  # same spec too
     out = {"model": model.name, "gpu": gpu, "gpus": gpus, "mfu": mfu, "gpu_peak_tflops": peak_flops / 1e12,
            "allowance_gib": allowance_bytes(gpus) / GIB, "margin": MARGIN,
            "resolution": resolution(config, model) if model.kind == "diffusers" else None,

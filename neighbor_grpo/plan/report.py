@@ -30,6 +30,7 @@ def render(result: dict) -> str:
                 "--gpus")
     gib = r["memory_gib"]
     size = f"{r['resolution']} px, " if r.get("resolution") else ""
+    size = f"{r['frames']} frames x {size}" if r.get("frames") else size
     lines = [f"{r['model']}, {r['algorithm']}, {r['finetune']} fine-tune, {size}{r['gpus']} x {r['gpu']} "
              f"({r['gpu_memory_gib']:.1f} GiB, {r['gpu_peak_tflops']:.0f} TFLOPS bf16 dense), MFU {r['mfu']:.0%}",
              f"per GPU: {r['prompts_per_gpu']:g} prompts, {r['samples_per_gpu']} samples, "

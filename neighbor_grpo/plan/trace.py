@@ -1,9 +1,10 @@
 """Trace one component of an iteration at its real shapes under fake tensors: FLOPs (FlopCounterMode's formulas with the CPU
 attention formula) and the peak bytes of the storages the call creates (LiveBytes), with no memory and no weights.
 
-Everything goes through the project's own code (design item 7): the FluxAdapter / SD3Adapter built around the
-real architecture on the meta device, LoRA applied with `lora.apply_lora`, gradient checkpointing through the
-adapter's switch, mixed precision through `speed.autocast_velocity`, the reference through
+Everything goes through the project's own code (design item 7): the model's adapter (FLUX.1, SD3, FLUX.2, Z-Image,
+Qwen-Image, FLUX.1 Kontext, Wan) built around the real architecture on the meta device, LoRA applied with
+`lora.apply_lora`, gradient checkpointing through the adapter's switch, mixed precision through
+`speed.autocast_velocity`, the reference through
 `lora.make_reference_velocity`, the VAE through `adapter.decode`. Prompts are encoded outside the fake mode (one
 prompt, real tensors of the real shape); everything else runs fake. See docs/planning.md.
 """
@@ -58,9 +59,10 @@ class TracedModel:
     master_weights: bool = False  # the trained net upcast to fp32 as the trainer does (speed.keeps_master_weights)
 
 
-def meta_adapter(arch: str, spec: dict, resolution: int, dtype: torch.dtype, options: dict):
+def meta_adapter(arch: str, spec: dict, resolution, dtype: torch.dtype, options: dict):
     """The project's adapter around `spec` (a DIFFUSERS_ARCHS-style dict) with every weight on the meta device; its
     prompt cache on the CPU, filled with one real random embedding of the real shape."""
+    from neighbor_grpo.models import qwen_kontext_wan_archs
     from neighbor_grpo.models.architectures import build_diffusers_adapter, random_text_embeddings
     from neighbor_grpo.models.flux2_zimage_archs import FAMILIES, random_prompt_features
 
@@ -69,6 +71,8 @@ def meta_adapter(arch: str, spec: dict, resolution: int, dtype: torch.dtype, opt
     adapter.cache = PromptCache(torch.device("cpu"))
     if arch in FAMILIES:  # FLUX.2 / Z-Image prompt features (Z-Image's with their lengths)
         adapter.encode_new_prompts = random_prompt_features(arch, *spec["text"][:2], "cpu", dtype)
+    elif arch in qwen_kontext_wan_archs.FAMILIES:  # Qwen-Image's with lengths, Kontext's with source latents
+        adapter.encode_new_prompts = qwen_kontext_wan_archs.prompt_stand_in(adapter, arch, spec["text"], "cpu", dtype)
     else:
         adapter.encode_new_prompts = random_text_embeddings(*spec["text"], "cpu", dtype)
     return adapter
@@ -92,8 +96,8 @@ def make_traceable(adapter, lora: dict | None, checkpointing: bool, prompt: str 
     if not any(p.is_meta for p in adapter.net.parameters()):
         return TracedModel(adapter, contextlib.nullcontext(), cond, bool(lora), master_weights)
     mode = fake_mode()
-    with mode:
-        for component in (adapter.pipeline.transformer, adapter.pipeline.vae):
+    with mode:  # the trained net (Wan 2.2 A14B: both experts) and the VAE
+        for component in (adapter.net, adapter.pipeline.vae):
             component.to_empty(device="cpu")
     return TracedModel(adapter, mode, cond, bool(lora), master_weights)
 

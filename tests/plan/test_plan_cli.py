@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TOP_KEYS = {"model", "gpu", "gpus", "mfu", "gpu_peak_tflops", "allowance_gib", "margin", "resolution", "finetune",
             "algorithm", "prompts_per_gpu", "samples_per_gpu", "phases", "flops_per_gpu", "flops_total_per_gpu",
             "flops_all_gpus", "forward_equivalents_per_sample", "seconds_per_iteration", "memory_gib",
-            "trainable_parameters", "fits", "gpu_memory_gib", "baselines", "fit_options", "unknown_rewards"}
+            "trainable_parameters", "fits", "gpu_memory_gib", "baselines", "fit_options", "unknown_rewards", "frames"}
 MEMORY_KEYS = {"weights", "gradients", "optimizer_state", "ema", "reference_copy", "algorithm_networks",
                "ddp_buckets", "trajectories", "text_encoders", "prompt_cache", "vae", "rewards", "activations_peak",
                "peak_phase", "total"}
