@@ -1,10 +1,11 @@
 """The gold-free monitors' bands, from the base model's own spread (issue #23).
 
-On the base model's held-out samples (the evaluation's own sampler, seed and sample count), per prompt and per
-sample: the within-prompt diversity (per pair of one prompt's images), the share of out-of-range pixels (per
-image), the realism (distance to the nearest real digit of split A, data the gold never reads; per image) and the
-prompt-swap distance (how far the base model's velocity moves on a prompt's probe states when the prompt is
-swapped for another digit: the distance monitor's own scale; per state and swap). `rules.bands_from_base_spread`
+On the base model's held-out samples (the evaluation's own prompts, sampler, seed and sample count), per prompt and
+per sample: the within-prompt diversity (per pair of one prompt's images), the share of out-of-range pixels (per
+image), the realism (distance to the nearest image of the task's realism reference, bench/tasks.py: a real digit of
+split A, data the gold never reads, or a clean render of a training word; per image) and the prompt-swap distance
+(how far the base model's velocity moves on a prompt's probe states when the prompt is swapped for another held-out
+prompt: the distance monitor's own scale; per state and swap). `rules.bands_from_base_spread`
 turns one of them into bands (UNIT, QUANTILE). The file is committed before any grid runs with it; a
 comparison records its content, its path and the commit that last changed it (`bands_record`).
 """
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from neighbor_grpo.bench import rules as rules
-from neighbor_grpo.bench.method_run import DistanceProbe, realism_reference
+from neighbor_grpo.bench import tasks
+from neighbor_grpo.bench.method_run import DistanceProbe
 from neighbor_grpo.runs.io import atomic_write_text
 from neighbor_grpo.training.monitors import generate, nearest_real_distance, out_of_range_share, within_prompt_diversity
 
@@ -44,10 +46,11 @@ def prompt_swap_distance(adapter, probe: DistanceProbe, prompts: list[str]) -> l
 
 
 def base_spread(adapter, prompts: list[str], samples: int, seed: int, solver: str, steps: int, shift: float,
-                realism_split: str = "A") -> dict[str, dict[str, list]]:
+                realism_split: str = "A", realism_reference=tasks.split_a_digits) -> dict[str, dict[str, list]]:
     """Each monitor on the base model, per prompt (as the evaluation averages it) and per sample (each image,
-    each pair of one prompt's images, each probe state and swapped prompt). `realism_split` "B" only to judge runs
-    recorded before issue #23, whose realism read split B."""
+    each pair of one prompt's images, each probe state and swapped prompt). Realism reads `realism_reference(
+    adapter)` (the task's); `realism_split` "B" only to judge digits runs recorded before issue #23, whose realism
+    read split B."""
     _, images = generate(adapter, prompts, samples, seed, solver, steps, shift)
     real = realism_reference(adapter) if realism_split == "A" else adapter.reference_images()
     probe = DistanceProbe(adapter, prompts, seed, shift)
@@ -74,38 +77,29 @@ def write_bands(base: str, out: str | Path, samples: int = 16, solver: str = "eu
                 seed: int | None = None, overwrite: bool = False, realism_split: str = "A", unit: str = UNIT,
                 quantile: float = QUANTILE) -> dict:
     """Measure the base model's spread and write the bands file (JSON) that comparisons read with --bands."""
-    from neighbor_grpo.builtin.pretrain import BUILTIN_MODELS, ensure_builtin_model
     from neighbor_grpo.config.train_config import load_config
     from neighbor_grpo.training.parts import load_model, model_shift
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise ValueError(f"--out {str(out)!r}: exists; pass --overwrite to replace it")
-    if base == "builtin:digits-reflow":  # the few-step student (builtin/distill.py), as `ngrpo compare` takes it
-        from neighbor_grpo.builtin.distill import ensure_reflow_model
-
-        base_path = str(ensure_reflow_model(progress=False))
-    elif base.startswith("builtin:"):
-        if base.removeprefix("builtin:") not in BUILTIN_MODELS:
-            raise ValueError(f"--base {base!r}: unknown built-in model; expected one of "
-                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)}, builtin:digits-reflow or a "
-                             "model folder")
-        base_path = str(ensure_builtin_model(base.removeprefix("builtin:"), progress=False))
-    elif (Path(base) / "model.json").is_file():
-        base_path = base
-    else:
-        raise ValueError(f"--base {base!r}: expected builtin:NAME or a model folder of ngrpo (with model.json)")
+    if base.startswith("builtin:") and base not in tasks.BASES:
+        raise ValueError(f"--base {base!r}: unknown built-in model; expected one of {', '.join(tasks.BASES)} or a "
+                         f"model folder")
+    task = tasks.task_for_base(base)
+    if realism_split not in ("A", "B") or (realism_split == "B" and task.name != "digits"):
+        raise ValueError(f"--realism-split: expected A{' or B' if task.name == 'digits' else ''} (B: the digits "
+                         f"gold's own split, for old digits runs only), got {realism_split!r}")
+    base_path = task.resolve_base(base, False)
     config = load_config(None, ["device=cpu"])
     adapter = load_model(base_path, "cpu", progress=False)
     shift = model_shift(config, adapter)
     seed = config.eval.seed if seed is None else seed
-    prompts = [str(d) for d in range(10)]
-    if realism_split not in ("A", "B"):
-        raise ValueError(f"--realism-split: expected A or B, got {realism_split!r}")
-    spread = base_spread(adapter, prompts, samples, seed, solver, steps, shift, realism_split)
+    prompts = list(task.eval_prompts)
+    spread = base_spread(adapter, prompts, samples, seed, solver, steps, shift, realism_split, task.realism_reference)
     if unit not in spread:
         raise ValueError(f"--unit: expected per_prompt or per_sample, got {unit!r}")
-    record = {"base": base, "bands": rules.bands_from_base_spread(spread[unit], quantile), "unit": unit,
+    record = {"base": base, "task": task.name, "bands": rules.bands_from_base_spread(spread[unit], quantile), "unit": unit,
               "quantile": quantile, "per_prompt": spread["per_prompt"],
               "per_sample_quantiles_01_05_50_95_99": {
                   name: [float(v) for v in np.quantile(values, [0.01, 0.05, 0.5, 0.95, 0.99])]
@@ -114,10 +108,10 @@ def write_bands(base: str, out: str | Path, samples: int = 16, solver: str = "eu
               "prompts": prompts, "samples_per_prompt": samples, "eval_seed": seed, "solver": solver,
               "steps": steps, "shift": shift, "realism_split": realism_split,
               "rule": f"each monitor bounded on its harmful side (rules.MONITOR_HARM) by the {quantile} quantile "
-                      f"toward harm of the base model's values {unit.replace('_', ' ')}; realism against split "
-                      f"{realism_split}"
-                      + (" (the gold reads only split B)" if realism_split == "A" else
-                         " (the gold's own data: only to judge runs recorded before issue #23, whose realism read B)")}
+                      f"toward harm of the base model's values {unit.replace('_', ' ')}; realism against "
+                      + (task.realism_note if task.name != "digits" else f"split {realism_split}"
+                         + (" (the gold reads only split B)" if realism_split == "A" else
+                            " (the gold's own data: only to judge runs recorded before issue #23, whose realism read B)"))}
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     return record
 
@@ -155,7 +149,8 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="measure the base model's spread; write the monitors' bands")
-    parser.add_argument("--base", default="builtin:digits-unet", help="builtin:NAME or a model folder")
+    parser.add_argument("--base", default="builtin:digits-unet",
+                        help="builtin:NAME (digits, digits-unet, digits-reflow, words) or a model folder")
     parser.add_argument("--out", required=True, help="bands JSON to write")
     parser.add_argument("--samples", type=int, default=16, help="samples per prompt (the evaluation's)")
     parser.add_argument("--solver", default="euler", help="the evaluation's sampler (headline: 40-step Euler)")

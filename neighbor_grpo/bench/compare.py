@@ -1,12 +1,13 @@
 """Side-by-side comparison of Neighbor GRPO and the SDE baselines at an equal forward-equivalent budget.
 
-Every method starts from the same base model, trains on the same proxy reward (the digit classifier) and prompts,
-for the same budget of forward-equivalents (neighbor_grpo.training.cost). Held-out evaluations (ODE sampler, seeds never
-trained on) run at the same forward-equivalent points for every method (benchmark_rules.evaluation_points) and
-score the proxy, the gold (never trained on, never used to select anything), the hacking monitors and the
-distance from the base model. What runs: compare_settings; one run: compare_run; the tuning grid, the x3 rule and
-the seeds: compare_grid; where runs execute: compare_workers; seconds per iteration: compare_throughput. The rules
-that turn curves into a table live in benchmark_rules; the table, the intervals and the plots in compare_report.
+Every method starts from the same base model, trains on the same proxy reward (the task's, bench/tasks.py: the
+digit classifier on builtin:digits, rapidocr on builtin:words) and prompts, for the same budget of
+forward-equivalents (neighbor_grpo.training.cost). Held-out evaluations (ODE sampler, seeds never trained on) run at
+the same forward-equivalent points for every method (benchmark_rules.evaluation_points) and score the proxy, the
+gold (never trained on, never used to select anything), the hacking monitors and the distance from the base model.
+What runs: compare_settings; one run: compare_run; the tuning grid, the x3 rule and the seeds: compare_grid; where
+runs execute: compare_workers; seconds per iteration: compare_throughput. The rules that turn curves into a table
+live in benchmark_rules; the table, the intervals and the plots in compare_report.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from neighbor_grpo.config.train_config import load_config
 from neighbor_grpo.training.cost import backward_factor, cost_note
 from neighbor_grpo.runs.io import atomic_write_text
 from neighbor_grpo.bench.report import compare_outputs, read_frozen_target  # noqa: F401  (re-exported)
+from neighbor_grpo.bench.tasks import BASES, task_for_base
 from neighbor_grpo.bench.workers import schedule
 from neighbor_grpo.bench.method_run import GOLD_REWARD, DistanceProbe, load_gold, run_method  # noqa: F401  (re-exported)
 from neighbor_grpo.bench.settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, MAIN_TABLE, PAPER_SETTINGS,  # noqa: F401
@@ -83,26 +85,14 @@ def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_
 
 
 def resolve_base(base_path: str, progress: bool) -> str:
-    """A built-in model (`builtin:NAME`, pretrained and cached on first use) or a model folder; the reward
-    classifier the proxy needs is built on first use too."""
-    from neighbor_grpo.builtin.pretrain import BUILTIN_MODELS, ensure_builtin_model, ensure_classifier
-
-    if base_path == "builtin:digits-reflow":  # the few-step student (builtin/distill.py)
-        from neighbor_grpo.builtin.distill import ensure_reflow_model
-
-        ensure_classifier(progress=progress)
-        return str(ensure_reflow_model(progress=progress))
-    if base_path.startswith("builtin:"):
-        name = base_path.removeprefix("builtin:")
-        if name not in BUILTIN_MODELS:
-            raise ValueError(f"--base {base_path!r}: unknown built-in model; expected one of "
-                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)} or a model folder")
-        ensure_classifier(progress=progress)
-        return str(ensure_builtin_model(name, progress=progress))
-    if not (Path(base_path) / "model.json").is_file():
-        raise ValueError(f"--base {base_path!r}: expected builtin:NAME or a model folder of ngrpo (with model.json)")
-    ensure_classifier(progress=progress)
-    return base_path
+    """The base model's folder: a built-in model (`builtin:NAME`, pretrained and cached on first use) or a model
+    folder; first what its task's rewards need (the digit classifier built on first use, Tesseract present)."""
+    if base_path.startswith("builtin:") and base_path not in BASES:
+        raise ValueError(f"--base {base_path!r}: unknown built-in model; expected one of {', '.join(BASES)} or a "
+                         f"model folder")
+    task = task_for_base(base_path)
+    task.check_rewards(progress)
+    return task.resolve_base(base_path, progress)
 
 
 def check_protocol(seeds: list[int], lrs: list[float], tuning_seeds: list[int] | None, max_lr_points: int | None,
@@ -210,7 +200,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, "--device")
-    common = [f"device={device}", "prompts_per_iteration=8"]
+    task = task_for_base(base_path)  # what is trained and scored: digits, or words (bench/tasks.py)
+    common = [f"device={device}", *task.settings]
     points = rules.evaluation_points(budget_fe, evals_per_run)
     check_evaluations(table, points, common)
     base_path = resolve_base(base_path, progress)
@@ -241,15 +232,16 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                                for row, entries in knobs.items()},
                      "grid": grid, "x3": grid and x3, "reference_ema": ema, "equal_steps": equal_steps, "ablation": ablation,
                      "workers": workers, "threads_per_run": 1,
-                     "evals_per_run": evals_per_run, "eval_samples_per_prompt": eval_samples, "proxy": "digit_prob",
-                     "gold": GOLD_REWARD, "finetune": finetune, "backward_factor": backward_factor(finetune),
-                     "cost_note": cost_note(finetune), "tuning_seeds": tuning_seeds or seeds[:1],
+                     "evals_per_run": evals_per_run, "eval_samples_per_prompt": eval_samples, "task": task.name,
+                     "train_prompts": list(task.train_prompts), "eval_prompts": list(task.eval_prompts),
+                     "proxy": task.proxy["name"], "gold": task.gold["name"], "finetune": finetune,
+                     "backward_factor": backward_factor(finetune), "cost_note": cost_note(finetune), "tuning_seeds": tuning_seeds or seeds[:1],
                      "tuning_seeds_reported": tuning_seeds is None, "max_lr_points": max_lr_points,
                      "parity_grid": parity_grid, "eval_sampler": {"name": eval_sampler,
                                                                   "solver_steps": eval_sampler_steps(eval_sampler)},
                      "side_sampler": None if eval_sampler == "dpm8" else {"name": "dpm8",
                                                                           "solver_steps": EVAL_SAMPLERS["dpm8"]},
-                     "realism_reference": "split A (the base model's training digits; the gold reads only split B)"},
+                     "realism_reference": task.realism_note},
         "commit": git_commit(),
         "rules": {"final_evaluations": rules.FINAL_EVALUATIONS, "target_fraction": rules.TARGET_FRACTION,
                   "no_worse_margin": rules.NO_WORSE_MARGIN, "confidence": rules.CONFIDENCE,
@@ -263,7 +255,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         atomic_write_text(partial_path, json.dumps({**header, **state}))
 
     context = {"budget_fe": budget_fe, "points": points, "base_path": base_path, "device": device,
-               "eval_prompts": [str(d) for d in range(10)], "eval_samples": eval_samples, "common": common,
+               "task": task.name, "train_prompts": list(task.train_prompts), "eval_prompts": list(task.eval_prompts),
+               "eval_samples": eval_samples, "common": common,
                "eval_sampler": eval_sampler_steps(eval_sampler),
                "side_sampler": None if eval_sampler == "dpm8" else EVAL_SAMPLERS["dpm8"]}
     with RunPool(workers, context) as pool:

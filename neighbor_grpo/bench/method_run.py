@@ -6,7 +6,9 @@ process ran it, or what ran before).
 Held-out samples come from the evaluation sampler of `context["eval_sampler"]` (the headline: a many-step Euler
 ODE, as the references evaluate; default: the 8-step DPM-Solver++ of earlier tables); with
 `context["side_sampler"]` the gold and proxy are scored on that sampler's samples too (`side_gold`, `side_proxy`).
-Realism is the distance to split A's real digits, data the gold never reads. Optimizer steps are counted."""
+What is trained and scored is the task's (`context["task"]`, bench/tasks.py; default digits): its proxy, its gold
+(with its components where it has them), its training prompts and its realism reference (digits: split A's real
+digits, data the gold never reads; words: clean renders of the training words). Optimizer steps are counted."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from neighbor_grpo.bench import tasks
 from neighbor_grpo.config.train_config import load_config
 from neighbor_grpo.training.cost import forward_equivalents
 from neighbor_grpo.runs.io import save_safetensors, sha256_file
@@ -24,7 +27,7 @@ from neighbor_grpo.models.lora import EMA
 from neighbor_grpo.training.monitors import evaluate, generate
 from neighbor_grpo.training.parts import build_training_parts, load_model, read_prompts
 
-GOLD_REWARD = "digit_gold"
+GOLD_REWARD = "digit_gold"  # the digits task's gold (bench/tasks.py holds every task's)
 PROBE_SEED = 20260  # the fixed held-out states of the distance from the base (the same for every method and seed)
 PROBE_PER_PROMPT = 8
 EMA_EVALUATIONS = 3  # the EMA weights are scored at the last evaluations, those the final value averages
@@ -33,19 +36,13 @@ NEUTRAL_SAMPLER = ("euler", 40)  # the references' evaluation: a 40-step Euler O
 
 
 def load_gold(device: str):
-    """The gold reward object (with `components`), built from the reward registry."""
-    from neighbor_grpo.rewards import REWARDS, build_rewards
-
-    if GOLD_REWARD not in REWARDS:
-        raise RuntimeError(f"gold reward {GOLD_REWARD!r} is not registered; the comparison scores every method on it")
-    return build_rewards([{"name": GOLD_REWARD}], device=device).rewards[GOLD_REWARD]
+    """The digits task's gold reward object (with `components`), built from the reward registry."""
+    return load_rewards(device)[1]
 
 
-def load_rewards(device: str) -> tuple:
-    """(proxy, gold): the trained-on reward and the held-out gold."""
-    from neighbor_grpo.rewards import build_rewards
-
-    return build_rewards([{"name": "digit_prob"}], device=device), load_gold(device)
+def load_rewards(device: str, task: str = "digits") -> tuple:
+    """(proxy, gold) of a task of bench/tasks.py: the trained-on reward and the held-out gold."""
+    return tasks.load_rewards(tasks.TASKS[task](), device)
 
 
 class ReferenceEMA(EMA):
@@ -94,27 +91,18 @@ class DistanceProbe:
         return float((self._velocity(adapter.velocity) - self.reference).pow(2).mean())
 
 
-def realism_reference(adapter) -> torch.Tensor:
-    """Split A's real digits as the model decodes them: the realism monitor's reference. Split B is the gold's own
-    data (rewards/gold.py), so a monitor on B would hand the selection part of the gold."""
-    from neighbor_grpo.builtin.data import load_digits_images, train_test_split
-
-    if getattr(adapter, "_split_a_reference", None) is None:
-        size = adapter.net_config.latent_size
-        images, labels = load_digits_images(size)
-        adapter._split_a_reference = adapter.decode(adapter.encode_images(images[train_test_split(len(labels))[0]]))
-    return adapter._split_a_reference
-
-
 def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift, sampler=DEFAULT_SAMPLER,
-                   side_sampler=None) -> dict:
+                   side_sampler=None, realism_reference=tasks.split_a_digits) -> dict:
+    """Proxy, gold (and its components), monitors and distance on `samples` held-out samples of each prompt;
+    `realism_reference(adapter)`: the images the realism monitor reads (None: no realism)."""
     from neighbor_grpo.training.monitors import nearest_real_distance
 
     metrics, images = evaluate(adapter, proxy, prompts, samples, seed, *sampler, shift)
     flat = images.flatten(0, 1).clamp(0, 1)
     flat_prompts = [p for p in prompts for _ in range(samples)]
-    parts = gold.components(flat, flat_prompts)
-    realism = nearest_real_distance(flat, realism_reference(adapter)) if hasattr(adapter, "encode_images") else None
+    parts = tasks.gold_components(gold, flat, flat_prompts)
+    reference = realism_reference(adapter)
+    realism = nearest_real_distance(flat, reference) if reference is not None else None
     record = {"proxy": metrics["reward"], **{k: float(v.float().mean()) for k, v in parts.items()},
               "out_of_range": metrics["out_of_range"], "diversity": metrics["diversity"],
               "realism": realism, "distance": probe(adapter)}
@@ -132,19 +120,21 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
     too at the evaluations from the third-last point on; with spec["model_path"], the final live weights are
     written there (safetensors) and their sha256 recorded."""
     started, seed = time.perf_counter(), spec["seed"]
+    task = tasks.TASKS[context.get("task", "digits")]()
     torch.manual_seed(seed)  # nothing should read the global generator; if something does, it reads the same
     config = load_config(None, context["common"] + spec["overrides"] + [f"optim.lr={spec['lr']!r}", f"seed={seed}"])
     adapter = load_model(context["base_path"], config.device, progress=False)
     parts = build_training_parts(config, adapter)
     ema = ReferenceEMA(adapter.net, *spec["ema"]) if spec.get("ema") else None
     counter = training_counter(adapter, parts)  # the algorithm's own networks too (an old policy, an EMA copy)
-    prompts = read_prompts(config)
+    prompts = list(context["train_prompts"]) if context.get("train_prompts") else read_prompts(config)
     points, budget = context["points"], context["budget_fe"]
     ema_from = points[-min(EMA_EVALUATIONS, len(points))]
     curve: list[dict] = []
     state = {"fe": 0.0, "iteration": 0, "train_s": 0.0, "optimizer_steps": 0}
-    samplers = {"sampler": tuple(context.get("eval_sampler", DEFAULT_SAMPLER)),
-                "side_sampler": tuple(context["side_sampler"]) if context.get("side_sampler") else None}
+    scoring = {"sampler": tuple(context.get("eval_sampler", DEFAULT_SAMPLER)),
+                "side_sampler": tuple(context["side_sampler"]) if context.get("side_sampler") else None,
+                "realism_reference": task.realism_reference}
 
     def count_step(*_) -> None:  # the optimizer's own hook: steps skipped for non-finite gradients never count
         state["optimizer_steps"] += 1
@@ -154,10 +144,10 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
     def held_out(probe) -> None:
         counter.reset()
         args = (proxy, gold, probe, context["eval_prompts"], context["eval_samples"], config.eval.seed, parts.shift)
-        record = {**state, **heldout_record(adapter, *args, **samplers)}
+        record = {**state, **heldout_record(adapter, *args, **scoring)}
         if ema is not None and state["fe"] >= ema_from:
             with ema.applied(adapter.net):
-                record["ema"] = heldout_record(adapter, *args, **samplers)
+                record["ema"] = heldout_record(adapter, *args, **scoring)
         counter.reset()  # evaluation is not training cost
         curve.append(record)
 

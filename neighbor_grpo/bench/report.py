@@ -8,7 +8,8 @@ from pathlib import Path
 from neighbor_grpo.bench import rules as rules
 from neighbor_grpo.bench.plots import plot_report, series as _series  # noqa: F401  (compare and render draw through it)
 
-MONITORS = ("gold_class", "typical", "proxy", "out_of_range", "diversity", "realism")
+GOLD_PARTS = ("gold_class", "typical")  # digit_gold's components; a gold without components (ocr_tesseract) has none
+MONITORS = (*GOLD_PARTS, "proxy", "out_of_range", "diversity", "realism")
 
 
 def _mean(values: list[float]) -> float:
@@ -148,6 +149,7 @@ def _time_cell(reached: list[dict], key: str, budget_key: str, scale: float, uni
 def markdown_report(results: dict) -> str:
     s, t = results["settings"], results["target"]
     ref = results["rules"]["reference_method"]
+    parts = [k for k in GOLD_PARTS if all(k in d["final"] for d in results["methods"].values())]
     lines = [f"gold target: **{t['gold']:.4f}** = base {results['base']['gold']:.4f} + {rules.TARGET_FRACTION} x the "
              f"best method's mean final gain" + (f" (frozen from an earlier run; recomputed here: {t['recomputed']:.4f})"
                                                  if t["frozen_from_earlier"] is not None else ""),
@@ -155,10 +157,10 @@ def markdown_report(results: dict) -> str:
              f"{s['evals_per_run']} held-out evaluations per run x {s['eval_samples_per_prompt']} samples per prompt; "
              f"{_selection_note(results)}; intervals: 95% t over seeds, paired against {ref}; {_speed_note(results)}",
              "",
-             "| method | lr | knob | FE/iter | s/iter | final gold | gold_class | typical | final proxy | time to target (kFE) "
-             f"| time to target (s) | X / {ref} time, FE | X / {ref} time, wall | {ref} - X final gold (no worse?) "
-             "| out of range | diversity (x base) | realism (NN dist) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | lr | knob | FE/iter | s/iter | final gold | " + "".join(f"{k} | " for k in parts)
+             + f"final proxy | time to target (kFE) | time to target (s) | X / {ref} time, FE | X / {ref} time, wall "
+             f"| {ref} - X final gold (no worse?) | out of range | diversity (x base) | realism (NN dist) |",
+             "|---" * (15 + len(parts)) + "|"]
     base = results["base"]
     for m, d in results["methods"].items():
         f = d["final"]
@@ -172,14 +174,14 @@ def markdown_report(results: dict) -> str:
             verdict = f"{_interval(nw)} ({'yes' if nw['no_worse'] else 'no'})"
         realism = f"{f['realism']['mean']:.4f}" if "realism" in f else "-"
         lines.append(f"| {m} | {d['lr']:g} | {d.get('knob') or '-'} | {d['fe_per_iter']:.0f} | {d['median_s_per_iter']:.3f} "
-                     f"| {_interval(f['gold'])} | {f['gold_class']['mean']:.3f} | {f['typical']['mean']:.3f} "
-                     f"| {f['proxy']['mean']:.3f} | {_time_cell(d['time_to_target'], 'fe', 'budget_fe', 1000, '')} "
+                     f"| {_interval(f['gold'])} " + "".join(f"| {f[k]['mean']:.3f} " for k in parts)
+                     + f"| {f['proxy']['mean']:.3f} | {_time_cell(d['time_to_target'], 'fe', 'budget_fe', 1000, '')} "
                      f"| {_time_cell(d['time_to_target'], 'wall_s', 'budget_wall_s', 1, '')} | {ratio_fe} | {ratio_wall} "
                      f"| {verdict} | {f['out_of_range']['mean']:.4f} | {f['diversity']['mean'] / base['diversity']:.3f} "
                      f"| {realism} |")
     lines += _split_lines(results, ref) + _crossing_lines(results, ref) + _ema_lines(results)
-    lines += ["", f"Base model: gold {base['gold']:.4f}, gold_class {base['gold_class']:.4f}, typical "
-                  f"{base['typical']:.4f}, proxy {base['proxy']:.4f}, out of range {base['out_of_range']:.4f}.",
+    lines += ["", f"Base model: gold {base['gold']:.4f}, " + "".join(f"{k} {base[k]:.4f}, " for k in parts)
+              + f"proxy {base['proxy']:.4f}, out of range {base['out_of_range']:.4f}.",
               "", f"Overoptimization: gold at a common distance from the base model, d = {results['common_distance']:.4g} "
                   "(mean ||v_theta - v_ref||^2 per latent element on fixed held-out states; the farthest every run got)",
               "", f"| method | gold at d | {ref} - X |", "|---|---|---|"]

@@ -22,7 +22,8 @@ def time_rows(rows: dict[str, list[str]], context: dict, proxy, offset: int, war
     for name, overrides in rows.items():
         config = load_config(None, context["common"] + overrides + ["seed=0"])
         adapter = load_model(context["base_path"], config.device, progress=False)
-        built[name] = (config, adapter, build_training_parts(config, adapter), read_prompts(config), [0])
+        prompts = list(context["train_prompts"]) if context.get("train_prompts") else read_prompts(config)
+        built[name] = (config, adapter, build_training_parts(config, adapter), prompts, [0])
     names = list(rows)
     seconds: dict[str, list[float]] = {name: [] for name in names}
 

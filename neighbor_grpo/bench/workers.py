@@ -18,7 +18,7 @@ def _init_worker(context: dict) -> None:
 
     torch.set_num_threads(1)
     _WORKER["context"] = context
-    _WORKER["rewards"] = load_rewards(context["device"])
+    _WORKER["rewards"] = load_rewards(context["device"], context.get("task", "digits"))
 
 
 def _execute(job: dict):
@@ -87,7 +87,7 @@ def _init_worker_here(context: dict) -> None:
         from neighbor_grpo.bench.method_run import load_rewards
 
         _WORKER["context"] = context
-        _WORKER["rewards"] = load_rewards(context["device"])
+        _WORKER["rewards"] = load_rewards(context["device"], context.get("task", "digits"))
 
 
 def schedule(pool: RunPool, ready: list[tuple[tuple, dict]], finished: Callable[[dict, object], list]) -> None:

@@ -254,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "flow_grpo dance_grpo mix_grpo mix_grpo_flash); also neighbor_grpo_x0, flow_grpo_cps, grpo_guard, "
                      "diffusion_nft, awm, dgpo")
     cmp.add_argument("--base", default="builtin:digits", metavar="MODEL",
-                     help="base model: builtin:digits (default), builtin:digits-unet (the compute-bound U-Net), "
-                          "builtin:digits-reflow (few-step student; all built and cached on first use) or a model "
-                          "folder of ngrpo")
+                     help="base model: builtin:digits (default), builtin:digits-unet (compute-bound U-Net), builtin:"
+                          "digits-reflow (few-step student; all cached on first use), an ngrpo model folder; builtin:"
+                          "words or a WordsPipeline folder: text rendering, proxy ocr, gold ocr_tesseract (Tesseract)")
     cmp.add_argument("--workers", type=int, default=1,
                      help="runs in parallel, each in its own single-thread process (1: in this process, one thread); "
                           "the numbers do not depend on it")
