@@ -51,7 +51,8 @@ def vae_config(family: str, transformer: dict) -> dict:
 def random_prompt_features(family: str, tokens: int, width: int, pooled: int, source_latent: tuple | None,
                            device, dtype):
     """encode_new_prompts stand-in: fixed random features per prompt (keyed by its CRC); Qwen-Image's with their
-    lengths (every caption at full length), Kontext's with a pooled embedding and the source image's latents."""
+    lengths (every caption at full length), Kontext's with a pooled embedding and the source image's latents, Wan's
+    with an empty first frame (text-to-video). `source_latent`: the adapter's latent shape (Kontext, Wan)."""
 
     def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
         generators = [torch.Generator().manual_seed(zlib.crc32(str(p).encode())) for p in prompts]
@@ -61,6 +62,9 @@ def random_prompt_features(family: str, tokens: int, width: int, pooled: int, so
         if family == "flux-kontext":
             out["pooled_prompt_embeds"] = torch.stack([torch.randn(pooled, generator=g) for g in generators])
             out["image_latents"] = torch.stack([torch.randn(*source_latent, generator=g) for g in generators])
+        if family == "wan":  # text-to-video: no given first frame (0 frames), as WanAdapter.encode_new_prompts caches
+            channels, _, latent_height, latent_width = source_latent
+            out["first_frame"] = torch.zeros(len(prompts), channels, 0, latent_height, latent_width)
         return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in out.items()}
 
     return encode
@@ -126,5 +130,5 @@ def build_random_adapter(family: str, spec: dict, size, device: str, dtype: torc
 
 def prompt_stand_in(adapter, family: str, text: tuple, device, dtype):
     """random_prompt_features for `adapter`'s family and text shape; Kontext's source at the output size."""
-    source = adapter.latent_shape() if family == "flux-kontext" else None
+    source = adapter.latent_shape() if family in ("flux-kontext", "wan") else None
     return random_prompt_features(family, *text, source, device, dtype)
