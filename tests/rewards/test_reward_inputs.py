@@ -73,7 +73,7 @@ def test_training_and_evaluation_give_each_group_its_prompt_as_id():
     spy = Spy(needs=("group_ids",))
     rewards = WeightedRewards({"spy": spy})
     adapter = SimpleNamespace(decode=lambda latents: latents)
-    rollout = SimpleNamespace(final=torch.rand(2, 3, 1, 4, 4), prompts=["x", "y"], prompt_indices=[7, 2])
+    rollout = SimpleNamespace(final=torch.rand(2, 3, 1, 4, 4), prompts=["x", "y"], prompt_indices=[7, 2], cond=torch.arange(2))
     scores, _, fault = score_chunk(adapter, rewards, rollout)
     assert not fault and scores["spy"].shape == (2, 3)
     assert spy.calls[0]["group_ids"].tolist() == [7, 7, 7, 2, 2, 2]
@@ -103,7 +103,8 @@ def test_training_and_evaluation_pass_editing_prompts_source_images(tmp_path):
     """score_chunk (training) gives each sample its prompt's source image, at the decoded images' size."""
     spy = Spy(needs=("source_images",))
     adapter = SimpleNamespace(decode=lambda latents: latents)
-    rollout = SimpleNamespace(final=torch.rand(2, 3, 3, 4, 4), prompts=edit_prompts(tmp_path), prompt_indices=[0, 1])
+    rollout = SimpleNamespace(final=torch.rand(2, 3, 3, 4, 4), prompts=edit_prompts(tmp_path), prompt_indices=[0, 1],
+                              cond=torch.arange(2))
     scores, _, fault = score_chunk(adapter, WeightedRewards({"spy": spy}), rollout)
     assert not fault and scores["spy"].shape == (2, 3)
     sources = spy.calls[0]["source_images"]
