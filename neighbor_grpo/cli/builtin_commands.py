@@ -47,9 +47,7 @@ def pretrain_words_command(args) -> None:
     """`ngrpo pretrain --model words`: the builtin:words base (cached), its legibility against CPU time printed."""
     from neighbor_grpo.builtin.words_pretrain import WordsPretrainSettings, default_words_dir, pretrain_words
     from neighbor_grpo.runs.ownership import check_folder_target
-    from neighbor_grpo.runs.runfolder import RunFolder
     import json
-    import shutil
 
     if args.out:  # refused before minutes of pretraining, not after
         check_folder_target(args.out, args.overwrite)
@@ -65,19 +63,14 @@ def pretrain_words_command(args) -> None:
           f"{final['reward']:.3f}, groups with reward spread {final['groups_with_spread']:.3f}; stopped at step "
           f"{record['stopped_at']} after {record['train_cpu_s']:.0f} CPU-s of training")
     if args.out:
-        with RunFolder(args.out, overwrite=args.overwrite, kind="pretrain") as out:
-            shutil.copytree(folder, out.path / "base")
-            path = out.commit()
-        print(f"copied to {path}/base (a --checkpoint for sample/eval)")
+        print(f"copied to {copy_base_into_run(folder, args, 'pretrain')}/base (a --checkpoint for sample/eval)")
 
 
 def distill_command(args) -> None:
     import json as json_module
-    import shutil
 
     from neighbor_grpo.builtin.distill import ReflowSettings, ensure_reflow_model
     from neighbor_grpo.runs.ownership import check_folder_target
-    from neighbor_grpo.runs.runfolder import RunFolder
 
     for name in ("pairs", "teacher_steps", "train_steps"):
         if getattr(args, name) < 1:
@@ -93,7 +86,15 @@ def distill_command(args) -> None:
         print(f"  {steps} Euler step(s): mean squared distance to the teacher's {args.teacher_steps}-step samples "
               f"{error['teacher']:.4f} (teacher) -> {error['student']:.4f} (student)")
     if args.out:
-        with RunFolder(args.out, overwrite=args.overwrite, kind="distill") as run:
-            shutil.copytree(folder, run.path / "base")
-            out = run.commit()
-        print(f"copied to {out}/base (a model.path or --checkpoint)")
+        print(f"copied to {copy_base_into_run(folder, args, 'distill')}/base (a model.path or --checkpoint)")
+
+
+def copy_base_into_run(folder, args, kind: str):
+    """A built model folder copied to `args.out`/base, a run folder of `kind` written beside and renamed into place."""
+    import shutil
+
+    from neighbor_grpo.runs.runfolder import RunFolder
+
+    with RunFolder(args.out, overwrite=args.overwrite, kind=kind) as run:
+        shutil.copytree(folder, run.path / "base")
+        return run.commit()
