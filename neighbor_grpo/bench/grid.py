@@ -90,7 +90,8 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
     def finish_row(row: str, best: dict, scored: list[dict]) -> list:
         tried = sorted({c["lr"] for c in scored})
         knob = knobs[row][best["knob_index"]]
-        rule = (f"gold-free: monitored proxy area (rules.select_gold_free), mean over tuning seeds {tuning_seeds}"
+        rule = (f"gold-free: monitored proxy area (rules.select_gold_free; a monitor's exit counts when sustained, "
+                f"rules.band_exit), mean over tuning seeds {tuning_seeds}"
                 if bands is not None else f"highest area under the held-out proxy curve, seed(s) {tuning_seeds}")
         ordered = sorted(scored, key=lambda c: (c["lr"] not in lrs, c["lr"], c["knob_index"]))
         selection[row] = {
@@ -101,7 +102,7 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
             "candidates": [{"lr": c["lr"], "knob": knobs[row][c["knob_index"]]["label"], "score": c["score"],
                             "proxy_auc": sum(proxy_auc(r) for r in c["runs"]) / len(c["runs"]),
                             "final_proxy": c["runs"][0]["curve"][-1]["proxy"],
-                            **({"band_exit_fe": c["band_exit_fe"]} if "band_exit_fe" in c else {})}
+                            **{k: c[k] for k in ("band_exit_fe", "first_band_exit_fe") if k in c}}
                            for c in ordered]}
         for c in scored:
             for run in c["runs"]:

@@ -7,8 +7,9 @@
   never gets there is censored at its budget, a lower bound, never dropped (`crossing_point`);
 - lr selection: the highest area under the held-out proxy curve (`area_under_curve`, applied by
   bench.grid.select), never the gold;
-- gold-free selection (issue #23): the held-out proxy area with the proxy counted as 0 from the first evaluation
-  at which a gold-free monitor leaves its band (`band_exit`, `monitored_proxy_area`), a one-evaluation spike cut
+- gold-free selection (issue #23): the held-out proxy area with the proxy counted as 0 from the evaluation at
+  which a gold-free monitor leaves its band for good (`band_exit`: out at most evaluations from there to the end;
+  the first exit, `first_band_exit`, is recorded beside it; `monitored_proxy_area`), a one-evaluation spike cut
   to its neighbours (`despiked`), averaged over the tuning seeds (`select_gold_free`); the bands come from the
   base model's own spread (`bands_from_base_spread`);
 - sustained time to target: the first evaluation from which the curve stays >= target to the end
@@ -125,17 +126,34 @@ def bands_from_base_spread(spread: dict[str, Sequence[float]], quantile: float =
     return bands
 
 
-def band_exit(records: Sequence[dict], bands: dict[str, Sequence[float | None]]) -> int | None:
+def _out_of_band(record: dict, low: float | None, high: float | None, name: str) -> bool:
+    value = record.get(name)
+    return value is not None and ((low is not None and value < low) or (high is not None and value > high))
+
+
+def first_band_exit(records: Sequence[dict], bands: dict[str, Sequence[float | None]]) -> int | None:
     """Index of the first evaluation at which any monitor with a band leaves it; None if none ever does. A record
-    without a monitor's value (an older results JSON) is not judged on that monitor."""
+    without a monitor's value (an older results JSON) is not judged on that monitor. Reported beside
+    `band_exit`; the rule before issue #23's fresh grids showed one noisy evaluation could decide a selection."""
     for i, record in enumerate(records):
-        for name, (low, high) in bands.items():
-            value = record.get(name)
-            if value is None:
-                continue
-            if (low is not None and value < low) or (high is not None and value > high):
-                return i
+        if any(_out_of_band(record, low, high, name) for name, (low, high) in bands.items()):
+            return i
     return None
+
+
+def band_exit(records: Sequence[dict], bands: dict[str, Sequence[float | None]]) -> int | None:
+    """Index of the first evaluation from which a monitor stays out of its band for good: out at more than half of
+    the evaluations from there to the end (it included); None if no monitor does. A monitor that steps out once
+    and comes back (the base model's own noise at a run's better state) is not an exit; a run that keeps leaving
+    its band to the end is one, from where it began, even if single evaluations dip back in."""
+    exits = []
+    for name, (low, high) in bands.items():
+        out = [_out_of_band(record, low, high, name) for record in records]
+        for i in range(len(out)):
+            if out[i] and 2 * sum(out[i:]) > len(out) - i:
+                exits.append(i)
+                break
+    return min(exits, default=None)
 
 
 def monitored_proxy_area(xs: Sequence[float], proxy: Sequence[float], exit_index: int | None) -> float:
@@ -147,21 +165,25 @@ def monitored_proxy_area(xs: Sequence[float], proxy: Sequence[float], exit_index
     return area_under_curve(xs, ys)
 
 
-def select_gold_free(candidates: Sequence[dict], bands: dict[str, Sequence[float | None]]) -> dict:
+def select_gold_free(candidates: Sequence[dict], bands: dict[str, Sequence[float | None]],
+                     exit_rule=band_exit) -> dict:
     """The gold-free rule: each candidate {"lr", "knob_index", "runs": [one run per tuning seed]} scores the mean
-    over its runs of `monitored_proxy_area` (a run is {"curve": [records with fe, proxy and monitors]}); the
-    highest wins; ties: the smaller lr, then the knob listed first. Returns the winner with every score."""
+    over its runs of `monitored_proxy_area` (a run is {"curve": [records with fe, proxy and monitors]}) cut where
+    `exit_rule` says it left its bands; the highest wins; ties: the smaller lr, then the knob listed first.
+    Returns the winner with every score."""
     if not candidates:
         raise ValueError("gold-free selection needs at least one candidate")
     scored = []
     for candidate in candidates:
-        areas, exits = [], []
+        areas, exits, first_exits = [], [], []
         for run in candidate["runs"]:
             curve = run["curve"]
-            exit_index = band_exit(curve, bands)
+            exit_index, first = exit_rule(curve, bands), first_band_exit(curve, bands)
             exits.append(None if exit_index is None else curve[exit_index]["fe"])
+            first_exits.append(None if first is None else curve[first]["fe"])
             areas.append(monitored_proxy_area([r["fe"] for r in curve], [r["proxy"] for r in curve], exit_index))
-        scored.append({**candidate, "score": sum(areas) / len(areas), "areas": areas, "band_exit_fe": exits})
+        scored.append({**candidate, "score": sum(areas) / len(areas), "areas": areas, "band_exit_fe": exits,
+                       "first_band_exit_fe": first_exits})
     best = max(scored, key=lambda c: (c["score"], -c["lr"], -c["knob_index"]))
     return {"best": best, "scored": scored}
 
