@@ -156,6 +156,7 @@ def estimate(measured: dict, budget_fe: float, evals_per_run: int, eval_samples:
     runs = sum(r["tuning_runs"] + r["reported_runs"] for r in rows.values())
     return {"budget_fe": budget_fe, "evals_per_run": evals_per_run, "eval_samples": eval_samples, "workers": workers,
             "tuning_gold": tuning_gold, "side_sampler": side_sampler, "widened_lrs": widened_lrs,
+            "tuning_seeds": tuning_seeds, "throughput_iterations": throughput_iterations,
             "evaluation_cpu_s": evaluation_s, "gold_cpu_s_per_evaluation": gold_s, "runs": runs, "rows": rows,
             "total_cpu_s": total, "wall_clock_h": total / workers / 3600}
 
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
                         metavar="BUDGET:EVALS:SAMPLES", help="choices to estimate (--budget-fe, --evals-per-run, "
                                                              "--eval-samples)")
     parser.add_argument("--widened-lrs", type=int, default=1, help="x3 points added per row (0 to 4)")
+    parser.add_argument("--tuning-seeds", type=int, default=2, help="how many tuning seeds (the protocol's: 2)")
+    parser.add_argument("--tuning-gold", default="final", choices=["all", "final"], help="as ngrpo compare's")
+    parser.add_argument("--side-sampler", action="store_true", help="with the dpm8 side evaluation (and its gold)")
+    parser.add_argument("--throughput-iterations", type=int, default=3,
+                        help="iterations per row and worker of the throughput measurement (warm-up included)")
     args = parser.parse_args(argv)
     from neighbor_grpo.runs.io import atomic_write_text
 
@@ -207,10 +213,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sources:
         measured = merged(args.sources)
         result = {"command": command, "measured": measured, "estimates": [
-            estimate(measured, budget, evals, samples, widened_lrs=args.widened_lrs)
+            estimate(measured, budget, evals, samples, widened_lrs=args.widened_lrs, tuning_seeds=args.tuning_seeds,
+                     throughput_iterations=args.throughput_iterations, tuning_gold=args.tuning_gold,
+                     side_sampler=args.side_sampler)
             for budget, evals, samples in args.plan]}
         for e in result["estimates"]:
-            print(f"budget {e['budget_fe']:g} FE, {e['evals_per_run']} evaluations x {e['eval_samples']} samples: "
+            print(f"budget {e['budget_fe']:g} FE, {e['evals_per_run']} evaluations x {e['eval_samples']} samples, "
+                  f"{e['tuning_seeds']} tuning seed(s), tuning gold {e['tuning_gold']}, side sampler "
+                  f"{'dpm8' if e['side_sampler'] else 'none'}: "
                   f"{e['runs']} runs, {e['total_cpu_s']:.0f} CPU-s, {e['wall_clock_h']:.2f} h on {e['workers']} "
                   f"workers", flush=True)
     else:
