@@ -37,7 +37,7 @@ from neighbor_grpo.bench.settings import (ABLATIONS, KNOBS, LIBRARY_DEFAULTS, MA
 EVAL_SAMPLERS = {"dpm8": ("dpm++2m", 8), "euler40": ("euler", 40)}
 
 
-def eval_sampler_steps(name: str) -> tuple[str, int]:
+def eval_sampler_steps(name: str, flag: str = "--eval-sampler") -> tuple[str, int]:
     """The held-out sampler as (solver, steps): a preset (dpm8, euler40) or SOLVER:STEPS (euler:4, the few-step
     sampler a distilled model is used with)."""
     from neighbor_grpo.maths.solvers import SOLVERS
@@ -47,10 +47,22 @@ def eval_sampler_steps(name: str) -> tuple[str, int]:
     solver, _, steps = name.partition(":")
     if solver in SOLVERS and steps.isdigit() and int(steps) >= 1:
         return solver, int(steps)
-    raise ValueError(f"--eval-sampler: expected {' or '.join(sorted(EVAL_SAMPLERS))}, or SOLVER:STEPS with a solver "
+    raise ValueError(f"{flag}: expected {' or '.join(sorted(EVAL_SAMPLERS))}, or SOLVER:STEPS with a solver "
                      f"of {sorted(SOLVERS)} and >= 1 steps (euler:4), got {name!r}")
 """Held-out samplers: the 8-step DPM-Solver++ of the tables before issue #23 (Neighbor GRPO's rollout sampler) and
 the neutral 40-step Euler ODE the references evaluate with; with euler40 the dpm8 gold is recorded beside it."""
+TUNING_GOLD = ("all", "final")
+"""Where tuning runs on seeds never reported score the gold: at every evaluation, or at the final value's only."""
+
+
+def side_sampler_steps(name: str | None, eval_sampler: str) -> tuple[str, int] | None:
+    """The side sampler scored beside the headline as (solver, steps), or None: `none` skips it; by default (None)
+    dpm8 beside any other headline sampler (the tables of issue #23)."""
+    if name is None:
+        return None if eval_sampler == "dpm8" else EVAL_SAMPLERS["dpm8"]
+    if name == "none":
+        return None
+    return eval_sampler_steps(name, flag="--side-sampler")
 
 
 def check_arguments(budget_fe: float, seeds: list[int], lrs: list[float], evals_per_run: int, eval_samples: int,
@@ -96,7 +108,7 @@ def resolve_base(base_path: str, progress: bool) -> str:
 
 
 def check_protocol(seeds: list[int], lrs: list[float], tuning_seeds: list[int] | None, max_lr_points: int | None,
-                   eval_sampler: str) -> None:
+                   eval_sampler: str, tuning_gold: str = "all", side_sampler: str | None = None) -> None:
     """One-line errors for the issue #23 flags, before anything runs."""
     if tuning_seeds is not None:
         if not tuning_seeds or len(set(tuning_seeds)) != len(tuning_seeds) or min(tuning_seeds) < 0:
@@ -108,6 +120,12 @@ def check_protocol(seeds: list[int], lrs: list[float], tuning_seeds: list[int] |
         raise ValueError(f"--max-lr-points: expected {len(lrs)} (the --lrs given) to {rules.MAX_LR_POINTS}, got "
                          f"{max_lr_points}")
     eval_sampler_steps(eval_sampler)  # refused here, before any run
+    side_sampler_steps(side_sampler, eval_sampler)
+    if tuning_gold not in TUNING_GOLD:
+        raise ValueError(f"--tuning-gold: expected {' or '.join(TUNING_GOLD)}, got {tuning_gold!r}")
+    if tuning_gold == "final" and tuning_seeds is None:
+        raise ValueError("--tuning-gold final: expected --tuning-seeds (seeds never reported); without them the "
+                         "tuning runs are the first reported seed's, whose whole gold curve the table reads")
 
 
 def iterations_in_budget(overrides: list[str], common: list[str], budget_fe: float) -> int:
@@ -160,11 +178,13 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1,
             reference: str = REFERENCE_METHOD, x3: bool = True, tuning_seeds: tuple[int, ...] | None = None,
             bands: str | Path | None = None, max_lr_points: int | None = None, eval_sampler: str = "dpm8",
-            parity_grid: bool = False) -> dict:
+            parity_grid: bool = False, tuning_gold: str = "all", side_sampler: str | None = None) -> dict:
     """Run the comparison; write the results JSON, a markdown table, PNG plots and every run's final weights
     (`<stem>_models/`) next to `out`. The issue #23 protocol: `tuning_seeds` never reported, `bands` (a bands file)
     for the gold-free rule, `max_lr_points` to widen the lr grid until the choice is interior, `eval_sampler`
-    'euler40', `parity_grid` for anchoring parity, CPS's scaled clip and the warm-up variants."""
+    'euler40', `parity_grid` for anchoring parity, CPS's scaled clip and the warm-up variants. `tuning_gold`
+    'final': tuning runs score the gold only at the last rules.FINAL_EVALUATIONS evaluations (nothing else reads
+    it); `side_sampler` 'none' skips the side sampler's evaluation (default: dpm8 beside any other headline)."""
     from neighbor_grpo.bench.grid import run_table
     from neighbor_grpo.bench.report import markdown_report, plot_report, summarize
     from neighbor_grpo.bench.workers import RunPool
@@ -176,7 +196,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
     check_arguments(budget_fe, seeds, lrs, evals_per_run, eval_samples, names, workers, throughput_iters,
                     throughput_warmup, reference)
     tuning_seeds = None if tuning_seeds is None else [int(s) for s in tuning_seeds]
-    check_protocol(seeds, lrs, tuning_seeds, max_lr_points, eval_sampler)
+    check_protocol(seeds, lrs, tuning_seeds, max_lr_points, eval_sampler, tuning_gold, side_sampler)
+    side = side_sampler_steps(side_sampler, eval_sampler)
     from neighbor_grpo.bench.bands import bands_record
 
     band_file = bands_record(bands) if bands is not None else None
@@ -239,8 +260,11 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                      "tuning_seeds_reported": tuning_seeds is None, "max_lr_points": max_lr_points,
                      "parity_grid": parity_grid, "eval_sampler": {"name": eval_sampler,
                                                                   "solver_steps": eval_sampler_steps(eval_sampler)},
-                     "side_sampler": None if eval_sampler == "dpm8" else {"name": "dpm8",
-                                                                          "solver_steps": EVAL_SAMPLERS["dpm8"]},
+                     "side_sampler": None if side is None else {"name": side_sampler or "dpm8", "solver_steps": side},
+                     "tuning_gold": {"scored_at": tuning_gold, "note": "tuning runs (seeds never reported) score the "
+                                     "gold at every evaluation" if tuning_gold == "all" else "tuning runs (seeds never "
+                                     f"reported) score the gold only at their last {rules.FINAL_EVALUATIONS} "
+                                     "evaluations (the final value); earlier records hold null"},
                      "realism_reference": task.realism_note},
         "commit": git_commit(),
         "rules": {"final_evaluations": rules.FINAL_EVALUATIONS, "target_fraction": rules.TARGET_FRACTION,
@@ -258,11 +282,11 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                "task": task.name, "train_prompts": list(task.train_prompts), "eval_prompts": list(task.eval_prompts),
                "eval_samples": eval_samples, "common": common,
                "eval_sampler": eval_sampler_steps(eval_sampler),
-               "side_sampler": None if eval_sampler == "dpm8" else EVAL_SAMPLERS["dpm8"]}
+               "side_sampler": side}
     with RunPool(workers, context) as pool:
         measured = run_table(pool, table, knobs, lrs, seeds, grid and x3, ema, models_dir, log, partial,
                              tuning_seeds=tuning_seeds, bands=None if band_file is None else band_file["bands"],
-                             max_lr_points=max_lr_points)
+                             max_lr_points=max_lr_points, tuning_gold=tuning_gold)
         results = {**header, **measured}
         if throughput_iters > 0:
             log(f"throughput: {len(table)} rows interleaved, {workers} single-thread worker(s), "

@@ -56,11 +56,12 @@ def _scores(candidates: list[dict], bands: dict | None) -> tuple[dict, list[dict
 def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[dict]], lrs: list[float],
               seeds: list[int], x3: bool, ema: dict[str, tuple], models_dir: Path | None,
               log: Callable[[str], None], partial: Callable[[dict], None], tuning_seeds: list[int] | None = None,
-              bands: dict | None = None, max_lr_points: int | None = None) -> dict:
+              bands: dict | None = None, max_lr_points: int | None = None, tuning_gold: str = "all") -> dict:
     """Every run of the table; returns {"runs": {row: {seed: run}}, "selection": {row: ...}, "tuning_runs":
     {row: [tuning runs not reported]}}. `knobs[row]` lists the knob's entries (settings.knob_grid); `x3` turns the
     widening on: one x3 step, or up to `max_lr_points` lrs; `tuning_seeds` default to the first reported seed;
-    `bands` ({monitor: [low, high]}) selects by the gold-free rule."""
+    `bands` ({monitor: [low, high]}) selects by the gold-free rule; `tuning_gold` "final": runs on a tuning seed
+    that is never reported score the gold only at their last rules.FINAL_EVALUATIONS evaluations (method_run)."""
     tuning_seeds = list(tuning_seeds) if tuning_seeds else [seeds[0]]
     rest = [s for s in seeds if s not in tuning_seeds]
     grid_size = len(set(lrs))
@@ -80,6 +81,7 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
         name = f"{file_stem(row)}_lr{lr:g}_k{knob_index}_seed{seed}.safetensors"
         spec = {"row": row, "overrides": table[row] + knob["overrides"], "lr": lr, "knob": knob["label"],
                 "knob_index": knob_index, "seed": seed, "ema": ema.get(row),
+                "gold_at": "final" if tuning_gold == "final" and seed not in seeds else "all",
                 "model_path": str(models_dir / name) if models_dir is not None else None}
         priority = (phase, seed if phase == SEEDS else 0, counter["order"])
         return priority, {"kind": "run", "spec": spec, "phase": phase, "order": counter["order"]}

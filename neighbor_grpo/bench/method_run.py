@@ -8,7 +8,10 @@ ODE, as the references evaluate; default: the 8-step DPM-Solver++ of earlier tab
 `context["side_sampler"]` the gold and proxy are scored on that sampler's samples too (`side_gold`, `side_proxy`).
 What is trained and scored is the task's (`context["task"]`, bench/tasks.py; default digits): its proxy, its gold
 (with its components where it has them), its training prompts and its realism reference (digits: split A's real
-digits, data the gold never reads; words: clean renders of the training words). Optimizer steps are counted."""
+digits, data the gold never reads; words: clean renders of the training words). Optimizer steps are counted.
+With `spec["gold_at"]` "final" (tuning runs on seeds never reported, `ngrpo compare --tuning-gold final`) the gold is
+scored only at the last rules.FINAL_EVALUATIONS evaluations, after the run, on the images those evaluations kept;
+earlier records hold None there (never scored, not 0)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.bench import tasks
+from neighbor_grpo.bench import rules, tasks
 from neighbor_grpo.config.train_config import load_config
 from neighbor_grpo.training.cost import forward_equivalents
 from neighbor_grpo.runs.io import save_safetensors, sha256_file
@@ -33,6 +36,9 @@ PROBE_PER_PROMPT = 8
 EMA_EVALUATIONS = 3  # the EMA weights are scored at the last evaluations, those the final value averages
 DEFAULT_SAMPLER = ("dpm++2m", 8)  # the evaluation sampler of the tables before issue #23
 NEUTRAL_SAMPLER = ("euler", 40)  # the references' evaluation: a 40-step Euler ODE (spec competitors.md 1.3, 3.3)
+# Where a run scores the gold: at every evaluation, or only at the last rules.FINAL_EVALUATIONS (the final value;
+# tuning runs on seeds never reported: the selection never reads the gold, so only the final value is ever read)
+GOLD_AT = ("all", "final")
 
 
 def load_gold(device: str):
@@ -91,26 +97,46 @@ class DistanceProbe:
         return float((self._velocity(adapter.velocity) - self.reference).pow(2).mean())
 
 
-def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift, sampler=DEFAULT_SAMPLER,
-                   side_sampler=None, realism_reference=tasks.split_a_digits) -> dict:
-    """Proxy, gold (and its components), monitors and distance on `samples` held-out samples of each prompt;
-    `realism_reference(adapter)`: the images the realism monitor reads (None: no realism)."""
+def heldout_scores(adapter, proxy, gold, probe, prompts, samples, seed, shift, sampler=DEFAULT_SAMPLER,
+                   side_sampler=None, realism_reference=tasks.split_a_digits, score_gold=True) -> tuple[dict, dict]:
+    """(record, images): `heldout_record`'s record; with `score_gold` False its gold fields are None (absent, not
+    0) and `images` holds what they would read ({field: (images, prompts)}) for `score_gold_into` later."""
     from neighbor_grpo.training.monitors import nearest_real_distance
 
     metrics, images = evaluate(adapter, proxy, prompts, samples, seed, *sampler, shift)
     flat = images.flatten(0, 1).clamp(0, 1)
     flat_prompts = [p for p in prompts for _ in range(samples)]
-    parts = tasks.gold_components(gold, flat, flat_prompts)
     reference = realism_reference(adapter)
     realism = nearest_real_distance(flat, reference) if reference is not None else None
-    record = {"proxy": metrics["reward"], **{k: float(v.float().mean()) for k, v in parts.items()},
-              "out_of_range": metrics["out_of_range"], "diversity": metrics["diversity"],
+    record = {"proxy": metrics["reward"], "out_of_range": metrics["out_of_range"], "diversity": metrics["diversity"],
               "realism": realism, "distance": probe(adapter)}
+    unscored = {"gold": (flat, flat_prompts)}
     if side_sampler is not None:
         side, side_images = evaluate(adapter, proxy, prompts, samples, seed, *side_sampler, shift)
         record["side_proxy"] = side["reward"]
-        record["side_gold"] = float(gold(side_images.flatten(0, 1).clamp(0, 1), flat_prompts).float().mean())
-    return record
+        unscored["side_gold"] = (side_images.flatten(0, 1).clamp(0, 1), flat_prompts)
+    if score_gold:
+        score_gold_into(record, unscored, gold)
+        return record, {}
+    record.update(dict.fromkeys(unscored))  # the gold's own fields; a digits gold's components come when scored
+    return record, unscored
+
+
+def score_gold_into(record: dict, unscored: dict, gold) -> None:
+    """The gold (and its components, on the headline sampler's images) of `heldout_scores`' unscored images."""
+    for field, (images, prompts) in unscored.items():
+        if field == "gold":
+            record.update({k: float(v.float().mean()) for k, v in tasks.gold_components(gold, images, prompts).items()})
+        else:
+            record[field] = float(gold(images, prompts).float().mean())
+
+
+def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift, sampler=DEFAULT_SAMPLER,
+                   side_sampler=None, realism_reference=tasks.split_a_digits) -> dict:
+    """Proxy, gold (and its components), monitors and distance on `samples` held-out samples of each prompt;
+    `realism_reference(adapter)`: the images the realism monitor reads (None: no realism)."""
+    return heldout_scores(adapter, proxy, gold, probe, prompts, samples, seed, shift, sampler, side_sampler,
+                          realism_reference)[0]
 
 
 def run_method(spec: dict, context: dict, proxy, gold) -> dict:
@@ -141,11 +167,19 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
 
     step_hook = parts.optimizer.register_step_post_hook(count_step)
 
+    gold_at = spec.get("gold_at", "all")
+    if gold_at not in GOLD_AT:
+        raise ValueError(f"gold_at: expected one of {GOLD_AT}, got {gold_at!r}")
+    unscored: list[tuple[dict, dict]] = []  # gold_at "final": the last evaluations' images, scored after the run
+
     def held_out(probe) -> None:
         counter.reset()
         args = (proxy, gold, probe, context["eval_prompts"], context["eval_samples"], config.eval.seed, parts.shift)
-        record = {**state, **heldout_record(adapter, *args, **scoring)}
-        if ema is not None and state["fe"] >= ema_from:
+        scores, images = heldout_scores(adapter, *args, **scoring, score_gold=gold_at == "all")
+        record = {**state, **scores}
+        if images:
+            unscored[:] = [*unscored, (record, images)][-rules.FINAL_EVALUATIONS:]
+        if ema is not None and state["fe"] >= ema_from:  # at most the last 3 evaluations: scored in full
             with ema.applied(adapter.net):
                 record["ema"] = heldout_record(adapter, *args, **scoring)
         counter.reset()  # evaluation is not training cost
@@ -169,11 +203,13 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
             pending = [p for p in pending if p > state["fe"]]
     if pending or curve[-1]["iteration"] != state["iteration"]:
         held_out(probe)
+    for record, images in unscored:  # the final value's evaluations: the only gold a tuning run is read for
+        score_gold_into(record, images, gold)
     counter.remove()
     step_hook.remove()
     run = {"lr": spec["lr"], "seed": seed, "knob": spec.get("knob"), "iterations": state["iteration"],
            "optimizer_steps": state["optimizer_steps"], "median_s_per_iter": statistics.median(s_per_iter), "fe_per_iter": state["fe"] / state["iteration"],
-           "finetune": config.optim.finetune, "curve": curve, "run_s": time.perf_counter() - started}
+           "finetune": config.optim.finetune, "gold_at": gold_at, "curve": curve, "run_s": time.perf_counter() - started}
     if spec.get("model_path"):
         path = Path(spec["model_path"])
         save_safetensors(dict(adapter.net.state_dict()), path)

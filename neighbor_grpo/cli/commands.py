@@ -75,7 +75,8 @@ def _cmd_compare(args) -> None:
                       grid=not args.no_grid, throughput_iters=args.throughput_iters,
                       throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3,
                       tuning_seeds=args.tuning_seeds, bands=args.bands, max_lr_points=args.max_lr_points,
-                      eval_sampler=args.eval_sampler, parity_grid=args.parity_grid)
+                      eval_sampler=args.eval_sampler, parity_grid=args.parity_grid, tuning_gold=args.tuning_gold,
+                      side_sampler=args.side_sampler)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -247,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--eval-sampler", default="dpm8",
                      help="held-out sampler: dpm8 (8-step DPM-Solver++), euler40 (the neutral 40-step Euler ODE; "
                           "dpm8's gold recorded beside it), or SOLVER:STEPS (euler:4 for a few-step model)")
+    cmp.add_argument("--side-sampler", metavar="SAMPLER",
+                     help="scored beside the headline sampler: dpm8 (the default beside any other headline), "
+                          "SOLVER:STEPS, or none (no side evaluation: half the sampling and gold of an evaluation)")
+    cmp.add_argument("--tuning-gold", default="all", choices=["all", "final"],
+                     help="final: tuning runs (on --tuning-seeds, never reported) score the gold only at their last 3 "
+                          "evaluations, the final value the selection-regret check reads (the selection never reads "
+                          "it); reported runs keep the whole gold curve. Default all")
     cmp.add_argument("--parity-grid", action="store_true",
                      help="issue #23 candidates: anchoring variants (KL / ref_beta), CPS's scaled clip, warm-ups "
                           "scaled to the budget beside the authors'")
