@@ -108,6 +108,21 @@ def test_a_rows_velocity_does_not_depend_on_its_batch(folder):
                            for i, s in enumerate([0.9, 0.5, 0.3])])
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
     assert (together[0] - together[2]).abs().max() > 1e-3  # the timestep reaches each row
+    # why `velocity` never pads: padded and masked as the pipeline batches it, the shorter prompt's velocity moves
+    cache = adapter.cache.tensors
+    lengths = [int(cache["prompt_lengths"][r]) for r in rows[:2].tolist()]
+    embeds = torch.stack([cache["prompt_embeds"][r] for r in rows[:2].tolist()])  # encoded together: padded
+    assert lengths[0] < lengths[1] == embeds.shape[1]
+    mask = torch.arange(embeds.shape[1])[None] < torch.tensor(lengths)[:, None]
+    slots = torch.cat([torch.zeros(2, embeds.shape[1], dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        padded = adapter.net(x[:2].flatten(2).transpose(1, 2), encoder_hidden_states=embeds,
+                             encoder_hidden_states_mask=mask, timestep=torch.tensor([0.9, 0.5]),
+                             img_shapes=[[(1, 4, 4)]] * 2, img_mask=slots, return_dict=False)[0][:, -16:]
+    padded = padded.transpose(1, 2).reshape(2, *adapter.latent_shape())
+    torch.testing.assert_close(padded[1], alone[1], atol=1e-6, rtol=1e-5)  # the longest prompt: no padding
+    print(f"qwen_image21: the shorter prompt's velocity, padded vs alone: {(padded[0] - alone[0]).abs().max():.2e}")
+    assert (padded[0] - alone[0]).abs().max() > 1e-4
 
 
 def lora_load_warnings(base, lora_folder) -> list[str]:
