@@ -179,3 +179,31 @@ def test_lora_round_trip(folder, tmp_path):
     assert (ours - our_latents(load_adapter(folder, options=SIZE), noise, adapter.pipeline_sigmas())).abs().max() > 1e-3
     reloaded = load_adapter(tmp_path / "lora")
     assert (our_latents(reloaded, noise, adapter.pipeline_sigmas()) - ours).abs().max() <= 1e-5
+
+
+def test_gradient_checkpointing_and_full_export(folder, tmp_path):
+    """Checkpointed blocks give the same gradients; a changed transformer exports as a pipeline folder that
+    QwenImage21Pipeline.from_pretrained loads with those weights (sample_sigmas kept)."""
+    adapter = load_adapter(folder, options={**SIZE, "export_pipeline": True})
+    x, rows = torch.randn(2, *adapter.latent_shape()), adapter.encode_prompts(PROMPTS)
+
+    def gradients():
+        adapter.net.zero_grad(set_to_none=True)
+        adapter.velocity(x, torch.tensor(0.5), rows).square().mean().backward()
+        return {n: p.grad.clone() for n, p in adapter.net.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    adapter.enable_gradient_checkpointing()
+    assert adapter.net.is_gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and "transformer_blocks.0.attn.to_q.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        next(adapter.net.parameters()).add_(0.1)  # stands in for optimizer steps of a full fine-tune
+    adapter.save(tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "model.json").read_text())["kind"] == "pipeline"
+    exported = pipeline(tmp_path / "full")
+    assert exported.config.sample_sigmas == tiny_qwen21.SAMPLE_SIGMAS
+    for name, param in exported.transformer.named_parameters():
+        assert torch.equal(param, dict(adapter.net.named_parameters())[name])
