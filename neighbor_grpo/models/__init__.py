@@ -3,7 +3,7 @@
 An adapter wraps a velocity network `net` (the module that is trained) and knows how to turn prompts into
 conditioning, latents into images, and how to save/load itself to a checkpoint folder holding
 `model.json` (which adapter, its architecture) next to its weights. Diffusers pipeline folders (FLUX.1, SD3/SD3.5,
-Qwen-Image, the editing models FLUX.1 Kontext and Qwen-Image-Edit(-Plus) (`qwen_image_edit`), FLUX.2 [dev] and
+Qwen-Image, Qwen-Image 2.1 (`qwen_image21`, text-to-image), the editing models FLUX.1 Kontext and Qwen-Image-Edit(-Plus) (`qwen_image_edit`), FLUX.2 [dev] and
 [klein], Z-Image, and Wan video) load directly: `load_adapter` dispatches on model_index.json's `_class_name`
 (`DIFFUSERS_PIPELINES`).
 """
@@ -92,6 +92,7 @@ DIFFUSERS_PIPELINES["QwenImagePipeline"] = "qwen_image"
 DIFFUSERS_PIPELINES["FluxKontextPipeline"] = "flux_kontext"
 DIFFUSERS_PIPELINES.update(QwenImageEditPipeline="qwen_image_edit", QwenImageEditPlusPipeline="qwen_image_edit_plus")
 DIFFUSERS_PIPELINES.update(Flux2Pipeline="flux2", Flux2KleinPipeline="flux2-klein", ZImagePipeline="z-image")
+DIFFUSERS_PIPELINES["QwenImage21Pipeline"] = "qwen_image21"
 """diffusers pipeline class (model_index.json's _class_name) -> the adapter that loads such a folder."""
 
 
@@ -153,3 +154,4 @@ from neighbor_grpo.models.qwen_image_edit import (  # noqa: E402,F401  ('qwen_im
 from neighbor_grpo.models.wan import WanAdapter  # noqa: E402,F401  (registers 'wan')
 from neighbor_grpo.models.flux2 import Flux2Adapter, Flux2KleinAdapter  # noqa: E402,F401  ('flux2', 'flux2-klein')
 from neighbor_grpo.models.z_image import ZImageAdapter  # noqa: E402,F401  (registers 'z-image')
+from neighbor_grpo.models.qwen_image21 import QwenImage21Adapter  # noqa: E402,F401  (registers 'qwen_image21')

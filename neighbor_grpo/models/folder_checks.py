@@ -99,7 +99,9 @@ def check_pipeline_folder(folder: Path, pipeline: str, loading: bool) -> None:
                 raise ValueError(f"{folder / 'model_index.json'}: no {name!r} component; a {pipeline} needs "
                                  f"{list(REQUIRED[pipeline])}")
         for name, entry in index.items():
-            if name.startswith("_") or not (isinstance(entry, list) and entry and entry[0]):
+            # a component is [library, class]; other lists are pipeline settings (Qwen-Image 2.1's sample_sigmas)
+            if name.startswith("_") or not (isinstance(entry, list) and len(entry) == 2 and entry[0]
+                                            and isinstance(entry[0], str)):
                 continue
             sub = folder / name
             needed = _CONFIG_FILE.get(name, None if name.startswith("tokenizer") else "config.json")
