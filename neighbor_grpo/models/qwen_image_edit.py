@@ -81,6 +81,16 @@ def declare_standard_processor(folder: Path) -> None:
             atomic_write_text(path, json.dumps(config, indent=2))
 
 
+def vl_image_tokens(image_processor, width: int, height: int) -> int:
+    """Tokens one source image of width x height pixels takes in the VL encoder's prompt (its `<|image_pad|>` run,
+    which the prompt embeddings keep): the image processor's patch grid after its own resize (Qwen2.5-VL: sides
+    multiples of 28 within its min/max pixels), merged merge_size x merge_size."""
+    from PIL import Image
+
+    grid = image_processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")["image_grid_thw"]
+    return int(grid.prod()) // int(image_processor.merge_size) ** 2
+
+
 def open_rgb(path: str):
     from PIL import Image
 
@@ -104,13 +114,25 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def loaded_components(cls, base: Path) -> dict:
         return {"processor": load_processor(base)}
 
-    def _pipeline_module(self):
-        return importlib.import_module(type(self.pipeline).__module__)
+    @classmethod
+    def pipeline_module(cls):
+        """The diffusers module of the adapter's pipeline (its sizes are read from it at call time)."""
+        import diffusers
+
+        return importlib.import_module(getattr(diffusers, cls.PIPELINE).__module__)
+
+    @classmethod
+    def source_sizes(cls, ratio: float) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(width, height) of the copy of a source image (aspect ratio `ratio`, width / height) that the VL encoder
+        sees and of the copy the VAE encodes: for Edit both about 1024 x 1024 (the pipeline's
+        `calculate_dimensions`). The planner sizes its stand-in sources with this too."""
+        width, height, _ = cls.pipeline_module().calculate_dimensions(1024 * 1024, ratio)
+        return (width, height), (width, height)
 
     def source_inputs(self, image):
         """(what the VL encoder sees, the VAE's pixels (1, 3, h, w) in [-1, 1]), as QwenImageEditPipeline prepares
         them: both the source resized to about 1024 x 1024 at its aspect ratio."""
-        width, height, _ = self._pipeline_module().calculate_dimensions(1024 * 1024, image.width / image.height)
+        _, (width, height) = self.source_sizes(image.width / image.height)
         resized = self.pipeline.image_processor.resize(image, height, width)
         return resized, self.pipeline.image_processor.preprocess(resized, height, width)
 
@@ -192,10 +214,14 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
     NAME = "qwen_image_edit_plus"
     PIPELINE = "QwenImageEditPlusPipeline"
 
+    @classmethod
+    def source_sizes(cls, ratio: float) -> tuple[tuple[int, int], tuple[int, int]]:
+        module = cls.pipeline_module()
+        return (tuple(module.calculate_dimensions(module.CONDITION_IMAGE_SIZE, ratio)),
+                tuple(module.calculate_dimensions(module.VAE_IMAGE_SIZE, ratio)))
+
     def source_inputs(self, image):
-        module, ratio = self._pipeline_module(), image.width / image.height
-        condition_width, condition_height = module.calculate_dimensions(module.CONDITION_IMAGE_SIZE, ratio)
-        vae_width, vae_height = module.calculate_dimensions(module.VAE_IMAGE_SIZE, ratio)
+        (condition_width, condition_height), (vae_width, vae_height) = self.source_sizes(image.width / image.height)
         condition = self.pipeline.image_processor.resize(image, condition_height, condition_width)
         # a list: the Plus template numbers its pictures ("Picture 1: ...") even for one
         return [condition], self.pipeline.image_processor.preprocess(image, vae_height, vae_width)
