@@ -34,6 +34,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.config.prompts import EditPrompt
 from neighbor_grpo.models import register_model_adapter
@@ -170,6 +171,10 @@ class QwenImageEditAdapter(QwenImageAdapter):
 
     def source_tokens(self, rows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The rows' packed source latents and their latent (h, w)."""
+        if is_fake(rows):  # `ngrpo plan` traces shapes only (model.forward_batch_size slices rows inside the call)
+            source = self.cache.gather("image_latents", rows, self.device, self.dtype)
+            B, C, h, w = source.shape
+            return self.pipeline._pack_latents(source, B, C, h, w), (h, w)
         cached = [self.cache.tensors["image_latents"][i] for i in rows.tolist()]
         if len({z.shape for z in cached}) > 1:
             raise ValueError(f"{self.NAME}: one batch holds source images of different aspect ratios (latents "
@@ -184,7 +189,9 @@ class QwenImageEditAdapter(QwenImageAdapter):
         tokens = pipeline._pack_latents(x.to(self.device, dtype), B, C, H, W)
         source, (h, w) = self.source_tokens(rows)
         if self.uses_cfg:  # one transformer call on [conditional; negative], both with the source image
-            negative = torch.tensor([self.negative_rows[r] for r in rows.tolist()], dtype=torch.long)
+            # (the planner's sliced rows are fake: its stand-in negative rows have the prompts' shapes, so it reuses them)
+            negative = rows if is_fake(rows) else torch.tensor([self.negative_rows[r] for r in rows.tolist()],
+                                                               dtype=torch.long)
             rows, tokens, source, s = (torch.cat([rows, negative]), torch.cat([tokens, tokens]),
                                        torch.cat([source, source]), torch.cat([s, s]))
         embeds, mask = self.text_condition(rows)

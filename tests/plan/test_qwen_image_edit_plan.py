@@ -133,6 +133,18 @@ def test_pipeline_folders_are_planned_from_their_config_files(folders, variant, 
     assert result["flops_per_gpu"]["reward"] > 0 and result["memory_gib"]["vae"] > 0
 
 
+@pytest.mark.usefixtures("small_source_areas")
+def test_velocity_calls_in_chunks_plan_the_same_flops(folders):
+    """model.forward_batch_size slices a call's rows inside it (fake rows, under the planner's fake mode): the source
+    latents and CFG's negative rows are read from those slices too (a fit option tries this on every run that does not
+    fit). Chunks change how many samples run at once, never the FLOPs."""
+    whole = small_plan(folders["edit"], "optim.finetune=lora", "model.cfg_scale=4.0", "model.negative_prompt=' '")
+    chunked = small_plan(folders["edit"], "optim.finetune=lora", "model.cfg_scale=4.0", "model.negative_prompt=' '",
+                         "model.forward_batch_size=3")
+    for phase, flops in whole["flops_per_gpu"].items():
+        assert chunked["flops_per_gpu"][phase] == pytest.approx(flops, rel=1e-9), phase
+
+
 def test_an_edit_folder_without_its_processor_settings_is_one_line(folders, tmp_path, capsys):
     import shutil
 
