@@ -108,6 +108,8 @@ MODELS_TABLE = {
     "FLUX.1 [dev]": ("plan_tables", "flux-dev", "512"),
     "SD3 / SD3.5": ("plan_tables", "sd35-medium", "512"),
     "Qwen-Image": ("plan_tables_qwen_kontext_wan", "qwen-image", "512"),
+    "Qwen-Image-Edit": ("plan_tables_qwen_image_edit", "qwen-image-edit", "512"),
+    "Qwen-Image-Edit-Plus (2509, 2511)": ("plan_tables_qwen_image_edit", "qwen-image-edit-2511", "512"),
     "FLUX.1 Kontext [dev]": ("plan_tables_qwen_kontext_wan", "flux-kontext-dev", "512"),
     "FLUX.2 [dev]": ("plan_tables_flux2_zimage", "flux2-dev", "512"),
     "FLUX.2 [klein] 4B": ("plan_tables_flux2_zimage", "flux2-klein-4b", "384"),
@@ -134,7 +136,7 @@ def recorded_peak(table: str, model: str, pixels: str, finetune: str, gpus: int)
 
 def memory_cells(key: str) -> list[str]:
     if key not in MODELS_TABLE:
-        return ["not planned"] * len(MEMORY_COLUMNS) + ["-"]
+        return ["no recorded plan"] * len(MEMORY_COLUMNS) + ["-"]
     table, model, pixels = MODELS_TABLE[key]
     if not (RESULTS / f"{table}.json").is_file():  # tests/benchmarks/test_models_table_memory.py fails on these
         print(f"plan_tables.py: {table}.json not recorded yet; {key!r} gets no memory figures", file=sys.stderr)

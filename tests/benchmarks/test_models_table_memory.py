@@ -55,8 +55,8 @@ def test_every_planned_memory_cell_equals_the_recorded_plan(tables):
 
 
 def test_rows_without_a_recorded_plan_say_so(tables):
-    """Every supported model has a row; those no plan table covers say "not planned" rather than a figure."""
+    """Every supported model has a row; those no recorded plan table covers say so rather than show a figure."""
     rows = docs_rows(tables.MARKER)
     for key in ("digits", "digits-unet", "words", "FLUX.1 [schnell]"):
-        assert rows[key][-len(tables.MEMORY_COLUMNS) - 1:-1] == ["not planned"] * len(tables.MEMORY_COLUMNS)
+        assert rows[key][-len(tables.MEMORY_COLUMNS) - 1:-1] == ["no recorded plan"] * len(tables.MEMORY_COLUMNS)
     assert len(rows) == 17 and all(len(cells) == 14 for cells in rows.values())
