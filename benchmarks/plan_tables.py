@@ -13,11 +13,18 @@ Tables (`python benchmarks/plan_tables.py [NAME ...]`, default all):
   samples; captions at 256 tokens), FLUX.1 Kontext [dev] (512 px, its guidance embedding 2.5; the source image is
   as many tokens again), and Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B (two experts, one per step) at 33 frames of 480 x 832
   and Wan2.2-TI2V-5B at 33 frames of 704 x 1280 (its 16x VAE), all three with CFG 5 (Wan's default guidance).
-The last two: 8 prompts per iteration, PickScore in bf16 (a video's frames each scored), the text encoders off the
+- `plan_tables_qwen_image_edit`: Qwen-Image-Edit, -2509 and -2511 (512 px output, true CFG 4 with its negative prompt
+  " " as the model cards sample; captions at 256 tokens), each source image at the output's aspect ratio, which the
+  pipelines bring to ~1024 x 1024 (4096 source tokens after the 1024 noisy ones) and Qwen2.5-VL reads beside the
+  caption (Edit: 1369 image tokens of its ~1 MP copy; -2509/-2511: 196 of a ~384 x 384 copy).
+The last three: 8 prompts per iteration, PickScore in bf16 (a video's frames each scored), the text encoders off the
 GPU, H100 80 GB and H200 141 GB, 1 and 8 GPUs, every baseline of `ngrpo compare`'s paper settings beside Neighbor GRPO.
 Every row: 40% MFU, Neighbor GRPO at its defaults (G 12, B 4, 8 DPM-Solver++ steps, K 4), 300 iterations, gradient
 checkpointing, one prompt per rollout chunk and per micro-batch, the prompt cache in CPU memory; full fine-tunes
 on several GPUs shard with FSDP, LoRA runs replicate (DDP).
+`models-table` (no planning): rewrites the planned-memory columns of docs/models.md's table of every model from these
+tables' recorded JSONs (`MODELS_TABLE` says which row of which table; tests/benchmarks/test_models_table_memory.py
+checks that the docs and the JSONs agree).
 Run: PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/plan_tables.py [NAME ...] [--models MODEL,...]
 (`--models`: only those models' rows, as parts that are merged into the table when the last one is written: run
 parts side by side on a machine with idle cores.)
@@ -87,7 +94,73 @@ TABLES = {
            for model, height, width in (("wan21-t2v-1.3b", 480, 832), ("wan22-ti2v-5b", 704, 1280),
                                         ("wan22-t2v-a14b", 480, 832)))),
         tuple(PEERS)),
+    "plan_tables_qwen_image_edit": Table(
+        tuple(square(model, 512, "model.cfg_scale=4.0", "model.negative_prompt=' '", "model.max_sequence_length=256")
+              for model in ("qwen-image-edit", "qwen-image-edit-2509", "qwen-image-edit-2511")),
+        tuple(PEERS)),
 }
+
+
+# docs/models.md's table of every model: its row's first cell -> (plan table, model, size) of the recorded rows its
+# planned-memory columns show (Neighbor GRPO at its defaults on H100s, the table's own settings); rows not listed
+# have no recorded plan
+MODELS_TABLE = {
+    "FLUX.1 [dev]": ("plan_tables", "flux-dev", "512"),
+    "SD3 / SD3.5": ("plan_tables", "sd35-medium", "512"),
+    "Qwen-Image": ("plan_tables_qwen_kontext_wan", "qwen-image", "512"),
+    "Qwen-Image-Edit": ("plan_tables_qwen_image_edit", "qwen-image-edit", "512"),
+    "Qwen-Image-Edit-Plus (2509, 2511)": ("plan_tables_qwen_image_edit", "qwen-image-edit-2511", "512"),
+    "FLUX.1 Kontext [dev]": ("plan_tables_qwen_kontext_wan", "flux-kontext-dev", "512"),
+    "FLUX.2 [dev]": ("plan_tables_flux2_zimage", "flux2-dev", "512"),
+    "FLUX.2 [klein] 4B": ("plan_tables_flux2_zimage", "flux2-klein-4b", "384"),
+    "FLUX.2 [klein] 9B": ("plan_tables_flux2_zimage", "flux2-klein-9b", "384"),
+    "Z-Image (-Turbo)": ("plan_tables_flux2_zimage", "z-image", "512"),
+    "Wan 2.1 T2V 1.3B": ("plan_tables_qwen_kontext_wan", "wan21-t2v-1.3b", "33 x 480x832"),
+    "Wan 2.2 T2V A14B": ("plan_tables_qwen_kontext_wan", "wan22-t2v-a14b", "33 x 480x832"),
+    "Wan 2.2 TI2V-5B": ("plan_tables_qwen_kontext_wan", "wan22-ti2v-5b", "33 x 704x1280"),
+}
+MEMORY_COLUMNS = (("lora", 1), ("lora", 8), ("full", 1), ("full", 8))  # then the column naming the plan
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+MARKER = "<!-- models-table -->"  # the table follows this line in docs/models.md
+
+
+def recorded_peak(table: str, model: str, pixels: str, finetune: str, gpus: int) -> tuple[float, bool]:
+    """(peak GiB per GPU, fits) of Neighbor GRPO's recorded row on H100s."""
+    record = json.loads((RESULTS / f"{table}.json").read_text())
+    for r in record["rows"]:
+        if (r["model"], str(r["pixels"]), r["finetune"], r["gpus"], r.get("gpu", record.get("gpu"))) == (
+                model, pixels, finetune, gpus, "h100-80gb"):
+            return r["peak_gib"], r["fits"]
+    raise SystemExit(f"plan_tables.py: {table}.json has no row for {model} {pixels} {finetune} on {gpus} H100s")
+
+
+def memory_cells(key: str) -> list[str]:
+    if key not in MODELS_TABLE:
+        return ["no recorded plan"] * len(MEMORY_COLUMNS) + ["-"]
+    table, model, pixels = MODELS_TABLE[key]
+    if not (RESULTS / f"{table}.json").is_file():  # tests/benchmarks/test_models_table_memory.py fails on these
+        print(f"plan_tables.py: {table}.json not recorded yet; {key!r} gets no memory figures", file=sys.stderr)
+        return ["not recorded"] * len(MEMORY_COLUMNS) + [f"`{model}`, {pixels} px, `{table}`"]
+    cells = []
+    for finetune, gpus in MEMORY_COLUMNS:
+        peak, fits = recorded_peak(table, model, pixels, finetune, gpus)
+        cells.append(f"{peak:.1f}" + ("" if fits else " (no fit)"))
+    return cells + [f"`{model}`, {pixels} px, `{table}`"]
+
+
+def models_table() -> str:
+    """docs/models.md with the planned-memory cells of its table of every model regenerated (temp file, renamed)."""
+    lines = DOCS.read_text().split("\n")
+    start = lines.index(MARKER) + 3  # the marker, the header, the separator
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    for i in range(start, end):
+        cells = [c.strip() for c in lines[i].strip().strip("|").split(" | ")]
+        cells[-len(MEMORY_COLUMNS) - 1:] = memory_cells(cells[0])
+        lines[i] = "| " + " | ".join(cells) + " |"
+    tmp = DOCS.with_name(DOCS.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, DOCS)
+    return "\n".join(lines[start - 2:end]) + "\n"
 
 
 def row(variant: Variant, table: Table, finetune: str, gpus: int, gpu: str, tracers: dict) -> dict:
@@ -193,6 +266,9 @@ def main(args: list[str]) -> None:
     if "--models" in args:
         at = args.index("--models")
         models, args = args[at + 1].split(","), args[:at] + args[at + 2:]
+    if args == ["models-table"]:
+        print(models_table())
+        return
     unknown = [n for n in args if n not in TABLES]
     if unknown:
         raise SystemExit(f"plan_tables.py: unknown table {unknown[0]!r}; choose from {', '.join(TABLES)}")

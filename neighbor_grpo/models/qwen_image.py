@@ -79,7 +79,8 @@ class QwenImageAdapter(NegativePromptCFG, DiffusersAdapter):
             return self.cache.gather("prompt_embeds", rows, self.device, self.dtype), None
         indices = rows.tolist()
         cached = [self.cache.tensors["prompt_embeds"][i] for i in indices]
-        lengths = [int(self.cache.tensors["prompt_lengths"][i]) for i in indices]
+        # tolist, not int(): the planner calls this under a fake mode, where int() of a real tensor has no value
+        lengths = [int(self.cache.tensors["prompt_lengths"][i].tolist()) for i in indices]
         return padded_rows(cached, lengths, self.device, self.dtype)
 
     def _velocity(self, x: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

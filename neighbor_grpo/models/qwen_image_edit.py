@@ -34,6 +34,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.config.prompts import EditPrompt
 from neighbor_grpo.models import register_model_adapter
@@ -81,6 +82,16 @@ def declare_standard_processor(folder: Path) -> None:
             atomic_write_text(path, json.dumps(config, indent=2))
 
 
+def vl_image_tokens(image_processor, width: int, height: int) -> int:
+    """Tokens one source image of width x height pixels takes in the VL encoder's prompt (its `<|image_pad|>` run,
+    which the prompt embeddings keep): the image processor's patch grid after its own resize (Qwen2.5-VL: sides
+    multiples of 28 within its min/max pixels), merged merge_size x merge_size."""
+    from PIL import Image
+
+    grid = image_processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")["image_grid_thw"]
+    return int(grid.prod()) // int(image_processor.merge_size) ** 2
+
+
 def open_rgb(path: str):
     from PIL import Image
 
@@ -104,13 +115,25 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def loaded_components(cls, base: Path) -> dict:
         return {"processor": load_processor(base)}
 
-    def _pipeline_module(self):
-        return importlib.import_module(type(self.pipeline).__module__)
+    @classmethod
+    def pipeline_module(cls):
+        """The diffusers module of the adapter's pipeline (its sizes are read from it at call time)."""
+        import diffusers
+
+        return importlib.import_module(getattr(diffusers, cls.PIPELINE).__module__)
+
+    @classmethod
+    def source_sizes(cls, ratio: float) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(width, height) of the copy of a source image (aspect ratio `ratio`, width / height) that the VL encoder
+        sees and of the copy the VAE encodes: for Edit both about 1024 x 1024 (the pipeline's
+        `calculate_dimensions`). The planner sizes its stand-in sources with this too."""
+        width, height, _ = cls.pipeline_module().calculate_dimensions(1024 * 1024, ratio)
+        return (width, height), (width, height)
 
     def source_inputs(self, image):
         """(what the VL encoder sees, the VAE's pixels (1, 3, h, w) in [-1, 1]), as QwenImageEditPipeline prepares
         them: both the source resized to about 1024 x 1024 at its aspect ratio."""
-        width, height, _ = self._pipeline_module().calculate_dimensions(1024 * 1024, image.width / image.height)
+        _, (width, height) = self.source_sizes(image.width / image.height)
         resized = self.pipeline.image_processor.resize(image, height, width)
         return resized, self.pipeline.image_processor.preprocess(resized, height, width)
 
@@ -148,6 +171,10 @@ class QwenImageEditAdapter(QwenImageAdapter):
 
     def source_tokens(self, rows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The rows' packed source latents and their latent (h, w)."""
+        if is_fake(rows):  # `ngrpo plan` traces shapes only (model.forward_batch_size slices rows inside the call)
+            source = self.cache.gather("image_latents", rows, self.device, self.dtype)
+            B, C, h, w = source.shape
+            return self.pipeline._pack_latents(source, B, C, h, w), (h, w)
         cached = [self.cache.tensors["image_latents"][i] for i in rows.tolist()]
         if len({z.shape for z in cached}) > 1:
             raise ValueError(f"{self.NAME}: one batch holds source images of different aspect ratios (latents "
@@ -162,7 +189,9 @@ class QwenImageEditAdapter(QwenImageAdapter):
         tokens = pipeline._pack_latents(x.to(self.device, dtype), B, C, H, W)
         source, (h, w) = self.source_tokens(rows)
         if self.uses_cfg:  # one transformer call on [conditional; negative], both with the source image
-            negative = torch.tensor([self.negative_rows[r] for r in rows.tolist()], dtype=torch.long)
+            # (the planner's sliced rows are fake: its stand-in negative rows have the prompts' shapes, so it reuses them)
+            negative = rows if is_fake(rows) else torch.tensor([self.negative_rows[r] for r in rows.tolist()],
+                                                               dtype=torch.long)
             rows, tokens, source, s = (torch.cat([rows, negative]), torch.cat([tokens, tokens]),
                                        torch.cat([source, source]), torch.cat([s, s]))
         embeds, mask = self.text_condition(rows)
@@ -192,10 +221,14 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
     NAME = "qwen_image_edit_plus"
     PIPELINE = "QwenImageEditPlusPipeline"
 
+    @classmethod
+    def source_sizes(cls, ratio: float) -> tuple[tuple[int, int], tuple[int, int]]:
+        module = cls.pipeline_module()
+        return (tuple(module.calculate_dimensions(module.CONDITION_IMAGE_SIZE, ratio)),
+                tuple(module.calculate_dimensions(module.VAE_IMAGE_SIZE, ratio)))
+
     def source_inputs(self, image):
-        module, ratio = self._pipeline_module(), image.width / image.height
-        condition_width, condition_height = module.calculate_dimensions(module.CONDITION_IMAGE_SIZE, ratio)
-        vae_width, vae_height = module.calculate_dimensions(module.VAE_IMAGE_SIZE, ratio)
+        (condition_width, condition_height), (vae_width, vae_height) = self.source_sizes(image.width / image.height)
         condition = self.pipeline.image_processor.resize(image, condition_height, condition_width)
         # a list: the Plus template numbers its pictures ("Picture 1: ...") even for one
         return [condition], self.pipeline.image_processor.preprocess(image, vae_height, vae_width)

@@ -203,6 +203,8 @@ MODELS.update({"flux2-dev": ("flux2-dev-transformer", "mistral-small-3.1-24b"),
                "flux2-klein-9b": ("flux2-klein-9b-transformer", "qwen3-8b"),
                "z-image": ("z-image-transformer", "qwen3-4b")})
 MODELS.update({"qwen-image": ("qwen-image-transformer", "qwen2.5-vl-7b"),
+               **{f"qwen-image-edit{suffix}": (f"qwen-image-edit{suffix}-transformer", "qwen2.5-vl-7b")
+                  for suffix in ("", "-2509", "-2511")},
                "flux-kontext-dev": ("flux-kontext-dev-transformer", "t5-xxl-encoder", "clip-l"),
                "wan21-t2v-1.3b": ("wan21-t2v-1.3b-transformer", "umt5-xxl-encoder"),
                "wan22-ti2v-5b": ("wan22-ti2v-5b-transformer", "umt5-xxl-encoder"),
@@ -210,8 +212,16 @@ MODELS.update({"qwen-image": ("qwen-image-transformer", "qwen2.5-vl-7b"),
 # The adapter family of each model that is not FLUX.1 or SD3 (models.flux2_zimage_archs and
 # models.qwen_kontext_wan_archs build them)
 FAMILY = {"flux2-dev": "flux2", "flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein", "z-image": "z-image",
-          "qwen-image": "qwen-image", "flux-kontext-dev": "flux-kontext", "wan21-t2v-1.3b": "wan",
-          "wan22-ti2v-5b": "wan", "wan22-t2v-a14b": "wan"}
+          "qwen-image": "qwen-image", "qwen-image-edit": "qwen-image-edit",
+          "qwen-image-edit-2509": "qwen-image-edit-plus", "qwen-image-edit-2511": "qwen-image-edit-plus",
+          "flux-kontext-dev": "flux-kontext", "wan21-t2v-1.3b": "wan", "wan22-ti2v-5b": "wan", "wan22-t2v-a14b": "wan"}
+# The Qwen-Image-Edit models' VL image processor: Qwen2.5-VL-7B-Instruct's preprocessor_config.json, which the Edit
+# repositories ship as processor/preprocessor_config.json (the fields that size an image's tokens: sides multiples
+# of patch_size x merge_size = 28 within min_pixels..max_pixels, 2x2 patches merged into one token)
+QWEN_VL_IMAGE_PROCESSOR = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
+                               merge_size=2)
+QWEN_VL_IMAGE_PROCESSOR_SOURCE = (f"{HUB}/Qwen/Qwen-Image-Edit/blob/main/processor/preprocessor_config.json "
+                                  "(Qwen/Qwen2.5-VL-7B-Instruct's)")
 # What a Wan checkpoint's model_index.json adds to its transformer: Wan2.2-T2V-A14B's second expert (transformer_2,
 # the same config) below boundary_ratio x 1000, Wan2.2-TI2V-5B's one timestep per token (expand_timesteps)
 WAN_PIPELINE = {"wan21-t2v-1.3b": {}, "wan22-ti2v-5b": {"expand_timesteps": True},

@@ -1,8 +1,8 @@
 """Which model a plan is for, from `model.path`: a shipped architecture (`arch:flux-dev`, `arch:flux-schnell`,
 `arch:sd35-medium`, `arch:sd35-large`, `arch:flux2-dev`, `arch:flux2-klein-4b`, `arch:flux2-klein-9b`,
-`arch:z-image`, `arch:qwen-image`, `arch:flux-kontext-dev`, `arch:wan21-t2v-1.3b`, `arch:wan22-ti2v-5b`,
-`arch:wan22-t2v-a14b`), a local diffusers folder of any of their pipelines (its config.json files are read, never
-its weights), or the built-in model
+`arch:z-image`, `arch:qwen-image`, `arch:qwen-image-edit`, `arch:qwen-image-edit-2509`, `arch:qwen-image-edit-2511`,
+`arch:flux-kontext-dev`, `arch:wan21-t2v-1.3b`, `arch:wan22-ti2v-5b`, `arch:wan22-t2v-a14b`), a local diffusers
+folder of any of their pipelines (its config.json files are read, never its weights), or the built-in model
 (`builtin:digits`, traced for real: it is small). The traced models (meta-built, LoRA and checkpointing applied, made
 fake) are built once per setting and reused within one plan."""
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from neighbor_grpo.plan.architectures import COMPONENTS, FAMILY, MODELS, WAN_PIPELINE, build_on_meta, parameter_count
+from neighbor_grpo.plan.architectures import (COMPONENTS, FAMILY, MODELS, QWEN_VL_IMAGE_PROCESSOR, WAN_PIPELINE,
+                                               build_on_meta, parameter_count)
 
 ARCH_PREFIX = "arch:"
 
@@ -26,12 +27,17 @@ class ModelSpec:
     flux: bool = False
     spec: dict = field(default_factory=dict)  # models.architectures.DIFFUSERS_ARCHS-style: transformer, vae, text
     text_encoders: dict = field(default_factory=dict)  # name -> parameter count
-    family: str = ""          # flux2, flux2-klein, z-image, qwen-image, flux-kontext, wan (plan.architectures.FAMILY);
-    #                           "" for FLUX.1 / SD3
+    family: str = ""          # flux2, flux2-klein, z-image, qwen-image, qwen-image-edit(-plus), flux-kontext, wan
+    #                           (plan.architectures.FAMILY); "" for FLUX.1 / SD3
 
     @property
     def video(self) -> bool:
         return self.family == "wan"
+
+    @property
+    def edits(self) -> bool:
+        """An editing model: every prompt carries a source image (the planner's stand-in features hold its latents)."""
+        return self.family in EDITING
 
     @property
     def arch(self) -> str:
@@ -77,20 +83,29 @@ def family_module(family: str):
 def family_spec(family: str, transformer: dict, options: dict, vae: dict | None = None, **extra) -> dict:
     module = family_module(family)
     text = module.text_shape(family, transformer, options.get("max_sequence_length"))
+    if family in QWEN_EDIT:  # the source image's tokens in Qwen2.5-VL's prompt are part of the text condition
+        height = options.get("height") or options.get("width") or 1024
+        width = options.get("width") or height
+        text = (module.edit_text_tokens(family, text[0], height, width, extra["image_processor"]), *text[1:])
     return {"transformer": transformer, "vae": module.vae_config(family, transformer) if vae is None else vae,
             "text": text, **extra}
 
 
 def family_model(name: str, family: str, transformer: str, encoders: list[str], options: dict) -> ModelSpec:
     extra = {"pipeline": WAN_PIPELINE[name]} if family == "wan" else {}
+    if family in QWEN_EDIT:
+        extra["image_processor"] = QWEN_VL_IMAGE_PROCESSOR
     spec = family_spec(family, dict(COMPONENTS[transformer].config), options, **extra)
     return ModelSpec(name, "diffusers", False, spec, {e: parameter_count(build_on_meta(e)) for e in encoders}, family)
 
 
 # model_index.json's pipeline class -> the adapter family the planner builds it as ("" FLUX.1 / SD3)
 PIPELINE_FAMILIES = {"FluxPipeline": "", "StableDiffusion3Pipeline": "", "FluxKontextPipeline": "flux-kontext",
-                     "QwenImagePipeline": "qwen-image", "Flux2Pipeline": "flux2", "Flux2KleinPipeline": "flux2-klein",
-                     "ZImagePipeline": "z-image", "WanPipeline": "wan"}
+                     "QwenImagePipeline": "qwen-image", "QwenImageEditPipeline": "qwen-image-edit",
+                     "QwenImageEditPlusPipeline": "qwen-image-edit-plus", "Flux2Pipeline": "flux2",
+                     "Flux2KleinPipeline": "flux2-klein", "ZImagePipeline": "z-image", "WanPipeline": "wan"}
+QWEN_EDIT = ("qwen-image-edit", "qwen-image-edit-plus")
+EDITING = ("flux-kontext", *QWEN_EDIT)  # the families whose prompts carry a source image
 
 
 def read_config(path: Path) -> dict:
@@ -98,6 +113,18 @@ def read_config(path: Path) -> dict:
         return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: expected the component's config.json ({error})") from None
+
+
+def read_image_processor(folder: Path) -> dict:
+    """The VL image processor's settings from a Qwen-Image-Edit folder's processor/ (preprocessor_config.json as
+    published, or the processor_config.json transformers 5 writes), read by transformers itself."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    try:
+        return Qwen2VLImageProcessorPil.from_pretrained(str(folder), local_files_only=True).to_dict()
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{folder}: expected the VL image processor's settings (preprocessor_config.json), which a "
+                         f"Qwen-Image-Edit folder holds there ({str(error).splitlines()[0]})") from None
 
 
 def folder_model(folder: Path, options: dict) -> ModelSpec:
@@ -120,6 +147,8 @@ def folder_model(folder: Path, options: dict) -> ModelSpec:
             extra["pipeline"] = {k: index[k] for k in ("boundary_ratio", "expand_timesteps") if index.get(k) is not None}
             if (folder / "transformer_2" / "config.json").is_file():
                 extra["transformer_2"] = read_config(folder / "transformer_2" / "config.json")
+        if family in QWEN_EDIT:  # the VL processor's image settings size the source image's tokens
+            extra["image_processor"] = read_image_processor(folder / "processor")
         spec = family_spec(family, transformer, options, vae, **extra)
     else:
         tokenizer = folder / "tokenizer" / "tokenizer_config.json"

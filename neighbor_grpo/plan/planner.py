@@ -25,6 +25,10 @@ from neighbor_grpo.plan.persistent import cached_prompts, gpu_dtype, held_peak, 
 from neighbor_grpo.plan.gpus import GIB, GPUS, MARGIN, allowance_bytes, gpu_spec  # noqa: F401 (the tests and report use them here)
 
 
+# An editing model's planned prompt carries this as its source image: a source at the output's aspect ratio
+PLANNED_SOURCE = "<a source image at the output's aspect ratio>"
+
+
 class Tracer:
     """The traced models and calls of one plan invocation, each built or traced once (FLUX takes 15-30 s a trace)."""
 
@@ -50,6 +54,10 @@ class Tracer:
                 lora = {"rank": config.optim.lora_rank, "alpha": config.optim.lora_alpha,
                         "targets": lora_targets(config, adapter)}
             prompt = config.prompts.train[0] if config.prompts.train else PLAN_PROMPT  # the built-in model knows '0'..'9'
+            if self.model.edits and not hasattr(prompt, "image"):  # the stand-in features never open the image
+                from neighbor_grpo.config.prompts import EditPrompt
+
+                prompt = EditPrompt(prompt, PLANNED_SOURCE)
             master = master_weights(config, next(adapter.net.parameters()).dtype)
             self.models[key] = make_traceable(adapter, lora, config.speed.gradient_checkpointing, prompt, master)
         return self.models[key]

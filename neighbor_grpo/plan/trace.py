@@ -2,11 +2,11 @@
 attention formula) and the peak bytes of the storages the call creates (LiveBytes), with no memory and no weights.
 
 Everything goes through the project's own code (design item 7): the model's adapter (FLUX.1, SD3, FLUX.2, Z-Image,
-Qwen-Image, FLUX.1 Kontext, Wan) built around the real architecture on the meta device, LoRA applied with
-`lora.apply_lora`, gradient checkpointing through the adapter's switch, mixed precision through
-`speed.autocast_velocity`, the reference through
-`lora.make_reference_velocity`, the VAE through `adapter.decode`. Prompts are encoded outside the fake mode (one
-prompt, real tensors of the real shape); everything else runs fake. See docs/planning.md.
+Qwen-Image, Qwen-Image-Edit(-Plus), FLUX.1 Kontext, Wan) built around the real architecture on the meta device,
+LoRA applied with `lora.apply_lora`, gradient checkpointing through the adapter's switch, mixed precision through
+`speed.autocast_velocity`, the reference through `lora.make_reference_velocity`, the VAE through `adapter.decode`.
+Prompts are encoded outside the fake mode (one prompt, real tensors of the real shape); everything else runs fake.
+See docs/planning.md.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def meta_adapter(arch: str, spec: dict, resolution, dtype: torch.dtype, options:
     adapter.cache = PromptCache(torch.device("cpu"))
     if arch in FAMILIES:  # FLUX.2 / Z-Image prompt features (Z-Image's with their lengths)
         adapter.encode_new_prompts = random_prompt_features(arch, *spec["text"][:2], "cpu", dtype)
-    elif arch in qwen_kontext_wan_archs.FAMILIES:  # Qwen-Image's with lengths, Kontext's with source latents
+    elif arch in qwen_kontext_wan_archs.FAMILIES:  # Qwen-Image's with lengths, Kontext's and Edit's with sources
         adapter.encode_new_prompts = qwen_kontext_wan_archs.prompt_stand_in(adapter, arch, spec["text"], "cpu", dtype)
     else:
         adapter.encode_new_prompts = random_text_embeddings(*spec["text"], "cpu", dtype)

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from neighbor_grpo.plan.attention_flops import cpu_attention_flops
 from neighbor_grpo.plan.live_bytes import decompose_like_flop_counter
+from neighbor_grpo.training.parts import read_prompts
 from neighbor_grpo.training.trainer import build_training_parts, train_iteration
 
 
@@ -69,7 +70,7 @@ def counted_iteration(config, adapter, rewards, monkeypatch, iterations: int = 1
         counter.flops, state["after_rollout"] = {}, False
         with cpu_attention_flops(True), counter:
             train_iteration(config, adapter, rewards, parts.algorithm, parts.optimizer, parts.params, parts.ema,
-                            parts.reference_velocity, list(config.prompts.train), iteration, hook, parts=parts)
+                            parts.reference_velocity, read_prompts(config), iteration, hook, parts=parts)
     return counter.flops
 
 
