@@ -5,7 +5,6 @@ load_lora_weights, a full fine-tune whose export it loads with from_pretrained, 
 blocks FSDP shards."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -41,22 +40,10 @@ def pipeline(folder):
 
 
 def lora_load_warnings(base, lora_folder) -> list[str]:
-    """diffusers' key warnings (unexpected or missing LoRA keys) while the pipeline loads a LoRA; its loggers do not
-    propagate to pytest's caplog. (FLUX's loader also notes that the file has no text-encoder keys: not a mismatch.)"""
-    messages = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    loggers = [logging.getLogger("diffusers"), logging.getLogger("peft")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    from diffusers import DiffusionPipeline  # the class model_index.json names
+    """Key warnings while the pipeline `model_index.json` names loads a LoRA (tiny_diffusers.lora_key_warnings)."""
+    from diffusers import DiffusionPipeline
 
-    try:
-        DiffusionPipeline.from_pretrained(base).load_lora_weights(lora_folder, weight_name=LORA_FILE)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-    return [m for m in messages if "unexpected keys" in m or "missing keys" in m]
+    return tiny_diffusers.lora_key_warnings(DiffusionPipeline.from_pretrained(base), lora_folder, LORA_FILE)
 
 
 def pipeline_latents(pipe, noise, steps, cfg_scale=4.0):

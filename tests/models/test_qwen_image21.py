@@ -5,7 +5,6 @@ pipeline's encode_prompt, our Euler rollout on the pipeline's `sample_sigmas` gr
 load_lora_weights without key warnings and samples like our model."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -126,19 +125,7 @@ def test_a_rows_velocity_does_not_depend_on_its_batch(folder):
 
 
 def lora_load_warnings(base, lora_folder) -> list[str]:
-    """diffusers' and peft's key warnings while the pipeline loads a LoRA (their loggers do not reach caplog)."""
-    messages = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    loggers = [logging.getLogger("diffusers"), logging.getLogger("peft")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        pipeline(base).load_lora_weights(lora_folder, weight_name=LORA_FILE)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-    return [m for m in messages if "unexpected keys" in m or "missing keys" in m]
+    return tiny_diffusers.lora_key_warnings(pipeline(base), lora_folder, LORA_FILE)
 
 
 def test_neighbor_grpo_lora_export_loads_in_the_pipeline(folder, tmp_path):

@@ -11,7 +11,6 @@ CPU test cannot afford; the module's fixture shrinks those areas in the pipeline
 same module values), so the sources here are 96 x 32 (VL copy 32 x 32 for Plus) and the outputs 32 x 32."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from neighbor_grpo.models.qwen_image_edit import load_processor
 from neighbor_grpo.rewards import WeightedRewards
 from neighbor_grpo.training.trainer import train
 
+import tiny_diffusers
 import tiny_qwen
 from test_flux import randomized_lora, tiny_run_config
 
@@ -166,19 +166,7 @@ def test_sources_of_two_aspect_ratios_in_one_batch_are_one_clear_error(folders, 
 
 
 def lora_load_warnings(variant, base, lora_folder) -> list[str]:
-    """diffusers' and peft's key warnings while the pipeline loads a LoRA (their loggers do not reach caplog)."""
-    messages = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    loggers = [logging.getLogger("diffusers"), logging.getLogger("peft")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        pipeline(variant, base).load_lora_weights(lora_folder, weight_name=LORA_FILE)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-    return [m for m in messages if "unexpected keys" in m or "missing keys" in m]
+    return tiny_diffusers.lora_key_warnings(pipeline(variant, base), lora_folder, LORA_FILE)
 
 
 def test_neighbor_grpo_on_editing_prompts_passes_source_images_to_rewards(folders, edits, tmp_path):

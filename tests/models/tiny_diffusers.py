@@ -10,6 +10,7 @@ real checkpoint (`load_adapter(folder)` reads model_index.json).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -136,3 +137,21 @@ def cheap_reward(images: torch.Tensor, prompts) -> torch.Tensor:
 def make_cheap_reward():
     """The same, as a reward factory a config can name by dotted path ('tiny_diffusers:make_cheap_reward')."""
     return cheap_reward
+
+
+def lora_key_warnings(pipe, lora_folder, weight_name: str = "pytorch_lora_weights.safetensors") -> list[str]:
+    """diffusers' and peft's key warnings (unexpected or missing LoRA keys) while `pipe` loads a LoRA; their loggers
+    do not propagate to pytest's caplog. (FLUX's loader also notes that the file has no text-encoder keys: not a
+    mismatch, so not returned.)"""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    loggers = [logging.getLogger("diffusers"), logging.getLogger("peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        pipe.load_lora_weights(lora_folder, weight_name=weight_name)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    return [m for m in messages if "unexpected keys" in m or "missing keys" in m]
