@@ -36,16 +36,9 @@ VARIANTS = {"edit": ("QwenImageEditPipeline", QwenImageEditAdapter),
 
 @pytest.fixture(scope="module")
 def small_source_areas():
-    """Source areas 1/256 of the pipelines' (Edit: 64 x 64 instead of 1024 x 1024; Plus: VL copy 32 x 32, VAE
-    copy 64 x 64), at the sources' 2:1 aspect ratio 96 x 32 after rounding to multiples of 32."""
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
-
-    original = edit.calculate_dimensions
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(edit, "calculate_dimensions", lambda area, ratio: original(area // 256, ratio))
-        patch.setattr(plus, "CONDITION_IMAGE_SIZE", 32 * 32)
-        patch.setattr(plus, "VAE_IMAGE_SIZE", 64 * 64)
+    """Source areas 1/256 of the pipelines' (tiny_qwen.small_source_areas), at the sources' 2:1 aspect ratio
+    96 x 32 after rounding to multiples of 32."""
+    with tiny_qwen.small_source_areas():
         yield
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -122,3 +123,19 @@ def build_qwen_image_edit(folder: str | Path, plus: bool = False, seed: int = 0)
     pipe.save_pretrained(folder)
     declare_standard_processor(Path(folder))
     return Path(folder)
+
+
+@contextmanager
+def small_source_areas():
+    """The editing pipelines' source areas at 1/256 of theirs (Edit: 64 x 64 instead of 1024 x 1024; Plus: VL copy
+    32 x 32, VAE copy 64 x 64), so tiny pipelines see small sources; the adapters read the same module values."""
+    import pytest
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    original = edit.calculate_dimensions
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(edit, "calculate_dimensions", lambda area, ratio: original(area // 256, ratio))
+        patch.setattr(plus, "CONDITION_IMAGE_SIZE", 32 * 32)
+        patch.setattr(plus, "VAE_IMAGE_SIZE", 64 * 64)
+        yield
