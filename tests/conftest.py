@@ -44,3 +44,13 @@ def single_thread():
 def deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def words_folder(tmp_path_factory):
+    """A tiny random WordsPipeline saved as a diffusers folder (one per test module)."""
+    from neighbor_grpo.models.words_pipeline import WordsModelConfig, create_words_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-words") / "words"
+    create_words_pipeline(WordsModelConfig(dim=32, heads=2, num_layers=1), seed=0).save_pretrained(folder)
+    return folder

@@ -28,15 +28,6 @@ def _without(record: dict, keys=(*GOLD_FIELDS, "train_s")) -> dict:
     return {k: v for k, v in record.items() if k not in keys}
 
 
-@pytest.fixture(scope="module")
-def words_folder(tmp_path_factory):
-    from neighbor_grpo.models.words_pipeline import WordsModelConfig, create_words_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny-words-gold") / "words"
-    create_words_pipeline(WordsModelConfig(dim=32, heads=2, num_layers=1), seed=0).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def moving_words(monkeypatch):
     """The words task with 2 held-out words, 1 training word per iteration and JPEG compressibility as proxy and

@@ -21,15 +21,6 @@ pytest.importorskip("rapidocr_onnxruntime", reason="the words proxy is rapidocr 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def words_folder(tmp_path_factory):
-    from neighbor_grpo.models.words_pipeline import WordsModelConfig, create_words_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny-words") / "words"
-    create_words_pipeline(WordsModelConfig(dim=32, heads=2, num_layers=1), seed=0).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def few_words(monkeypatch):
     """The words task with 3 held-out words and 2 prompts per iteration: the same code, a test-sized table."""

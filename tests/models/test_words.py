@@ -32,15 +32,6 @@ def darkness(images, prompts):
     return 1.0 - images.clamp(0, 1).flatten(1).mean(1)
 
 
-@pytest.fixture(scope="module")
-def words_folder(tmp_path_factory):
-    from neighbor_grpo.models.words_pipeline import WordsModelConfig, create_words_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny") / "words"
-    create_words_pipeline(WordsModelConfig(dim=32, heads=2, num_layers=1), seed=0).save_pretrained(folder)
-    return folder
-
-
 def with_random_lora(adapter):
     adapter.net = apply_lora(adapter.net, 4, 8.0, adapter.default_lora_targets())
     with torch.no_grad():
