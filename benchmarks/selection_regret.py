@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--glob", default="*.json", help="only results files matching this pattern under --results")
     parser.add_argument("--out", help="JSON to write")
     args = parser.parse_args(argv)
-    record = read_bands(args.bands)
+    try:
+        record = read_bands(args.bands)
+    except ValueError as error:  # read_bands names the file and what it expected
+        parser.error(str(error))
     bands = record["bands"]
     grids = recorded_grids(args.results, base=args.base, pattern=args.glob)
     if not grids:
