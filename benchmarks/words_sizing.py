@@ -118,11 +118,15 @@ def evaluations_of(points: list[float], fe_per_iter: float) -> int:
 
 def estimate(measured: dict, budget_fe: float, evals_per_run: int, eval_samples: int, workers: int = 2,
              lrs: int = 2, tuning_seeds: int = 2, seeds: int = 5, widened_lrs: int = 1, tuning_gold: str = "final",
-             side_sampler: bool = False, throughput_iterations: int = 0) -> dict:
+             side_sampler: bool = False, throughput_iterations: int = 0, shared_base: bool = False,
+             prompts: int = TASK_PROMPTS) -> dict:
     """CPU-seconds and wall-clock of the comparison from the measured parts: per row, every tuning run (the lr grid
     x the protocol's candidates x the tuning seeds, `widened_lrs` x3 points added at the chosen candidate) and the
     reported seeds, each trained to the budget and evaluated at the evaluation points (the gold at every
-    evaluation of a reported run; of a tuning run at the last 3 with `tuning_gold` final)."""
+    evaluation of a reported run; of a tuning run at the last 3 with `tuning_gold` final). `shared_base`: the base
+    model's evaluation (its gold too) and the probe's set-up once per worker, not once per run (ngrpo compare since
+    issue #24's sizing: bench.method_run.base_evaluation). `prompts`: training words per iteration (the cost of an
+    iteration scales with its forward-equivalents: measured at 8 words)."""
     from neighbor_grpo.bench import rules
     from neighbor_grpo.bench.settings import protocol_grid
     from neighbor_grpo.bench.tasks import TASKS
@@ -137,15 +141,18 @@ def estimate(measured: dict, budget_fe: float, evals_per_run: int, eval_samples:
     points = rules.evaluation_points(budget_fe, evals_per_run)
     rows, total = {}, 0.0
     for row, m in measured["methods"].items():
-        config = config_for(row, task, TASK_PROMPTS)
+        config = config_for(row, task, prompts)
         fe = fe_per_iteration(config)
         iterations = max(1, math.ceil(budget_fe / fe))
         candidates = len(protocol_grid(row, config_overrides(row, task), measured["latent_elements"], iterations))
-        iter_s = m["iteration_cpu_s_at_8"]
+        iter_s = m["iteration_cpu_s_at_8"] * fe / fe_per_iteration(config_for(row, task, TASK_PROMPTS))
         evaluations = evaluations_of(points, fe)
-        reported_run = iterations * iter_s + evaluations * (evaluation_s + gold_s) + ev["probe_setup_s"]
+        own = 0 if shared_base else 1  # the base's evaluation and the probe's set-up in each run
+        setup_s = own * ev["probe_setup_s"]
+        reported_run = iterations * iter_s + (evaluations - 1 + own) * (evaluation_s + gold_s) + setup_s
         gold_evaluations = evaluations if tuning_gold == "all" else min(rules.FINAL_EVALUATIONS, evaluations)
-        tuning_run = iterations * iter_s + evaluations * evaluation_s + gold_evaluations * gold_s + ev["probe_setup_s"]
+        gold_evaluations -= (1 - own) * (gold_evaluations == evaluations)
+        tuning_run = iterations * iter_s + (evaluations - 1 + own) * evaluation_s + gold_evaluations * gold_s + setup_s
         tuning_runs = (lrs * candidates + widened_lrs) * tuning_seeds
         row_s = tuning_runs * tuning_run + seeds * reported_run + throughput_iterations * iter_s * workers
         rows[row] = {"fe_per_iteration": fe, "iterations": iterations, "evaluations": evaluations,
@@ -153,10 +160,13 @@ def estimate(measured: dict, budget_fe: float, evals_per_run: int, eval_samples:
                      "iteration_cpu_s": iter_s, "tuning_run_cpu_s": tuning_run, "reported_run_cpu_s": reported_run,
                      "row_cpu_s": row_s}
         total += row_s
+    if shared_base:  # once per worker: the probe, the base's evaluation and its gold
+        total += workers * (ev["probe_setup_s"] + evaluation_s + gold_s)
     runs = sum(r["tuning_runs"] + r["reported_runs"] for r in rows.values())
     return {"budget_fe": budget_fe, "evals_per_run": evals_per_run, "eval_samples": eval_samples, "workers": workers,
             "tuning_gold": tuning_gold, "side_sampler": side_sampler, "widened_lrs": widened_lrs,
-            "tuning_seeds": tuning_seeds, "throughput_iterations": throughput_iterations,
+            "tuning_seeds": tuning_seeds, "throughput_iterations": throughput_iterations, "shared_base": shared_base,
+            "prompts_per_iteration": prompts,
             "evaluation_cpu_s": evaluation_s, "gold_cpu_s_per_evaluation": gold_s, "runs": runs, "rows": rows,
             "total_cpu_s": total, "wall_clock_h": total / workers / 3600}
 
@@ -204,6 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tuning-seeds", type=int, default=2, help="how many tuning seeds (the protocol's: 2)")
     parser.add_argument("--tuning-gold", default="final", choices=["all", "final"], help="as ngrpo compare's")
     parser.add_argument("--side-sampler", action="store_true", help="with the dpm8 side evaluation (and its gold)")
+    parser.add_argument("--own-base-evaluation", action="store_true",
+                        help="each run evaluates the base and sets up the probe itself (ngrpo compare before the "
+                             "shared base evaluation)")
+    parser.add_argument("--prompts-per-iteration", type=int, default=TASK_PROMPTS,
+                        help="training words per iteration (the words task's)")
     parser.add_argument("--throughput-iterations", type=int, default=3,
                         help="iterations per row and worker of the throughput measurement (warm-up included)")
     args = parser.parse_args(argv)
@@ -215,10 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"command": command, "measured": measured, "estimates": [
             estimate(measured, budget, evals, samples, widened_lrs=args.widened_lrs, tuning_seeds=args.tuning_seeds,
                      throughput_iterations=args.throughput_iterations, tuning_gold=args.tuning_gold,
-                     side_sampler=args.side_sampler)
+                     side_sampler=args.side_sampler, shared_base=not args.own_base_evaluation,
+                     prompts=args.prompts_per_iteration)
             for budget, evals, samples in args.plan]}
         for e in result["estimates"]:
             print(f"budget {e['budget_fe']:g} FE, {e['evals_per_run']} evaluations x {e['eval_samples']} samples, "
+                  f"{e['prompts_per_iteration']} words per iteration, base evaluation "
+                  f"{'shared' if e['shared_base'] else 'per run'}, "
                   f"{e['tuning_seeds']} tuning seed(s), tuning gold {e['tuning_gold']}, side sampler "
                   f"{'dpm8' if e['side_sampler'] else 'none'}: "
                   f"{e['runs']} runs, {e['total_cpu_s']:.0f} CPU-s, {e['wall_clock_h']:.2f} h on {e['workers']} "

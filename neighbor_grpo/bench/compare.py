@@ -265,7 +265,10 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                                      "gold at every evaluation" if tuning_gold == "all" else "tuning runs (seeds never "
                                      f"reported) score the gold only at their last {rules.FINAL_EVALUATIONS} "
                                      "evaluations (the final value); earlier records hold null"},
-                     "realism_reference": task.realism_note},
+                     "realism_reference": task.realism_note,
+                     "base_evaluation": "the base model's held-out evaluation (iteration 0) and distance probe computed "
+                                        "once per worker process and shared by every run with the same base and "
+                                        "evaluation (bench.method_run.base_evaluation_key)"},
         "commit": git_commit(),
         "rules": {"final_evaluations": rules.FINAL_EVALUATIONS, "target_fraction": rules.TARGET_FRACTION,
                   "no_worse_margin": rules.NO_WORSE_MARGIN, "confidence": rules.CONFIDENCE,

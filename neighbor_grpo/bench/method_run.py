@@ -15,6 +15,9 @@ earlier records hold None there (never scored, not 0)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +42,10 @@ NEUTRAL_SAMPLER = ("euler", 40)  # the references' evaluation: a 40-step Euler O
 # Where a run scores the gold: at every evaluation, or only at the last rules.FINAL_EVALUATIONS (the final value;
 # tuning runs on seeds never reported: the selection never reads the gold, so only the final value is ever read)
 GOLD_AT = ("all", "final")
+# The base model's held-out evaluation and distance probe, once per process for every run that starts from the same
+# base under the same evaluation (base_evaluation_key): at iteration 0 every run's model is the base (full weights,
+# or LoRA whose B factors start at zero), so each run would recompute the same samples and scores
+_BASE_EVALUATIONS: dict[str, dict] = {}
 
 
 def load_gold(device: str):
@@ -86,15 +93,17 @@ class DistanceProbe:
         s = sigmas.view(-1, *[1] * (x0.dim() - 1))
         self.states = ((1 - s) * x0 + s * noise).to(latents)
         self.sigmas = sigmas.to(latents)
-        self.cond = adapter.encode_prompts([p for p in prompts for _ in range(PROBE_PER_PROMPT)])
-        self.reference = self._velocity(adapter.velocity)
+        self.prompts = [p for p in prompts for _ in range(PROBE_PER_PROMPT)]
+        self.reference = self._velocity(adapter)
 
     @torch.no_grad()
-    def _velocity(self, velocity) -> torch.Tensor:
-        return velocity(self.states, self.sigmas, self.cond).float()
+    def _velocity(self, adapter) -> torch.Tensor:
+        # encoded by the adapter probed: a conditioning can be rows of that adapter's own prompt cache (diffusers
+        # adapters), which another adapter (a run reading the shared base evaluation) numbers differently
+        return adapter.velocity(self.states, self.sigmas, adapter.encode_prompts(self.prompts)).float()
 
     def __call__(self, adapter) -> float:
-        return float((self._velocity(adapter.velocity) - self.reference).pow(2).mean())
+        return float((self._velocity(adapter) - self.reference).pow(2).mean())
 
 
 def heldout_scores(adapter, proxy, gold, probe, prompts, samples, seed, shift, sampler=DEFAULT_SAMPLER,
@@ -139,6 +148,54 @@ def heldout_record(adapter, proxy, gold, probe, prompts, samples, seed, shift, s
                           realism_reference)[0]
 
 
+def folder_fingerprint(path: str) -> list:
+    """(relative path, size, mtime_ns) of every file under a base model's folder (or of the file itself): a base
+    rebuilt at the same path is a different base."""
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root] if root.exists() else []
+    return [(str(f.relative_to(root)) if root.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files]
+
+
+def base_evaluation_key(context: dict, config, shift: float, scoring: dict) -> str:
+    """What the base model's held-out evaluation and probe depend on: the base (its folder's files), the held-out
+    prompts, samples, seed, samplers and realism reference, the model, fine-tuning and precision settings. Two
+    runs with the same key get the same base record (tests/bench/test_base_evaluation.py checks every method)."""
+    return json.dumps({
+        "base": str(context["base_path"]), "files": folder_fingerprint(str(context["base_path"])),
+        "task": context.get("task", "digits"), "prompts": list(context["eval_prompts"]),
+        "samples": context["eval_samples"], "seed": config.eval.seed, "shift": float(shift),
+        "sampler": list(scoring["sampler"]), "side_sampler": scoring["side_sampler"],
+        "realism": getattr(scoring["realism_reference"], "__qualname__", repr(scoring["realism_reference"])),
+        "device": config.device, "model": dataclasses.asdict(config.model), "speed": dataclasses.asdict(config.speed),
+        "finetune": [config.optim.finetune, config.optim.lora_rank, config.optim.lora_alpha,
+                     list(config.optim.lora_targets)],
+    }, sort_keys=True, default=str)
+
+
+def base_evaluation(key: str, adapter, make_probe, score) -> dict:
+    """The cached (or, the first time, computed) base evaluation of `key`: {"probe", "scores", "images"}; `score()`
+    -> `heldout_scores`' (record, images) with the gold unscored."""
+    entry = _BASE_EVALUATIONS.get(key)
+    if entry is None:
+        probe = make_probe()
+        scores, images = score(probe)
+        entry = _BASE_EVALUATIONS[key] = {"probe": probe, "scores": scores, "images": images, "scored": None}
+    return entry
+
+
+def base_scores(entry: dict, gold, with_gold: bool) -> tuple[dict, dict]:
+    """The base record as `heldout_scores` gives it: with the gold scored (once per entry) or unscored (its images
+    beside it, for a run that scores only its last evaluations)."""
+    if not with_gold:
+        return copy.deepcopy(entry["scores"]), dict(entry["images"])
+    if entry["scored"] is None:
+        scored = copy.deepcopy(entry["scores"])
+        score_gold_into(scored, entry["images"], gold)
+        entry["scored"] = scored
+    return copy.deepcopy(entry["scored"]), {}
+
+
 def run_method(spec: dict, context: dict, proxy, gold) -> dict:
     """Train spec["overrides"] at spec["lr"] and spec["seed"] until context["budget_fe"] forward-equivalents; a
     held-out evaluation at the first iteration boundary at or past each of context["points"] (points passed within
@@ -172,10 +229,13 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
         raise ValueError(f"gold_at: expected one of {GOLD_AT}, got {gold_at!r}")
     unscored: list[tuple[dict, dict]] = []  # gold_at "final": the last evaluations' images, scored after the run
 
-    def held_out(probe) -> None:
+    def held_out(probe, base: dict | None = None) -> None:
         counter.reset()
         args = (proxy, gold, probe, context["eval_prompts"], context["eval_samples"], config.eval.seed, parts.shift)
-        scores, images = heldout_scores(adapter, *args, **scoring, score_gold=gold_at == "all")
+        if base is not None:
+            scores, images = base_scores(base, gold, with_gold=gold_at == "all")
+        else:
+            scores, images = heldout_scores(adapter, *args, **scoring, score_gold=gold_at == "all")
         record = {**state, **scores}
         if images:
             unscored[:] = [*unscored, (record, images)][-rules.FINAL_EVALUATIONS:]
@@ -185,8 +245,19 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
         counter.reset()  # evaluation is not training cost
         curve.append(record)
 
-    probe = DistanceProbe(adapter, context["eval_prompts"], config.eval.seed, parts.shift)
-    held_out(probe)
+    def base_score(probe):
+        args = (proxy, gold, probe, context["eval_prompts"], context["eval_samples"], config.eval.seed, parts.shift)
+        return heldout_scores(adapter, *args, **scoring, score_gold=False)
+
+    base = None
+    if context.get("share_base_evaluation", True):
+        base = base_evaluation(base_evaluation_key(context, config, parts.shift, scoring), adapter,
+                               lambda: DistanceProbe(adapter, context["eval_prompts"], config.eval.seed, parts.shift),
+                               base_score)
+        probe = base["probe"]
+    else:
+        probe = DistanceProbe(adapter, context["eval_prompts"], config.eval.seed, parts.shift)
+    held_out(probe, base)
     s_per_iter: list[float] = []
     pending = list(points)
     while state["fe"] < budget:
