@@ -47,6 +47,7 @@ class DiffusersAdapter:
     NAME = ""  # registered adapter name, written to model.json
     PIPELINE = ""  # diffusers pipeline class name in model_index.json
     PIPELINE_CLASS = None  # the pipeline class, when it is not diffusers' own (builtin:words)
+    PACKED_CHANNELS = 1  # the transformer's input channels per latent channel (latent_shape)
 
     def __init__(self, pipeline, folder: Path, options: dict, device: torch.device, loras: list[str],
                  transformer_folder: str | None = None):
@@ -184,6 +185,13 @@ class DiffusersAdapter:
 
     def default_resolution(self) -> int:
         raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the VAE latents at this resolution; the transformer's input channels are
+        the latent channels times PACKED_CHANNELS (4 where 2x2 latent pixels are packed into one token's input)."""
+        height, width = self.resolution()
+        factor = self.pipeline.vae_scale_factor
+        return (self.pipeline.transformer.config.in_channels // self.PACKED_CHANNELS, height // factor, width // factor)
 
     def scheduler_shift(self, image_seq_len: int) -> float:
         """The checkpoint scheduler's shift. With dynamic shifting (FLUX.1) diffusers computes mu from the number of

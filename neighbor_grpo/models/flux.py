@@ -20,17 +20,13 @@ from neighbor_grpo.models.diffusers_common import DiffusersAdapter
 class FluxAdapter(DiffusersAdapter):
     NAME = "flux"
     PIPELINE = "FluxPipeline"
+    PACKED_CHANNELS = 4  # 2x2 latent pixels packed into each token's input
 
     def text_encoder_names(self) -> list[str]:
         return ["text_encoder", "text_encoder_2"]
 
     def default_resolution(self) -> int:
         return int(self.pipeline.default_sample_size * self.pipeline.vae_scale_factor)
-
-    def latent_shape(self) -> tuple[int, int, int]:
-        height, width = self.resolution()
-        factor = self.pipeline.vae_scale_factor
-        return (self.pipeline.transformer.config.in_channels // 4, height // factor, width // factor)
 
     def default_shift(self) -> float:
         """FLUX's resolution-dependent shift exp(mu) for this resolution (image tokens = (H/2)(W/2) latents)."""

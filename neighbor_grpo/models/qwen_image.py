@@ -49,6 +49,7 @@ def guided(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torc
 class QwenImageAdapter(NegativePromptCFG, DiffusersAdapter):
     NAME = "qwen_image"
     PIPELINE = "QwenImagePipeline"
+    PACKED_CHANNELS = 4  # 2x2 latent pixels packed into each token's input
     NEGATIVE_FIRST = False  # the pipeline's one call on [conditional; negative]
 
     def text_encoder_names(self) -> list[str]:
@@ -56,11 +57,6 @@ class QwenImageAdapter(NegativePromptCFG, DiffusersAdapter):
 
     def default_resolution(self) -> int:
         return int(self.pipeline.default_sample_size * self.pipeline.vae_scale_factor)
-
-    def latent_shape(self) -> tuple[int, int, int]:
-        height, width = self.resolution()
-        factor = self.pipeline.vae_scale_factor
-        return (self.pipeline.transformer.config.in_channels // 4, height // factor, width // factor)
 
     def default_shift(self) -> float:
         """exp(mu) for this resolution's image tokens ((H/2)(W/2) latents), as the pipeline computes mu."""

@@ -119,11 +119,6 @@ class QwenImage21Adapter(NegativePromptCFG, DiffusersAdapter):
     def default_resolution(self) -> int:
         return 1024  # the pipeline's `output_resolution`
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        height, width = self.resolution()
-        factor = self.pipeline.vae_scale_factor
-        return (self.pipeline.transformer.config.in_channels, height // factor, width // factor)
-
     def default_shift(self) -> float:
         """exp(mu) for this resolution's H W latent tokens (unpatched), as the pipeline computes mu."""
         _, h, w = self.latent_shape()

@@ -29,11 +29,6 @@ class SD3Adapter(NegativePromptCFG, DiffusersAdapter):
     def default_resolution(self) -> int:
         return int(self.pipeline.default_sample_size * self.pipeline.vae_scale_factor)
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        height, width = self.resolution()
-        factor = self.pipeline.vae_scale_factor
-        return (self.pipeline.transformer.config.in_channels, height // factor, width // factor)
-
     def default_shift(self) -> float:
         """The scheduler config's shift (3.0 for SD3.5)."""
         _, h, w = self.latent_shape()

@@ -44,11 +44,6 @@ class ZImageAdapter(NegativePromptCFG, DiffusersAdapter):
         names = [n for n, m in self._transformer().named_modules() if isinstance(m, torch.nn.Linear)]
         return [t for t in Z_IMAGE_LORA_TARGETS if any(n.endswith("." + t) for n in names)]
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        height, width = self.resolution()
-        factor = self.pipeline.vae_scale_factor
-        return (self.pipeline.transformer.config.in_channels, height // factor, width // factor)
-
     def default_shift(self) -> float:
         """The scheduler config's shift (3 for Z-Image-Turbo), or exp(mu) for its image tokens if it shifts
         dynamically."""
