@@ -155,3 +155,19 @@ def lora_key_warnings(pipe, lora_folder, weight_name: str = "pytorch_lora_weight
         for logger in loggers:
             logger.removeHandler(handler)
     return [m for m in messages if "unexpected keys" in m or "missing keys" in m]
+
+
+def lora_with_a_foreign_block(lora_folder, out_folder, weight_name: str = "pytorch_lora_weights.safetensors"):
+    """A copy of a LoRA export (its metadata kept) with one more key, for a transformer block (7) the tiny
+    transformers lack: the key check must report it. Returns the copy's folder."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(Path(lora_folder) / weight_name, "pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(Path(lora_folder) / weight_name)
+    name = next(k for k in state if k.endswith("to_q.lora_A.weight"))
+    state[name.replace("transformer_blocks.0", "transformer_blocks.7")] = state[name].clone()
+    Path(out_folder).mkdir()
+    save_file(state, Path(out_folder) / weight_name, metadata=metadata)
+    return Path(out_folder)
