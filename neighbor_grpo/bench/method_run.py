@@ -173,7 +173,7 @@ def base_evaluation_key(context: dict, config, shift: float, scoring: dict) -> s
     }, sort_keys=True, default=str)
 
 
-def base_evaluation(key: str, adapter, make_probe, score) -> dict:
+def base_evaluation(key: str, make_probe, score) -> dict:
     """The cached (or, the first time, computed) base evaluation of `key`: {"probe", "scores", "images"}; `score()`
     -> `heldout_scores`' (record, images) with the gold unscored."""
     entry = _BASE_EVALUATIONS.get(key)
@@ -251,7 +251,7 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
 
     base = None
     if context.get("share_base_evaluation", True):
-        base = base_evaluation(base_evaluation_key(context, config, parts.shift, scoring), adapter,
+        base = base_evaluation(base_evaluation_key(context, config, parts.shift, scoring),
                                lambda: DistanceProbe(adapter, context["eval_prompts"], config.eval.seed, parts.shift),
                                base_score)
         probe = base["probe"]
