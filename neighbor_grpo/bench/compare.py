@@ -178,18 +178,21 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             grid: bool = True, throughput_iters: int = 6, throughput_warmup: int = 1,
             reference: str = REFERENCE_METHOD, x3: bool = True, tuning_seeds: tuple[int, ...] | None = None,
             bands: str | Path | None = None, max_lr_points: int | None = None, eval_sampler: str = "dpm8",
-            parity_grid: bool = False, tuning_gold: str = "all", side_sampler: str | None = None) -> dict:
+            parity_grid: bool = False, tuning_gold: str = "all", side_sampler: str | None = None,
+            resume: bool = False) -> dict:
     """Run the comparison; write the results JSON, a markdown table, PNG plots and every run's final weights
     (`<stem>_models/`) next to `out`. The issue #23 protocol: `tuning_seeds` never reported, `bands` (a bands file)
     for the gold-free rule, `max_lr_points` to widen the lr grid until the choice is interior, `eval_sampler`
     'euler40', `parity_grid` for anchoring parity, CPS's scaled clip and the warm-up variants. `tuning_gold`
     'final': tuning runs score the gold only at the last rules.FINAL_EVALUATIONS evaluations (nothing else reads
-    it); `side_sampler` 'none' skips the side sampler's evaluation (default: dpm8 beside any other headline)."""
+    it); `side_sampler` 'none' skips the side sampler's evaluation (default: dpm8 beside any other headline).
+    `resume`: continue from `<out stem>.partial.json`, reusing its finished runs (bench/resume.py)."""
     from neighbor_grpo.bench.grid import run_table
     from neighbor_grpo.bench.report import markdown_report, plot_report, summarize
     from neighbor_grpo.bench.workers import RunPool
     from neighbor_grpo.parallel.distributed import check_device
-    from neighbor_grpo.runs.ownership import check_file_outputs, check_folder_target, write_marker
+    from neighbor_grpo.bench.resume import ReusingPool, finished_runs, read_partial
+    from neighbor_grpo.runs.ownership import check_file_outputs, check_folder_target, marker_kind, write_marker
 
     names = list(methods or MAIN_TABLE)
     seeds, lrs = [int(s) for s in seeds], [float(lr) for lr in lrs]
@@ -216,7 +219,14 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         raise ValueError(f"--out {str(out)!r}: expected a .json file (the .md table and plots are written beside it)")
     check_file_outputs(compare_outputs(out), overwrite)  # only the files it names are ever replaced
     models_dir = out.parent / f"{out.stem}_models"
-    check_folder_target(models_dir, overwrite, "--out")  # refused now, not after an hour of runs
+    partial_path = out.with_name(out.stem + ".partial.json")
+    if resume and models_dir.exists():  # the interrupted comparison's own weights, reused where intact
+        if not models_dir.is_dir() or marker_kind(models_dir) != "compare":
+            raise ValueError(f"--resume: {str(models_dir)!r} was not made by ngrpo compare; give a new --out")
+    else:
+        check_folder_target(models_dir, overwrite, "--out")  # refused now, not after an hour of runs
+    if resume and not partial_path.is_file():
+        raise ValueError(f"--resume: {str(partial_path)!r} does not exist; nothing to continue (run without --resume)")
     frozen = read_frozen_target(frozen_target) if frozen_target else None
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -238,7 +248,6 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         if not folder.exists():
             folder.mkdir(parents=True)
             write_marker(folder, "compare")
-    partial_path = out.with_name(out.stem + ".partial.json")
 
     def log(line: str) -> None:
         if progress:
@@ -278,6 +287,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
         "eval_points": points,
     }
 
+    reuse = finished_runs(read_partial(partial_path, header), knobs) if resume else {}
+
     def partial(state: dict) -> None:  # what is done so far survives an interrupted run
         atomic_write_text(partial_path, json.dumps({**header, **state}))
 
@@ -286,7 +297,8 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
                "eval_samples": eval_samples, "common": common,
                "eval_sampler": eval_sampler_steps(eval_sampler),
                "side_sampler": side}
-    with RunPool(workers, context) as pool:
+    with RunPool(workers, context) as workers_pool:
+        pool = ReusingPool(workers_pool, reuse)
         measured = run_table(pool, table, knobs, lrs, seeds, grid and x3, ema, models_dir, log, partial,
                              tuning_seeds=tuning_seeds, bands=None if band_file is None else band_file["bands"],
                              max_lr_points=max_lr_points, tuning_gold=tuning_gold)
@@ -297,6 +309,10 @@ def compare(out: str | Path, budget_fe: float = 60000.0, lrs: tuple[float, ...] 
             rows = {row: table[row] + measured["selection"][row]["chosen_overrides"]
                     + [f"optim.lr={measured['selection'][row]['chosen_lr']!r}"] for row in table}
             results["throughput"] = measure_throughput(pool, rows, workers, throughput_warmup, throughput_iters)
+    if resume:
+        results["resumed"] = {"from": str(partial_path), "runs_reused": pool.reused, "runs_in_partial": len(reuse),
+                              "wall_clock_note": "wall_clock_s counts this invocation only; every run's run_s is "
+                                                 "its own"}
     results.update(summarize(results, frozen))
     results["wall_clock_s"] = time.perf_counter() - started
     results["machine"] = {"cpus": os.cpu_count(), "load_average_1min_before_after": [load_before, os.getloadavg()[0]]}

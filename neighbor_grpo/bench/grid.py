@@ -73,6 +73,7 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
     pending = {row: grid_size * len(knobs[row]) * len(tuning_seeds) for row in table}
     extensions: dict[str, list[dict]] = {row: [] for row in table}
     counter = {"order": 0, "done": 0, "seconds": [], "expected": sum(pending.values()) + len(table) * len(rest)}
+    completed: list[dict] = []  # every finished run, for the partial JSON (compare --resume reuses them)
     started = time.perf_counter()
 
     def job(row: str, lr: float, knob_index: int, seed: int, phase: int) -> tuple[tuple, dict]:
@@ -123,6 +124,7 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
                              f"{rules.FINAL_EVALUATIONS} (raise --budget-fe to >= {3 * run['fe_per_iter']:.0f})")
         counter["done"] += 1
         counter["seconds"].append(run["run_s"])
+        completed.append({"row": row, "knob_index": spec["knob_index"], "run": run})
         left = max(counter["expected"] - counter["done"], 0)
         eta = left * statistics.mean(counter["seconds"]) / pool.workers
         log(f"[{counter['done']}/{counter['expected']}] {row} lr={spec['lr']:g} {spec['knob']} seed={spec['seed']}: "
@@ -151,7 +153,7 @@ def run_table(pool: RunPool, table: dict[str, list[str]], knobs: dict[str, list[
                     pending[row] = len(tuning_seeds)
                     counter["expected"] += len(tuning_seeds)
                     new = [job(row, extra, best["knob_index"], seed, X3) for seed in tuning_seeds]
-        partial(state())
+        partial({**state(), "finished_runs": completed})
         return new
 
     ready = [job(row, lr, k, seed, GRID) for row in table for lr in lrs for k in range(len(knobs[row]))

@@ -76,7 +76,7 @@ def _cmd_compare(args) -> None:
                       throughput_warmup=args.throughput_warmup, reference=args.reference, x3=not args.no_x3,
                       tuning_seeds=args.tuning_seeds, bands=args.bands, max_lr_points=args.max_lr_points,
                       eval_sampler=args.eval_sampler, parity_grid=args.parity_grid, tuning_gold=args.tuning_gold,
-                      side_sampler=args.side_sampler)
+                      side_sampler=args.side_sampler, resume=args.resume)
     print(open(Path(args.out).with_suffix(".md")).read())
     print(f"wall-clock {results['wall_clock_s']:.0f} s; results in {args.out}")
 
@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="instead: Neighbor GRPO's variants of one knob, paired against the first")
     cmp.add_argument("--device", help="default: cuda when available, else cpu")
     cmp.add_argument("--overwrite", action="store_true", help="replace existing results (the JSON, .md and plots)")
+    cmp.add_argument("--resume", action="store_true",
+                     help="continue an interrupted comparison from its OUT.partial.json with the same arguments: "
+                          "finished runs whose saved weights are intact are reused (runs are deterministic), the "
+                          "rest run")
     cmp.add_argument("--no-progress", action="store_true")
     cmp.set_defaults(func=_cmd_compare)
 

@@ -215,3 +215,69 @@ def test_saved_runs_re_render_and_a_partial_run_uses_only_finished_seeds(short_c
     assert early["settings"]["seeds"] == [0]
     assert all(by_seed.keys() == {"0"} for by_seed in early["runs"].values())
     assert (tmp_path / "early_overoptimization.png").is_file()
+
+
+def _short(out, **extra):
+    from neighbor_grpo.bench.compare import compare
+
+    settings = dict(budget_fe=BUDGET, lrs=(1e-4, 3e-4), methods=["neighbor_grpo", "mix_grpo_flash"], seeds=(0, 1),
+                    evals_per_run=3, eval_samples=2, progress=False, grid=False, throughput_iters=0)
+    return compare(out, **{**settings, **extra})
+
+
+def test_an_interrupted_comparison_resumes_to_the_uninterrupted_results(short_comparison, tmp_path, monkeypatch):
+    """Interrupted after 3 of its 6 runs, then resumed with one saved model changed: the 2 intact runs are reused,
+    the other 4 run, and every run, the selection and the table are the uninterrupted comparison's."""
+    from neighbor_grpo.bench import method_run
+
+    _, reference = short_comparison
+    real, calls = method_run.run_method, []
+
+    def interrupted_after_three(*args):
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        calls.append(args[0])
+        return real(*args)
+
+    out = tmp_path / "results.json"
+    monkeypatch.setattr(method_run, "run_method", interrupted_after_three)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _short(out)
+    partial = json.loads((tmp_path / "results.partial.json").read_text())
+    assert len(partial["finished_runs"]) == 3 and not out.exists()
+    changed = partial["finished_runs"][0]["run"]["model"]["path"]
+    with open(changed, "ab") as file:  # a saved model that is no longer the run's: that run is recomputed
+        file.write(b"\0")
+
+    with pytest.raises(ValueError, match=r"settings.eval_samples_per_prompt \(2; this command: 3\)"):
+        _short(out, resume=True, eval_samples=3)  # other settings: refused before anything runs
+    calls.clear()
+    monkeypatch.setattr(method_run, "run_method", lambda *args: calls.append(args[0]) or real(*args))
+    resumed = _short(out, resume=True)
+    assert len(calls) == 4 and resumed["resumed"]["runs_reused"] == 2
+    assert changed in {spec["model_path"] for spec in calls}
+    assert not (tmp_path / "results.partial.json").exists()
+
+    def numbers(results):  # everything but the timings and the model's path
+        timings = ("run_s", "median_s_per_iter", "model", "train_s")
+
+        def untimed(record):
+            return {k: [untimed(r) for r in v] if k == "curve" else v for k, v in record.items() if k not in timings}
+
+        runs = {row: {seed: untimed(run) for seed, run in by_seed.items()} for row, by_seed in results["runs"].items()}
+        return runs, results["selection"], results["target"]
+
+    assert numbers(resumed) == numbers(reference)
+    for row, by_seed in resumed["runs"].items():
+        for seed, run in by_seed.items():
+            assert run["model"]["sha256"] == reference["runs"][row][seed]["model"]["sha256"]
+
+
+def test_resume_refuses_without_a_partial_and_a_foreign_models_folder(tmp_path, capsys):
+    code = main(["compare", "--out", str(tmp_path / "r.json"), "--budget-fe", "8000", "--resume", "--no-progress"])
+    assert code == 2 and "r.partial.json' does not exist; nothing to continue" in capsys.readouterr().err
+    (tmp_path / "r_models").mkdir()
+    (tmp_path / "r_models" / "mine.txt").write_text("a user's file")
+    code = main(["compare", "--out", str(tmp_path / "r.json"), "--budget-fe", "8000", "--resume", "--no-progress"])
+    assert code == 2 and "r_models' was not made by ngrpo compare" in capsys.readouterr().err
+    assert (tmp_path / "r_models" / "mine.txt").read_text() == "a user's file"
