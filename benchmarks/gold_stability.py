@@ -74,17 +74,11 @@ def recorded_models(results: Path) -> tuple[str, dict[str, str]]:
 
 def model_samples(base_path: str, weights: str, samples: int) -> tuple[torch.Tensor, list[str]]:
     """The model's held-out samples (40-step Euler ODE, the evaluation's seed), clamped, with their prompts."""
-    from neighbor_grpo.config.train_config import load_config
-    from neighbor_grpo.runs.io import load_safetensors
-    from neighbor_grpo.training.monitors import generate
-    from neighbor_grpo.training.parts import load_model, model_shift
+    from neighbor_grpo.bench.method_run import final_model_images
 
-    adapter = load_model(base_path, "cpu", progress=False)
-    adapter.net.load_state_dict(load_safetensors(weights))
-    config = load_config(None, ["device=cpu"])
     prompts = [str(d) for d in range(10)]
-    _, images = generate(adapter, prompts, samples, config.eval.seed, "euler", 40, model_shift(config, adapter))
-    return images.flatten(0, 1).clamp(0, 1), [p for p in prompts for _ in range(samples)]
+    images = final_model_images(base_path, weights, [], prompts, samples)
+    return images.flatten(0, 1), [p for p in prompts for _ in range(samples)]
 
 
 def main(argv: list[str] | None = None) -> dict:

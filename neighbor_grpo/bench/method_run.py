@@ -286,3 +286,34 @@ def run_method(spec: dict, context: dict, proxy, gold) -> dict:
         save_safetensors(dict(adapter.net.state_dict()), path)
         run["model"] = {"path": str(path), "sha256": sha256_file(path), "weights": "live (not EMA)"}
     return run
+
+
+def load_final_model(base_path: str, weights: str | Path, settings: list[str]):
+    """(adapter, config): a comparison's saved final weights (a run's `model.path`) on its base, with the LoRA layers
+    the run trained where `settings` (the task's and the row's overrides) fine-tune LoRA."""
+    from neighbor_grpo.models.lora import apply_lora
+    from neighbor_grpo.runs.io import load_safetensors
+    from neighbor_grpo.training.parts import lora_targets
+
+    config = load_config(None, ["device=cpu", *settings])
+    adapter = load_model(base_path, "cpu", progress=False)
+    if config.optim.finetune == "lora":
+        adapter.net = apply_lora(adapter.net, config.optim.lora_rank, config.optim.lora_alpha,
+                                 lora_targets(config, adapter))
+    adapter.net.load_state_dict(load_safetensors(weights))
+    return adapter, config
+
+
+def final_model_images(base_path: str, weights: str | Path | None, settings: list[str], prompts: list[str],
+                       samples: int, sampler: tuple[str, int] = ("euler", 40)) -> torch.Tensor:
+    """The held-out images (prompts x samples x C x H x W, clamped) of the base (`weights` None) or a final model,
+    drawn as the comparison's evaluation draws them: its noise seed, its sampler, its shift."""
+    from neighbor_grpo.training.parts import model_shift
+
+    if weights is None:
+        adapter, config = load_model(base_path, "cpu", progress=False), load_config(None, ["device=cpu", *settings])
+    else:
+        adapter, config = load_final_model(base_path, weights, settings)
+    with torch.no_grad():
+        _, images = generate(adapter, list(prompts), samples, config.eval.seed, *sampler, model_shift(config, adapter))
+    return images.clamp(0, 1)

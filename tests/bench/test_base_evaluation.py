@@ -111,3 +111,32 @@ def test_lora_runs_on_a_words_pipeline_give_the_same_run(words_folder, empty_cac
         assert _untimed(shared) == _untimed(alone), method
         assert alone["finetune"] == "lora"
     assert len(empty_cache) == 1
+
+
+def test_a_saved_lora_run_reloads_to_its_last_evaluation(words_folder, empty_cache, tmp_path):
+    """The words scripts (gold stability, sample grids) read a run's saved final weights through
+    method_run.load_final_model: the LoRA layers come back and draw the last evaluation's images."""
+    from neighbor_grpo.bench import tasks
+    from neighbor_grpo.bench.method_run import final_model_images
+    from neighbor_grpo.builtin.words import HELDOUT_PROMPTS, TRAIN_PROMPTS
+
+    task = tasks.TASKS["words"]()
+    jpeg = {"name": "jpeg_compressibility"}
+    proxy, gold = tasks.load_rewards(dataclasses.replace(task, proxy=jpeg, gold=jpeg), "cpu")
+    prompts = list(HELDOUT_PROMPTS[:2])
+    context = {"budget_fe": 1.0, "points": rules.evaluation_points(1.0, 3), "base_path": str(words_folder),
+               "device": "cpu", "task": "words", "eval_prompts": prompts, "eval_samples": 2,
+               "train_prompts": list(TRAIN_PROMPTS[:4]), "common": ["device=cpu", *task.settings],
+               "eval_sampler": ("euler", 4)}
+    spec = {"overrides": PAPER_SETTINGS["neighbor_grpo"], "lr": 1e-2, "seed": 0,
+            "model_path": str(tmp_path / "final.safetensors")}
+    run = run_method(spec, context, proxy, gold)
+    flat = [p for p in prompts for _ in range(2)]
+
+    def mean_proxy(weights):
+        images = final_model_images(str(words_folder), weights, list(task.settings), prompts, 2, ("euler", 4))
+        return float(proxy.total(proxy.score(images.flatten(0, 1), flat)).mean())
+
+    assert mean_proxy(spec["model_path"]) == pytest.approx(run["curve"][-1]["proxy"], abs=1e-6)
+    assert mean_proxy(None) == pytest.approx(run["curve"][0]["proxy"], abs=1e-6)
+    assert run["curve"][-1]["proxy"] != run["curve"][0]["proxy"]  # the run moved: the LoRA weights were read
