@@ -20,6 +20,7 @@ As `QwenImagePipeline` does it:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -43,6 +44,22 @@ def guided(positive: torch.Tensor, negative: torch.Tensor, scale: float) -> torc
     """Qwen-Image's true CFG on packed tokens: the guided velocity, rescaled per token to the conditional one's norm."""
     combined = negative + scale * (positive - negative)
     return combined * (positive.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+
+
+@functools.cache
+def image_only_processor_class(name: str) -> type:
+    """transformers' `name` (Qwen2VLProcessor for the Edit models, Qwen3VLProcessor for 2.1) without its video
+    processor, whose loading needs torchvision, which the project never installs. ProcessorMixin reads a processor's
+    sub-processors from its __init__'s signature, so the subclass's signature names the image processor and the
+    tokenizer only."""
+    import transformers
+
+    base = getattr(transformers, name)
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(f"ImageOnly{name}", (base,), {"__init__": __init__, "__module__": __name__})
 
 
 @register_model_adapter("qwen_image")

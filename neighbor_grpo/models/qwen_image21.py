@@ -34,7 +34,6 @@ files (tokenizer, PIL image processor, chat template) without one and hands it t
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 from pathlib import Path
@@ -46,7 +45,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from neighbor_grpo.models import register_model_adapter
 from neighbor_grpo.models.diffusers_common import DiffusersAdapter
-from neighbor_grpo.models.qwen_image import QwenImageAdapter
+from neighbor_grpo.models.qwen_image import QwenImageAdapter, image_only_processor_class
 from neighbor_grpo.models.true_cfg import NegativePromptCFG
 from neighbor_grpo.runs.io import atomic_write_text
 
@@ -54,26 +53,12 @@ STANDARD_PROCESSOR = ["transformers", "Qwen3VLProcessor"]  # what a saved QwenIm
 SLOT_TOKENS = 4  # each of the transformer's image slots stands for 2x2 latent tokens
 
 
-@functools.cache
-def image_only_processor_class() -> type:
-    """Qwen3VLProcessor without a video processor (see the module docstring for why)."""
-    from transformers import Qwen3VLProcessor
-
-    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-        """ProcessorMixin reads its sub-processors from __init__'s signature: image processor and tokenizer only."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return ImageOnlyQwen3VLProcessor
-
-
 def processor_without_video(tokenizer, chat_template: str, image_processor=None):
     """The pipeline's processor from its parts (Qwen3-VL's image processor: 16 px patches merged 2x2)."""
     from transformers import Qwen2VLImageProcessorPil
 
     image_processor = image_processor or Qwen2VLImageProcessorPil(patch_size=16, merge_size=2)
-    return image_only_processor_class()(image_processor, tokenizer, chat_template=chat_template)
+    return image_only_processor_class("Qwen3VLProcessor")(image_processor, tokenizer, chat_template=chat_template)
 
 
 def load_processor(base: Path):

@@ -28,7 +28,6 @@ whose resizing may differ from PIL's in the last bits; the tests compare against
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 from pathlib import Path
@@ -40,24 +39,10 @@ from neighbor_grpo.config.prompts import EditPrompt
 from neighbor_grpo.models import register_model_adapter
 from neighbor_grpo.models.diffusers_common import DiffusersAdapter
 from neighbor_grpo.models.flux_kontext import require_sources
-from neighbor_grpo.models.qwen_image import QwenImageAdapter, guided
+from neighbor_grpo.models.qwen_image import QwenImageAdapter, guided, image_only_processor_class
 from neighbor_grpo.runs.io import atomic_write_text
 
 STANDARD_PROCESSOR = ["transformers", "Qwen2VLProcessor"]  # what the published model_index.json files name
-
-
-@functools.cache
-def image_only_processor_class() -> type:
-    """Qwen2VLProcessor without a video processor (see the module docstring for why)."""
-    from transformers import Qwen2VLProcessor
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        """ProcessorMixin reads its sub-processors from __init__'s signature: image processor and tokenizer only."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return ImageOnlyQwen2VLProcessor
 
 
 def load_processor(base: Path):
@@ -67,8 +52,9 @@ def load_processor(base: Path):
     folder = Path(base) / "processor"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: missing; a Qwen-Image-Edit folder holds the text encoder's processor there")
-    return image_only_processor_class()(Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True),
-                                        Qwen2Tokenizer.from_pretrained(folder, local_files_only=True))
+    processor = image_only_processor_class("Qwen2VLProcessor")
+    return processor(Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True),
+                     Qwen2Tokenizer.from_pretrained(folder, local_files_only=True))
 
 
 def declare_standard_processor(folder: Path) -> None:

@@ -102,9 +102,9 @@ def qwen_processor(tokenizer):
     """The image-only Qwen2VLProcessor the adapter builds (transformers' PIL image processor; no torchvision)."""
     from transformers import Qwen2VLImageProcessorPil
 
-    from neighbor_grpo.models.qwen_image_edit import image_only_processor_class
+    from neighbor_grpo.models.qwen_image import image_only_processor_class
 
-    return image_only_processor_class()(Qwen2VLImageProcessorPil(size=PROCESSOR_SIZE), tokenizer)
+    return image_only_processor_class("Qwen2VLProcessor")(Qwen2VLImageProcessorPil(size=PROCESSOR_SIZE), tokenizer)
 
 
 def build_qwen_image_edit(folder: str | Path, plus: bool = False, seed: int = 0) -> Path:
