@@ -302,7 +302,17 @@ class DiffusersAdapter:
         transformer = merged_copy(self.net) if is_lora(self.net) else self._transformer()
         if hasattr(transformer, "get_base_model"):
             transformer = transformer.get_base_model()
-        type(self.pipeline)(**{**self.pipeline.components, "transformer": transformer}).save_pretrained(str(folder))
+        type(self.pipeline)(**{**self.pipeline.components, "transformer": transformer},
+                            **self.pipeline_settings()).save_pretrained(str(folder))
+
+    def pipeline_settings(self) -> dict:
+        """The pipeline's own settings beside its components (Wan's boundary_ratio and expand_timesteps, Qwen-Image
+        2.1's sample_sigmas): constructor arguments that model_index.json keeps and that a pipeline rebuilt from its
+        components alone would lose."""
+        import inspect
+
+        parameters = inspect.signature(type(self.pipeline).__init__).parameters
+        return {k: v for k, v in self.pipeline.config.items() if k in parameters and k not in self.pipeline.components}
 
     # ---- loading ---------------------------------------------------------------------------------------------------
     @classmethod

@@ -155,15 +155,10 @@ class QwenImage21Adapter(NegativePromptCFG, DiffusersAdapter):
     _decode_chunk = QwenImageAdapter._decode_chunk  # the same per-channel normalisation and one-frame video VAE
 
     def _save_pipeline(self, folder: Path) -> None:
-        """The base's pipeline folder, with model_index.json naming transformers' processor class (not our
-        image-only one, which diffusers cannot import) and keeping `sample_sigmas` (the base rebuilds the pipeline
-        from its components, which leaves the author's grid out: the export would sample on 40 uniform steps)."""
+        """The base's pipeline folder (its `sample_sigmas` kept: DiffusersAdapter.pipeline_settings), with
+        model_index.json naming transformers' processor class, not our image-only one, which diffusers cannot import."""
         super()._save_pipeline(folder)
         declare_standard_processor(folder)
-        index = folder / "model_index.json"
-        config = json.loads(index.read_text())
-        config["sample_sigmas"] = self.pipeline.config.sample_sigmas
-        atomic_write_text(index, json.dumps(config, indent=2))
 
     @classmethod
     def loaded_components(cls, base: Path) -> dict:

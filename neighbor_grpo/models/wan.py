@@ -304,8 +304,7 @@ class WanAdapter(NegativePromptCFG, DiffusersAdapter):
         if hasattr(experts, "get_base_model"):
             experts = experts.get_base_model()
         components = dict(self.pipeline.components, transformer=experts.high, transformer_2=experts.low)
-        type(self.pipeline)(**components, boundary_ratio=self.pipeline.config.boundary_ratio,
-                            expand_timesteps=self.pipeline.config.expand_timesteps).save_pretrained(str(folder))
+        type(self.pipeline)(**components, **self.pipeline_settings()).save_pretrained(str(folder))
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", options=None) -> "WanAdapter":

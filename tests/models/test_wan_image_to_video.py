@@ -260,6 +260,14 @@ def test_lora_export_loads_into_the_image_to_video_pipeline(ti2v, sources, tmp_p
     assert gap <= 1e-5 and reloaded_gap <= 1e-5
     pipe.unload_lora_weights()
     assert (theirs(pipe, prompts, noise, 2, 1.0) - reference).abs().max() > 1e-3  # the LoRA matters
+    # a merged pipeline export keeps expand_timesteps (the image is the first latent frame) and reloads the same
+    adapter.options["export_pipeline"] = True
+    adapter.save(tmp_path / "merged")
+    merged = i2v_pipeline(tmp_path / "merged")
+    assert merged.config.expand_timesteps is True
+    merged_gap = float((our_latents(load_adapter(tmp_path / "merged", options={**SIZE, "cfg_scale": 1.0}), prompts,
+                                    noise[:, :, 1:], grid) - reference[:, :, 1:]).abs().max())
+    assert merged_gap <= 1e-4
 
 
 def test_image_prompts_need_the_ti2v_layout(tmp_path, sources):
