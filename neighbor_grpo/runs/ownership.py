@@ -174,8 +174,8 @@ def check_folder_target(path: str | Path, overwrite: bool, flag: str = "--out") 
     if not entries:
         return True
     if not overwrite:
-        raise OwnershipError(f"{shown} is not empty; pass --resume to continue that run (train) or --overwrite to "
-                             "replace a folder this tool made")
+        raise OwnershipError(f"{shown} is not empty; pass --resume to continue that run (train, compare) or "
+                             "--overwrite to replace a folder this tool made")
     refusal = replacement_refusal(path, shown)
     if refusal:
         raise OwnershipError(refusal)
