@@ -82,22 +82,20 @@ def stability(per_word: np.ndarray, halves: int) -> dict:
 
 
 def recorded(results: Path) -> tuple[dict, dict[str, str], dict[str, float]]:
-    """(results, {row/seed: weights path}, {row/seed: the run's last-evaluation gold}); one-line errors."""
+    """(results, {row/seed: weights path}, {row/seed: the run's last-evaluation gold}) of a words comparison;
+    the models' reading and checks are gold_stability.recorded_models'."""
+    from gold_stability import recorded_models
+
+    _, models = recorded_models(results)
+    saved = json.loads(results.read_text())
+    if saved["settings"].get("task") != "words":
+        raise ValueError(f"--results {str(results)!r}: task {saved['settings'].get('task')!r}; expected a words "
+                         "comparison")
     try:
-        saved = json.loads(results.read_text())
-        models = {f"{row}/seed{seed}": run["model"]["path"] for row, by_seed in saved["runs"].items()
-                  for seed, run in by_seed.items()}
         last = {f"{row}/seed{seed}": run["curve"][-1]["gold"] for row, by_seed in saved["runs"].items()
                 for seed, run in by_seed.items()}
-        if saved["settings"]["task"] != "words":
-            raise ValueError(f"task {saved['settings']['task']!r}; expected a words comparison")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"--results {str(results)!r}: expected a results JSON of a words comparison with final "
-                         f"models ({error})") from None
-    missing = [p for p in models.values() if not Path(p).is_file()]
-    if missing:
-        raise ValueError(f"--results {str(results)!r}: {len(missing)} of {len(models)} final models are absent "
-                         f"(first: {missing[0]})")
+    except (KeyError, IndexError, TypeError) as error:
+        raise ValueError(f"--results {str(results)!r}: a run without its curve's gold ({error!r})") from None
     return saved, models, last
 
 
