@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="built-in model: digits (the MLP, default), digits-unet (compute-bound conv U-Net) or words "
                           "(text rendering: a small SD3 transformer, ~20 CPU-minutes; no classifier, OCR scores it)")
     pre.add_argument("--steps", type=int, help="base-model training steps (default: 3000 digits, 2000 digits-unet; "
-                                               "words: at most 8000, it stops once held-out words are 30%% legible)")
+                                               "words: at most 7000, it stops once held-out words are 30%% legible)")
     pre.add_argument("--label-noise", type=float, default=0.4, help="share of labels replaced at random")
     pre.add_argument("--classifier-epochs", type=int, default=40)
     pre.add_argument("--no-progress", action="store_true")
